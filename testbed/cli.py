@@ -1,0 +1,296 @@
+"""``testbed`` command line: one ``cmd_<verb>`` per subcommand.
+
+The CLI is a thin layer: each ``cmd_<verb>`` parses nothing itself and calls
+into the module that does the job (imported lazily so ``--help`` is fast and
+``testbed`` never imports ``analysis`` unless asked to).  User errors
+(:class:`testbed.errors.TestbedError`) are printed as one line
+``testbed: error: ...`` with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from testbed.errors import TestbedError
+
+# ---------------------------------------------------------------- validators
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint: tcp://HOST:PORT or ipc://PATH (HOST:PORT gets tcp://)."""
+    if "://" not in text:
+        text = "tcp://" + text
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint")
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or not (port.isdigit() or port == "*"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT")
+    return text
+
+
+def syscall_set(text: str) -> frozenset[int]:
+    from testbed.syscalls import parse_set
+
+    try:
+        return parse_set(text)
+    except TestbedError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _program(args: argparse.Namespace) -> list[str]:
+    prog = list(args.program or [])
+    if prog and prog[0] == "--":
+        prog = prog[1:]
+    if not prog:
+        raise TestbedError("no program given (put it after --, e.g. -- gzip -k FILE)")
+    return prog
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_delegate(args: argparse.Namespace) -> int:
+    from testbed.delegate import main_delegate
+
+    return main_delegate(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from testbed.relay import main_run
+
+    args.program = _program(args)
+    return main_run(args)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from testbed.profile import main_profile
+
+    args.program = _program(args)
+    return main_profile(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from testbed.bench import main_bench
+
+    return main_bench(args)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from analysis.cli import main_model
+
+    return main_model(args)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.cli import main_analyze
+
+    return main_analyze(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from testbed.demo import main_demo
+
+    return main_demo(args)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from testbed.lab import main_lab
+
+    return main_lab(args)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from testbed.provision import main_provision
+
+    return main_provision(args)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from testbed.experiment import main_experiment
+
+    return main_experiment(args)
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    from testbed.vm import main_vm
+
+    return main_vm(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        description=(
+            "Multi-node system-call delegation testbed: intercept chosen system calls of a "
+            "program, forward them over ZeroMQ to a delegate on another node, measure the "
+            "forwarding cost f_c call by call, and fit it into the paper's speedup model."
+        ),
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    sub.required = True
+
+    # --- delegate -------------------------------------------------------
+    p = sub.add_parser(
+        "delegate",
+        help="serve forwarded system calls (ZeroMQ ROUTER)",
+        description="Run the delegate daemon: answer forwarded calls from relays. "
+        "Stops cleanly on SIGINT/SIGTERM.",
+    )
+    p.add_argument("--listen", type=endpoint, required=True, metavar="ENDPOINT",
+                   help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 or tcp://10.0.0.2:5555")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="worker threads answering calls (default 1)")
+    p.add_argument("--delay-us", type=non_negative_float, default=0.0, metavar="D",
+                   help="spin D microseconds per call to emulate a slower link (default 0)")
+    p.add_argument("--offload-root", metavar="DIR",
+                   help="enable offload mode: execute file I/O beneath DIR")
+    p.add_argument("--max-calls", type=positive_int, metavar="N",
+                   help="exit after answering N calls (for scripted experiments)")
+    p.add_argument("--quiet", action="store_true", help="no status line")
+    p.set_defaults(func=cmd_delegate)
+
+    # --- run ------------------------------------------------------------
+    p = sub.add_parser(
+        "run",
+        help="run a program with chosen system calls forwarded to a delegate",
+        description="Run PROGRAM with the chosen system calls intercepted and forwarded to the "
+        "delegate; write a run directory and exit with the program's exit status.",
+    )
+    p.add_argument("--delegate", type=endpoint, required=True, metavar="ENDPOINT",
+                   help="delegate endpoint, e.g. tcp://10.0.0.2:5555")
+    sel = p.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--forward", type=syscall_set, metavar="SYSCALLS",
+                     help="comma-separated names or numbers, e.g. read,write")
+    sel.add_argument("--policy", metavar="POLICY",
+                     help="min-freq:K%%, max-freq:K%%, random:K%%[:SEED] or a list (needs --profile)")
+    p.add_argument("--profile", metavar="RUNDIR", help="native profile the policy chooses from")
+    p.add_argument("--mode", choices=("cost", "offload"), default="cost",
+                   help="cost: acknowledge then run locally (default); offload: delegate executes")
+    p.add_argument("--backend", choices=("seccomp", "kmod"), default="seccomp",
+                   help="interposition backend (default seccomp)")
+    p.add_argument("--timeout", type=non_negative_float, default=2.0, metavar="SECONDS",
+                   help="per-call timeout before a call is released locally (default 2)")
+    p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")
+    p.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.set_defaults(func=cmd_run)
+
+    # --- profile --------------------------------------------------------
+    p = sub.add_parser(
+        "profile",
+        help="run a program natively and record n(s), g(s), C and p",
+        description="Profile PROGRAM natively: per-syscall counts n(s) and times g(s), "
+        "wall/user/sys time, C and p.",
+    )
+    p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)")
+    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.set_defaults(func=cmd_profile)
+
+    # --- bench ----------------------------------------------------------
+    p = sub.add_parser(
+        "bench",
+        help="side-by-side overhead benchmark (native, trap, ZeroMQ, forwarded)",
+        description="Measure in one run, on the same endpoint: native syscall cost, trap-only "
+        "cost, raw ZeroMQ round trip with the same message size, and the full forwarded "
+        "round trip; print p50/p99 and their ratios.",
+    )
+    p.add_argument("--delegate", type=endpoint, metavar="ENDPOINT",
+                   help="delegate to use (default: start one on loopback)")
+    p.add_argument("--calls", type=positive_int, default=20000, metavar="N",
+                   help="calls per measurement (default 20000)")
+    p.add_argument("--size", type=int, default=64, metavar="BYTES",
+                   help="bytes per write (default 64)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    # --- model / analyze -----------------------------------------------
+    p = sub.add_parser(
+        "model",
+        help="speedup projections from the naive and extended models",
+        description="Project S_n / S_r from a profile or the paper's Table I.",
+    )
+    p.set_defaults(func=cmd_model)
+    p = sub.add_parser(
+        "analyze",
+        help="fit f_c, predicted vs measured, figures, one report",
+        description="Analyse run directories: fit f_c, compare predicted and measured t_d, "
+        "draw the figures and write one report.",
+    )
+    p.add_argument("rundirs", nargs="+", metavar="RUNDIR")
+    p.add_argument("-o", "--output", metavar="REPORTDIR", default="report",
+                   help="report directory (default ./report)")
+    p.set_defaults(func=cmd_analyze)
+
+    # --- demo -----------------------------------------------------------
+    p = sub.add_parser(
+        "demo",
+        help="the main job on one machine (local delegate, real workload)",
+        description="Start a local delegate, compress a generated file natively and with "
+        "read,write forwarded, and print the measured f_c and slowdown.",
+    )
+    p.add_argument("-o", "--output", metavar="DIR", help="where the run directories go")
+    p.add_argument("--size-mb", type=positive_int, default=4, metavar="MB",
+                   help="size of the generated input (default 4)")
+    p.set_defaults(func=cmd_demo)
+
+    # --- lab / provision / experiment / vm ------------------------------
+    p = sub.add_parser("lab", help="local multi-node lab of network namespaces",
+                       description="Create, inspect or remove a lab of network-namespace nodes "
+                       "reachable over SSH.")
+    p.set_defaults(func=cmd_lab)
+    p = sub.add_parser("provision", help="provision nodes with Ansible",
+                       description="Run an Ansible playbook (default site.yml) via ansible-runner.")
+    p.set_defaults(func=cmd_provision)
+    p = sub.add_parser("experiment", help="run an experiment matrix (resumable)",
+                       description="Run a plan of workloads x forwarded sets x delegates x "
+                       "repetitions on this machine, with progress; skips finished runs.")
+    p.set_defaults(func=cmd_experiment)
+    p = sub.add_parser("vm", help="run a command in a QEMU guest with Debian's kernel",
+                       description="Boot Debian's kernel under QEMU (TCG) with the host root "
+                       "shared read-only and run a command in the guest.")
+    p.set_defaults(func=cmd_vm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TestbedError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

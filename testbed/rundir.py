@@ -1,0 +1,228 @@
+"""The run directory: the unit of results.  Documented in ``docs/rundir.md``.
+
+A run directory holds
+  run.json      metadata: command, exit status, times, backend, mode, forwarded
+                set, endpoint, host stamp, counts and faults (always present)
+  calls.bin     one fixed-size little-endian record per forwarded call
+                (``CALL_DTYPE``), appended in chunks while the run goes on
+  syscalls.csv  one row per syscall: the per-syscall summary (delegated runs)
+                or the native profile n(s), g(s) (profile runs)
+
+This module is the only one that writes or reads that layout.
+
+Changelog of ``RUNDIR_VERSION``:
+  1 - run.json + calls.bin + syscalls.csv (2026-11).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from testbed.errors import TestbedError
+
+RUNDIR_VERSION = 1
+
+RUN_JSON = "run.json"
+CALLS_BIN = "calls.bin"
+SYSCALLS_CSV = "syscalls.csv"
+
+# Flags of a call record.
+F_TIMEOUT = 1  # no reply within the per-call timeout: released locally
+F_PEER_ERROR = 2  # the delegate answered with an error frame
+F_CALLER_GONE = 4  # the caller died / notification no longer valid
+F_NOT_SENT = 8  # released without being sent (e.g. delegate already lost)
+F_FAULT_MASK = F_TIMEOUT | F_PEER_ERROR | F_NOT_SENT
+
+#: One record per forwarded call.  t_* are relay clock, d_* delegate clock, ns
+#: since an arbitrary epoch (CLOCK_MONOTONIC); 0 means "not reached".
+CALL_FIELDS = (
+    ("seq", "<u8"),
+    ("tid", "<i4"),
+    ("nr", "<i2"),
+    ("flags", "<u2"),
+    ("ret", "<i8"),
+    ("bytes_in", "<u4"),
+    ("bytes_out", "<u4"),
+    ("t_trap", "<i8"),
+    ("t_send", "<i8"),
+    ("t_reply", "<i8"),
+    ("t_resume", "<i8"),
+    ("d_recv", "<i8"),
+    ("d_exec_start", "<i8"),
+    ("d_exec_end", "<i8"),
+    ("d_send", "<i8"),
+)
+CALL_DTYPE = np.dtype(list(CALL_FIELDS))
+_CALL_STRUCT = struct.Struct("<QihHqII" + "q" * 8)
+assert _CALL_STRUCT.size == CALL_DTYPE.itemsize
+
+
+class RunDirError(TestbedError):
+    """A run directory that is missing, incomplete or of an unknown version."""
+
+
+class CallRecorder:
+    """Appends call records to ``calls.bin`` in chunks (bounded memory)."""
+
+    def __init__(self, path: Path, chunk: int = 4096):
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._buf: list[bytes] = []
+        self._chunk = chunk
+        self.count = 0
+        self._pack = _CALL_STRUCT.pack
+
+    def add(
+        self,
+        tid: int,
+        nr: int,
+        flags: int,
+        ret: int,
+        bytes_in: int,
+        bytes_out: int,
+        t_trap: int,
+        t_send: int,
+        t_reply: int,
+        t_resume: int,
+        d_recv: int = 0,
+        d_exec_start: int = 0,
+        d_exec_end: int = 0,
+        d_send: int = 0,
+    ) -> None:
+        self._buf.append(
+            self._pack(
+                self.count, tid, nr, flags, ret, bytes_in, bytes_out,
+                t_trap, t_send, t_reply, t_resume, d_recv, d_exec_start, d_exec_end, d_send,
+            )
+        )  # fmt: skip
+        self.count += 1
+        if len(self._buf) >= self._chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._f.write(b"".join(self._buf))
+            self._buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._f.close()
+
+
+def create(path: str | os.PathLike | None, prefix: str = "run") -> Path:
+    """Create a new run directory (``runs/<prefix>-<timestamp>`` if ``path`` is None)."""
+    if path is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{prefix}-{stamp}"
+        p, i = base, 1
+        while p.exists():
+            i += 1
+            p = Path(f"{base}-{i}")
+    else:
+        p = Path(path)
+    if p.exists() and any(p.iterdir()):
+        raise RunDirError(f"run directory {p} exists and is not empty")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run directory {p}: {exc.strerror}") from None
+    return p
+
+
+def write_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Write ``run.json`` atomically, stamping ``rundir_version``."""
+    meta = {"rundir_version": RUNDIR_VERSION, **meta}
+    tmp = path / (RUN_JSON + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path / RUN_JSON)
+
+
+def write_syscalls(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the per-syscall table (``syscalls.csv``); columns from the first row."""
+    with open(path / SYSCALLS_CSV, "w", newline="") as f:
+        if not rows:
+            f.write("name,nr\n")
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@dataclass
+class Run:
+    """A loaded run directory."""
+
+    path: Path
+    meta: dict[str, Any]
+    syscalls: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "delegated")
+
+    def calls(self) -> np.ndarray:
+        """The per-call records as a (memory-mapped) structured array."""
+        p = self.path / CALLS_BIN
+        if not p.exists() or p.stat().st_size == 0:
+            return np.zeros(0, dtype=CALL_DTYPE)
+        size = p.stat().st_size
+        if size % CALL_DTYPE.itemsize:
+            raise RunDirError(f"{p} is truncated ({size} bytes is not a whole number of records)")
+        return np.memmap(p, dtype=CALL_DTYPE, mode="r")
+
+
+def load(path: str | os.PathLike) -> Run:
+    """Load a run directory, checking its version; one clear error otherwise."""
+    p = Path(path)
+    if not p.is_dir():
+        raise RunDirError(f"{p}: no such run directory")
+    meta_path = p / RUN_JSON
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise RunDirError(f"{p}: not a run directory (no {RUN_JSON})") from None
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{meta_path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{meta_path}: not a JSON object")
+    version = meta.get("rundir_version")
+    if version != RUNDIR_VERSION:
+        raise RunDirError(
+            f"{p}: run directory version {version!r} not supported (this is {RUNDIR_VERSION})"
+        )
+    rows: list[dict[str, str]] = []
+    if (p / SYSCALLS_CSV).exists():
+        with open(p / SYSCALLS_CSV, newline="") as f:
+            rows = list(csv.DictReader(f))
+    return Run(p, meta, rows)
+
+
+def derived(calls: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-call derived quantities of DESIGN.md section 4, in ns (float64).
+
+    ``rtt``, ``residence``, ``wire``, ``exec`` and ``overhead``; ``f_c`` is
+    ``overhead / 2``.  Calls that were never answered have NaN rtt/residence.
+    """
+    answered = (calls["t_reply"] > 0) & (calls["d_send"] > 0)
+    rtt = np.where(answered, calls["t_reply"] - calls["t_send"], np.nan).astype(np.float64)
+    residence = np.where(answered, calls["d_send"] - calls["d_recv"], np.nan).astype(np.float64)
+    exec_ns = np.where(answered, calls["d_exec_end"] - calls["d_exec_start"], 0).astype(np.float64)
+    overhead = (calls["t_resume"] - calls["t_trap"]).astype(np.float64)
+    return {
+        "rtt": rtt,
+        "residence": residence,
+        "wire": rtt - residence,
+        "exec": exec_ns,
+        "overhead": overhead,
+    }

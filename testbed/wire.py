@@ -1,0 +1,212 @@
+"""The relay <-> delegate wire protocol: msgpack frames over ZeroMQ.
+
+Every message is one ZeroMQ frame holding one msgpack array whose first two
+items are the protocol version and the message type.  Documented in
+``docs/wire.md``; this module is the only place that builds or parses frames.
+
+Changelog of ``WIRE_VERSION``:
+  1 - hello/welcome, call/result, error, bye (2026-11).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+WIRE_VERSION = 1
+
+#: Largest frame either side accepts (input buffers are capped well below).
+MAX_FRAME = 4 << 20
+
+HELLO = "hello"
+WELCOME = "welcome"
+CALL = "call"
+RESULT = "result"
+ERROR = "error"
+BYE = "bye"
+
+#: Error codes carried by ERROR frames.
+E_MALFORMED = "malformed"
+E_VERSION = "version"
+E_TOO_LARGE = "too-large"
+E_UNSUPPORTED = "unsupported"
+E_INTERNAL = "internal"
+
+U64 = (1 << 64) - 1
+
+
+class WireError(Exception):
+    """A frame that cannot be accepted; ``code`` is one of the ``E_*`` codes."""
+
+    def __init__(self, code: str, message: str, call_id: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.call_id = call_id
+
+
+class Call(NamedTuple):
+    """A forwarded system call as it travels to the delegate."""
+
+    call_id: int
+    tid: int
+    nr: int
+    args: tuple[int, int, int, int, int, int]
+    bufs: tuple[tuple[int, bytes], ...]  # (argument index, input bytes)
+    mode: str  # "cost" or "offload"
+
+
+class Result(NamedTuple):
+    """The delegate's answer, with its four timestamps (delegate clock, ns)."""
+
+    call_id: int
+    ret: int
+    errno: int
+    t_recv: int
+    t_exec_start: int
+    t_exec_end: int
+    t_send: int
+    outbufs: tuple[tuple[int, bytes], ...]
+
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _unpack(frame: bytes) -> list:
+    if len(frame) > MAX_FRAME:
+        raise WireError(E_TOO_LARGE, f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    try:
+        msg = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(E_MALFORMED, f"not a msgpack frame: {exc.__class__.__name__}") from None
+    if not isinstance(msg, list) or len(msg) < 2:
+        raise WireError(E_MALFORMED, "frame is not an array [version, type, ...]")
+    version, kind = msg[0], msg[1]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WireError(E_MALFORMED, "version is not an integer")
+    if version != WIRE_VERSION:
+        raise WireError(E_VERSION, f"wire version {version} not supported (this is {WIRE_VERSION})")
+    if not isinstance(kind, str):
+        raise WireError(E_MALFORMED, "message type is not a string")
+    return msg
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_bufs(bufs: Any, call_id: int | None) -> tuple[tuple[int, bytes], ...]:
+    if not isinstance(bufs, list):
+        raise WireError(E_MALFORMED, "buffers are not a list", call_id)
+    out = []
+    for item in bufs:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not _is_int(item[0], 0, 5)
+            or not isinstance(item[1], bytes)
+        ):
+            raise WireError(E_MALFORMED, "buffer entry is not [arg 0-5, bytes]", call_id)
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def encode_hello(info: dict) -> bytes:
+    return _packb([WIRE_VERSION, HELLO, info])
+
+
+def encode_welcome(info: dict) -> bytes:
+    return _packb([WIRE_VERSION, WELCOME, info])
+
+
+def encode_bye(info: dict) -> bytes:
+    return _packb([WIRE_VERSION, BYE, info])
+
+
+def encode_call(call: Call) -> bytes:
+    return _packb(
+        [
+            WIRE_VERSION,
+            CALL,
+            call.call_id,
+            call.tid,
+            call.nr,
+            list(call.args),
+            [list(b) for b in call.bufs],
+            call.mode,
+        ]
+    )
+
+
+def encode_result(res: Result) -> bytes:
+    return _packb(
+        [
+            WIRE_VERSION,
+            RESULT,
+            res.call_id,
+            res.ret,
+            res.errno,
+            [res.t_recv, res.t_exec_start, res.t_exec_end, res.t_send],
+            [list(b) for b in res.outbufs],
+        ]
+    )
+
+
+def encode_error(code: str, message: str, call_id: int | None = None) -> bytes:
+    return _packb([WIRE_VERSION, ERROR, call_id, code, message])
+
+
+# ---------------------------------------------------------------- decoders
+
+
+def decode(frame: bytes) -> tuple[str, Any]:
+    """Decode any frame into ``(type, payload)``.
+
+    Payloads: ``Call`` for CALL, ``Result`` for RESULT, a dict for
+    HELLO/WELCOME/BYE, ``WireError`` (not raised) for ERROR.
+    Raises :class:`WireError` for anything malformed.
+    """
+    msg = _unpack(frame)
+    kind = msg[1]
+    if kind == CALL:
+        return CALL, _decode_call(msg)
+    if kind == RESULT:
+        return RESULT, _decode_result(msg)
+    if kind in (HELLO, WELCOME, BYE):
+        if len(msg) != 3 or not isinstance(msg[2], dict):
+            raise WireError(E_MALFORMED, f"{kind} frame must be [version, {kind!r}, map]")
+        return kind, msg[2]
+    if kind == ERROR:
+        if len(msg) != 5 or not isinstance(msg[3], str) or not isinstance(msg[4], str):
+            raise WireError(E_MALFORMED, "error frame must be [version, 'error', id, code, msg]")
+        call_id = msg[2] if _is_int(msg[2], 0, U64) else None
+        return ERROR, WireError(msg[3], msg[4], call_id)
+    raise WireError(E_UNSUPPORTED, f"unknown message type {kind!r}")
+
+
+def _decode_call(msg: list) -> Call:
+    call_id = msg[2] if len(msg) > 2 and _is_int(msg[2], 0, U64) else None
+    if len(msg) != 8 or call_id is None:
+        raise WireError(E_MALFORMED, "call frame must have 8 items and an integer id", call_id)
+    _, _, _, tid, nr, args, bufs, mode = msg
+    if not _is_int(tid, 0, (1 << 31) - 1) or not _is_int(nr, 0, 4095):
+        raise WireError(E_MALFORMED, "call tid/nr out of range", call_id)
+    if not isinstance(args, list) or len(args) != 6 or not all(_is_int(a, 0, U64) for a in args):
+        raise WireError(E_MALFORMED, "call args must be six unsigned 64-bit integers", call_id)
+    if mode not in ("cost", "offload"):
+        raise WireError(E_MALFORMED, f"call mode {mode!r} is not cost or offload", call_id)
+    return Call(call_id, tid, nr, tuple(args), _check_bufs(bufs, call_id), mode)
+
+
+def _decode_result(msg: list) -> Result:
+    if len(msg) != 7 or not _is_int(msg[2], 0, U64):
+        raise WireError(E_MALFORMED, "result frame must have 7 items and an integer id")
+    _, _, call_id, ret, errno, stamps, outbufs = msg
+    if not _is_int(ret, -(1 << 63), U64) or not _is_int(errno, 0, 4095):
+        raise WireError(E_MALFORMED, "result ret/errno out of range", call_id)
+    if not isinstance(stamps, list) or len(stamps) != 4 or not all(_is_int(t, 0, U64) for t in stamps):
+        raise WireError(E_MALFORMED, "result timestamps must be four integers", call_id)
+    return Result(call_id, ret, errno, *stamps, _check_bufs(outbufs, call_id))
