@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         "wall/user/sys time, C and p.",
     )
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)")
+    p.add_argument("--method", choices=("auto", "perf", "strace"), default="auto",
+                   help="tracer: perf trace -s, strace -f -T, or auto (perf if it works)")
+    p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
     p.set_defaults(func=cmd_profile)
 

@@ -1,0 +1,301 @@
+"""Native syscall profiles: ``testbed profile [-o RUNDIR] -- PROGRAM ARGS``.
+
+Runs PROGRAM once, natively (no delegation), under a syscall tracer and writes
+a run directory (``kind = "profile"``) with one ``syscalls.csv`` row per
+syscall type: ``name, nr, n`` (invocations), ``g_ns`` (total time of all its
+invocations, ns, the paper's g(s)) and ``errors``.
+
+How it is measured
+  * Tracer: ``perf trace -s`` (in-kernel raw_syscalls tracepoints, per-thread
+    summaries) where it works; otherwise ``strace -f -T`` (ptrace, every call
+    timed).  ``--method`` forces one; ``auto`` checks ``perf trace -s -- true``
+    once and falls back to strace.
+  * Timing: the tracer runs a small Python shim that forks, execs PROGRAM and
+    ``wait4``s it: wall time is taken around fork/wait in the shim and
+    user/sys time is PROGRAM's own rusage (including its waited-for
+    descendants), so neither the tracer's CPU time nor the shim's start-up is
+    counted.  The shim's own syscalls (its pid) are dropped from the profile.
+  * g(s) comes from the tracer's entry/exit timestamps, so it includes the
+    tracer's per-call overhead (small for perf, large for strace) and, for a
+    call that blocks (``wait4`` for a child, ``read`` on a pipe), the time it
+    blocked.  For multi-process programs the times of all processes are added.
+
+Derived numbers in ``run.json``
+  * ``C_s = user_s``: the paper's C is the time of "all instructions not
+    executed in the context of a system call", which is user time.  ``wall -
+    sum g`` was rejected: it double counts nothing but absorbs the tracer's
+    overhead outside syscalls, page faults and scheduling, and it goes
+    negative for multi-process programs whose g includes blocking waits.
+  * ``t_nd_s = C_s + sum g`` (the model's native time; compare with wall_s).
+  * ``p_sys = sys / (user + sys)`` (the paper's Table I definition, from
+    ``time``) and ``p_g = sum g / wall``.
+
+The command exits with PROGRAM's exit status (128 + N for signal N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from testbed import rundir
+from testbed.errors import TestbedError
+from testbed.hostinfo import host_metadata
+from testbed.syscalls import NR_BY_NAME
+
+METHOD_PERF = "perf trace -s"
+METHOD_STRACE = "strace -f -T"
+
+# Runs inside the tracer: fork, exec PROGRAM, wait4, write the times as JSON.
+_SHIM = r"""
+import json, os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+t0 = time.monotonic_ns()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+t1 = time.monotonic_ns()
+with open(out, "w") as f:
+    json.dump({"shim_pid": os.getpid(), "pid": pid, "status": status,
+               "wall_s": (t1 - t0) / 1e9, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+               "maxrss_kb": ru.ru_maxrss}, f)
+"""
+
+
+class ProfileError(TestbedError):
+    """The program could not be profiled."""
+
+
+# ---------------------------------------------------------------- parsers
+
+_PERF_HEAD = re.compile(r"^\s*(?P<comm>.*?) \((?P<tid>\d+)\), (?P<events>\d+) events")
+_PERF_ROW = re.compile(
+    r"^\s+(?P<name>[a-z_][a-z0-9_]*)\s+(?P<calls>\d+)\s+(?P<errors>\d+)\s+(?P<total>[\d.]+)\s"
+)
+
+
+def parse_perf_summary(text: str, exclude_tids: Sequence[int] = ()) -> dict[str, dict]:
+    """Aggregate ``perf trace -s`` per-thread summaries: name -> {n, g_ns, errors}."""
+    out: dict[str, dict] = {}
+    tid = None
+    for line in text.splitlines():
+        m = _PERF_HEAD.match(line)
+        if m:
+            tid = int(m["tid"])
+            continue
+        m = _PERF_ROW.match(line)
+        if m and tid is not None and tid not in exclude_tids:
+            row = out.setdefault(m["name"], {"n": 0, "g_ns": 0, "errors": 0})
+            row["n"] += int(m["calls"])
+            row["errors"] += int(m["errors"])
+            row["g_ns"] += round(float(m["total"]) * 1e6)  # msec -> ns
+    return out
+
+
+_ST_LINE = re.compile(r"^(?P<pid>\d+)\s+(?P<rest>.*)$")
+_ST_CALL = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)\(")
+_ST_RESUMED = re.compile(r"^<\.\.\. (?P<name>[a-z_][a-z0-9_]*) resumed>")
+_ST_RET = re.compile(r"\)\s+=\s+(?P<ret>-?\d+|\?|0x[0-9a-f]+)(?P<tail>.*?)(?:<(?P<t>[\d.]+)>)?\s*$")
+
+
+def parse_strace(text: str, exclude_pids: Sequence[int] = ()) -> dict[str, dict]:
+    """Aggregate ``strace -f -T -qq`` output: name -> {n, g_ns, errors}.
+
+    A call split into ``<unfinished ...>`` / ``<... resumed>`` counts once
+    (at its resumed line, which carries the time).
+    """
+    out: dict[str, dict] = {}
+    for line in text.splitlines():
+        m = _ST_LINE.match(line)
+        if not m or int(m["pid"]) in exclude_pids:
+            continue
+        rest = m["rest"]
+        if rest.endswith("<unfinished ...>") or rest.startswith(("---", "+++")):
+            continue
+        r = _ST_RESUMED.match(rest)
+        name = r["name"] if r else None
+        if name is None:
+            c = _ST_CALL.match(rest)
+            if not c:
+                continue
+            name = c["name"]
+        row = out.setdefault(name, {"n": 0, "g_ns": 0, "errors": 0})
+        row["n"] += 1
+        ret = _ST_RET.search(rest)
+        if ret:
+            if ret["ret"].startswith("-") and ret["tail"].strip()[:1].isalpha():
+                row["errors"] += 1
+            if ret["t"]:
+                row["g_ns"] += round(float(ret["t"]) * 1e9)
+    return out
+
+
+# ---------------------------------------------------------------- tracing
+
+
+@functools.cache
+def perf_works() -> bool:
+    """Does ``perf trace -s`` work here (tracepoints readable, perf installed)?"""
+    perf = shutil.which("perf")
+    if not perf:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "perf.txt"
+        try:
+            r = subprocess.run(
+                [perf, "trace", "-s", "-o", str(out), "--", "true"],
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if r.returncode != 0 or not out.exists():
+            return False
+        return bool(parse_perf_summary(out.read_text(errors="replace")))
+
+
+def choose_method(method: str = "auto") -> str:
+    if method == "perf":
+        if not perf_works():
+            raise ProfileError("perf trace -s does not work here (try --method strace)")
+        return METHOD_PERF
+    if method == "strace":
+        if not shutil.which("strace"):
+            raise ProfileError("strace is not installed")
+        return METHOD_STRACE
+    if perf_works():
+        return METHOD_PERF
+    if shutil.which("strace"):
+        return METHOD_STRACE
+    raise ProfileError("neither perf trace nor strace is available to profile with")
+
+
+def _resolve(program: str) -> str:
+    path = program if "/" in program else (shutil.which(program) or "")
+    if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise ProfileError(f"program {program!r} not found or not executable")
+    return os.path.abspath(path)
+
+
+def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str, dict], str]:
+    """Run ``program`` natively under a tracer.
+
+    Returns ``(times, table, method)``: the shim's times/status, the per-name
+    table ``{name: {n, g_ns, errors}}`` and the method used.
+    """
+    method = choose_method(method)
+    argv = [_resolve(program[0]), *program[1:]]
+    with tempfile.TemporaryDirectory(prefix="testbed-profile-") as d:
+        times_path = Path(d) / "times.json"
+        trace_path = Path(d) / "trace.txt"
+        shim = [sys.executable, "-c", _SHIM, str(times_path), *argv]
+        if method == METHOD_PERF:
+            cmd = ["perf", "trace", "-s", "-o", str(trace_path), "--", *shim]
+        else:
+            cmd = ["strace", "-f", "-T", "-qq", "-o", str(trace_path), "--", *shim]
+        try:
+            r = subprocess.run(cmd, stdin=None, stderr=subprocess.PIPE, check=False)
+        except OSError as exc:
+            raise ProfileError(f"cannot start {cmd[0]}: {exc.strerror}") from None
+        if not times_path.exists():
+            err = r.stderr.decode(errors="replace").strip().splitlines()
+            raise ProfileError(
+                f"{method} failed (status {r.returncode}): {err[-1] if err else 'no output'}"
+            )
+        times = json.loads(times_path.read_text())
+        text = trace_path.read_text(errors="replace") if trace_path.exists() else ""
+    exclude = [times["shim_pid"]]
+    if method == METHOD_PERF:
+        table = parse_perf_summary(text, exclude)
+        lost = sum(int(x) for x in re.findall(r"LOST (\d+) events", text))
+    else:
+        table = parse_strace(text, exclude)
+        lost = 0
+    times["lost_events"] = lost
+    return times, table, method
+
+
+def _exit_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def profile_rows(table: dict[str, dict]) -> list[dict]:
+    """syscalls.csv rows, most time first: name, nr, n, g_ns, errors."""
+    rows = [
+        {
+            "name": name,
+            "nr": NR_BY_NAME.get(name, -1),
+            "n": v["n"],
+            "g_ns": v["g_ns"],
+            "errors": v["errors"],
+        }
+        for name, v in table.items()
+        if v["n"] > 0
+    ]
+    rows.sort(key=lambda r: (-r["g_ns"], -r["n"], r["name"]))
+    return rows
+
+
+def profile(program: Sequence[str], output=None, method: str = "auto") -> tuple[Path, dict]:
+    """Profile ``program``; write and return its run directory and metadata."""
+    if not program:
+        raise ProfileError("no program given")
+    out = rundir.create(output, prefix="profile")
+    times, table, used = trace(program, method)
+    rows = profile_rows(table)
+    g_s = sum(r["g_ns"] for r in rows) / 1e9
+    user, sys_t, wall = times["user_s"], times["sys_s"], times["wall_s"]
+    cpu = user + sys_t
+    meta = {
+        "kind": "profile",
+        "command": list(program),
+        "exit_status": _exit_status(times["status"]),
+        "wall_s": wall,
+        "user_s": user,
+        "sys_s": sys_t,
+        "C_s": user,
+        "C_definition": "user time of the program and its descendants (wait4 rusage)",
+        "g_total_s": g_s,
+        "t_nd_s": user + g_s,
+        "p_sys": sys_t / cpu if cpu > 0 else 0.0,
+        "p_g": g_s / wall if wall > 0 else 0.0,
+        "n_total": sum(r["n"] for r in rows),
+        "syscall_types": len(rows),
+        "method": used,
+        "lost_events": times["lost_events"],
+        "maxrss_kb": times.get("maxrss_kb"),
+        "host": host_metadata(),
+    }
+    rundir.write_meta(out, meta)
+    rundir.write_syscalls(out, rows)
+    return out, meta
+
+
+def main_profile(args: argparse.Namespace) -> int:
+    out, meta = profile(args.program, args.output, getattr(args, "method", "auto"))
+    if not getattr(args, "quiet", False):
+        print(
+            f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "
+            f"wall {meta['wall_s']:.3f} s, user {meta['user_s']:.3f} s, sys {meta['sys_s']:.3f} s, "
+            f"p_sys {meta['p_sys']:.2%}, p_g {meta['p_g']:.2%} ({meta['method']}) -> {out}",
+            file=sys.stderr,
+        )
+        if meta["lost_events"]:
+            print(
+                f"testbed profile: warning: tracer lost {meta['lost_events']} events",
+                file=sys.stderr,
+            )
+    return meta["exit_status"]
