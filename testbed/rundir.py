@@ -226,3 +226,61 @@ def derived(calls: np.ndarray) -> dict[str, np.ndarray]:
         "exec": exec_ns,
         "overhead": overhead,
     }
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    values = values[~np.isnan(values)]
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def summarize(calls: np.ndarray) -> list[dict[str, Any]]:
+    """Per-syscall summary rows (the delegated-run ``syscalls.csv``), most frequent first.
+
+    Works column-wise on a (memory-mapped) record array, so a million calls
+    need a few tens of MB, not Python objects per call.
+    """
+    from testbed.syscalls import name_of
+
+    if calls.size == 0:
+        return []
+    d = derived(calls)
+    nrs = np.asarray(calls["nr"])
+    flags = np.asarray(calls["flags"])
+    bytes_in = np.asarray(calls["bytes_in"])
+    rows = []
+    for nr in np.unique(nrs):
+        sel = nrs == nr
+        rtt, ovh = d["rtt"][sel] / 1e3, d["overhead"][sel] / 1e3
+        rows.append({
+            "name": name_of(int(nr)),
+            "nr": int(nr),
+            "n": int(sel.sum()),
+            "faults": int(((flags[sel] & F_FAULT_MASK) != 0).sum()),
+            "bytes_in": int(bytes_in[sel].sum()),
+            "rtt_p50_us": round(_pct(rtt, 50), 3),
+            "rtt_p99_us": round(_pct(rtt, 99), 3),
+            "overhead_p50_us": round(_pct(ovh, 50), 3),
+            "overhead_p99_us": round(_pct(ovh, 99), 3),
+            "overhead_sum_ns": int(np.nansum(d["overhead"][sel])),
+        })  # fmt: skip
+    rows.sort(key=lambda r: (-r["n"], r["nr"]))
+    return rows
+
+
+def overall(calls: np.ndarray) -> dict[str, float]:
+    """Run-wide p50/p99 of rtt and overhead (µs) and the f_c estimate (median overhead / 2)."""
+    if calls.size == 0:
+        return {}
+    d = derived(calls)
+    ok = (np.asarray(calls["flags"]) & F_FAULT_MASK) == 0
+    rtt, ovh = d["rtt"][ok] / 1e3, d["overhead"][ok] / 1e3
+    res, wire = d["residence"][ok] / 1e3, d["wire"][ok] / 1e3
+    return {
+        "rtt_p50_us": _pct(rtt, 50),
+        "rtt_p99_us": _pct(rtt, 99),
+        "residence_p50_us": _pct(res, 50),
+        "wire_p50_us": _pct(wire, 50),
+        "overhead_p50_us": _pct(ovh, 50),
+        "overhead_p99_us": _pct(ovh, 99),
+        "f_c_us": _pct(ovh, 50) / 2,
+    }

@@ -207,6 +207,10 @@ def _decode_result(msg: list) -> Result:
     _, _, call_id, ret, errno, stamps, outbufs = msg
     if not _is_int(ret, -(1 << 63), U64) or not _is_int(errno, 0, 4095):
         raise WireError(E_MALFORMED, "result ret/errno out of range", call_id)
-    if not isinstance(stamps, list) or len(stamps) != 4 or not all(_is_int(t, 0, U64) for t in stamps):
+    if (
+        not isinstance(stamps, list)
+        or len(stamps) != 4
+        or not all(_is_int(t, 0, U64) for t in stamps)
+    ):
         raise WireError(E_MALFORMED, "result timestamps must be four integers", call_id)
     return Result(call_id, ret, errno, *stamps, _check_bufs(outbufs, call_id))

@@ -1,0 +1,122 @@
+"""Launcher for the seccomp backend: install the filter, then exec the program.
+
+Run as a fresh process (``python -m testbed.interpose._launch``), never forked
+from the relay (which runs ZeroMQ threads).  It imports nothing heavy so it
+starts quickly.  Protocol with the relay:
+
+1. set ``no_new_privs`` and install a filter that returns
+   ``SECCOMP_RET_USER_NOTIF`` for the forwarded set *and always for execve /
+   execveat*, with ``SECCOMP_FILTER_FLAG_NEW_LISTENER``;
+2. make no other system call and ``execve`` the program.  That execve traps,
+   so the launcher blocks until the relay has taken the listener fd out of
+   this process with ``pidfd_getfd(2)`` (it finds the fd number through
+   ``/proc/PID/fd``) and answered the notification.  No hand-off message is
+   needed, so no forwarded call can deadlock the hand-off.
+
+If the program cannot be executed the launcher writes one line to the status
+fd and exits 127.  Usage (internal)::
+
+    python -m testbed.interpose._launch STATUS_FD NR,NR,... PROGRAM [ARGS...]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+PR_SET_NO_NEW_PRIVS = 38
+NR_SECCOMP = 317
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+EXEC_NRS = (59, 322)  # execve, execveat: always trapped (launch synchronisation)
+
+# classic BPF opcodes
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
+BPF_RET_K = 0x06
+OFF_NR = 0
+OFF_ARCH = 4
+
+
+def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def build_filter(nrs: frozenset[int] | set[int]) -> bytes:
+    """BPF program: USER_NOTIF for ``nrs`` + execve/execveat, ALLOW otherwise."""
+    trapped = sorted(set(nrs) | set(EXEC_NRS))
+    prog = [
+        _insn(BPF_LD_W_ABS, 0, 0, OFF_ARCH),
+        _insn(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        _insn(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        _insn(BPF_LD_W_ABS, 0, 0, OFF_NR),
+        _insn(BPF_JGE_K, len(trapped), 0, X32_SYSCALL_BIT),  # x32 ABI: to ALLOW
+    ]
+    for i, nr in enumerate(trapped):
+        # jump to the USER_NOTIF return (after the remaining compares and ALLOW)
+        prog.append(_insn(BPF_JEQ_K, len(trapped) - i, 0, nr))
+    prog.append(_insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    prog.append(_insn(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
+    return b"".join(prog)
+
+
+def install(nrs: frozenset[int] | set[int]) -> int:
+    """Install the filter in this process; return the listener fd."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    code = build_filter(nrs)
+    insns = ctypes.create_string_buffer(code, len(code))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(code) // 8, ctypes.addressof(insns))
+    libc.syscall.restype = ctypes.c_long
+    for flags in (
+        SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+        SECCOMP_FILTER_FLAG_NEW_LISTENER,
+    ):
+        fd = libc.syscall(
+            ctypes.c_long(NR_SECCOMP),
+            ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_long(flags),
+            ctypes.byref(fprog),
+        )
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != 22:  # EINVAL: flag unknown to this kernel, try without it
+            break
+    raise OSError(err, "seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER)")
+
+
+def main(argv: list[str]) -> int:
+    status_fd = int(argv[0])
+    nrs = frozenset(int(t) for t in argv[1].split(",") if t)
+    program = argv[2:]
+    os.set_inheritable(status_fd, False)  # closed by execve in the program
+    try:
+        install(nrs)
+    except OSError as exc:
+        os.write(status_fd, f"cannot install seccomp filter: {exc}\n".encode())
+        return 126
+    try:
+        os.execvp(program[0], program)
+    except OSError as exc:
+        os.write(status_fd, f"cannot execute {program[0]}: {exc.strerror}\n".encode())
+        return 127
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""seccomp user-notification backend (no kernel module needed).
+
+The program is started by a fresh launcher process (``_launch.py``) that
+installs a filter returning ``SECCOMP_RET_USER_NOTIF`` for the forwarded set
+and execs the program.  The relay takes the listener fd out of the launcher
+with ``pidfd_getfd(2)`` while the launcher's ``execve`` is trapped, so the
+hand-off never depends on a call that may itself be forwarded.
+
+Children and threads inherit the filter and are served by the same listener.
+Where the kernel has it (6.6+), ``SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`` is set
+on the listener to make the wake-up of the caller cheaper.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as E
+import fcntl
+import os
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+from testbed.interpose import BackendError, CallerGone, Trap
+from testbed.interpose._launch import EXEC_NRS
+
+NR_SECCOMP = 317
+NR_PIDFD_GETFD = 438
+SECCOMP_GET_NOTIF_SIZES = 3
+
+NOTIF_SIZE = 80  # struct seccomp_notif
+RESP_SIZE = 24  # struct seccomp_notif_resp
+DATA_SIZE = 64  # struct seccomp_data
+
+
+def _iowr(nr: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+def _iow(nr: int, size: int) -> int:
+    return (1 << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+IOCTL_NOTIF_RECV = _iowr(0, NOTIF_SIZE)
+IOCTL_NOTIF_SEND = _iowr(1, RESP_SIZE)
+IOCTL_NOTIF_ID_VALID = _iow(2, 8)
+IOCTL_NOTIF_SET_FLAGS = _iow(4, 8)
+USER_NOTIF_FD_SYNC_WAKE_UP = 1
+USER_NOTIF_FLAG_CONTINUE = 1
+
+_NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
+_RESP = struct.Struct("<QqiI")  # id, val, error, flags
+_U64 = struct.Struct("<Q")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def notif_sizes() -> tuple[int, int, int]:
+    """(seccomp_notif, seccomp_notif_resp, seccomp_data) sizes from the kernel."""
+    sizes = (ctypes.c_uint16 * 3)()
+    rc = _libc.syscall(
+        ctypes.c_long(NR_SECCOMP), ctypes.c_long(SECCOMP_GET_NOTIF_SIZES), ctypes.c_long(0),
+        ctypes.byref(sizes),
+    )  # fmt: skip
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise BackendError(f"seccomp user notification unavailable: {os.strerror(err)}")
+    return sizes[0], sizes[1], sizes[2]
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    pidfd = os.pidfd_open(pid)
+    try:
+        res = _libc.syscall(ctypes.c_long(NR_PIDFD_GETFD), ctypes.c_long(pidfd),
+                            ctypes.c_long(fd), ctypes.c_long(0))  # fmt: skip
+        if res < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
+        return res
+    finally:
+        os.close(pidfd)
+
+
+def _find_listener(pid: int) -> int | None:
+    """Number of the seccomp listener fd in process ``pid`` (None if not there yet)."""
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"{base}/{name}") == "anon_inode:seccomp notify":
+                return int(name)
+        except OSError:
+            continue
+    return None
+
+
+class SeccompBackend:
+    """Interposition through seccomp user notification (see module docstring)."""
+
+    name = "seccomp"
+
+    def __init__(self, forwarded: frozenset[int], handoff_timeout: float = 10.0):
+        kernel_sizes = notif_sizes()
+        if kernel_sizes[0] < NOTIF_SIZE or kernel_sizes[1] < RESP_SIZE:
+            raise BackendError(f"unexpected seccomp notification sizes {kernel_sizes}")
+        self.forwarded = frozenset(forwarded)
+        self.handoff_timeout = handoff_timeout
+        self.sync_wakeup = False
+        self.fd = -1
+        self.child: subprocess.Popen | None = None
+        self.launched_at_ns = 0  # when the program's own execve was released
+        self._launching = True
+        self._recv_buf = bytearray(NOTIF_SIZE)
+        self._zero = bytes(NOTIF_SIZE)
+        self._poll = select.poll()
+        self._status_r = -1
+        self.start_rusage: tuple[float, float] = (0.0, 0.0)
+
+    # ------------------------------------------------------------ launch
+    def launch(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
+            raise BackendError(f"program not found: {argv[0]}")
+        r, w = os.pipe()
+        nrs = ",".join(str(n) for n in sorted(self.forwarded))
+        cmd = [sys.executable, "-m", "testbed.interpose._launch", str(w), nrs, *argv]
+        self.child = subprocess.Popen(cmd, pass_fds=(w,), env=env)
+        os.close(w)
+        self._status_r = r
+        try:
+            self._take_listener()
+        except BaseException:
+            self._kill_child()
+            raise
+        self._poll.register(self.fd, select.POLLIN)
+        return self.child
+
+    def _take_listener(self) -> None:
+        assert self.child is not None
+        deadline = time.monotonic() + self.handoff_timeout
+        while time.monotonic() < deadline:
+            if self.child.poll() is not None:
+                raise BackendError(self._launch_failure())
+            num = _find_listener(self.child.pid)
+            if num is not None:
+                try:
+                    self.fd = pidfd_getfd(self.child.pid, num)
+                except OSError as exc:
+                    if exc.errno in (E.EBADF, E.ESRCH):
+                        continue
+                    raise BackendError(f"cannot take the seccomp listener: {exc}") from None
+                self._set_sync_wakeup()
+                return
+            time.sleep(0.0005)
+        raise BackendError(
+            f"launcher did not install its seccomp filter within {self.handoff_timeout} s"
+        )
+
+    def _launch_failure(self) -> str:
+        try:
+            msg = os.read(self._status_r, 4096).decode(errors="replace").strip()
+        except OSError:
+            msg = ""
+        code = self.child.returncode if self.child else None
+        return msg or f"launcher exited with status {code} before starting the program"
+
+    def _set_sync_wakeup(self) -> None:
+        try:
+            fcntl.ioctl(self.fd, IOCTL_NOTIF_SET_FLAGS, USER_NOTIF_FD_SYNC_WAKE_UP)  # by value
+            self.sync_wakeup = True
+        except OSError:
+            self.sync_wakeup = False  # kernel < 6.6
+
+    def _kill_child(self) -> None:
+        if self.child and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+
+    def launch_error(self) -> str | None:
+        """The launcher's message if the program could not be executed."""
+        if self._status_r < 0:
+            return None
+        r = select.select([self._status_r], [], [], 0)[0]
+        if not r:
+            return None
+        data = os.read(self._status_r, 4096)
+        return data.decode(errors="replace").strip() or None
+
+    # ------------------------------------------------------------ serving
+    def fileno(self) -> int:
+        return self.fd
+
+    def receive(self) -> Trap | None:
+        """Take one pending notification; None if it vanished or was internal."""
+        buf = self._recv_buf
+        buf[:] = self._zero
+        try:
+            fcntl.ioctl(self.fd, IOCTL_NOTIF_RECV, buf, True)
+        except OSError as exc:
+            if exc.errno in (E.ENOENT, E.EINTR, E.EAGAIN):
+                return None  # the caller was interrupted / died before we took it
+            raise
+        t = time.monotonic_ns()
+        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        if self._launching or (nr in EXEC_NRS and nr not in self.forwarded):
+            self._internal(nid, pid, nr)
+            return None
+        return Trap(nid, pid, nr, tuple(args), t)
+
+    def _internal(self, nid: int, pid: int, nr: int) -> None:
+        """Calls the relay serves without forwarding: the launcher's, and execs."""
+        if self._launching and pid == self.child.pid and nr in EXEC_NRS:
+            self.start_rusage = _proc_times(pid)
+            self.launched_at_ns = time.monotonic_ns()
+            self._launching = False
+        self._send(nid, 0, 0, USER_NOTIF_FLAG_CONTINUE)
+
+    def program_started(self) -> bool:
+        return not self._launching
+
+    def read_memory(self, tid: int, addr: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        buf = ctypes.create_string_buffer(length)
+        local = _Iovec(ctypes.addressof(buf), length)
+        remote = _Iovec(addr, length)
+        n = _libc.process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == E.ESRCH:
+                raise CallerGone(tid)
+            if err == E.EFAULT:
+                return b""  # bad pointer in the caller: the real call will fail with EFAULT
+            raise OSError(err, os.strerror(err))
+        return buf.raw[:n]
+
+    def is_valid(self, trap: Trap) -> bool:
+        try:
+            fcntl.ioctl(self.fd, IOCTL_NOTIF_ID_VALID, _U64.pack(trap.id))
+            return True
+        except OSError:
+            return False
+
+    def _send(self, nid: int, val: int, error: int, flags: int) -> bool:
+        try:
+            fcntl.ioctl(self.fd, IOCTL_NOTIF_SEND, _RESP.pack(nid, val, error, flags))
+            return True
+        except OSError as exc:
+            if exc.errno == E.ENOENT:
+                return False  # caller gone or interrupted
+            raise
+
+    def resume_continue(self, trap: Trap) -> bool:
+        return self._send(trap.id, 0, 0, USER_NOTIF_FLAG_CONTINUE)
+
+    def resume_return(self, trap: Trap, value: int, errno: int = 0) -> bool:
+        return self._send(trap.id, 0 if errno else value, -errno, 0)
+
+    def finished(self) -> bool:
+        """True once no task holds the filter any more (listener hung up)."""
+        if self.fd < 0:
+            return True
+        return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in self._poll.poll(0))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._status_r >= 0:
+            os.close(self._status_r)
+            self._status_r = -1
+
+
+def _proc_times(pid: int) -> tuple[float, float]:
+    """(user, sys) seconds a process has used so far (clock-tick resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0

@@ -1,0 +1,453 @@
+"""The relay: one event loop between an interposition backend and a delegate.
+
+It polls the backend's fd (calls trapped in the program), a ZeroMQ DEALER
+socket (replies from the delegate) and the program's pidfd.  Each trapped
+call is marshalled (number, six arguments, input-buffer bytes), sent, and the
+caller is released when the reply arrives (cost mode: continue locally) or
+when its per-call timeout expires (released locally, counted as a fault).
+Many calls can be in flight at once, one per calling thread.
+
+Every forwarded call gets a record with the relay timestamps ``t_trap``,
+``t_send``, ``t_reply``, ``t_resume`` and the delegate's ``d_recv``,
+``d_exec_start``, ``d_exec_end``, ``d_send`` (see ``testbed.rundir``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from testbed import rundir, syscalls, wire
+from testbed.errors import TestbedError
+from testbed.hostinfo import host_metadata
+from testbed.interpose import Backend, CallerGone, Trap, make_backend
+from testbed.syscalls import ArgKind
+
+_IOVEC = struct.Struct("<QQ")
+PROBE_INTERVAL_NS = 1_000_000_000
+
+
+class DelegateUnreachable(TestbedError):
+    pass
+
+
+def connect(
+    endpoint: str, timeout_s: float = 3.0, ctx: zmq.Context | None = None, info: dict | None = None
+) -> tuple[zmq.Context, zmq.Socket, dict]:
+    """Open a DEALER to ``endpoint`` and complete the HELLO/WELCOME handshake."""
+    ctx = ctx or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise DelegateUnreachable(f"cannot connect to {endpoint}: {exc}") from None
+    hello = {"host": os.uname().nodename, "pid": os.getpid(), **(info or {})}
+    sock.send(wire.encode_hello(hello))
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            break
+        try:
+            kind, payload = wire.decode(sock.recv())
+        except wire.WireError:
+            continue
+        if kind == wire.WELCOME:
+            return ctx, sock, payload
+        if kind == wire.ERROR:
+            sock.close()
+            raise DelegateUnreachable(f"delegate at {endpoint} refused the handshake: {payload}")
+    sock.close()
+    raise DelegateUnreachable(f"no delegate answering at {endpoint} within {timeout_s:g} s")
+
+
+class Marshaller:
+    """Reads a trapped call's input buffers out of the caller (argument specs)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._specs = {nr: syscalls.arg_specs(nr) for nr in syscalls.NAME_BY_NR}
+
+    def buffers(self, trap: Trap) -> tuple[tuple[tuple[int, bytes], ...], int]:
+        specs = self._specs.get(trap.nr, ())
+        if not specs:
+            return (), 0
+        out = []
+        total = 0
+        read = self.backend.read_memory
+        args = trap.args
+        for spec in specs:
+            addr = args[spec.arg]
+            if not addr:
+                continue
+            if spec.kind is ArgKind.IN_BUF:
+                data = read(trap.tid, addr, min(args[spec.size_arg], syscalls.MAX_BUFFER))
+            elif spec.kind is ArgKind.PATH:
+                data = self._path(trap.tid, addr)
+            elif spec.kind is ArgKind.IN_STRUCT:
+                data = read(trap.tid, addr, spec.size)
+            elif spec.kind is ArgKind.IN_IOV:
+                data = self._iov(trap.tid, addr, min(args[spec.size_arg], 1024))
+            else:
+                continue  # output buffers: nothing to send in cost mode
+            out.append((spec.arg, data))
+            total += len(data)
+        return tuple(out), total
+
+    def _path(self, tid: int, addr: int) -> bytes:
+        data = b""
+        while len(data) < syscalls.MAX_PATH:
+            chunk_len = 4096 - ((addr + len(data)) % 4096)  # never cross into an unmapped page
+            chunk = self.backend.read_memory(tid, addr + len(data), chunk_len)
+            if not chunk:
+                break
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                return data + chunk[:nul]
+            data += chunk
+        return data[: syscalls.MAX_PATH]
+
+    def _iov(self, tid: int, addr: int, count: int) -> bytes:
+        raw = self.backend.read_memory(tid, addr, count * _IOVEC.size)
+        parts, total = [], 0
+        for i in range(len(raw) // _IOVEC.size):
+            base, length = _IOVEC.unpack_from(raw, i * _IOVEC.size)
+            length = min(length, syscalls.MAX_BUFFER - total)
+            if length <= 0:
+                break
+            parts.append(self.backend.read_memory(tid, base, length))
+            total += length
+        return b"".join(parts)
+
+
+@dataclass
+class RunStats:
+    forwarded: int = 0
+    timeouts: int = 0
+    peer_errors: int = 0
+    not_sent: int = 0
+    caller_gone: int = 0
+    late_replies: int = 0
+    peer_lost_at: list[float] = field(default_factory=list)
+
+
+class Relay:
+    """Serve one program's trapped calls against one delegate (see module docstring)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        sock: zmq.Socket,
+        recorder: rundir.CallRecorder,
+        mode: str = "cost",
+        timeout_s: float = 2.0,
+    ):
+        self.backend = backend
+        self.sock = sock
+        self.recorder = recorder
+        self.mode = mode
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.marshal = Marshaller(backend)
+        self.stats = RunStats()
+        self.inflight: dict[int, tuple[Trap, int, int]] = {}  # call_id -> (trap, t_send, bytes_in)
+        self.peer_down = False
+        self._next_probe = 0
+        self._next_id = 1
+
+    # ------------------------------------------------------------ calls
+    def on_trap(self, trap: Trap) -> None:
+        try:
+            bufs, nbytes = self.marshal.buffers(trap)
+        except CallerGone:
+            self.stats.caller_gone += 1
+            return
+        if not self.backend.is_valid(trap):  # caller gone while we read its memory
+            self.stats.caller_gone += 1
+            return
+        if self.peer_down:
+            self._release(trap, rundir.F_NOT_SENT, nbytes, 0, 0)
+            return
+        call_id = self._next_id
+        self._next_id += 1
+        frame = wire.encode_call(wire.Call(call_id, trap.tid, trap.nr, trap.args, bufs, self.mode))
+        t_send = time.monotonic_ns()
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self._release(trap, rundir.F_NOT_SENT, nbytes, 0, 0)
+            return
+        self.inflight[call_id] = (trap, t_send, nbytes)
+
+    def on_frame(self, frame: bytes) -> None:
+        t_reply = time.monotonic_ns()
+        try:
+            kind, payload = wire.decode(frame)
+        except wire.WireError as exc:
+            print(f"testbed: warning: malformed frame from delegate: {exc}", file=sys.stderr)
+            return
+        if kind == wire.WELCOME:
+            self.peer_down = False
+            return
+        if kind == wire.RESULT:
+            entry = self.inflight.pop(payload.call_id, None)
+            if entry is None:
+                self.stats.late_replies += 1
+                return
+            trap, t_send, nbytes = entry
+            stamps = (payload.t_recv, payload.t_exec_start, payload.t_exec_end, payload.t_send)
+            self._release(trap, 0, nbytes, t_send, t_reply, stamps, ret=payload.ret)
+        elif kind == wire.ERROR:
+            entry = self.inflight.pop(payload.call_id, None) if payload.call_id else None
+            if entry is None:
+                print(
+                    f"testbed: warning: delegate error: {payload.code}: {payload}", file=sys.stderr
+                )
+                return
+            trap, t_send, nbytes = entry
+            self.stats.peer_errors += 1
+            self._release(trap, rundir.F_PEER_ERROR, nbytes, t_send, t_reply)
+
+    def _release(
+        self,
+        trap: Trap,
+        flags: int,
+        nbytes: int,
+        t_send: int,
+        t_reply: int,
+        stamps: tuple[int, int, int, int] = (0, 0, 0, 0),
+        ret: int = 0,
+    ) -> None:
+        if not self.backend.resume_continue(trap):
+            flags |= rundir.F_CALLER_GONE
+            self.stats.caller_gone += 1
+        t_resume = time.monotonic_ns()
+        if flags & rundir.F_NOT_SENT:
+            self.stats.not_sent += 1
+        self.stats.forwarded += 1
+        self.recorder.add(trap.tid, trap.nr, flags, ret, nbytes, 0,
+                          trap.t_trap, t_send, t_reply, t_resume, *stamps)  # fmt: skip
+
+    def expire(self, now: int) -> None:
+        """Release calls whose timeout passed (oldest first: dict keeps send order)."""
+        while self.inflight:
+            call_id, (trap, t_send, nbytes) = next(iter(self.inflight.items()))
+            if now - t_send < self.timeout_ns:
+                break
+            del self.inflight[call_id]
+            self.stats.timeouts += 1
+            if not self.peer_down:
+                self.peer_down = True
+                self.stats.peer_lost_at.append(time.time())
+                print(f"testbed: warning: no reply from the delegate within {self.timeout_ns / 1e9:g} s; "
+                      "releasing calls locally until it answers again", file=sys.stderr)  # fmt: skip
+            self._release(trap, rundir.F_TIMEOUT, nbytes, t_send, 0)
+
+    def probe(self, now: int) -> None:
+        if self.peer_down and now >= self._next_probe:
+            self._next_probe = now + PROBE_INTERVAL_NS
+            try:
+                self.sock.send(wire.encode_hello({"probe": True}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def next_timeout_ms(self, now: int) -> int:
+        waits = [1000]
+        if self.inflight:
+            _trap, t_send, _n = next(iter(self.inflight.values()))
+            waits.append(max(0, (t_send + self.timeout_ns - now) // 1_000_000 + 1))
+        if self.peer_down:
+            waits.append(max(0, (self._next_probe - now) // 1_000_000 + 1))
+        return int(min(waits))
+
+    # ------------------------------------------------------------ loop
+    def serve(self, child_pid: int, linger_s: float = 10.0) -> tuple[int, object, int]:
+        """Serve until the program and every task holding the filter are gone.
+
+        Returns (wait status, rusage, exit time ns) of the program's main process.
+        """
+        bfd = self.backend.fileno()
+        pidfd = os.pidfd_open(child_pid)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(bfd, zmq.POLLIN)
+        poller.register(pidfd, zmq.POLLIN)
+        status = rusage = None
+        t_exit = 0
+        linger_deadline = None
+        recv = self.sock.recv
+        try:
+            while True:
+                now = time.monotonic_ns()
+                events = dict(poller.poll(self.next_timeout_ms(now)))
+                if events.get(bfd, 0) & zmq.POLLIN:
+                    trap = self.backend.receive()
+                    if trap is not None:
+                        self.on_trap(trap)
+                if self.sock in events:
+                    while True:
+                        try:
+                            self.on_frame(recv(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                if status is None and pidfd in events:
+                    _pid, status, rusage = os.wait4(child_pid, 0)
+                    t_exit = time.monotonic_ns()
+                    poller.unregister(pidfd)
+                    linger_deadline = time.monotonic() + linger_s
+                now = time.monotonic_ns()
+                self.expire(now)
+                self.probe(now)
+                if status is not None and not self.inflight and self.backend.finished():
+                    break
+                if linger_deadline is not None and time.monotonic() > linger_deadline:
+                    print("testbed: warning: descendants of the program still run; "
+                          "stopping the relay (their calls now fail with ENOSYS)", file=sys.stderr)  # fmt: skip
+                    break
+        finally:
+            os.close(pidfd)
+        return status, rusage, t_exit
+
+
+# ---------------------------------------------------------------- testbed run
+
+
+def _resolve_forward(args) -> frozenset[int]:
+    if args.forward is not None:
+        if args.profile:
+            raise TestbedError("--profile is only used with --policy")
+        return args.forward
+    if not args.profile:
+        raise TestbedError("--policy needs --profile RUNDIR (a native profile to choose from)")
+    from testbed.policy import resolve_policy
+
+    return resolve_policy(args.policy, args.profile)
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _fmt_us(v: float) -> str:
+    return "n/a" if v != v else f"{v:.1f} µs"
+
+
+def main_run(args) -> int:
+    forwarded = _resolve_forward(args)
+    if args.mode != "cost":
+        raise TestbedError("offload mode is not implemented yet; use --mode cost")
+    out = rundir.create(args.output)
+    ctx, sock, welcome = connect(args.delegate, timeout_s=min(3.0, max(args.timeout, 0.5)),
+                                 info={"mode": args.mode, "backend": args.backend})  # fmt: skip
+    backend = make_backend(args.backend, forwarded)
+    recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
+    started = time.time()
+    try:
+        child = backend.launch(args.program)
+        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout)
+        restore = _forward_signals(child.pid)
+        try:
+            status, rusage, t_exit = relay.serve(child.pid)
+        finally:
+            restore()
+        child.returncode = _exit_code(status) if status is not None else 1
+    finally:
+        recorder.close()
+        backend.close()
+        sock.close()
+    launch_error = getattr(backend, "launch_error", lambda: None)()
+    meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
+    rundir.write_meta(out, meta)
+    calls = rundir.load(out).calls()
+    rundir.write_syscalls(out, rundir.summarize(calls))
+    summary = rundir.overall(calls)
+    meta["summary"] = summary
+    rundir.write_meta(out, meta)
+    if launch_error:
+        raise TestbedError(launch_error)
+    if not args.quiet:
+        _print_summary(args, meta, summary, out)
+    return meta["exit_status"]
+
+
+def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit) -> dict:
+    start_user, start_sys = getattr(backend, "start_rusage", (0.0, 0.0))
+    t0 = getattr(backend, "launched_at_ns", 0)
+    st = relay.stats
+    return {
+        "kind": "delegated",
+        "command": list(args.program),
+        "command_line": shlex.join(args.program),
+        "exit_status": _exit_code(status) if status is not None else 1,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_s": (t_exit - t0) / 1e9 if t0 and t_exit else None,
+        "user_s": max(0.0, rusage.ru_utime - start_user) if rusage else None,
+        "sys_s": max(0.0, rusage.ru_stime - start_sys) if rusage else None,
+        "backend": backend.name,
+        "sync_wakeup": getattr(backend, "sync_wakeup", None),
+        "mode": args.mode,
+        "forwarded": sorted(syscalls.name_of(n) for n in forwarded),
+        "forwarded_nrs": sorted(forwarded),
+        "endpoint": args.delegate,
+        "timeout_s": args.timeout,
+        "delegate": welcome,
+        "host": host_metadata(),
+        "calls": {
+            "count": relay.recorder.count,
+            "file": rundir.CALLS_BIN,
+            "record_bytes": rundir.CALL_DTYPE.itemsize,
+            "faults": st.timeouts + st.peer_errors + st.not_sent,
+            "timeouts": st.timeouts,
+            "peer_errors": st.peer_errors,
+            "not_sent": st.not_sent,
+            "caller_gone": st.caller_gone,
+            "late_replies": st.late_replies,
+        },
+    }
+
+
+def _forward_signals(pid: int):
+    """Pass SIGINT/SIGTERM on to the program while it runs; return a restore function."""
+    old = {}
+
+    def handler(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, handler)
+
+    def restore():
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    return restore
+
+
+def _print_summary(args, meta: dict, s: dict, out: Path) -> None:
+    c = meta["calls"]
+    wall = meta["wall_s"]
+    print(f"testbed: {Path(args.program[0]).name} exited {meta['exit_status']}"
+          + (f" after {wall:.3f} s" if wall else "")
+          + f"; {c['count']} calls forwarded to {args.delegate}, {c['faults']} faults", file=sys.stderr)  # fmt: skip
+    if s:
+        print(f"testbed: rtt p50 {_fmt_us(s['rtt_p50_us'])} p99 {_fmt_us(s['rtt_p99_us'])}; "
+              f"overhead p50 {_fmt_us(s['overhead_p50_us'])} p99 {_fmt_us(s['overhead_p99_us'])}; "
+              f"f_c ≈ {_fmt_us(s['f_c_us'])}", file=sys.stderr)  # fmt: skip
+    if c["faults"]:
+        print(f"testbed: FAULTS: {c['timeouts']} timed out, {c['not_sent']} released unsent, "
+              f"{c['peer_errors']} delegate errors (calls ran locally)", file=sys.stderr)  # fmt: skip
+    print(f"testbed: run directory {out}", file=sys.stderr)
