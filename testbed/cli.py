@@ -266,7 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     # --- lab / provision / experiment / vm ------------------------------
     p = sub.add_parser("lab", help="local multi-node lab of network namespaces",
                        description="Create, inspect or remove a lab of network-namespace nodes "
-                       "reachable over SSH.")
+                       "reachable over SSH (needs root).")
+    lab = p.add_subparsers(dest="lab_action", metavar="ACTION")
+    lab.required = True
+    lp = lab.add_parser("up", help="create N nodes, an sshd in each, and an inventory")
+    lp.add_argument("--nodes", type=positive_int, default=3, metavar="N",
+                    help="number of nodes (default 3)")
+    lp.add_argument("--delegates", type=positive_int, default=1, metavar="K",
+                    help="the last K nodes form delegate_nodes (default 1)")
+    lp.add_argument("--subnet", default="10.213.47.0/24", metavar="CIDR",
+                    help="private IPv4 network of the lab (default 10.213.47.0/24)")
+    for action, text in (("status", "show the lab's nodes and their state"),
+                         ("down", "remove every namespace, process, bridge and file of the lab")):
+        lab.add_parser(action, help=text)
+    for lp in lab.choices.values():
+        lp.add_argument("--dir", metavar="DIR",
+                        help="lab directory (default $TESTBED_LAB_DIR or /run/testbed-lab)")
+    lab.choices["status"].add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_lab)
     p = sub.add_parser("provision", help="provision nodes with Ansible",
                        description="Run an Ansible playbook (default site.yml) via ansible-runner.")
