@@ -134,8 +134,8 @@ def encode_call(call: Call) -> bytes:
             call.call_id,
             call.tid,
             call.nr,
-            list(call.args),
-            [list(b) for b in call.bufs],
+            call.args,
+            call.bufs,
             call.mode,
         ]
     )

@@ -57,11 +57,6 @@ _U64 = struct.Struct("<Q")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 def notif_sizes() -> tuple[int, int, int]:
@@ -126,6 +121,7 @@ class SeccompBackend:
         self._zero = bytes(NOTIF_SIZE)
         self._poll = select.poll()
         self._status_r = -1
+        self._mem_fds: dict[int, int] = {}
         self.start_rusage: tuple[float, float] = (0.0, 0.0)
 
     # ------------------------------------------------------------ launch
@@ -213,6 +209,8 @@ class SeccompBackend:
             raise
         t = time.monotonic_ns()
         nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        if nr in EXEC_NRS:
+            self._forget_mem(pid)  # a new address space follows
         if self._launching or (nr in EXEC_NRS and nr not in self.forwarded):
             self._internal(nid, pid, nr)
             return None
@@ -230,20 +228,41 @@ class SeccompBackend:
         return not self._launching
 
     def read_memory(self, tid: int, addr: int, length: int) -> bytes:
+        """Read caller memory with pread(2) on a cached ``/proc/TID/mem`` fd."""
         if length <= 0:
             return b""
-        buf = ctypes.create_string_buffer(length)
-        local = _Iovec(ctypes.addressof(buf), length)
-        remote = _Iovec(addr, length)
-        n = _libc.process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err == E.ESRCH:
-                raise CallerGone(tid)
-            if err == E.EFAULT:
-                return b""  # bad pointer in the caller: the real call will fail with EFAULT
-            raise OSError(err, os.strerror(err))
-        return buf.raw[:n]
+        fd = self._mem_fds.get(tid)
+        if fd is None:
+            fd = self._open_mem(tid)
+        for attempt in (0, 1):
+            try:
+                data = os.pread(fd, length, addr)
+            except OSError as exc:
+                if exc.errno not in (E.EIO, E.EFAULT):
+                    self._forget_mem(tid)
+                    raise CallerGone(tid) from None
+                data = b""  # bad pointer, or an fd of a pre-exec address space
+            if data or attempt:
+                return data  # b"" on retry: bad pointer, the real call fails with EFAULT
+            self._forget_mem(tid)  # the task may have exec'd: reopen once
+            fd = self._open_mem(tid)
+        return b""
+
+    def _open_mem(self, tid: int) -> int:
+        if len(self._mem_fds) >= 256:
+            for old in list(self._mem_fds)[:128]:
+                self._forget_mem(old)
+        try:
+            fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            raise CallerGone(tid) from None
+        self._mem_fds[tid] = fd
+        return fd
+
+    def _forget_mem(self, tid: int) -> None:
+        fd = self._mem_fds.pop(tid, None)
+        if fd is not None:
+            os.close(fd)
 
     def is_valid(self, trap: Trap) -> bool:
         try:
@@ -274,6 +293,8 @@ class SeccompBackend:
         return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in self._poll.poll(0))
 
     def close(self) -> None:
+        for tid in list(self._mem_fds):
+            self._forget_mem(tid)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -1,0 +1,293 @@
+"""``testbed bench``: forwarding overhead measured side by side in one run.
+
+Four measurements of the same ``write(fd, buf, SIZE)`` call, in one run, on
+the same machine and the same delegate endpoint:
+
+  native       the call with no interposition
+  trap-only    seccomp traps the call and the relay continues it at once (no network)
+  raw ZeroMQ   a DEALER round trip to the delegate with a frame of the same size
+  forwarded    the full path: trap -> relay -> msgpack/ZeroMQ -> delegate -> resume
+
+The call costs (native, trap-only, forwarded) are timed by the calling program
+itself around each ``write`` (a small C program compiled on first use), so they
+are what the application sees.  Ratios printed: forwarded / raw ZeroMQ and
+trap-only / native.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from testbed import wire
+from testbed.errors import TestbedError
+from testbed.hostinfo import host_metadata
+from testbed.relay import connect
+
+WRITELOOP_C = r"""
+/* writeloop N SIZE OUT: N timed write(2)s of SIZE bytes to /dev/null; latencies (ns, u32) to OUT */
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 4)
+		return 2;
+	long n = atol(argv[1]);
+	size_t size = (size_t)atol(argv[2]);
+	int fd = open("/dev/null", O_WRONLY);
+	char *buf = calloc(1, size ? size : 1);
+	uint32_t *lat = malloc((size_t)n * sizeof(*lat));
+
+	if (fd < 0 || !buf || !lat)
+		return 3;
+	for (long i = 0; i < n; i++) {
+		uint64_t t0 = now_ns();
+
+		if (write(fd, buf, size) < 0)
+			return 4;
+		lat[i] = (uint32_t)(now_ns() - t0);
+	}
+	FILE *f = fopen(argv[3], "wb");
+
+	if (!f || fwrite(lat, sizeof(*lat), (size_t)n, f) != (size_t)n || fclose(f))
+		return 5;
+	return 0;
+}
+"""
+
+NR_WRITE = 1
+
+
+def writeloop_binary() -> Path:
+    """Compile (once, cached by source hash) the timed write loop."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise TestbedError("testbed bench needs a C compiler (apt-get install build-essential)")
+    digest = hashlib.sha256(WRITELOOP_C.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "testbed"
+    exe = cache / f"writeloop-{digest}"
+    if not exe.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        src = cache / f"writeloop-{digest}.c"
+        src.write_text(WRITELOOP_C)
+        tmp = exe.with_suffix(".tmp")
+        res = subprocess.run([cc, "-O2", "-o", str(tmp), str(src)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise TestbedError(f"cannot compile the bench program: {res.stderr.strip()}")
+        os.replace(tmp, exe)
+    return exe
+
+
+def _pcts(ns: np.ndarray) -> dict[str, float]:
+    us = np.asarray(ns, dtype=np.float64) / 1e3
+    return {
+        "p50_us": float(np.percentile(us, 50)),
+        "p99_us": float(np.percentile(us, 99)),
+        "mean_us": float(us.mean()),
+        "n": int(us.size),
+    }
+
+
+def _read_lat(path: Path, n: int) -> np.ndarray:
+    lat = np.fromfile(path, dtype="<u4")
+    if lat.size != n:
+        raise TestbedError(f"bench program wrote {lat.size} latencies, expected {n}")
+    return lat
+
+
+def measure_native(exe: Path, n: int, size: int, tmp: Path) -> dict:
+    out = tmp / "native.bin"
+    subprocess.run([str(exe), str(n), str(size), str(out)], check=True)
+    return _pcts(_read_lat(out, n))
+
+
+def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
+    """Trap every write and continue it immediately, in this process's event loop."""
+    from testbed.interpose.seccomp import SeccompBackend
+
+    out = tmp / "trap.bin"
+    backend = SeccompBackend(frozenset({NR_WRITE}))
+    child = backend.launch([str(exe), str(n), str(size), str(out)])
+    poll = select.poll()
+    poll.register(backend.fileno(), select.POLLIN)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            for _fd, ev in poll.poll(1000):
+                if ev & select.POLLIN:
+                    trap = backend.receive()
+                    if trap is not None:
+                        backend.resume_continue(trap)
+            if child.poll() is not None and backend.finished():
+                break
+        else:
+            child.kill()
+            raise TestbedError("trap-only measurement did not finish within 120 s")
+    finally:
+        child.wait()
+        backend.close()
+    if child.returncode != 0:
+        raise TestbedError(f"bench program failed under seccomp (status {child.returncode})")
+    res = _pcts(_read_lat(out, n))
+    res["sync_wakeup"] = backend.sync_wakeup
+    return res
+
+
+def measure_raw_zmq(endpoint: str, n: int, size: int) -> dict:
+    """DEALER round trips to the delegate with a CALL frame of the same size."""
+    ctx, sock, _ = connect(endpoint)
+    try:
+        frame = wire.encode_call(
+            wire.Call(1, os.getpid(), NR_WRITE, (3, 0, size, 0, 0, 0), ((1, bytes(size)),), "cost")
+        )
+        lat = np.empty(n, dtype=np.int64)
+        mono = time.monotonic_ns
+        for i in range(n):
+            t0 = mono()
+            sock.send(frame)
+            if not sock.poll(5000):
+                raise TestbedError(f"delegate at {endpoint} stopped answering")
+            sock.recv()
+            lat[i] = mono() - t0
+        return {**_pcts(lat), "frame_bytes": len(frame)}
+    finally:
+        sock.close()
+
+
+def measure_forwarded(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
+    out = tmp / "fwd.bin"
+    run_dir = tmp / "fwd-run"
+    cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
+           "--forward", "write", "-o", str(run_dir), "--", str(exe), str(n), str(size), str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
+    from testbed import rundir
+
+    run = rundir.load(run_dir)
+    calls = run.calls()
+    d = rundir.derived(calls[:n])
+    lat = _pcts(_read_lat(out, n))
+    lat["relay_rtt_p50_us"] = float(np.nanpercentile(d["rtt"], 50) / 1e3)
+    lat["relay_overhead_p50_us"] = float(np.percentile(d["overhead"], 50) / 1e3)
+    lat["faults"] = run.meta["calls"]["faults"]
+    return lat
+
+
+class LocalDelegate:
+    """A delegate subprocess on a free loopback port (for bench and demo)."""
+
+    def __init__(self, extra: list[str] | None = None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "testbed", "delegate", "--quiet", "--listen", self.endpoint]
+        self.proc = subprocess.Popen(cmd + (extra or []))
+
+    def __enter__(self) -> LocalDelegate:
+        try:
+            connect(self.endpoint, timeout_s=10.0)[1].close()
+        except TestbedError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_bench(endpoint: str | None, n: int, size: int) -> dict:
+    exe = writeloop_binary()
+    with tempfile.TemporaryDirectory(prefix="testbed-bench-") as t:
+        tmp = Path(t)
+        if endpoint is None:
+            with LocalDelegate() as d:
+                return _all(exe, n, size, d.endpoint, tmp)
+        return _all(exe, n, size, endpoint, tmp)
+
+
+def _all(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
+    steps = [
+        ("native", lambda: measure_native(exe, n, size, tmp)),
+        ("trap_only", lambda: measure_trap_only(exe, n, size, tmp)),
+        ("raw_zmq", lambda: measure_raw_zmq(endpoint, n, size)),
+        ("forwarded", lambda: measure_forwarded(exe, n, size, endpoint, tmp)),
+    ]
+    results: dict = {"endpoint": endpoint, "calls": n, "size": size, "host": host_metadata()}
+    for i, (name, fn) in enumerate(steps, 1):
+        print(f"bench: [{i}/{len(steps)}] {name} ...", file=sys.stderr, flush=True)
+        results[name] = fn()
+    return results
+
+
+def format_report(r: dict) -> str:
+    rows = [
+        ("native write", r["native"]),
+        ("trap-only (seccomp)", r["trap_only"]),
+        ("raw ZeroMQ round trip", r["raw_zmq"]),
+        ("full forwarded", r["forwarded"]),
+    ]
+    h = r["host"]
+    sync = "yes" if r["trap_only"].get("sync_wakeup") else "no"
+    lines = [
+        f"testbed bench: {r['calls']} x write({r['size']} B) on {r['endpoint']}",
+        f"  kernel {h['kernel']}, {h['cores']} cores, {h['cpu_model']}, SYNC_WAKE_UP {sync}",
+        f"  {'':24s}{'p50':>10s}{'p99':>10s}",
+    ]
+    for label, m in rows:
+        lines.append(f"  {label:24s}{m['p50_us']:>8.2f}µs{m['p99_us']:>8.2f}µs")
+    fw, raw, trap, nat = r["forwarded"], r["raw_zmq"], r["trap_only"], r["native"]
+    lines += [
+        f"  raw ZeroMQ frame: {raw['frame_bytes']} B; relay-measured rtt p50 "
+        f"{fw['relay_rtt_p50_us']:.2f} µs, overhead p50 {fw['relay_overhead_p50_us']:.2f} µs",
+        f"  ratio full/raw-ZeroMQ  {fw['p50_us'] / raw['p50_us']:6.2f}  "
+        f"(relay adds {fw['p50_us'] - raw['p50_us']:.2f} µs p50)",
+        f"  ratio trap-only/native {trap['p50_us'] / nat['p50_us']:6.2f}  "
+        f"(trap adds {trap['p50_us'] - nat['p50_us']:.2f} µs p50)",
+        f"  f_c estimate (forwarded p50 / 2) {fw['p50_us'] / 2:.2f} µs",
+    ]
+    if fw.get("faults"):
+        lines.append(f"  WARNING: {fw['faults']} forwarded calls faulted")
+    return "\n".join(lines)
+
+
+def main_bench(args) -> int:
+    if args.size < 0 or args.size > (1 << 20):
+        raise TestbedError("--size must be between 0 and 1048576 bytes")
+    results = run_bench(args.delegate, args.calls, args.size)
+    print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
