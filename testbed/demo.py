@@ -24,10 +24,29 @@ from testbed.bench import LocalDelegate
 from testbed.errors import TestbedError
 
 REPEATS = 3
-WORDS = (
-    "syscall delegate forward kernel relay latency network node compute gamma speedup "
-    "model offload buffer thread process socket message trap seccomp module"
-).split()
+WORDS = [
+    "syscall",
+    "delegate",
+    "forward",
+    "kernel",
+    "relay",
+    "latency",
+    "network",
+    "node",
+    "compute",
+    "gamma",
+    "speedup",
+    "model",
+    "offload",
+    "buffer",
+    "thread",
+    "process",
+    "socket",
+    "message",
+    "trap",
+    "seccomp",
+    "module",
+]
 
 
 def make_input(path: Path, size_mb: int, seed: int = 2026) -> None:

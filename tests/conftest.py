@@ -1,0 +1,65 @@
+"""Shared fixtures: real delegates, real programs, independent syscall counts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.bench import LocalDelegate
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def tb_argv(*args: str) -> list[str]:
+    """argv running the testbed CLI of this checkout with this interpreter."""
+    return [PY, "-m", "testbed", *args]
+
+
+def run_testbed(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("capture_output", True)
+    return subprocess.run(tb_argv(*args), timeout=timeout, **kw)
+
+
+def strace_counts(argv: list[str], syscalls: str, cwd: Path | None = None) -> dict[str, int]:
+    """Independent per-syscall counts of a native run (``strace -f -c``)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    res = subprocess.run(
+        ["strace", "-f", "-c", "-U", "name,calls", "-e", f"trace={syscalls}", "-o", "/dev/stderr", *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd, timeout=120,
+    )  # fmt: skip
+    counts = {}
+    for line in res.stderr.splitlines():
+        m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture
+def delegate():
+    """A real delegate process on a free loopback port."""
+    with LocalDelegate() as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def payload(tmp_path_factory) -> Path:
+    """A few MB of compressible, deterministic input."""
+    from testbed.demo import make_input
+
+    p = tmp_path_factory.mktemp("data") / "payload.txt"
+    make_input(p, 3)
+    return p
+
+
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")

@@ -1,0 +1,187 @@
+"""testbed run on one host: real programs, real delegate, real seccomp traps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from testbed import rundir
+from tests.conftest import run_testbed, strace_counts, tb_argv
+
+THREADS_PY = r"""
+import os, sys, threading
+def worker(k):
+    fd = os.open(os.path.join(sys.argv[1], f"t{k}.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for i in range(200):
+        os.write(fd, f"thread {k} line {i}\n".encode())
+    os.close(fd)
+ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"""
+
+
+def _run(delegate, out, forward, *program, timeout=120, extra=()):
+    return run_testbed("run", "--delegate", delegate.endpoint, "--forward", forward,
+                       "-o", str(out), *extra, "--", *program, timeout=timeout)  # fmt: skip
+
+
+def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path):
+    program = ["gzip", "-6", "-c", str(payload)]
+    native = subprocess.run(program, capture_output=True, check=True).stdout
+    res = _run(delegate, tmp_path / "run", "read,write", *program)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == native
+    run = rundir.load(tmp_path / "run")
+    counts = {r["name"]: int(r["n"]) for r in run.syscalls}
+    assert counts == strace_counts(program, "read,write")
+    calls = run.calls()
+    assert calls.size == run.meta["calls"]["count"] == sum(counts.values())
+    for col in ("t_trap", "t_send", "t_reply", "t_resume", "d_recv", "d_exec_start", "d_send"):
+        assert (calls[col] > 0).all(), col
+    assert (calls["t_trap"] <= calls["t_send"]).all()
+    assert (calls["t_send"] < calls["t_reply"]).all()
+    assert (calls["t_reply"] <= calls["t_resume"]).all()
+    assert (calls["d_recv"] <= calls["d_send"]).all()
+    writes = calls[calls["nr"] == 1]
+    assert int(writes["bytes_in"].sum()) == len(native)  # write buffers were marshalled
+    assert run.meta["exit_status"] == 0 and run.meta["calls"]["faults"] == 0
+    assert "f_c" in res.stderr.decode() and str(tmp_path / "run") in res.stderr.decode()
+
+
+def test_multithreaded_program_calls_in_flight_together(tmp_path):
+    from testbed.bench import LocalDelegate
+
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_PY)
+    native_dir, fwd_dir = tmp_path / "native", tmp_path / "fwd"
+    native_dir.mkdir()
+    fwd_dir.mkdir()
+    subprocess.run([sys.executable, str(script), str(native_dir)], check=True)
+    with LocalDelegate(["--delay-us", "300"]) as d:
+        res = _run(d, tmp_path / "run", "write", sys.executable, str(script), str(fwd_dir))
+    assert res.returncode == 0, res.stderr
+    for k in range(4):
+        assert (fwd_dir / f"t{k}.txt").read_bytes() == (native_dir / f"t{k}.txt").read_bytes()
+    run = rundir.load(tmp_path / "run")
+    calls = np.asarray(run.calls())
+    expected = strace_counts([sys.executable, str(script), str(native_dir)], "write")["write"]
+    assert calls.size == expected >= 800
+    assert len(set(calls["tid"].tolist())) >= 4
+    # more than one call was outstanding at the delegate at some moment
+    order = np.argsort(calls["t_send"])
+    sends, replies = calls["t_send"][order], calls["t_reply"][order]
+    assert (sends[1:] < np.maximum.accumulate(replies)[:-1]).any()
+
+
+def test_forking_shell_pipeline(delegate, payload, tmp_path):
+    out = tmp_path / "out.gz"
+    script = f"gzip -c {payload} | cat > {out}"
+    native = subprocess.run(["gzip", "-c", str(payload)], capture_output=True, check=True).stdout
+    res = _run(delegate, tmp_path / "run", "read,write", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == native
+    run = rundir.load(tmp_path / "run")
+    counts = {r["name"]: int(r["n"]) for r in run.syscalls}
+    out.unlink()
+    assert counts == strace_counts(["sh", "-c", script], "read,write")
+    assert len(set(np.asarray(run.calls())["tid"].tolist())) >= 2  # gzip and cat both served
+
+
+@pytest.mark.parametrize(
+    "forward", ["read,write,close", "sendmsg,write", "exit_group", "execve,write", "openat,close"]
+)
+def test_handoff_never_deadlocks(delegate, tmp_path, forward):
+    script = "echo hello | cat; ls / > /dev/null; exit 3"
+    res = _run(delegate, tmp_path / "run", forward, "sh", "-c", script, timeout=60)
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == b"hello\n"
+    run = rundir.load(tmp_path / "run")
+    assert run.meta["calls"]["count"] > 0
+    assert run.meta["calls"]["faults"] == 0
+
+
+def test_exit_status_and_signal_death(delegate, tmp_path):
+    res = _run(delegate, tmp_path / "a", "write", "sh", "-c", "kill -TERM $$")
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_delegate_listening_fails_fast_and_starts_nothing(tmp_path):
+    marker = "97.4321"
+    t0 = time.monotonic()
+    res = run_testbed("run", "--delegate", f"tcp://127.0.0.1:{_free_port()}", "--forward",
+                      "write", "-o", str(tmp_path / "r"), "--", "sleep", marker, timeout=30)  # fmt: skip
+    assert time.monotonic() - t0 < 10
+    assert res.returncode != 0
+    err = res.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("testbed: error: no delegate answering"), err
+    ps = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True)
+    assert ps.returncode == 1, "the program was left running"
+
+
+def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_path):
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    d = subprocess.Popen(tb_argv("delegate", "--quiet", "--listen", endpoint))
+    try:
+        slow = "import sys,time\nfor i in range(150):\n    print(i, flush=True); time.sleep(0.01)\n"
+        run = subprocess.Popen(
+            tb_argv("run", "--delegate", endpoint, "--forward", "write", "--timeout", "0.5",
+                        "-o", str(tmp_path / "r"), "--", sys.executable, "-c", slow),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(1.0)
+        d.send_signal(signal.SIGKILL)
+        out, err = run.communicate(timeout=60)
+    finally:
+        d.kill()
+        d.wait()
+    assert run.returncode == 0, err
+    assert out.decode().split() == [str(i) for i in range(150)]  # nothing lost
+    meta = rundir.load(tmp_path / "r").meta
+    expected = strace_counts([sys.executable, "-c", slow], "write")["write"]
+    assert meta["calls"]["count"] == expected >= 150
+    assert meta["calls"]["faults"] >= 1 and meta["calls"]["timeouts"] >= 1
+    assert "FAULTS" in err.decode()
+
+
+def test_unknown_syscall_suggests_close_match(tmp_path):
+    res = run_testbed("run", "--delegate", "tcp://127.0.0.1:1", "--forward", "wrtie",
+                      "--", "true")  # fmt: skip
+    assert res.returncode == 2
+    assert b"did you mean write" in res.stderr
+
+
+def test_program_not_found_is_one_line(delegate, tmp_path):
+    res = _run(delegate, tmp_path / "r", "write", "no-such-program-xyz")
+    assert res.returncode != 0
+    lines = res.stderr.decode().strip().splitlines()
+    assert lines == ["testbed: error: program not found: no-such-program-xyz"]
+
+
+@pytest.mark.parametrize("verb", ["delegate", "run", "bench", "demo", "profile", "analyze"])
+def test_help_is_clear(verb):
+    res = run_testbed(verb, "--help")
+    assert res.returncode == 0
+    assert len(res.stdout.decode().splitlines()) > 5
+
+
+def test_sync_wakeup_used_where_available(delegate, tmp_path):
+    res = _run(delegate, tmp_path / "r", "write", "true")
+    assert res.returncode == 0
+    meta = rundir.load(tmp_path / "r").meta
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    assert meta["sync_wakeup"] is (release >= (6, 6))
