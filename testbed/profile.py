@@ -21,11 +21,17 @@ How it is measured
     blocked.  For multi-process programs the times of all processes are added.
 
 Derived numbers in ``run.json``
-  * ``C_s = user_s``: the paper's C is the time of "all instructions not
-    executed in the context of a system call", which is user time.  ``wall -
-    sum g`` was rejected: it double counts nothing but absorbs the tracer's
-    overhead outside syscalls, page faults and scheduling, and it goes
-    negative for multi-process programs whose g includes blocking waits.
+  * ``C_s``: the paper's C, the time of "all instructions not executed in the
+    context of a system call".  For a single-threaded program (the model's
+    assumption) ``C = wall - sum g``, so ``t_nd = C + sum g`` is exactly the
+    measured wall time and ``p_g`` is the naive model's p; C then also holds
+    page faults, scheduling and the tracer's overhead outside syscalls.  For
+    a multi-process/threaded program wall - sum g is meaningless (the g of
+    different processes overlap in time, and a parent's ``wait4`` blocks for
+    its children's whole run), so ``C = user time`` of all its processes
+    (rusage).  User time alone is not used for single-threaded programs
+    because the kernel splits CPU time into user/sys by tick sampling, which
+    is coarse for runs of a few tens of ms.  ``C_definition`` says which.
   * ``t_nd_s = C_s + sum g`` (the model's native time; compare with wall_s).
   * ``p_sys = sys / (user + sys)`` (the paper's Table I definition, from
     ``time``) and ``p_g = sum g / wall``.
@@ -224,7 +230,17 @@ def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str,
         table = parse_strace(text, exclude)
         lost = 0
     times["lost_events"] = lost
+    times["threads"] = count_threads(text, method, exclude)
     return times, table, method
+
+
+def count_threads(text: str, method: str, exclude: Sequence[int] = ()) -> int:
+    """How many threads/processes of the program made syscalls (shim excluded)."""
+    if method == METHOD_PERF:
+        tids = {int(m["tid"]) for m in map(_PERF_HEAD.match, text.splitlines()) if m}
+    else:
+        tids = {int(m["pid"]) for m in map(_ST_LINE.match, text.splitlines()) if m}
+    return len(tids - set(exclude))
 
 
 def _exit_status(status: int) -> int:
@@ -249,8 +265,13 @@ def profile_rows(table: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def profile(program: Sequence[str], output=None, method: str = "auto") -> tuple[Path, dict]:
-    """Profile ``program``; write and return its run directory and metadata."""
+def profile(
+    program: Sequence[str], output=None, method: str = "auto", extra: dict | None = None
+) -> tuple[Path, dict]:
+    """Profile ``program``; write and return its run directory and metadata.
+
+    ``extra`` adds keys to run.json (e.g. ``{"workload": "bzip2"}``).
+    """
     if not program:
         raise ProfileError("no program given")
     out = rundir.create(output, prefix="profile")
@@ -259,6 +280,10 @@ def profile(program: Sequence[str], output=None, method: str = "auto") -> tuple[
     g_s = sum(r["g_ns"] for r in rows) / 1e9
     user, sys_t, wall = times["user_s"], times["sys_s"], times["wall_s"]
     cpu = user + sys_t
+    if times["threads"] <= 1:
+        C, C_def = max(wall - g_s, 0.0), "wall - sum g (single-threaded program)"
+    else:
+        C, C_def = user, "user time of all processes (wait4 rusage; multi-process program)"
     meta = {
         "kind": "profile",
         "command": list(program),
@@ -266,18 +291,20 @@ def profile(program: Sequence[str], output=None, method: str = "auto") -> tuple[
         "wall_s": wall,
         "user_s": user,
         "sys_s": sys_t,
-        "C_s": user,
-        "C_definition": "user time of the program and its descendants (wait4 rusage)",
+        "C_s": C,
+        "C_definition": C_def,
         "g_total_s": g_s,
-        "t_nd_s": user + g_s,
+        "t_nd_s": C + g_s,
         "p_sys": sys_t / cpu if cpu > 0 else 0.0,
         "p_g": g_s / wall if wall > 0 else 0.0,
         "n_total": sum(r["n"] for r in rows),
         "syscall_types": len(rows),
         "method": used,
         "lost_events": times["lost_events"],
+        "threads": times["threads"],
         "maxrss_kb": times.get("maxrss_kb"),
         "host": host_metadata(),
+        **(extra or {}),
     }
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)

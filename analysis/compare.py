@@ -1,0 +1,324 @@
+"""Comparisons: predicted vs measured ``t_d``, cross-validation, mechanisms.
+
+Inputs are run directories: profiles (``kind = "profile"``) and delegated
+runs (``kind = "delegated"``, written by ``testbed run``).  Everything is
+returned as tidy pandas tables, one row per observation.
+
+Matching: a delegated run belongs to the *workload* named by its command
+line (``" ".join(command)``); its native time ``t_nd`` is taken, in order,
+from ``run.json["native"]["wall_s"]``, from delegated runs of the same command
+with nothing forwarded, or from a profile of the same command (its traced
+wall time, an overestimate by the tracer's overhead).
+
+The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
+``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
+endpoint, ``remote`` otherwise, and ``same-node`` for the kernel thread
+backend (the paper's mktrace baseline); ``+Dus`` is the delegate's injected
+delay.  Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import fit
+from analysis import model as M
+from analysis.profiles import Profile, from_run
+from testbed import rundir
+from testbed.errors import TestbedError
+
+#: The paper's same-node number (section IV-B: mktrace, max measured f_c).
+PAPER_MKTRACE_FC_S = 40e-6
+
+
+@dataclass
+class DelegatedRun:
+    """A delegated run directory, with the numbers the comparisons need."""
+
+    path: Path
+    meta: dict
+    calls: np.ndarray = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return " ".join(map(str, self.meta.get("command") or []))
+
+    @property
+    def workload(self) -> str:
+        if self.meta.get("workload"):
+            return str(self.meta["workload"])
+        cmd = self.meta.get("command") or ["?"]
+        return os.path.basename(str(cmd[0]))
+
+    @property
+    def wall(self) -> float:
+        return float(self.meta["wall_s"])
+
+    @property
+    def forwarded_calls(self) -> int:
+        """``sum_s b(s) n(s)``: calls that were forwarded in this run."""
+        if len(self.calls):
+            return len(self.calls)
+        return int((self.meta.get("calls") or {}).get("count", 0))
+
+    @property
+    def forwarded(self) -> list[str]:
+        return list(self.meta.get("forwarded") or [])
+
+    @property
+    def group(self) -> str:
+        """Policy label for cross-validation: the policy, else the forwarded set."""
+        if self.meta.get("policy"):
+            return str(self.meta["policy"])
+        return ",".join(sorted(self.forwarded)) or "(none)"
+
+    @property
+    def native_wall(self) -> float | None:
+        nat = self.meta.get("native")
+        if isinstance(nat, dict) and nat.get("wall_s") is not None:
+            return float(nat["wall_s"])
+        return None
+
+    @property
+    def mechanism(self) -> str:
+        return mechanism(self.meta)
+
+
+def _where(endpoint: str) -> str:
+    scheme, _, rest = (endpoint or "").partition("://")
+    if scheme in ("ipc", "inproc"):
+        return "loopback"
+    host = rest.rpartition(":")[0].strip("[]")
+    if host in ("localhost", ""):
+        return "loopback"
+    try:
+        return "loopback" if ipaddress.ip_address(host).is_loopback else "remote"
+    except ValueError:
+        return "remote"
+
+
+def mechanism(meta: dict) -> str:
+    backend = str(meta.get("backend") or "?")
+    where = "same-node" if backend == "kthread" else _where(str(meta.get("endpoint") or ""))
+    delay = (meta.get("delegate") or {}).get("delay_us") if isinstance(meta.get("delegate"), dict) else None
+    label = f"{backend}/{where}"
+    if delay:
+        label += f"+{float(delay):g}us"
+    return label
+
+
+def load_runs(paths) -> tuple[list[Profile], list[DelegatedRun]]:
+    """Load run directories, split into profiles and delegated runs."""
+    profiles, runs = [], []
+    for p in paths:
+        run = rundir.load(p)
+        if run.kind == "profile":
+            profiles.append(from_run(run))
+        elif run.kind == "delegated":
+            for k in ("wall_s", "command"):
+                if k not in run.meta:
+                    raise TestbedError(f"{run.path}: run.json has no {k!r} (malformed run directory)")
+            runs.append(DelegatedRun(run.path, run.meta, run.calls()))
+        else:
+            raise TestbedError(f"{run.path}: unknown run kind {run.kind!r}")
+    _unique_names(profiles)
+    return profiles, runs
+
+
+def _unique_names(profiles: list[Profile]) -> None:
+    seen: dict[str, int] = {}
+    for p in profiles:
+        if p.name in seen:
+            seen[p.name] += 1
+            p.name = f"{p.name}#{seen[p.name]}"
+        else:
+            seen[p.name] = 1
+
+
+def runs_frame(runs: list[DelegatedRun]) -> pd.DataFrame:
+    """One row per delegated run."""
+    return pd.DataFrame(
+        [
+            {
+                "run": r.path.name,
+                "workload": r.workload,
+                "mechanism": r.mechanism,
+                "mode": r.meta.get("mode", ""),
+                "group": r.group,
+                "forwarded_calls": r.forwarded_calls,
+                "faults": int((r.meta.get("calls") or {}).get("faults", 0)),
+                "wall_s": r.wall,
+                "exit_status": r.meta.get("exit_status"),
+            }
+            for r in runs
+        ],
+        columns=["run", "workload", "mechanism", "mode", "group", "forwarded_calls", "faults",
+                 "wall_s", "exit_status"],
+    )  # fmt: skip
+
+
+def native_times(profiles: list[Profile], runs: list[DelegatedRun]) -> dict[str, tuple[float, str]]:
+    """``{command: (t_nd seconds, source)}`` following the module's order."""
+    out: dict[str, tuple[float, str]] = {}
+    by_key: dict[str, list[float]] = {}
+    for r in runs:
+        if r.native_wall is not None:
+            by_key.setdefault(r.key, []).append(r.native_wall)
+    for k, v in by_key.items():
+        out[k] = (float(np.median(v)), "run.json native")
+    zero: dict[str, list[float]] = {}
+    for r in runs:
+        if r.forwarded_calls == 0 and r.key not in out:
+            zero.setdefault(r.key, []).append(r.wall)
+    for k, v in zero.items():
+        out[k] = (float(np.median(v)), "run with nothing forwarded")
+    for p in profiles:
+        if p.key not in out:
+            out[p.key] = (p.wall, "profile wall (traced)")
+    return out
+
+
+def pooled_samples(runs: list[DelegatedRun]) -> tuple[np.ndarray, np.ndarray]:
+    fcs, sizes = [], []
+    for r in runs:
+        fc, size = fit.fc_samples(r.calls)
+        fcs.append(fc)
+        sizes.append(size)
+    if not fcs:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(fcs), np.concatenate(sizes)
+
+
+def by_mechanism(runs: list[DelegatedRun]) -> dict[str, list[DelegatedRun]]:
+    out: dict[str, list[DelegatedRun]] = {}
+    for r in runs:
+        out.setdefault(r.mechanism, []).append(r)
+    return dict(sorted(out.items()))
+
+
+def whole_run_obs(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
+    """Observations for :func:`analysis.fit.whole_run`; workloads with one x only are dropped."""
+    rows = [{"workload": r.key, "t_d": r.wall, "x": 2.0 * r.forwarded_calls} for r in runs]
+    for key in {r.key for r in runs}:
+        if key in native and native[key][1] == "run.json native":
+            rows.append({"workload": key, "t_d": native[key][0], "x": 0.0})
+    obs = pd.DataFrame(rows, columns=["workload", "t_d", "x"])
+    keep = obs.groupby("workload")["x"].transform("nunique") >= 2
+    return obs[keep].reset_index(drop=True)
+
+
+def fit_mechanisms(runs: list[DelegatedRun], native: dict, level: float = 0.95) -> pd.DataFrame:
+    """One row per mechanism: per-call f_c (median, CI, mean), whole-run f_c, size term."""
+    rows = []
+    for mech, rs in by_mechanism(runs).items():
+        fc, size = pooled_samples(rs)
+        pc = fit.per_call(fc, level)
+        row = {"mechanism": mech, "runs": len(rs), **pc.as_row()}
+        obs = whole_run_obs(rs, native)
+        row.update(whole_fc_s=np.nan, whole_lo_s=np.nan, whole_hi_s=np.nan, whole_dof=0)
+        if len(obs) and (obs["x"] > 0).any():
+            w = fit.whole_run(obs, level)
+            row.update(whole_fc_s=w.f_c.value, whole_lo_s=w.f_c.lo, whole_hi_s=w.f_c.hi, whole_dof=w.dof)
+        sz = fit.size_aware(fc, size, level)
+        row.update(
+            alpha_s=sz.alpha.value,
+            beta_s_per_byte=sz.beta.value,
+            beta_lo=sz.beta.lo,
+            beta_hi=sz.beta.hi,
+            beta_p=sz.p_value,
+            size_significant=sz.significant,
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def predicted_vs_measured(
+    runs: list[DelegatedRun], native: dict, fc_by_mech: dict[str, float]
+) -> pd.DataFrame:
+    """Per run: measured t_d, predicted ``t_nd + 2 f_c sum b n`` and relative error."""
+    rows = []
+    for r in runs:
+        t_nd, src = native.get(r.key, (np.nan, "none"))
+        f_c = fc_by_mech.get(r.mechanism, np.nan)
+        pred = float(M.t_d(t_nd, np.zeros(1), [r.forwarded_calls], [1.0], 1.0, f_c))
+        rows.append(
+            {
+                "run": r.path.name,
+                "workload": r.workload,
+                "mechanism": r.mechanism,
+                "group": r.group,
+                "forwarded_calls": r.forwarded_calls,
+                "t_nd_s": t_nd,
+                "t_nd_source": src,
+                "f_c_s": f_c,
+                "measured_t_d_s": r.wall,
+                "predicted_t_d_s": pred,
+                "rel_error": (pred - r.wall) / r.wall if r.wall > 0 else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def cross_validate(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
+    """Fit f_c (per-call median) on the runs of one policy, predict the other policies."""
+    rows = []
+    for mech, rs in by_mechanism(runs).items():
+        groups: dict[str, list[DelegatedRun]] = {}
+        for r in rs:
+            groups.setdefault(r.group, []).append(r)
+        for train, tr in groups.items():
+            fc = fit.per_call(pooled_samples(tr)[0]).median.value
+            for test, te in groups.items():
+                if test == train:
+                    continue
+                pvm = predicted_vs_measured(te, native, {mech: fc})
+                err = pvm["rel_error"].abs()
+                rows.append(
+                    {
+                        "mechanism": mech,
+                        "train": train,
+                        "test": test,
+                        "f_c_train_s": fc,
+                        "test_runs": len(te),
+                        "mean_abs_rel_error": float(err.mean()),
+                        "max_abs_rel_error": float(err.max()),
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=["mechanism", "train", "test", "f_c_train_s", "test_runs", "mean_abs_rel_error",
+                 "max_abs_rel_error"],
+    )  # fmt: skip
+
+
+def mechanism_table(
+    mech_fits: pd.DataFrame,
+    profiles: list[Profile],
+    policy: str = "min-freq:20%",
+    gammas=(2.0, 10.0),
+    include_paper: bool = True,
+) -> pd.DataFrame:
+    """Same-node vs remote, side by side: one row per mechanism with its f_c, CI and
+    the predicted S_r at each gamma for each profiled workload under ``policy``."""
+    rows = []
+    src = [
+        (m.mechanism, m.f_c_median_s, m.f_c_median_lo_s, m.f_c_median_hi_s, int(m.calls))
+        for m in mech_fits.itertuples()
+    ] if len(mech_fits) else []  # fmt: skip
+    if include_paper:
+        src.append(("paper mktrace kthread (reported max)", PAPER_MKTRACE_FC_S, np.nan, np.nan, 0))
+    gam = np.asarray(gammas, dtype=float)
+    for mech, fc, lo, hi, calls in src:
+        row = {"mechanism": mech, "f_c_s": fc, "f_c_lo_s": lo, "f_c_hi_s": hi, "calls": calls}
+        for p in profiles:
+            s = M.S_r(p.C, p.g, p.n, p.b(policy), gam, fc)
+            for g, v in zip(gam, np.atleast_1d(s), strict=True):
+                row[f"S_r {p.name} γ={g:g}"] = float(v)
+        rows.append(row)
+    return pd.DataFrame(rows)
