@@ -106,7 +106,11 @@ def _where(endpoint: str) -> str:
 def mechanism(meta: dict) -> str:
     backend = str(meta.get("backend") or "?")
     where = "same-node" if backend == "kthread" else _where(str(meta.get("endpoint") or ""))
-    delay = (meta.get("delegate") or {}).get("delay_us") if isinstance(meta.get("delegate"), dict) else None
+    delay = (
+        (meta.get("delegate") or {}).get("delay_us")
+        if isinstance(meta.get("delegate"), dict)
+        else None
+    )
     label = f"{backend}/{where}"
     if delay:
         label += f"+{float(delay):g}us"
@@ -123,7 +127,9 @@ def load_runs(paths) -> tuple[list[Profile], list[DelegatedRun]]:
         elif run.kind == "delegated":
             for k in ("wall_s", "command"):
                 if k not in run.meta:
-                    raise TestbedError(f"{run.path}: run.json has no {k!r} (malformed run directory)")
+                    raise TestbedError(
+                        f"{run.path}: run.json has no {k!r} (malformed run directory)"
+                    )
             runs.append(DelegatedRun(run.path, run.meta, run.calls()))
         else:
             raise TestbedError(f"{run.path}: unknown run kind {run.kind!r}")
@@ -224,7 +230,9 @@ def fit_mechanisms(runs: list[DelegatedRun], native: dict, level: float = 0.95) 
         row.update(whole_fc_s=np.nan, whole_lo_s=np.nan, whole_hi_s=np.nan, whole_dof=0)
         if len(obs) and (obs["x"] > 0).any():
             w = fit.whole_run(obs, level)
-            row.update(whole_fc_s=w.f_c.value, whole_lo_s=w.f_c.lo, whole_hi_s=w.f_c.hi, whole_dof=w.dof)
+            row.update(
+                whole_fc_s=w.f_c.value, whole_lo_s=w.f_c.lo, whole_hi_s=w.f_c.hi, whole_dof=w.dof
+            )
         sz = fit.size_aware(fc, size, level)
         row.update(
             alpha_s=sz.alpha.value,

@@ -192,7 +192,9 @@ def fig6_cdf(profiles: list[Profile]) -> Figure:
     return fig
 
 
-def fig7_fc_proportion(profiles: list[Profile], gamma: float = 10, kind: str = "min-freq") -> Figure:
+def fig7_fc_proportion(
+    profiles: list[Profile], gamma: float = 10, kind: str = "min-freq"
+) -> Figure:
     fcs = np.logspace(-9, 1, 101)
     pct = np.linspace(0, 100, 101)
     fig, axes = _subplots(len(profiles))
@@ -206,7 +208,9 @@ def fig7_fc_proportion(profiles: list[Profile], gamma: float = 10, kind: str = "
     return fig
 
 
-def fig8_gamma_proportion(profiles: list[Profile], f_c: float = FC_PAPER, kind: str = "min-freq") -> Figure:
+def fig8_gamma_proportion(
+    profiles: list[Profile], f_c: float = FC_PAPER, kind: str = "min-freq"
+) -> Figure:
     gam = np.linspace(1, 100, 100)
     pct = np.linspace(0, 100, 101)
     fig, axes = _subplots(len(profiles))

@@ -121,7 +121,7 @@ def fc_samples(calls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = derived(calls)
     ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(d["overhead"]) & (d["overhead"] > 0)
     fc = d["overhead"][ok] / 2e9
-    size = (calls["bytes_in"][ok].astype(float) + calls["bytes_out"][ok].astype(float))
+    size = calls["bytes_in"][ok].astype(float) + calls["bytes_out"][ok].astype(float)
     return fc, size
 
 

@@ -62,7 +62,9 @@ class Profile:
     @property
     def counts(self) -> dict[int, int]:
         """``{nr: n(s)}`` for the syscalls this table knows (input to policies)."""
-        return {int(nr): int(k) for nr, k in zip(self.nrs, self.n, strict=True) if nr >= 0 and k > 0}
+        return {
+            int(nr): int(k) for nr, k in zip(self.nrs, self.n, strict=True) if nr >= 0 and k > 0
+        }
 
     def b(self, policy: str | _policy.Policy) -> np.ndarray:
         """The forwarding indicator ``b(s)`` (0/1 floats, shape ``(S,)``) of a policy."""
@@ -113,12 +115,16 @@ def from_run(run: rundir.Run, name: str | None = None) -> Profile:
         wall = float(meta["wall_s"])
         p_sys = float(meta.get("p_sys", 0.0))
     except (KeyError, ValueError, TypeError) as exc:
-        raise TestbedError(f"{run.path}: malformed profile ({exc.__class__.__name__}: {exc})") from None
+        raise TestbedError(
+            f"{run.path}: malformed profile ({exc.__class__.__name__}: {exc})"
+        ) from None
     if int(meta.get("threads", 1) or 1) > 1:
         wait = np.isin(names, list(WAIT_CALLS))
         meta = {**meta, "g_wait_s": float(g[wait].sum())}
         g = np.where(wait, 0.0, g)
-    return Profile(name or _name_of(meta, run.path), names, nrs, n, g, C, wall, p_sys, meta, run.path)
+    return Profile(
+        name or _name_of(meta, run.path), names, nrs, n, g, C, wall, p_sys, meta, run.path
+    )
 
 
 def load_profile(path: str | os.PathLike, name: str | None = None) -> Profile:

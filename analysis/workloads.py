@@ -23,10 +23,31 @@ from pathlib import Path
 
 from testbed.errors import TestbedError
 
-_WORDS = (
-    "forward delegate kernel syscall network compute plane data latency gain model speedup "
-    "profile relay zeromq msgpack seccomp module thread spin cost policy frequency"
-).split()
+_WORDS = [
+    "forward",
+    "delegate",
+    "kernel",
+    "syscall",
+    "network",
+    "compute",
+    "plane",
+    "data",
+    "latency",
+    "gain",
+    "model",
+    "speedup",
+    "profile",
+    "relay",
+    "zeromq",
+    "msgpack",
+    "seccomp",
+    "module",
+    "thread",
+    "spin",
+    "cost",
+    "policy",
+    "frequency",
+]
 
 
 def _text(path: Path, size: int, seed: int = 1) -> Path:
@@ -62,7 +83,9 @@ def sqlite3(d: Path, scale: float = 1.0) -> list[str]:
     sql = ["CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, v REAL);"]
     for start in range(0, rows, 50):
         sql.append("BEGIN;")
-        sql += [f"INSERT INTO t(k, v) VALUES ('key{i}', {i * 0.5});" for i in range(start, start + 50)]
+        sql += [
+            f"INSERT INTO t(k, v) VALUES ('key{i}', {i * 0.5});" for i in range(start, start + 50)
+        ]
         sql.append("COMMIT;")
     sql.append("SELECT count(*), sum(v) FROM t;")
     script = d / "sqlite3-script.sql"
