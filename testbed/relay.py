@@ -33,6 +33,7 @@ from testbed.syscalls import ArgKind
 
 _IOVEC = struct.Struct("<QQ")
 PROBE_INTERVAL_NS = 1_000_000_000
+_POLLIN = int(zmq.POLLIN)  # plain int: IntFlag arithmetic is slow on the hot path
 
 
 class DelegateUnreachable(TestbedError):
@@ -292,7 +293,7 @@ class Relay:
             while True:
                 now = time.monotonic_ns()
                 events = dict(poller.poll(self.next_timeout_ms(now)))
-                if events.get(bfd, 0) & zmq.POLLIN:
+                if events.get(bfd, 0) & _POLLIN:
                     trap = self.backend.receive()
                     if trap is not None:
                         self.on_trap(trap)

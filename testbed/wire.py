@@ -92,7 +92,7 @@ def _unpack(frame: bytes) -> list:
 
 
 def _is_int(v: Any, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+    return type(v) is int and lo <= v <= hi  # msgpack yields exact ints; bool is rejected
 
 
 def _check_bufs(bufs: Any, call_id: int | None) -> tuple[tuple[int, bytes], ...]:
