@@ -289,10 +289,21 @@ class Relay:
         t_exit = 0
         linger_deadline = None
         recv = self.sock.recv
+        blocking = getattr(self.backend, "blocking_receive", False) and _start_watchdog()
         try:
             while True:
-                now = time.monotonic_ns()
-                events = dict(poller.poll(self.next_timeout_ms(now)))
+                if blocking and status is None and not self.inflight:
+                    # Idle: wait inside NOTIF_RECV (the kernel's synchronous wake-up
+                    # applies there, not to poll).  SIGCHLD or the watchdog timer
+                    # interrupts it (EINTR -> None) so the exit is seen.
+                    trap = self.backend.receive()
+                    if trap is not None:
+                        self.on_trap(trap)
+                        continue
+                    timeout_ms = 0
+                else:
+                    timeout_ms = self.next_timeout_ms(time.monotonic_ns())
+                events = dict(poller.poll(timeout_ms))
                 if events.get(bfd, 0) & _POLLIN:
                     trap = self.backend.receive()
                     if trap is not None:
@@ -316,8 +327,37 @@ class Relay:
                           "stopping the relay (their calls now fail with ENOSYS)", file=sys.stderr)  # fmt: skip
                     break
         finally:
+            if blocking:
+                _stop_watchdog()
             os.close(pidfd)
         return status, rusage, t_exit
+
+
+WATCHDOG_S = 0.05
+
+
+def _ignore_signal(_signum, _frame) -> None:
+    """Installed for SIGCHLD/SIGALRM: its only job is to interrupt NOTIF_RECV."""
+
+
+def _start_watchdog() -> bool:
+    """SIGCHLD + a periodic SIGALRM so a blocking NOTIF_RECV always returns.
+
+    Only possible in the main thread; returns False elsewhere (poll mode).
+    """
+    try:
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.signal(signal.SIGALRM, _ignore_signal)
+    except ValueError:
+        return False
+    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S, WATCHDOG_S)
+    return True
+
+
+def _stop_watchdog() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------- testbed run

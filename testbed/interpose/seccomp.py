@@ -105,6 +105,9 @@ class SeccompBackend:
     """Interposition through seccomp user notification (see module docstring)."""
 
     name = "seccomp"
+    #: receive() may block until a call is trapped (EINTR -> None): lets the relay
+    #: wait in NOTIF_RECV itself when idle, where SYNC_WAKE_UP takes effect.
+    blocking_receive = True
 
     def __init__(self, forwarded: frozenset[int], handoff_timeout: float = 10.0):
         kernel_sizes = notif_sizes()
@@ -272,13 +275,17 @@ class SeccompBackend:
             return False
 
     def _send(self, nid: int, val: int, error: int, flags: int) -> bool:
-        try:
-            fcntl.ioctl(self.fd, IOCTL_NOTIF_SEND, _RESP.pack(nid, val, error, flags))
-            return True
-        except OSError as exc:
-            if exc.errno == E.ENOENT:
-                return False  # caller gone or interrupted
-            raise
+        resp = _RESP.pack(nid, val, error, flags)
+        for _ in range(100):
+            try:
+                fcntl.ioctl(self.fd, IOCTL_NOTIF_SEND, resp)
+                return True
+            except OSError as exc:
+                if exc.errno == E.ENOENT:
+                    return False  # caller gone or interrupted
+                if exc.errno != E.EINTR:  # the relay's watchdog signal: retry
+                    raise
+        raise BackendError("seccomp NOTIF_SEND kept failing with EINTR")
 
     def resume_continue(self, trap: Trap) -> bool:
         return self._send(trap.id, 0, 0, USER_NOTIF_FLAG_CONTINUE)
