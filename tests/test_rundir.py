@@ -1,0 +1,78 @@
+"""Run-directory format: records, derived quantities, summaries, versioning."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import numpy as np
+import pytest
+
+from testbed import rundir
+
+
+def _write_run(path, n=10, delay=1000):
+    rec = rundir.CallRecorder(path / rundir.CALLS_BIN)
+    for i in range(n):
+        t = 1_000_000 * (i + 1)
+        rec.add(100 + i % 2, i % 2, 0, 0, 8 * (i % 2), 0,
+                t, t + 100, t + 100 + delay + 50, t + 100 + delay + 80,
+                5_000 + t, 5_000 + t + 10, 5_000 + t + 10, 5_000 + t + delay)  # fmt: skip
+    rec.close()
+    rundir.write_meta(path, {"kind": "delegated", "calls": {"count": rec.count}})
+
+
+def test_records_round_trip_and_derived_quantities(tmp_path):
+    _write_run(tmp_path)
+    run = rundir.load(tmp_path)
+    calls = run.calls()
+    assert calls.size == 10 and calls.dtype == rundir.CALL_DTYPE
+    assert calls["seq"].tolist() == list(range(10))
+    d = rundir.derived(calls)
+    assert np.all(d["rtt"] == 1050)
+    assert np.all(d["residence"] == 1000)
+    assert np.all(d["wire"] == 50)
+    assert np.all(d["overhead"] == 1180)
+    rows = rundir.summarize(calls)
+    assert [(r["name"], r["n"], r["bytes_in"]) for r in rows] == [("read", 5, 0), ("write", 5, 40)]
+    assert rows[0]["rtt_p50_us"] == pytest.approx(1.05)
+    assert rundir.overall(calls)["f_c_us"] == pytest.approx(0.59)
+
+
+def test_unknown_version_and_missing_and_truncated(tmp_path):
+    with pytest.raises(rundir.RunDirError, match="no such run directory"):
+        rundir.load(tmp_path / "nope")
+    with pytest.raises(rundir.RunDirError, match="not a run directory"):
+        rundir.load(tmp_path)
+    (tmp_path / rundir.RUN_JSON).write_text(json.dumps({"rundir_version": 99}))
+    with pytest.raises(rundir.RunDirError, match="version 99 not supported"):
+        rundir.load(tmp_path)
+    (tmp_path / rundir.RUN_JSON).write_text("{not json")
+    with pytest.raises(rundir.RunDirError, match="unreadable"):
+        rundir.load(tmp_path)
+    _write_run(tmp_path)
+    with open(tmp_path / rundir.CALLS_BIN, "ab") as f:
+        f.write(b"xx")
+    with pytest.raises(rundir.RunDirError, match="truncated"):
+        rundir.load(tmp_path).calls()
+
+
+def test_create_refuses_non_empty_directory(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(rundir.RunDirError, match="not empty"):
+        rundir.create(tmp_path)
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_recorder_memory_is_bounded_for_a_million_calls(tmp_path):
+    rec = rundir.CallRecorder(tmp_path / rundir.CALLS_BIN)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(1_000_000):
+        rec.add(1, 1, 0, 1, 1, 0, i, i, i, i)
+    rec.close()
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    size = (tmp_path / rundir.CALLS_BIN).stat().st_size
+    assert size == 1_000_000 * rundir.CALL_DTYPE.itemsize
+    assert grown_kib < 16 * 1024, (
+        f"recorder grew by {grown_kib} KiB for 1e6 records (~92 MiB of data)"
+    )
