@@ -29,8 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from analysis import model as M  # noqa: E402
 from analysis.profiles import Profile  # noqa: E402
@@ -143,8 +144,9 @@ def fig4_policies_gamma(
 
 
 def _heat(ax, x, y, z, xlabel, ylabel, title, xlog=False, ylog=False, xtime=False, ytime=False):
-    mesh = ax.pcolormesh(x, y, z, shading="auto", cmap="viridis", rasterized=True)
-    levels = [lv for lv in (1.01, 1.5, 2, 3, 5, 10, 20, 50) if z.min() < lv < z.max()]
+    norm = LogNorm(vmin=max(float(z.min()), 1e-3), vmax=max(float(z.max()), 1.0))
+    mesh = ax.pcolormesh(x, y, z, shading="auto", cmap="viridis", norm=norm, rasterized=True)
+    levels = [lv for lv in (0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 50) if z.min() < lv < z.max()]
     if levels:
         cs = ax.contour(x, y, z, levels=levels, colors="white", linewidths=0.7)
         ax.clabel(cs, fontsize=6, fmt="%g")
@@ -162,6 +164,14 @@ def _heat(ax, x, y, z, xlabel, ylabel, title, xlog=False, ylog=False, xtime=Fals
     return mesh
 
 
+def _cbar(fig, mesh, ax) -> None:
+    cb = fig.colorbar(mesh, ax=ax, label="S_r (log colour scale)")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    cb.ax.yaxis.set_major_formatter(plain)
+    cb.ax.yaxis.set_minor_formatter(NullFormatter())
+    cb.ax.tick_params(which="both", labelsize=6)
+
+
 def fig5_gamma_fc(profiles: list[Profile], percent: float = 20, kind: str = "min-freq") -> Figure:
     gam = np.linspace(1, 100, 100)
     fcs = np.logspace(-9, 1, 101)
@@ -169,7 +179,7 @@ def fig5_gamma_fc(profiles: list[Profile], percent: float = 20, kind: str = "min
     for ax, p in zip(axes, profiles, strict=True):
         s = M.grid(p.C, p.g, p.n, p.b_sweep(kind, [percent]), gam, fcs)[:, :, 0]
         mesh = _heat(ax, gam, fcs, s.T, "gain γ", "f_c (log)", p.name, ylog=True, ytime=True)
-        fig.colorbar(mesh, ax=ax, label="S_r")
+        _cbar(fig, mesh, ax)
     fig.suptitle(f"S_r over gain and forwarding cost ({kind} {percent:g}% forwarded)")
     fig.tight_layout()
     return fig
@@ -202,7 +212,7 @@ def fig7_fc_proportion(
         s = M.grid(p.C, p.g, p.n, p.b_sweep(kind, pct), [gamma], fcs)[0]  # (F, K)
         mesh = _heat(ax, fcs, pct, s.T, "f_c (log)", "forwarded syscall types (%)", p.name,
                      xlog=True, xtime=True)  # fmt: skip
-        fig.colorbar(mesh, ax=ax, label="S_r")
+        _cbar(fig, mesh, ax)
     fig.suptitle(f"S_r over forwarding cost and forwarded proportion ({kind}, γ = {gamma:g})")
     fig.tight_layout()
     return fig
@@ -217,7 +227,7 @@ def fig8_gamma_proportion(
     for ax, p in zip(axes, profiles, strict=True):
         s = M.grid(p.C, p.g, p.n, p.b_sweep(kind, pct), gam, [f_c])[:, 0, :]  # (G, K)
         mesh = _heat(ax, gam, pct, s.T, "gain γ", "forwarded syscall types (%)", p.name)
-        fig.colorbar(mesh, ax=ax, label="S_r")
+        _cbar(fig, mesh, ax)
     fig.suptitle(f"S_r over gain and forwarded proportion ({kind}, f_c = {human_time(f_c)})")
     fig.tight_layout()
     return fig

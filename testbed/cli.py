@@ -237,8 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "model",
         help="speedup projections from the naive and extended models",
-        description="Project S_n / S_r from a profile or the paper's Table I.",
+        description="Project S_n / S_r from profiles (testbed profile -o RUNDIR; default: the "
+        "profiles shipped in analysis/data/profiles) or the paper's Table I; print a table "
+        "and optionally draw the paper's figures 2-9.",
     )
+    p.add_argument("--profile", action="append", metavar="RUNDIR",
+                   help="profile run directory (repeatable; default: the shipped profiles)")
+    p.add_argument("--table1", action="store_true",
+                   help="also print the naive model for the paper's Table I")
+    p.add_argument("--gamma", default="1,2,5,10,100", metavar="LIST",
+                   help="gains γ to tabulate (default 1,2,5,10,100)")
+    p.add_argument("--fc", default="10us", metavar="TIME",
+                   help="forwarding cost f_c, e.g. 10us, 1.5ms, 40us (default 10us)")
+    p.add_argument("--policy", default="min-freq:20%", metavar="POLICY",
+                   help="forwarded set: min-freq:K%%, max-freq:K%%, random:K%%[:SEED] or a list "
+                   "(default min-freq:20%%)")
+    p.add_argument("--plot", metavar="DIR", help="also write figures 2-9 (PNG+SVG) into DIR")
     p.set_defaults(func=cmd_model)
     p = sub.add_parser(
         "analyze",
@@ -249,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rundirs", nargs="+", metavar="RUNDIR")
     p.add_argument("-o", "--output", metavar="REPORTDIR", default="report",
                    help="report directory (default ./report)")
+    p.add_argument("--policy", default="min-freq:20%", metavar="POLICY",
+                   help="policy for the same-node vs remote S_r table (default min-freq:20%%)")
     p.set_defaults(func=cmd_analyze)
 
     # --- demo -----------------------------------------------------------

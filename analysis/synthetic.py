@@ -1,0 +1,99 @@
+"""Synthetic delegated run directories with a known ``f_c`` (known-answer tests).
+
+:func:`delegated_run` writes a run directory in exactly the format of
+``testbed run`` (through :mod:`testbed.rundir`): per-call records whose
+``overhead = t_resume - t_trap`` is ``2 (alpha + beta * bytes)`` times
+log-normal noise with median 1, and a wall time ``t_nd + sum overhead`` plus
+Gaussian run-to-run noise.  Used by the tests and to try the analysis without
+a delegate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from testbed import rundir
+from testbed.hostinfo import host_metadata
+from testbed.syscalls import lookup
+
+
+def delegated_run(
+    path: str | Path,
+    command: list[str],
+    forwarded: dict[str, int],
+    f_c: float,
+    t_nd: float,
+    *,
+    beta: float = 0.0,
+    max_bytes: int = 8192,
+    call_noise: float = 0.1,
+    run_noise_s: float = 0.0,
+    backend: str = "seccomp",
+    endpoint: str = "tcp://127.0.0.1:5555",
+    delay_us: float = 0.0,
+    policy: str | None = None,
+    native: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write one synthetic delegated run; ``forwarded`` maps names to call counts.
+
+    ``f_c`` is alpha (s, one way); ``beta`` is s per marshalled byte.
+    """
+    rng = np.random.default_rng(seed)
+    out = rundir.create(path)
+    rec = rundir.CallRecorder(out / rundir.CALLS_BIN)
+    t = 1_000_000_000
+    rows, total_overhead = [], 0.0
+    for name, n in forwarded.items():
+        nr = lookup(name)
+        size = rng.integers(0, max_bytes + 1, n) if max_bytes else np.zeros(n, dtype=int)
+        ovh = 2.0 * (f_c + beta * size) * rng.lognormal(0.0, call_noise, n)
+        ovh_ns = np.maximum(np.round(ovh * 1e9).astype(np.int64), 4)
+        for b, o in zip(size, ovh_ns, strict=True):
+            q = o // 4
+            rec.add(1000, nr, 0, 0, int(b), 0, t, t + q, t + 3 * q, t + o,
+                    5_000 + t + q, 5_000 + t + q, 5_000 + t + 2 * q, 5_000 + t + 2 * q)  # fmt: skip
+            t += o + 1000
+        total_overhead += ovh_ns.sum() / 1e9
+        rows.append(
+            {
+                "name": name,
+                "nr": nr,
+                "n": n,
+                "faults": 0,
+                "bytes_in": int(size.sum()),
+                "rtt_p50_us": float(np.median(ovh_ns) / 2e3),
+                "rtt_p99_us": float(np.percentile(ovh_ns, 99) / 2e3),
+                "overhead_p50_us": float(np.median(ovh_ns) / 1e3),
+                "overhead_p99_us": float(np.percentile(ovh_ns, 99) / 1e3),
+                "overhead_sum_ns": int(ovh_ns.sum()),
+            }
+        )
+    rec.close()
+    wall = t_nd + total_overhead + (rng.normal(0.0, run_noise_s) if run_noise_s else 0.0)
+    meta = {
+        "kind": "delegated",
+        "synthetic": True,
+        "command": list(command),
+        "exit_status": 0,
+        "wall_s": wall,
+        "user_s": t_nd * 0.9,
+        "sys_s": t_nd * 0.1,
+        "backend": backend,
+        "mode": "cost",
+        "forwarded": sorted(forwarded),
+        "forwarded_nrs": sorted(lookup(x) for x in forwarded),
+        "endpoint": endpoint,
+        "delegate": {"delay_us": delay_us},
+        "host": host_metadata(),
+        "calls": {"count": rec.count, "faults": 0},
+    }
+    if policy:
+        meta["policy"] = policy
+    if native:
+        meta["native"] = {"wall_s": t_nd}
+    rundir.write_meta(out, meta)
+    rundir.write_syscalls(out, rows)
+    return out
