@@ -410,9 +410,8 @@ def main_run(args) -> int:
     launch_error = getattr(backend, "launch_error", lambda: None)()
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
     rundir.write_meta(out, meta)
-    calls = rundir.load(out).calls()
-    rundir.write_syscalls(out, rundir.summarize(calls))
-    summary = rundir.overall(calls)
+    rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
+    rundir.write_syscalls(out, rows)
     meta["summary"] = summary
     rundir.write_meta(out, meta)
     if launch_error:

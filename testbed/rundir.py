@@ -228,59 +228,118 @@ def derived(calls: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _pct(values: np.ndarray, q: float) -> float:
-    values = values[~np.isnan(values)]
-    return float(np.percentile(values, q)) if values.size else float("nan")
+#: Log-spaced histogram edges for streaming percentiles: 100 ns .. 100 s,
+#: 200 bins per decade (each bin ~1.2 % wide).  Summaries are computed chunk by
+#: chunk so a run of any length needs constant memory.
+_EDGES = np.logspace(2, 11, 9 * 200 + 1)
+SUMMARY_CHUNK = 1 << 16
 
 
-def summarize(calls: np.ndarray) -> list[dict[str, Any]]:
-    """Per-syscall summary rows (the delegated-run ``syscalls.csv``), most frequent first.
+class _Hist:
+    __slots__ = ("counts",)
 
-    Works column-wise on a (memory-mapped) record array, so a million calls
-    need a few tens of MB, not Python objects per call.
+    def __init__(self) -> None:
+        self.counts = np.zeros(_EDGES.size + 1, dtype=np.int64)
+
+    def add(self, ns: np.ndarray) -> None:
+        ns = ns[~np.isnan(ns)]
+        if ns.size:
+            self.counts += np.bincount(np.searchsorted(_EDGES, ns), minlength=self.counts.size)
+
+    def percentile(self, q: float) -> float:
+        """q-th percentile in µs (geometric middle of its bin), NaN if empty."""
+        total = int(self.counts.sum())
+        if total == 0:
+            return float("nan")
+        k = int(np.searchsorted(np.cumsum(self.counts), q / 100 * total, side="left"))
+        lo = _EDGES[max(k - 1, 0)] if k > 0 else _EDGES[0] / 10
+        hi = _EDGES[min(k, _EDGES.size - 1)]
+        return float(np.sqrt(lo * hi)) / 1e3
+
+
+class _SyscallStats:
+    __slots__ = ("n", "faults", "bytes_in", "overhead_sum", "rtt", "overhead")
+
+    def __init__(self) -> None:
+        self.n = self.faults = self.bytes_in = self.overhead_sum = 0
+        self.rtt, self.overhead = _Hist(), _Hist()
+
+
+def iter_chunks(calls: np.ndarray | Path, chunk: int = SUMMARY_CHUNK):
+    """Yield record chunks of an array, or of a ``calls.bin`` file read piecewise."""
+    if isinstance(calls, np.ndarray):
+        for start in range(0, calls.size, chunk):
+            yield np.asarray(calls[start : start + chunk])
+        return
+    with open(calls, "rb") as f:
+        while True:
+            part = np.fromfile(f, dtype=CALL_DTYPE, count=chunk)
+            if part.size == 0:
+                return
+            yield part
+
+
+def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-syscall rows (``syscalls.csv``) and run-wide percentiles, in constant memory.
+
+    Percentiles come from log-spaced histograms (resolution ~1.2 %).
     """
     from testbed.syscalls import name_of
 
-    if calls.size == 0:
-        return []
-    d = derived(calls)
-    nrs = np.asarray(calls["nr"])
-    flags = np.asarray(calls["flags"])
-    bytes_in = np.asarray(calls["bytes_in"])
-    rows = []
-    for nr in np.unique(nrs):
-        sel = nrs == nr
-        rtt, ovh = d["rtt"][sel] / 1e3, d["overhead"][sel] / 1e3
-        rows.append({
-            "name": name_of(int(nr)),
-            "nr": int(nr),
-            "n": int(sel.sum()),
-            "faults": int(((flags[sel] & F_FAULT_MASK) != 0).sum()),
-            "bytes_in": int(bytes_in[sel].sum()),
-            "rtt_p50_us": round(_pct(rtt, 50), 3),
-            "rtt_p99_us": round(_pct(rtt, 99), 3),
-            "overhead_p50_us": round(_pct(ovh, 50), 3),
-            "overhead_p99_us": round(_pct(ovh, 99), 3),
-            "overhead_sum_ns": int(np.nansum(d["overhead"][sel])),
-        })  # fmt: skip
+    per: dict[int, _SyscallStats] = {}
+    run_rtt, run_ovh, run_res, run_wire = _Hist(), _Hist(), _Hist(), _Hist()
+    for part in iter_chunks(calls):
+        d = derived(part)
+        faulty = (part["flags"] & F_FAULT_MASK) != 0
+        ok = ~faulty
+        run_rtt.add(d["rtt"][ok])
+        run_ovh.add(d["overhead"][ok])
+        run_res.add(d["residence"][ok])
+        run_wire.add(np.maximum(d["wire"][ok], 1.0))
+        for nr in np.unique(part["nr"]):
+            sel = part["nr"] == nr
+            st = per.setdefault(int(nr), _SyscallStats())
+            st.n += int(sel.sum())
+            st.faults += int(faulty[sel].sum())
+            st.bytes_in += int(part["bytes_in"][sel].sum())
+            st.overhead_sum += int(np.nansum(d["overhead"][sel]))
+            st.rtt.add(d["rtt"][sel])
+            st.overhead.add(d["overhead"][sel])
+    rows = [
+        {
+            "name": name_of(nr),
+            "nr": nr,
+            "n": st.n,
+            "faults": st.faults,
+            "bytes_in": st.bytes_in,
+            "rtt_p50_us": round(st.rtt.percentile(50), 3),
+            "rtt_p99_us": round(st.rtt.percentile(99), 3),
+            "overhead_p50_us": round(st.overhead.percentile(50), 3),
+            "overhead_p99_us": round(st.overhead.percentile(99), 3),
+            "overhead_sum_ns": st.overhead_sum,
+        }
+        for nr, st in per.items()
+    ]
     rows.sort(key=lambda r: (-r["n"], r["nr"]))
-    return rows
-
-
-def overall(calls: np.ndarray) -> dict[str, float]:
-    """Run-wide p50/p99 of rtt and overhead (µs) and the f_c estimate (median overhead / 2)."""
-    if calls.size == 0:
-        return {}
-    d = derived(calls)
-    ok = (np.asarray(calls["flags"]) & F_FAULT_MASK) == 0
-    rtt, ovh = d["rtt"][ok] / 1e3, d["overhead"][ok] / 1e3
-    res, wire = d["residence"][ok] / 1e3, d["wire"][ok] / 1e3
-    return {
-        "rtt_p50_us": _pct(rtt, 50),
-        "rtt_p99_us": _pct(rtt, 99),
-        "residence_p50_us": _pct(res, 50),
-        "wire_p50_us": _pct(wire, 50),
-        "overhead_p50_us": _pct(ovh, 50),
-        "overhead_p99_us": _pct(ovh, 99),
-        "f_c_us": _pct(ovh, 50) / 2,
+    if not per:
+        return rows, {}
+    return rows, {
+        "rtt_p50_us": run_rtt.percentile(50),
+        "rtt_p99_us": run_rtt.percentile(99),
+        "residence_p50_us": run_res.percentile(50),
+        "wire_p50_us": run_wire.percentile(50),
+        "overhead_p50_us": run_ovh.percentile(50),
+        "overhead_p99_us": run_ovh.percentile(99),
+        "f_c_us": run_ovh.percentile(50) / 2,
+        "percentile_resolution": "log histogram, 200 bins/decade (~1.2 %)",
     }
+
+
+def summarize(calls: np.ndarray | Path) -> list[dict[str, Any]]:
+    """Per-syscall summary rows (the delegated-run ``syscalls.csv``), most frequent first."""
+    return summarize_all(calls)[0]
+
+
+def overall(calls: np.ndarray | Path) -> dict[str, float]:
+    """Run-wide p50/p99 of rtt and overhead (µs) and the f_c estimate (median overhead / 2)."""
+    return summarize_all(calls)[1]

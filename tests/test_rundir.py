@@ -35,8 +35,8 @@ def test_records_round_trip_and_derived_quantities(tmp_path):
     assert np.all(d["overhead"] == 1180)
     rows = rundir.summarize(calls)
     assert [(r["name"], r["n"], r["bytes_in"]) for r in rows] == [("read", 5, 0), ("write", 5, 40)]
-    assert rows[0]["rtt_p50_us"] == pytest.approx(1.05)
-    assert rundir.overall(calls)["f_c_us"] == pytest.approx(0.59)
+    assert rows[0]["rtt_p50_us"] == pytest.approx(1.05, rel=0.013)
+    assert rundir.overall(calls)["f_c_us"] == pytest.approx(0.59, rel=0.013)
 
 
 def test_unknown_version_and_missing_and_truncated(tmp_path):
