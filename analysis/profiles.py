@@ -26,7 +26,7 @@ TABLE1_CSV = DATA / "table1.csv"
 PROFILES_DIR = DATA / "profiles"
 
 #: Calls whose g(s) is time blocked waiting for the program's own children.
-WAIT_CALLS = frozenset({"wait4", "waitid"})
+WAIT_CALLS = frozenset({"wait4", "waitid", "vfork"})
 
 
 @dataclass
@@ -99,7 +99,7 @@ def from_run(run: rundir.Run, name: str | None = None) -> Profile:
     """A :class:`Profile` from a loaded ``kind = "profile"`` run directory.
 
     In a multi-process profile (``threads > 1``) the time a parent spends
-    blocked in ``wait4``/``waitid`` is its children's time, already counted in
+    blocked in ``wait4``/``waitid``/``vfork`` is its children's time, already counted in
     their own C and g; it is set to 0 in ``g`` (``n`` is kept) so t_nd does
     not count that time twice.  ``meta["g_wait_s"]`` keeps what was removed.
     """

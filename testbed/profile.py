@@ -21,17 +21,16 @@ How it is measured
     blocked.  For multi-process programs the times of all processes are added.
 
 Derived numbers in ``run.json``
-  * ``C_s``: the paper's C, the time of "all instructions not executed in the
-    context of a system call".  For a single-threaded program (the model's
-    assumption) ``C = wall - sum g``, so ``t_nd = C + sum g`` is exactly the
-    measured wall time and ``p_g`` is the naive model's p; C then also holds
-    page faults, scheduling and the tracer's overhead outside syscalls.  For
-    a multi-process/threaded program wall - sum g is meaningless (the g of
-    different processes overlap in time, and a parent's ``wait4`` blocks for
-    its children's whole run), so ``C = user time`` of all its processes
-    (rusage).  User time alone is not used for single-threaded programs
-    because the kernel splits CPU time into user/sys by tick sampling, which
-    is coarse for runs of a few tens of ms.  ``C_definition`` says which.
+  * ``C_s = user_s``: the paper's C is the time of "all instructions not
+    executed in the context of a system call", i.e. user time; it is CPU
+    time, so it does not grow when the machine is busy (wall time does), and
+    it is well defined for multi-process programs.  Caveat: the kernel splits
+    CPU time into user/sys by sampling at the tick, so C is coarse for runs
+    of a few tens of ms.  ``C_wall_s = wall - sum g - delay`` (single-threaded
+    programs only; ``delay`` = time spent waiting for a CPU, from the exited
+    process's ``/proc/PID/schedstat``) is recorded as the alternative; it was
+    not chosen because on a loaded machine g is inflated by preemption inside
+    syscalls and the subtraction goes to 0.
   * ``t_nd_s = C_s + sum g`` (the model's native time; compare with wall_s).
   * ``p_sys = sys / (user + sys)`` (the paper's Table I definition, from
     ``time``) and ``p_g = sum g / wall``.
@@ -72,12 +71,18 @@ if pid == 0:
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
-_, status, ru = os.wait4(pid, 0)
+os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 t1 = time.monotonic_ns()
+try:  # the zombie's scheduler stats: on-CPU time and time spent waiting for a CPU
+    run_ns, delay_ns = (int(x) for x in open(f"/proc/{pid}/schedstat").read().split()[:2])
+except (OSError, ValueError):
+    run_ns = delay_ns = -1
+_, status, ru = os.wait4(pid, 0)
 with open(out, "w") as f:
     json.dump({"shim_pid": os.getpid(), "pid": pid, "status": status,
                "wall_s": (t1 - t0) / 1e9, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-               "maxrss_kb": ru.ru_maxrss}, f)
+               "maxrss_kb": ru.ru_maxrss, "sched_run_s": run_ns / 1e9,
+               "sched_delay_s": delay_ns / 1e9}, f)
 """
 
 
@@ -280,10 +285,8 @@ def profile(
     g_s = sum(r["g_ns"] for r in rows) / 1e9
     user, sys_t, wall = times["user_s"], times["sys_s"], times["wall_s"]
     cpu = user + sys_t
-    if times["threads"] <= 1:
-        C, C_def = max(wall - g_s, 0.0), "wall - sum g (single-threaded program)"
-    else:
-        C, C_def = user, "user time of all processes (wait4 rusage; multi-process program)"
+    delay = times.get("sched_delay_s", -1.0)
+    C_wall = max(wall - g_s - max(delay, 0.0), 0.0) if times["threads"] <= 1 else None
     meta = {
         "kind": "profile",
         "command": list(program),
@@ -291,10 +294,11 @@ def profile(
         "wall_s": wall,
         "user_s": user,
         "sys_s": sys_t,
-        "C_s": C,
-        "C_definition": C_def,
+        "C_s": user,
+        "C_definition": "user time of the program and its descendants (wait4 rusage)",
+        "C_wall_s": C_wall,
         "g_total_s": g_s,
-        "t_nd_s": C + g_s,
+        "t_nd_s": user + g_s,
         "p_sys": sys_t / cpu if cpu > 0 else 0.0,
         "p_g": g_s / wall if wall > 0 else 0.0,
         "n_total": sum(r["n"] for r in rows),
@@ -303,6 +307,8 @@ def profile(
         "lost_events": times["lost_events"],
         "threads": times["threads"],
         "maxrss_kb": times.get("maxrss_kb"),
+        "sched_run_s": times.get("sched_run_s"),
+        "sched_delay_s": times.get("sched_delay_s"),
         "host": host_metadata(),
         **(extra or {}),
     }
