@@ -185,3 +185,33 @@ def test_sync_wakeup_used_where_available(delegate, tmp_path):
     meta = rundir.load(tmp_path / "r").meta
     release = tuple(int(x) for x in os.uname().release.split(".")[:2])
     assert meta["sync_wakeup"] is (release >= (6, 6))
+
+
+def test_policy_from_a_native_profile(delegate, payload, tmp_path):
+    program = ["gzip", "-c", str(payload)]
+    prof = run_testbed("profile", "-o", str(tmp_path / "prof"), "--", *program)
+    assert prof.returncode == 0, prof.stderr
+    res = _run_policy(delegate, tmp_path / "run", "max-freq:10%", tmp_path / "prof", *program)
+    assert res.returncode == 0, res.stderr
+    run = rundir.load(tmp_path / "run")
+    assert run.meta["policy"] == "max-freq:10%"
+    assert "read" in run.meta["forwarded"]  # gzip's most frequent call
+    counts = {r["name"]: int(r["n"]) for r in run.syscalls}
+    # independent count: the native profile (perf trace / strace from the exec on)
+    profiled = {r["name"]: int(r["n"]) for r in rundir.load(tmp_path / "prof").syscalls}
+    assert counts == {name: profiled[name] for name in run.meta["forwarded"]}
+
+
+def _run_policy(delegate, out, policy, profile, *program):
+    return run_testbed("run", "--delegate", delegate.endpoint, "--policy", policy,
+                       "--profile", str(profile), "-o", str(out), "--", *program)  # fmt: skip
+
+
+def test_policy_errors_are_one_line(delegate, tmp_path):
+    res = _run_policy(delegate, tmp_path / "r", "max-freq:150%", tmp_path / "none", "true")
+    assert res.returncode != 0
+    assert len(res.stderr.decode().strip().splitlines()) == 1
+    res = run_testbed(
+        "run", "--delegate", delegate.endpoint, "--policy", "min-freq:10%", "--", "true"
+    )
+    assert res.returncode != 0 and b"needs --profile" in res.stderr
