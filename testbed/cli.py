@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a program with chosen system calls forwarded to a delegate",
         description="Run PROGRAM with the chosen system calls intercepted and forwarded to the "
         "delegate; write a run directory and exit with the program's exit status.",
+        epilog="examples:\n"
+        "  testbed run --delegate tcp://10.0.0.2:5555 --forward read,write -- gzip -c big.tar\n"
+        "  testbed run --delegate tcp://127.0.0.1:5555 --policy min-freq:20% "
+        "--profile runs/profile-gzip -- gzip -c big.tar\n"
+        "The summary on stderr gives forwarded calls, p50/p99 of rtt and overhead, and\n"
+        "f_c = overhead/2; per-call records are in RUNDIR/calls.bin (docs/rundir.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--delegate", type=endpoint, required=True, metavar="ENDPOINT",
                    help="delegate endpoint, e.g. tcp://10.0.0.2:5555")
@@ -301,15 +308,65 @@ def build_parser() -> argparse.ArgumentParser:
     lab.choices["status"].add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_lab)
     p = sub.add_parser("provision", help="provision nodes with Ansible",
-                       description="Run an Ansible playbook (default site.yml) via ansible-runner.")
+                       description="Run an Ansible playbook (default site.yml) via ansible-runner; "
+                       "stream progress and summarise per host.")
+    p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY",
+                   help="inventory file or directory (e.g. inventory/example or a lab's)")
+    p.add_argument("playbook", nargs="?", default="site.yml", metavar="PLAYBOOK",
+                   help="site.yml (default), experiment.yml, teardown.yml or a path")
+    p.add_argument("-e", "--extra-vars", action="append", metavar="VARS",
+                   help="KEY=VALUE, a JSON/YAML map or @FILE (repeatable)")
+    p.add_argument("-l", "--limit", metavar="PATTERN", help="only these hosts/groups")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more Ansible output")
+    p.add_argument("--keep-artifacts", action="store_true",
+                   help="keep ansible-runner's private data directory")
+    p.add_argument("--json", metavar="FILE", help="also write the per-host summary as JSON")
     p.set_defaults(func=cmd_provision)
     p = sub.add_parser("experiment", help="run an experiment matrix (resumable)",
                        description="Run a plan of workloads x forwarded sets x delegates x "
                        "repetitions on this machine, with progress; skips finished runs.")
+    p.add_argument("plan", metavar="PLAN", help="plan file (YAML or JSON)")
+    p.add_argument("-o", "--output", metavar="RESULTS",
+                   help="results directory (default results/<plan name>)")
+    p.add_argument("--host-label", metavar="NAME",
+                   help="subdirectory for this host's runs (default: the host name)")
+    p.add_argument("--delegate", action="append", metavar="NAME=ENDPOINT",
+                   help="use these delegates instead of the plan's (repeatable)")
+    p.add_argument("--check", action="store_true", help="validate the plan and exit")
     p.set_defaults(func=cmd_experiment)
     p = sub.add_parser("vm", help="run a command in a QEMU guest with Debian's kernel",
                        description="Boot Debian's kernel under QEMU (TCG) with the host root "
-                       "shared read-only and run a command in the guest.")
+                       "shared read-only and run a command in the guest (docs/vm.md).")
+    vm_sub = p.add_subparsers(dest="vm_action", metavar="ACTION")
+    vm_sub.required = True
+    q = vm_sub.add_parser("run", help="boot, run COMMAND as root in the guest, power off",
+                          description="Boot a guest, run COMMAND (argv, or one quoted shell "
+                          "snippet), print its output and exit with its status (124 on timeout).")
+    q.add_argument("--timeout", type=non_negative_float, default=600.0, metavar="S",
+                   help="kill the guest after S seconds (default 600)")
+    q.add_argument("--share", metavar="DIR",
+                   help="host directory mounted read-write at /mnt/results in the guest")
+    q.add_argument("--net", action="store_true",
+                   help="give the guest a NIC (QEMU user networking, restricted)")
+    q.add_argument("-v", "--verbose", action="store_true",
+                   help="print boot-to-command and total time on stderr")
+    q.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    q2 = vm_sub.add_parser("up", help="boot a guest with sshd and wait (Ctrl-C powers it off)",
+                           description="Boot a long-lived guest reachable over SSH on a "
+                           "loopback port and print the ssh command line.")
+    q2.add_argument("--authorized-key", metavar="FILE",
+                    help="public key allowed to log in as root (default: a generated key pair)")
+    q2.add_argument("--share", metavar="DIR",
+                    help="host directory mounted read-write at /mnt/results in the guest")
+    q3 = vm_sub.add_parser("check", help="find (or --install) QEMU, kernel, headers, busybox",
+                           description="Show the kernel, QEMU and busybox the harness uses "
+                           "and build the initramfs.")
+    q3.add_argument("--install", action="store_true",
+                    help="apt-get install missing packages (root)")
+    for q in (vm_sub.choices["run"], q2):
+        q.add_argument("--memory", default="2G", metavar="M", help="guest memory (default 2G)")
+        q.add_argument("--cpus", type=positive_int, default=2, metavar="N",
+                       help="guest CPUs (default 2)")
     p.set_defaults(func=cmd_vm)
     return parser
 
