@@ -7,8 +7,9 @@ returned as tidy pandas tables, one row per observation.
 Matching: a delegated run belongs to the *workload* named by its command
 line (``" ".join(command)``); its native time ``t_nd`` is taken, in order,
 from ``run.json["native"]["wall_s"]``, from delegated runs of the same command
-with nothing forwarded, or from a profile of the same command (its traced
-wall time, an overestimate by the tracer's overhead).
+with nothing forwarded, from the intercept of the whole-run fit (runs of the
+command with different forwarded sets), or from a profile of the same
+command (its traced wall time, an overestimate by the tracer's overhead).
 
 The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
 ``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
@@ -126,7 +127,7 @@ def load_runs(paths) -> tuple[list[Profile], list[DelegatedRun]]:
             profiles.append(from_run(run))
         elif run.kind == "delegated":
             for k in ("wall_s", "command"):
-                if k not in run.meta:
+                if run.meta.get(k) is None:
                     raise TestbedError(
                         f"{run.path}: run.json has no {k!r} (malformed run directory)"
                     )
@@ -169,8 +170,14 @@ def runs_frame(runs: list[DelegatedRun]) -> pd.DataFrame:
     )  # fmt: skip
 
 
-def native_times(profiles: list[Profile], runs: list[DelegatedRun]) -> dict[str, tuple[float, str]]:
-    """``{command: (t_nd seconds, source)}`` following the module's order."""
+def native_times(
+    profiles: list[Profile], runs: list[DelegatedRun], intercepts: dict[str, float] | None = None
+) -> dict[str, tuple[float, str]]:
+    """``{command: (t_nd seconds, source)}`` following the module's order.
+
+    ``intercepts`` (from :func:`whole_run_intercepts`) rank after runs with
+    nothing forwarded and before traced profile wall times.
+    """
     out: dict[str, tuple[float, str]] = {}
     by_key: dict[str, list[float]] = {}
     for r in runs:
@@ -184,10 +191,24 @@ def native_times(profiles: list[Profile], runs: list[DelegatedRun]) -> dict[str,
             zero.setdefault(r.key, []).append(r.wall)
     for k, v in zero.items():
         out[k] = (float(np.median(v)), "run with nothing forwarded")
+    for k, v in (intercepts or {}).items():
+        if k not in out:
+            out[k] = (v, "whole-run fit intercept")
     for p in profiles:
         if p.key not in out:
             out[p.key] = (p.wall, "profile wall (traced)")
     return out
+
+
+def whole_run_intercepts(runs: list[DelegatedRun], native: dict) -> dict[str, float]:
+    """t_nd per command from the whole-run fit of each mechanism (mean over mechanisms)."""
+    acc: dict[str, list[float]] = {}
+    for rs in by_mechanism(runs).values():
+        obs = whole_run_obs(rs, native)
+        if len(obs) and (obs["x"] > 0).any():
+            for k, v in fit.whole_run(obs).intercepts.items():
+                acc.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
 def pooled_samples(runs: list[DelegatedRun]) -> tuple[np.ndarray, np.ndarray]:

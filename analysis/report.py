@@ -89,6 +89,7 @@ def write_report(
         profile_note = "the profiles shipped in analysis/data/profiles (no profile was given)"
 
     native = compare.native_times(profiles, runs)
+    native = compare.native_times(profiles, runs, compare.whole_run_intercepts(runs, native))
     mech = compare.fit_mechanisms(runs, native) if runs else pd.DataFrame()
     fc_by_mech = dict(zip(mech.get("mechanism", []), mech.get("f_c_median_s", []), strict=True))
     pvm = compare.predicted_vs_measured(runs, native, fc_by_mech) if runs else pd.DataFrame()
