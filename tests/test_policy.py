@@ -6,8 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from testbed import rundir
-from testbed import errors
+from testbed import errors, rundir
 from testbed.policy import choose, count_of, order, parse_policy, resolve_policy
 from testbed.syscalls import NR_BY_NAME as NR
 
@@ -69,7 +68,9 @@ def test_max_freq_ties_by_number():
     assert order("max-freq", COUNTS) == [0, 1, 12, 3, 9, 257]
     assert choose(parse_policy("max-freq:17%"), COUNTS) == nrs("read")  # read beats write (0 < 1)
     assert choose(parse_policy("max-freq:34%"), COUNTS) == nrs("read", "write")
-    assert choose(parse_policy("max-freq:100%"), COUNTS) == nrs(*[k for k in COUNTS if k != "getpid"])
+    assert choose(parse_policy("max-freq:100%"), COUNTS) == nrs(
+        *[k for k in COUNTS if k != "getpid"]
+    )
 
 
 def test_uninvoked_types_never_chosen_and_not_counted():
