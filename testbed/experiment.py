@@ -1,0 +1,699 @@
+"""Experiment matrices: workloads x forwarded sets/policies x delegates x repetitions.
+
+``testbed experiment PLAN`` runs a plan (YAML or JSON) on this machine, one
+``testbed run`` per cell, with a progress display.  It is resumable: a cell
+whose run directory is complete is skipped, half-written ones are redone.
+``playbooks/experiment.yml`` runs the same command on every compute node with
+the inventory's delegate nodes as delegates and fetches the results, so both
+produce the same layout::
+
+    RESULTS/
+      plan.json                          the normalised plan
+      <host>/
+        native/<workload>.json           native run: wall time, output sha256
+        profile-<workload>/              native profile (only for policy cells)
+        <workload>.<forward>.<delegate>.r<N>/
+          run.json calls.bin syscalls.csv   the run directory (docs/rundir.md)
+          experiment.json                the cell, output checksum vs native
+
+A plan::
+
+    name: gzip-lab                 # optional (default: the file name)
+    repetitions: 2                 # default 1
+    mode: cost                     # cost | offload (default cost)
+    backend: seccomp               # seccomp | kmod (default seccomp)
+    timeout_s: 600                 # per run (default 600)
+    workloads:                     # catalogue names, or maps with options
+      - gzip
+      - {name: xz, size_mb: 2}
+      - {name: words, command: [wc, -w, "{input}"], size_mb: 1}
+    forward:                       # syscall sets or policies
+      - read,write
+      - [write]
+      - {policy: "min-freq:20%"}
+    delegates:                     # "local" starts one on loopback for the plan
+      - local
+      - {name: node3, endpoint: "tcp://10.213.47.3:5555"}
+
+Everything is validated before anything starts: an unknown workload, syscall
+or policy, a missing program or an unreachable delegate is one clear error and
+no delegate is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed import rundir, syscalls
+from testbed.errors import TestbedError
+
+#: Built-in workloads: argv templates ({input} is a generated text file of
+#: ``size_mb`` MB, {dir} its directory); stdout is captured and compared with
+#: the native run byte for byte (by SHA-256).
+WORKLOADS: dict[str, list[str]] = {
+    "gzip": ["gzip", "-c", "-6", "{input}"],
+    "bzip2": ["bzip2", "-c", "{input}"],
+    "xz": ["xz", "-c", "-T1", "-3", "{input}"],
+    "cat": ["cat", "{input}"],
+    "sha256sum": ["sha256sum", "{input}"],
+    "wc": ["wc", "{input}"],
+    "tar": ["tar", "-cf", "-", "--mtime=@0", "-C", "{dir}", "input.txt"],
+}
+DEFAULT_SIZE_MB = 4.0
+PLAN_KEYS = {
+    "name",
+    "repetitions",
+    "mode",
+    "backend",
+    "timeout_s",
+    "workloads",
+    "forward",
+    "delegates",
+}
+_WORDS = [
+    "forward",
+    "delegate",
+    "kernel",
+    "syscall",
+    "network",
+    "compute",
+    "node",
+    "relay",
+    "zeromq",
+    "msgpack",
+    "seccomp",
+    "module",
+    "thread",
+    "spin",
+    "cost",
+    "policy",
+    "frequency",
+    "latency",
+    "model",
+    "speedup",
+]
+
+
+class PlanError(TestbedError):
+    """A plan that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    argv: tuple[str, ...]
+    size_mb: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    label: str
+    names: tuple[str, ...] = ()  # syscall names (explicit set)
+    policy: str | None = None
+
+
+@dataclass(frozen=True)
+class DelegateSpec:
+    name: str
+    endpoint: str  # "local" = start one on loopback
+
+
+@dataclass
+class Plan:
+    name: str
+    repetitions: int
+    mode: str
+    backend: str
+    timeout_s: float
+    workloads: list[Workload]
+    forward: list[Forward]
+    delegates: list[DelegateSpec]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "repetitions": self.repetitions,
+            "mode": self.mode,
+            "backend": self.backend,
+            "timeout_s": self.timeout_s,
+            "workloads": [
+                {"name": w.name, "argv": list(w.argv), "size_mb": w.size_mb, "seed": w.seed}
+                for w in self.workloads
+            ],
+            "forward": [
+                {"label": f.label, "syscalls": list(f.names), "policy": f.policy}
+                for f in self.forward
+            ],
+            "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
+        }
+
+
+@dataclass(frozen=True)
+class Cell:
+    workload: Workload
+    forward: Forward
+    delegate: DelegateSpec
+    rep: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.workload.name}.{self.forward.label}.{self.delegate.name}.r{self.rep}"
+
+
+# ---------------------------------------------------------------- plan parsing
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_+-]+", "-", text.replace("%", "pct")).strip("-") or "x"
+
+
+def _read_plan_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PlanError(f"plan {path}: no such file") from None
+    except OSError as exc:
+        raise PlanError(f"plan {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise PlanError(
+            f"plan {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})"
+        ) from None
+    if not isinstance(data, dict):
+        raise PlanError(f"plan {path}: expected a mapping with workloads, forward, delegates")
+    return data
+
+
+def _workload(item: Any, where: str) -> Workload:
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise PlanError(f"{where}: a workload is a name or a map with 'name'")
+    name = item["name"]
+    unknown = set(item) - {"name", "command", "size_mb", "seed"}
+    if unknown:
+        raise PlanError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))} in workload {name!r}"
+        )
+    command = item.get("command")
+    if command is None:
+        if name not in WORKLOADS:
+            raise PlanError(
+                f"{where}: unknown workload {name!r} (known: {', '.join(sorted(WORKLOADS))}; "
+                "or give a 'command')"
+            )
+        command = WORKLOADS[name]
+    if isinstance(command, str):
+        import shlex
+
+        command = shlex.split(command)
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        raise PlanError(
+            f"{where}: command of workload {name!r} must be a non-empty list of strings"
+        )
+    if shutil.which(command[0]) is None:
+        raise PlanError(f"{where}: program {command[0]!r} of workload {name!r} not found on PATH")
+    try:
+        size = float(item.get("size_mb", DEFAULT_SIZE_MB))
+        seed = int(item.get("seed", 1))
+    except (TypeError, ValueError):
+        raise PlanError(f"{where}: size_mb and seed of workload {name!r} must be numbers") from None
+    if not 0 < size <= 4096:
+        raise PlanError(f"{where}: size_mb of workload {name!r} must be in (0, 4096]")
+    return Workload(_label(name), tuple(command), size, seed)
+
+
+def _forward(item: Any, where: str) -> Forward:
+    if isinstance(item, dict):
+        if set(item) != {"policy"} or not isinstance(item["policy"], str):
+            raise PlanError(f"{where}: a forward entry is a syscall list or {{policy: SPEC}}")
+        from testbed.policy import parse_policy
+
+        try:
+            pol = parse_policy(item["policy"])
+        except TestbedError as exc:
+            raise PlanError(f"{where}: {exc}") from None
+        if pol.kind == "list":
+            return _forward(item["policy"], where)
+        return Forward(_label(item["policy"]), policy=item["policy"].strip())
+    if isinstance(item, list):
+        item = ",".join(str(x) for x in item)
+    if not isinstance(item, str):
+        raise PlanError(f"{where}: a forward entry is a syscall list or {{policy: SPEC}}")
+    try:
+        nrs = syscalls.parse_set(item)
+    except TestbedError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    names = tuple(syscalls.name_of(n) for n in sorted(nrs))
+    return Forward("+".join(names), names=names)
+
+
+def _delegate(item: Any, where: str) -> DelegateSpec:
+    from testbed.cli import endpoint as check_endpoint
+
+    if item == "local":
+        return DelegateSpec("local", "local")
+    if isinstance(item, str):
+        item = {"endpoint": item}
+    if not isinstance(item, dict) or not isinstance(item.get("endpoint"), str):
+        raise PlanError(f"{where}: a delegate is 'local', an endpoint or {{name, endpoint}}")
+    try:
+        ep = check_endpoint(item["endpoint"])
+    except argparse.ArgumentTypeError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    name = item.get("name") or ep.split("://", 1)[1]
+    return DelegateSpec(_label(str(name)), ep)
+
+
+def _list(data: dict, key: str, where: str) -> list:
+    value = data.get(key)
+    if value is None:
+        raise PlanError(f"{where}: '{key}' is missing")
+    if not isinstance(value, list) or not value:
+        raise PlanError(f"{where}: '{key}' must be a non-empty list")
+    return value
+
+
+def parse_plan(
+    data: dict[str, Any], name: str, where: str, delegates: list[str] | None = None
+) -> Plan:
+    """Validate a plan mapping; ``delegates`` (NAME=ENDPOINT) replaces the plan's delegates."""
+    unknown = set(data) - PLAN_KEYS
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    try:
+        reps = int(data.get("repetitions", 1))
+        timeout = float(data.get("timeout_s", 600))
+    except (TypeError, ValueError):
+        raise PlanError(f"{where}: repetitions and timeout_s must be numbers") from None
+    if not 1 <= reps <= 1000 or not 0 < timeout <= 86400:
+        raise PlanError(f"{where}: repetitions must be 1..1000 and timeout_s in (0, 86400]")
+    mode, backend = data.get("mode", "cost"), data.get("backend", "seccomp")
+    if mode not in ("cost", "offload"):
+        raise PlanError(f"{where}: mode {mode!r} is not cost or offload")
+    if backend not in ("seccomp", "kmod"):
+        raise PlanError(f"{where}: backend {backend!r} is not seccomp or kmod")
+    workloads = [_workload(w, where) for w in _list(data, "workloads", where)]
+    forward = [_forward(f, where) for f in _list(data, "forward", where)]
+    if delegates:
+        specs = []
+        for text in delegates:
+            dname, sep, ep = text.partition("=")
+            specs.append(_delegate({"name": dname, "endpoint": ep} if sep else text, "--delegate"))
+    else:
+        specs = [_delegate(d, where) for d in _list(data, "delegates", where)]
+    for kind, labels in (
+        ("workload", [w.name for w in workloads]),
+        ("forward", [f.label for f in forward]),
+        ("delegate", [d.name for d in specs]),
+    ):
+        if len(set(labels)) != len(labels):
+            raise PlanError(f"{where}: two {kind} entries have the same name ({', '.join(labels)})")
+    plan_name = _label(str(data.get("name") or name))
+    return Plan(plan_name, reps, mode, backend, timeout, workloads, forward, specs)
+
+
+def load_plan(path: str | os.PathLike, delegates: list[str] | None = None) -> Plan:
+    p = Path(path)
+    return parse_plan(_read_plan_file(p), p.stem, f"plan {p}", delegates)
+
+
+def cells(plan: Plan) -> list[Cell]:
+    """The matrix in run order (repetitions outermost, so early results cover every cell)."""
+    return [
+        Cell(w, f, d, rep)
+        for rep in range(1, plan.repetitions + 1)
+        for w in plan.workloads
+        for f in plan.forward
+        for d in plan.delegates
+    ]
+
+
+# ---------------------------------------------------------------- execution helpers
+
+
+def generate_input(path: Path, size_mb: float, seed: int) -> None:
+    """Compressible, reproducible text of ``size_mb`` MB."""
+    if path.exists() and path.stat().st_size == int(size_mb * 1e6):
+        return
+    rng = random.Random(seed)
+    lines = [
+        " ".join(rng.choice(_WORDS) for _ in range(10)) + f" {rng.randrange(10**6)}\n"
+        for _ in range(4096)
+    ]
+    block = "".join(lines).encode()
+    size = int(size_mb * 1e6)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        left = size
+        while left > 0:
+            chunk = block[: min(left, len(block))]
+            f.write(chunk)
+            left -= len(chunk)
+            block = block[len(block) // 3 :] + block[: len(block) // 3]  # vary the order
+    os.replace(tmp, path)
+
+
+def _argv(w: Workload, input_path: Path) -> list[str]:
+    return [
+        a.replace("{input}", str(input_path)).replace("{dir}", str(input_path.parent))
+        for a in w.argv
+    ]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ping(endpoint: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """HELLO -> WELCOME with the delegate at ``endpoint``; its WELCOME map or a TestbedError."""
+    from testbed.relay import connect
+
+    ctx, sock, welcome = connect(endpoint, timeout_s=timeout_s, info={"role": "experiment"})
+    sock.close(0)
+    return welcome
+
+
+class LocalDelegate:
+    """A delegate on loopback for the duration of a plan (always stopped)."""
+
+    def __init__(self) -> None:
+        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalDelegate:
+        cmd = [sys.executable, "-m", "testbed", "delegate", "--listen", self.endpoint, "--quiet"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                if self.proc.poll() is not None:
+                    raise TestbedError(f"local delegate exited with status {self.proc.returncode}")
+                try:
+                    ping(self.endpoint, timeout_s=0.5)
+                    return self
+                except TestbedError:
+                    if time.monotonic() > deadline:
+                        raise TestbedError(
+                            f"local delegate at {self.endpoint} did not answer"
+                        ) from None
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------- runner
+
+
+class Runner:
+    """Runs the cells of a plan into ``results/<host>/``."""
+
+    def __init__(self, plan: Plan, results: Path, host: str, work: Path, out=sys.stderr):
+        self.plan, self.results, self.host, self.work, self.out = plan, results, host, work, out
+        self.base = results / host
+        self.endpoints: dict[str, str] = {}
+        self.native: dict[str, dict[str, Any]] = {}
+        self.profiles: dict[str, Path] = {}
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def input_for(self, w: Workload) -> Path:
+        d = self.work / f"{w.name}-{w.size_mb:g}mb-{w.seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "input.txt"
+        generate_input(path, w.size_mb, w.seed)
+        return path
+
+    def native_run(self, w: Workload) -> dict[str, Any]:
+        """Run ``w`` natively once (cached in native/<workload>.json)."""
+        path = self.base / "native" / f"{w.name}.json"
+        if w.name in self.native:
+            return self.native[w.name]
+        if path.exists():
+            self.native[w.name] = json.loads(path.read_text())
+            return self.native[w.name]
+        argv = _argv(w, self.input_for(w))
+        out = self.work / f"{w.name}.native.out"
+        t0 = time.monotonic()
+        with open(out, "wb") as f:
+            proc = subprocess.run(
+                argv, stdout=f, stderr=subprocess.PIPE, cwd=self.work, timeout=self.plan.timeout_s
+            )
+        info = {
+            "workload": w.name,
+            "argv": argv,
+            "exit_status": proc.returncode,
+            "wall_s": time.monotonic() - t0,
+            "output_bytes": out.stat().st_size,
+            "output_sha256": _sha256(out),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2) + "\n")
+        self.native[w.name] = info
+        return info
+
+    def profile_for(self, w: Workload) -> Path:
+        path = self.base / f"profile-{w.name}"
+        if (path / rundir.RUN_JSON).exists():
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "testbed",
+            "profile",
+            "-o",
+            str(path),
+            "--",
+            *_argv(w, self.input_for(w)),
+        ]
+        proc = subprocess.run(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.work
+        )
+        if proc.returncode != 0 or not (path / rundir.RUN_JSON).exists():
+            raise TestbedError(f"native profile of {w.name} failed: {_tail(proc.stderr)}")
+        return path
+
+    def done(self, cell: Cell) -> bool:
+        d = self.base / cell.run_id
+        if not (d / "experiment.json").exists():
+            return False
+        try:
+            rundir.load(d)
+        except TestbedError:
+            return False
+        return True
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        final = self.base / cell.run_id
+        partial = self.base / (cell.run_id + ".partial")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        w = cell.workload
+        native = self.native_run(w)
+        argv = _argv(w, self.input_for(w))
+        cmd = [
+            sys.executable,
+            "-m",
+            "testbed",
+            "run",
+            "--delegate",
+            self.endpoints[cell.delegate.name],
+        ]
+        if cell.forward.policy:
+            cmd += ["--policy", cell.forward.policy, "--profile", str(self.profile_for(w))]
+        else:
+            cmd += ["--forward", ",".join(cell.forward.names)]
+        cmd += [
+            "--mode",
+            self.plan.mode,
+            "--backend",
+            self.plan.backend,
+            "--quiet",
+            "-o",
+            str(partial),
+        ]
+        out = self.work / f"{w.name}.run.out"
+        t0 = time.monotonic()
+        try:
+            with open(out, "wb") as f:
+                proc = subprocess.run(
+                    [*cmd, "--", *argv], stdout=f, stderr=subprocess.PIPE, text=True, cwd=self.work,
+                    timeout=self.plan.timeout_s,
+                )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {self.plan.timeout_s:g} s"}
+        elapsed = time.monotonic() - t0
+        try:
+            run = rundir.load(partial)
+        except TestbedError:
+            return {
+                "status": "failed",
+                "error": _tail(proc.stderr) or f"testbed run exit {proc.returncode}",
+            }
+        sha = _sha256(out)
+        info = {
+            "plan": self.plan.name,
+            "host": self.host,
+            "run_id": cell.run_id,
+            "workload": w.name,
+            "argv": argv,
+            "forward": cell.forward.label,
+            "forward_syscalls": list(cell.forward.names) or run.meta.get("forwarded", []),
+            "policy": cell.forward.policy,
+            "delegate": cell.delegate.name,
+            "endpoint": self.endpoints[cell.delegate.name],
+            "repetition": cell.rep,
+            "mode": self.plan.mode,
+            "backend": self.plan.backend,
+            "exit_status": run.meta.get("exit_status", proc.returncode),
+            "elapsed_s": elapsed,
+            "output_bytes": out.stat().st_size,
+            "output_sha256": sha,
+            "native_output_sha256": native["output_sha256"],
+            "output_matches_native": sha == native["output_sha256"],
+            "native_wall_s": native["wall_s"],
+        }
+        (partial / "experiment.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(partial, final)
+        ok = info["exit_status"] == 0 and info["output_matches_native"]
+        info["status"] = (
+            "ok" if ok else "mismatch" if info["exit_status"] == 0 else "program-failed"
+        )
+        info["f_c_us"] = (run.meta.get("summary") or {}).get("f_c_us")
+        info["calls"] = (run.meta.get("calls") or {}).get("count")
+        return info
+
+    def run(self, todo: list[Cell], total: int, skipped: int) -> dict[str, int]:
+        counts = {"ran": 0, "skipped": skipped, "failed": 0}
+        t_start = time.monotonic()
+        for i, cell in enumerate(todo, start=1):
+            k = skipped + i
+            label = f"[{k:>{len(str(total))}}/{total}] {cell.run_id}"
+            info = self.run_cell(cell)
+            counts["ran"] += 1
+            if info["status"] != "ok":
+                counts["failed"] += 1
+            spent = time.monotonic() - t_start
+            eta = spent / i * (len(todo) - i)
+            detail = info.get("error") or (
+                f"{info['elapsed_s']:.2f} s"
+                + (
+                    f", f_c {info['f_c_us']:.1f} us"
+                    if isinstance(info.get("f_c_us"), int | float)
+                    else ""
+                )
+                + ("" if info["output_matches_native"] else ", OUTPUT DIFFERS FROM NATIVE")
+            )
+            self.say(f"{label}  {info['status']}  {detail}  (eta {eta:.0f} s)")
+        return counts
+
+
+def _tail(text: str | None) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_plan(
+    plan: Plan,
+    results: Path,
+    host: str,
+    out=sys.stderr,
+) -> dict[str, int]:
+    """Run every unfinished cell of ``plan``; returns counts ran/skipped/failed."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    all_cells = cells(plan)
+    work = Path(tempfile.mkdtemp(prefix="testbed-experiment-"))
+    runner = Runner(plan, results, host, work, out)
+    todo = [c for c in all_cells if not runner.done(c)]
+    skipped = len(all_cells) - len(todo)
+    runner.say(
+        f"experiment {plan.name}: {len(all_cells)} runs "
+        f"({len(plan.workloads)} workloads x {len(plan.forward)} forwarded sets x "
+        f"{len(plan.delegates)} delegates x {plan.repetitions} repetitions) on {host}; "
+        f"{skipped} already finished"
+    )
+    try:
+        if not todo:
+            return {"ran": 0, "skipped": skipped, "failed": 0}
+        needs_local = any(c.delegate.endpoint == "local" for c in todo)
+        local = LocalDelegate() if needs_local else None
+        if local is not None:
+            local.__enter__()
+        try:
+            for d in plan.delegates:
+                if d.endpoint == "local":
+                    runner.endpoints[d.name] = local.endpoint if local else "local"
+                    continue
+                try:
+                    ping(d.endpoint, timeout_s=5.0)
+                except TestbedError as exc:
+                    raise TestbedError(f"delegate {d.name}: {exc}") from None
+                runner.endpoints[d.name] = d.endpoint
+            return runner.run(todo, len(all_cells), skipped)
+        finally:
+            if local is not None:
+                local.__exit__()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main_experiment(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan, args.delegate or None)
+    if args.check:
+        n = len(cells(plan))
+        print(f"plan {plan.name}: valid, {n} runs")
+        return 0
+    results = Path(args.output or Path("results") / plan.name).absolute()
+    host = _label(args.host_label or socket.gethostname())
+    counts = run_plan(plan, results, host)
+    print(
+        f"experiment {plan.name}: ran={counts['ran']} skipped={counts['skipped']} "
+        f"failed={counts['failed']} results={results}"
+    )
+    return 1 if counts["failed"] else 0
