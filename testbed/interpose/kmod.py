@@ -1,0 +1,626 @@
+"""The ``mktrace`` kernel module as an interposition backend, and its ABI mirror.
+
+This module mirrors ``kmod/include/uapi/mktrace.h`` (ctypes structures,
+ioctl numbers, constants; ``tests/test_kmod.py`` compiles a C program against
+the header and checks that both agree), wraps ``/dev/mktrace`` in
+:class:`Device`, and implements the relay's :class:`~testbed.interpose.Backend`
+protocol in :class:`KmodBackend`.
+
+A session is one open file of the device.  The backend opens it, sets the
+mode and the forwarded set, and launches a *fresh* helper process
+(``python -m testbed.interpose.kmod _exec``) that inherits the file, registers
+itself as the session's target and ``exec``s the program: the relay process,
+which runs ZeroMQ threads, never forks.
+
+Command line (drives kthread mode without a relay, prints per-call cost)::
+
+    python3 -m testbed.interpose.kmod kthread --forward write --delay-us 20 -- dd ...
+    python3 -m testbed.interpose.kmod status
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from testbed.errors import TestbedError
+from testbed.interpose import BackendError, CallerGone, Trap
+
+# ------------------------------------------------------------ uapi mirror
+
+ABI_VERSION = 1
+DEVICE = "/dev/mktrace"
+MAX_SYSCALLS = 1024
+SET_WORDS = MAX_SYSCALLS // 64
+
+MODE_KTHREAD = 1
+MODE_RELAY = 2
+F_DESCENDANTS = 1 << 0
+ACT_CONTINUE = 0
+ACT_EIO = 1
+REPLY_CONTINUE = 0
+REPLY_RETURN = 1
+MAX_DELAY_NS = 1_000_000_000
+MIN_TIMEOUT_NS = 1_000_000
+MAX_TIMEOUT_NS = 3_600_000_000_000
+
+u32 = ctypes.c_uint32
+u64 = ctypes.c_uint64
+s64 = ctypes.c_int64
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("mode", u32),
+        ("flags", u32),
+        ("delay_ns", u64),
+        ("timeout_ns", u64),
+        ("release_action", u32),
+        ("reserved", u32),
+    ]
+
+
+class SyscallSet(ctypes.Structure):
+    _fields_ = [("bits", u64 * SET_WORDS)]
+
+
+class Request(ctypes.Structure):
+    _fields_ = [
+        ("seq", u64),
+        ("pid", u32),
+        ("tid", u32),
+        ("nr", u32),
+        ("flags", u32),
+        ("args", u64 * 6),
+        ("ts_ns", u64),
+    ]
+
+
+class Reply(ctypes.Structure):
+    _fields_ = [("seq", u64), ("action", u32), ("reserved", u32), ("value", s64)]
+
+
+class Stat(ctypes.Structure):
+    _fields_ = [("count", u64), ("total_ns", u64), ("max_ns", u64), ("released", u64)]
+
+
+class StatsQuery(ctypes.Structure):
+    _fields_ = [("buf", u64), ("count", u32), ("reserved", u32)]
+
+
+class Status(ctypes.Structure):
+    _fields_ = [
+        ("abi_version", u32),
+        ("nr_syscalls", u32),
+        ("target_pid", u32),
+        ("target_alive", u32),
+        ("queued", u32),
+        ("inflight", u32),
+        ("calls", u64),
+        ("released", u64),
+    ]
+
+
+#: Every mirrored structure, by its C name (used by the layout test).
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "mktrace_config": Config,
+    "mktrace_syscall_set": SyscallSet,
+    "mktrace_request": Request,
+    "mktrace_reply": Reply,
+    "mktrace_stat": Stat,
+    "mktrace_stats_query": StatsQuery,
+    "mktrace_status": Status,
+}
+
+_IOC_WRITE = 1
+_IOC_READ = 2
+IOC_MAGIC = 0xB7
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (IOC_MAGIC << 8) | nr
+
+
+IOC_GET_STATUS = _ioc(_IOC_READ, 0x00, ctypes.sizeof(Status))
+IOC_SET_CONFIG = _ioc(_IOC_WRITE, 0x01, ctypes.sizeof(Config))
+IOC_GET_CONFIG = _ioc(_IOC_READ, 0x02, ctypes.sizeof(Config))
+IOC_SET_SYSCALLS = _ioc(_IOC_WRITE, 0x03, ctypes.sizeof(SyscallSet))
+IOC_REGISTER = _ioc(0, 0x04, 0)
+IOC_GET_STATS = _ioc(_IOC_WRITE, 0x05, ctypes.sizeof(StatsQuery))
+IOC_RESET_STATS = _ioc(0, 0x06, 0)
+IOC_IS_PENDING = _ioc(_IOC_WRITE, 0x07, 8)
+
+#: Every mirrored constant and ioctl number, by its C name (layout test).
+CONSTANTS: dict[str, int] = {
+    "MKTRACE_ABI_VERSION": ABI_VERSION,
+    "MKTRACE_MAX_SYSCALLS": MAX_SYSCALLS,
+    "MKTRACE_SET_WORDS": SET_WORDS,
+    "MKTRACE_MODE_KTHREAD": MODE_KTHREAD,
+    "MKTRACE_MODE_RELAY": MODE_RELAY,
+    "MKTRACE_F_DESCENDANTS": F_DESCENDANTS,
+    "MKTRACE_ACT_CONTINUE": ACT_CONTINUE,
+    "MKTRACE_ACT_EIO": ACT_EIO,
+    "MKTRACE_REPLY_CONTINUE": REPLY_CONTINUE,
+    "MKTRACE_REPLY_RETURN": REPLY_RETURN,
+    "MKTRACE_MAX_DELAY_NS": MAX_DELAY_NS,
+    "MKTRACE_MIN_TIMEOUT_NS": MIN_TIMEOUT_NS,
+    "MKTRACE_MAX_TIMEOUT_NS": MAX_TIMEOUT_NS,
+    "MKTRACE_IOC_GET_STATUS": IOC_GET_STATUS,
+    "MKTRACE_IOC_SET_CONFIG": IOC_SET_CONFIG,
+    "MKTRACE_IOC_GET_CONFIG": IOC_GET_CONFIG,
+    "MKTRACE_IOC_SET_SYSCALLS": IOC_SET_SYSCALLS,
+    "MKTRACE_IOC_REGISTER": IOC_REGISTER,
+    "MKTRACE_IOC_GET_STATS": IOC_GET_STATS,
+    "MKTRACE_IOC_RESET_STATS": IOC_RESET_STATS,
+    "MKTRACE_IOC_IS_PENDING": IOC_IS_PENDING,
+}
+
+MODES = {"kthread": MODE_KTHREAD, "relay": MODE_RELAY}
+RELEASE_ACTIONS = {"continue": ACT_CONTINUE, "eio": ACT_EIO}
+
+NOT_LOADED = f"mktrace module not loaded: {DEVICE} missing (see docs/kmod.md)"
+
+# ------------------------------------------------------------ device
+
+
+class SyscallStat(NamedTuple):
+    nr: int
+    count: int
+    total_ns: int
+    max_ns: int
+    released: int
+
+    @property
+    def mean_ns(self) -> float:
+        return self.total_ns / self.count if self.count else 0.0
+
+
+def _bitmap(numbers: Iterable[int]) -> SyscallSet:
+    bits = SyscallSet()
+    for nr in numbers:
+        if not 0 <= nr < MAX_SYSCALLS:
+            raise BackendError(f"syscall number {nr} is outside 0-{MAX_SYSCALLS - 1}")
+        bits.bits[nr // 64] |= 1 << (nr % 64)
+    return bits
+
+
+def _syscall_name(nr: int) -> str:
+    from testbed.syscalls import name_of
+
+    return name_of(nr)
+
+
+class Device:
+    """One session of ``/dev/mktrace`` (one open file).  Thin, typed ioctl wrappers."""
+
+    def __init__(self, path: str = DEVICE, *, fd: int | None = None) -> None:
+        self.path = path
+        if fd is not None:
+            self.fd = fd
+            return
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise BackendError(
+                NOT_LOADED if path == DEVICE else f"{path} missing (see docs/kmod.md)"
+            ) from None
+        except PermissionError:
+            raise BackendError(f"cannot open {path}: permission denied (run as root)") from None
+        except OSError as exc:
+            raise BackendError(f"cannot open {path}: {exc.strerror}") from None
+        st = self.status()
+        if st.abi_version != ABI_VERSION:
+            self.close()
+            raise BackendError(
+                f"mktrace module speaks ABI {st.abi_version}, this testbed ABI {ABI_VERSION}:"
+                " rebuild and reload kmod/"
+            )
+
+    def _ioctl(self, request: int, arg: ctypes.Structure | int = 0) -> None:
+        fcntl.ioctl(self.fd, request, arg)
+
+    def status(self) -> Status:
+        st = Status()
+        self._ioctl(IOC_GET_STATUS, st)
+        return st
+
+    def get_config(self) -> Config:
+        cfg = Config()
+        self._ioctl(IOC_GET_CONFIG, cfg)
+        return cfg
+
+    def set_config(
+        self,
+        mode: str = "kthread",
+        *,
+        delay_ns: int = 0,
+        timeout_ns: int = 5_000_000_000,
+        release_action: str = "continue",
+        descendants: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise BackendError(f"unknown kmod mode {mode!r} (choose kthread or relay)")
+        if release_action not in RELEASE_ACTIONS:
+            raise BackendError(f"unknown release action {release_action!r} (continue or eio)")
+        if not 0 <= delay_ns <= MAX_DELAY_NS:
+            raise BackendError(f"delay {delay_ns} ns outside 0-{MAX_DELAY_NS} ns")
+        if not MIN_TIMEOUT_NS <= timeout_ns <= MAX_TIMEOUT_NS:
+            raise BackendError("kmod timeout must be between 1 ms and 1 h")
+        cfg = Config(
+            mode=MODES[mode],
+            flags=F_DESCENDANTS if descendants else 0,
+            delay_ns=delay_ns,
+            timeout_ns=timeout_ns,
+            release_action=RELEASE_ACTIONS[release_action],
+        )
+        self._ioctl(IOC_SET_CONFIG, cfg)
+
+    def set_syscalls(self, numbers: Iterable[int]) -> None:
+        """Forward exactly ``numbers``; names the culprit if the kernel refuses one."""
+        numbers = sorted(set(numbers))
+        try:
+            self._ioctl(IOC_SET_SYSCALLS, _bitmap(numbers))
+        except OSError as exc:
+            if exc.errno != errno_mod.EINVAL:
+                raise BackendError(
+                    f"mktrace: cannot set the forwarded set: {exc.strerror}"
+                ) from None
+            bad = [nr for nr in numbers if not self._hookable(nr)]
+            self._ioctl(IOC_SET_SYSCALLS, _bitmap(()))
+            names = ", ".join(f"{_syscall_name(nr)} ({nr})" for nr in bad) or "?"
+            raise BackendError(f"mktrace cannot hook {names} on this kernel") from None
+
+    def _hookable(self, nr: int) -> bool:
+        try:
+            self._ioctl(IOC_SET_SYSCALLS, _bitmap((nr,)))
+        except OSError:
+            return False
+        return True
+
+    def register(self) -> None:
+        """Make the calling process the session's target."""
+        self._ioctl(IOC_REGISTER)
+
+    def stats(self) -> dict[int, SyscallStat]:
+        """Per-syscall statistics of the forwarded calls (syscalls never called left out)."""
+        n = min(self.status().nr_syscalls, MAX_SYSCALLS)
+        buf = (Stat * n)()
+        query = StatsQuery(buf=ctypes.addressof(buf), count=n)
+        self._ioctl(IOC_GET_STATS, query)
+        return {
+            nr: SyscallStat(nr, s.count, s.total_ns, s.max_ns, s.released)
+            for nr, s in enumerate(buf)
+            if s.count
+        }
+
+    def reset_stats(self) -> None:
+        self._ioctl(IOC_RESET_STATS)
+
+    def is_pending(self, seq: int) -> bool:
+        try:
+            self._ioctl(IOC_IS_PENDING, ctypes.c_uint64(seq))
+        except OSError as exc:
+            if exc.errno == errno_mod.ENOENT:
+                return False
+            raise
+        return True
+
+    def read_request(self) -> Request | None:
+        """One pending request, or None if none is queued (the fd is non-blocking)."""
+        req = Request()
+        try:
+            n = os.readv(self.fd, [req])
+        except BlockingIOError:
+            return None
+        except InterruptedError:
+            return None
+        if n != ctypes.sizeof(Request):
+            raise BackendError(f"mktrace: short read of {n} bytes")
+        return req
+
+    def reply(self, seq: int, action: int, value: int = 0) -> bool:
+        """Answer request ``seq``; False if it no longer awaits a reply."""
+        try:
+            os.write(self.fd, bytes(Reply(seq=seq, action=action, value=value)))
+        except OSError as exc:
+            if exc.errno == errno_mod.ENOENT:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ------------------------------------------------------------ launcher
+
+
+def launch_registered(
+    device: Device, argv: list[str], env: dict[str, str] | None = None, **popen
+) -> subprocess.Popen:
+    """Start ``argv`` in a fresh helper that registers itself on ``device`` then execs."""
+    if not argv:
+        raise TestbedError("no program given")
+    cmd = [
+        sys.executable,
+        "-m",
+        "testbed.interpose.kmod",
+        "_exec",
+        "--fd",
+        str(device.fd),
+        "--",
+        *argv,
+    ]
+    return subprocess.Popen(cmd, env=env, pass_fds=(device.fd,), **popen)
+
+
+def _exec_helper(fd: int, argv: list[str]) -> int:
+    """Inside the helper: register on the inherited session, drop the fd, exec."""
+    os.set_inheritable(fd, False)
+    try:
+        Device(fd=fd).register()
+    except OSError as exc:
+        print(f"testbed: error: mktrace register failed: {exc.strerror}", file=sys.stderr)
+        return 126
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"testbed: error: cannot execute {argv[0]}: {exc.strerror}", file=sys.stderr)
+    return 127
+
+
+# ------------------------------------------------------------ process memory
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_IoVec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_IoVec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+
+def read_process_memory(tid: int, addr: int, length: int) -> bytes:
+    """Bytes at ``addr`` in thread ``tid``'s address space (short if unmapped).
+
+    Raises :class:`CallerGone` if the task no longer exists.
+    """
+    if length <= 0:
+        return b""
+    buf = ctypes.create_string_buffer(length)
+    local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), length)
+    remote = _IoVec(addr, length)
+    n = _libc.process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n >= 0:
+        return buf.raw[:n]
+    err = ctypes.get_errno()
+    if err == errno_mod.ESRCH:
+        raise CallerGone(tid)
+    if err == errno_mod.EFAULT:
+        return b""
+    try:  # no process_vm_readv permission: /proc/PID/mem
+        with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
+            mem.seek(addr)
+            return mem.read(length)
+    except FileNotFoundError:
+        raise CallerGone(tid) from None
+    except OSError:
+        return b""
+
+
+# ------------------------------------------------------------ backend
+
+
+class KmodBackend:
+    """Relay-mode interposition through ``/dev/mktrace`` (see the module docstring)."""
+
+    name = "kmod"
+
+    def __init__(
+        self,
+        forwarded: frozenset[int],
+        mode: str = "relay",
+        timeout_s: float = 5.0,
+        device: str = DEVICE,
+        descendants: bool = True,
+        release_action: str = "continue",
+        delay_ns: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise BackendError(f"unknown kmod mode {mode!r} (choose relay or kthread)")
+        if not forwarded:
+            raise BackendError("empty forwarded set")
+        self.forwarded = frozenset(forwarded)
+        self.mode = mode
+        self._child: subprocess.Popen | None = None
+        self._dev = Device(device)
+        try:
+            self._dev.set_config(
+                mode,
+                delay_ns=delay_ns,
+                timeout_ns=int(timeout_s * 1e9),
+                release_action=release_action,
+                descendants=descendants,
+            )
+            self._dev.set_syscalls(self.forwarded)
+        except BaseException:
+            self._dev.close()
+            raise
+
+    @property
+    def device(self) -> Device:
+        return self._dev
+
+    def launch(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        if self._child is not None:
+            raise BackendError("KmodBackend launches one program per session")
+        self._child = launch_registered(self._dev, argv, env)
+        return self._child
+
+    def fileno(self) -> int:
+        return self._dev.fd
+
+    def receive(self) -> Trap | None:
+        req = self._dev.read_request()
+        if req is None:
+            return None
+        return Trap(req.seq, req.tid, req.nr, tuple(req.args), req.ts_ns)
+
+    def read_memory(self, tid: int, addr: int, length: int) -> bytes:
+        return read_process_memory(tid, addr, length)
+
+    def is_valid(self, trap: Trap) -> bool:
+        return self._dev.is_pending(trap.id)
+
+    def resume_continue(self, trap: Trap) -> bool:
+        return self._dev.reply(trap.id, REPLY_CONTINUE)
+
+    def resume_return(self, trap: Trap, value: int, errno: int = 0) -> bool:
+        return self._dev.reply(trap.id, REPLY_RETURN, -errno if errno else value)
+
+    def finished(self) -> bool:
+        st = self._dev.status()
+        if st.queued or st.inflight:
+            return False
+        if st.target_pid:
+            return not st.target_alive
+        # Not registered yet: finished only if the helper died before registering.
+        return self._child is not None and self._child.poll() is not None
+
+    def stats(self) -> dict[int, SyscallStat]:
+        """The module's per-syscall counters (count, forwarding time) for this run."""
+        return self._dev.stats()
+
+    def close(self) -> None:
+        self._dev.close()
+
+
+# ------------------------------------------------------------ command line
+
+
+def _run_kthread(args: argparse.Namespace) -> int:
+    from testbed.syscalls import name_of, parse_set
+
+    forwarded = parse_set(args.forward)
+    delay_ns = int(args.delay_us * 1000)
+    dev = Device(args.device)
+    try:
+        dev.set_config("kthread", delay_ns=delay_ns, descendants=args.descendants)
+        dev.set_syscalls(forwarded)
+        t0 = time.monotonic_ns()
+        child = launch_registered(dev, args.program)
+        status = child.wait()
+        wall_ns = time.monotonic_ns() - t0
+        stats = dev.stats()
+    finally:
+        dev.close()
+    rows = []
+    for nr in sorted(forwarded):
+        st = stats.get(nr, SyscallStat(nr, 0, 0, 0, 0))
+        handoff = st.mean_ns - 2 * delay_ns if st.count else 0.0
+        rows.append(
+            {
+                "syscall": name_of(nr),
+                "nr": nr,
+                "count": st.count,
+                "total_ns": st.total_ns,
+                "mean_ns": round(st.mean_ns, 1),
+                "handoff_ns": round(handoff, 1),
+                "max_ns": st.max_ns,
+                "released": st.released,
+            }
+        )
+    report = {"exit_status": status, "delay_ns": delay_ns, "wall_ns": wall_ns, "syscalls": rows}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    out = sys.stderr
+    print(
+        f"mktrace kthread: delay {delay_ns} ns per leg (round trip {2 * delay_ns} ns),"
+        f" exit status {status}",
+        file=out,
+    )
+    print(f"{'syscall':<16}{'count':>10}{'mean_ns':>12}{'handoff_ns':>12}{'max_ns':>12}", file=out)
+    for r in rows:
+        print(
+            f"{r['syscall']:<16}{r['count']:>10}{r['mean_ns']:>12.0f}{r['handoff_ns']:>12.0f}"
+            f"{r['max_ns']:>12}",
+            file=out,
+        )
+    return status if status >= 0 else 128 - status
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    dev = Device(args.device)
+    try:
+        st = dev.status()
+    finally:
+        dev.close()
+    print(f"mktrace ABI {st.abi_version}, {st.nr_syscalls} syscall numbers hookable")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python3 -m testbed.interpose.kmod", description="Drive the mktrace module."
+    )
+    sub = p.add_subparsers(dest="verb", required=True)
+    k = sub.add_parser("kthread", help="run a program with calls forwarded to the delegate kthread")
+    k.add_argument("--forward", required=True, help="syscalls to forward, e.g. write,read")
+    k.add_argument("--delay-us", type=float, default=0.0, help="spin per leg, in µs (default 0)")
+    k.add_argument("--descendants", action="store_true", help="also trace child processes")
+    k.add_argument("--device", default=DEVICE)
+    k.add_argument("--json", help="also write the statistics to this JSON file")
+    k.add_argument("program", nargs=argparse.REMAINDER)
+    s = sub.add_parser("status", help="check that the module is loaded")
+    s.add_argument("--device", default=DEVICE)
+    e = sub.add_parser("_exec", help=argparse.SUPPRESS)
+    e.add_argument("--fd", type=int, required=True)
+    e.add_argument("program", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prog = list(getattr(args, "program", None) or [])
+    if prog[:1] == ["--"]:
+        prog = prog[1:]
+    args.program = prog
+    if args.verb == "_exec":
+        return _exec_helper(args.fd, prog)
+    try:
+        if args.verb == "kthread":
+            if not prog:
+                raise TestbedError("no program given (put it after --)")
+            if args.delay_us < 0:
+                raise TestbedError("--delay-us must be >= 0")
+            return _run_kthread(args)
+        return _run_status(args)
+    except TestbedError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
