@@ -1,0 +1,579 @@
+"""The delegate daemon: answers forwarded system calls from relays over ZeroMQ.
+
+``testbed delegate --listen ENDPOINT`` binds a ZeroMQ ROUTER socket and answers
+every frame with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``):
+
+* HELLO  -> WELCOME (host, pid, workers, delay, mode, versions)
+* CALL   -> RESULT with the four delegate-clock timestamps, or ERROR
+* BYE    -> BYE with the accounting of that client
+* anything malformed -> ERROR to that client; the delegate keeps serving.
+
+Threading (one of two layouts, chosen by ``workers``):
+
+``workers == 1`` (the measured path)
+    One thread serves the ROUTER directly: receive, stamp ``t_recv``, decode,
+    spin the injected delay, stamp, encode, send.  No inproc hop.
+``workers > 1``
+    ``zmq.proxy_steerable`` (C, runs without the GIL) joins the ROUTER to an
+    inproc DEALER; N worker threads each own a DEALER socket connected to it
+    and receive ``[identity, frame]`` envelopes round-robin.  ``t_recv`` is
+    stamped in the worker that takes the frame off its socket, so the proxy
+    hop counts as *wire*, not as *residence*.
+
+Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
+mode is delegated to an :class:`OffloadExecutor` (the extension point: pass
+one to :class:`Delegate`, or provide ``testbed.offload.make_executor(root)``
+for ``--offload-root``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+
+from testbed import wire
+from testbed.errors import TestbedError
+
+#: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger
+#: frame (it never reaches us).  Frames between ``wire.MAX_FRAME`` and this cap
+#: are received and answered with ERROR ``too-large``.
+HARD_MAX_FRAME = 2 * wire.MAX_FRAME
+
+#: Linger (ms) when closing sockets on shutdown: long enough for the replies
+#: already handed to libzmq to leave, bounded so shutdown never hangs.
+CLOSE_LINGER_MS = 100
+
+#: Bound on remembered clients (least recently seen dropped beyond it).
+MAX_CLIENTS = 65536
+
+#: Worker receive timeout (ms) in the multi-worker layout: how often an idle
+#: worker checks whether it should stop.
+WORKER_POLL_MS = 50
+
+
+class OffloadExecutor(Protocol):
+    """Executes offload-mode calls for the delegate (the extension point).
+
+    ``execute`` is called from worker threads (concurrently when
+    ``workers > 1``) and must keep per-client state (fd tables) keyed by
+    ``client``, the ROUTER identity.  It returns ``(ret, errno, outbufs)``.
+    ``forget`` is called when a client says BYE.
+    """
+
+    def execute(
+        self, client: bytes, call: wire.Call
+    ) -> tuple[int, int, tuple[tuple[int, bytes], ...]]: ...
+
+    def forget(self, client: bytes) -> None: ...
+
+
+class _Client:
+    """Accounting of one client (one ROUTER identity) within one thread."""
+
+    __slots__ = ("calls", "errors", "bytes_in", "first_ns", "last_ns", "peer")
+
+    def __init__(self, t_ns: int):
+        self.calls = 0
+        self.errors = 0
+        self.bytes_in = 0
+        self.first_ns = t_ns
+        self.last_ns = t_ns
+        self.peer = ""
+
+
+def _peer_label(info: dict) -> str:
+    """A short printable label from a client's HELLO map (host/pid if given)."""
+    parts = []
+    for key in ("host", "hostname", "pid"):
+        value = info.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            parts.append(f"{key}={str(value)[:64]}")
+    return " ".join(parts)
+
+
+def _spin_until(deadline_ns: int, yield_gil: bool) -> None:
+    """Busy-wait on CLOCK_MONOTONIC (never sleep: sleeping overshoots by ~50 µs)."""
+    mono = time.monotonic_ns
+    if yield_gil:
+        yield_ = os.sched_yield  # releases the GIL so other workers' spins progress
+        while mono() < deadline_ns:
+            yield_()
+    else:
+        while mono() < deadline_ns:
+            pass
+
+
+class _Handler:
+    """Turns one received message into one reply; owns one thread's accounting."""
+
+    def __init__(self, delegate: Delegate):
+        self.d = delegate
+        self.clients: dict[bytes, _Client] = {}
+        self.delay_ns = delegate.delay_ns
+        self.yield_gil = delegate.workers > 1
+
+    def _client(self, ident: bytes, t_ns: int) -> _Client:
+        client = self.clients.get(ident)
+        if client is None:
+            if len(self.clients) >= MAX_CLIENTS:
+                oldest = min(self.clients, key=lambda k: self.clients[k].last_ns)
+                del self.clients[oldest]
+            client = self.clients[ident] = _Client(t_ns)
+        return client
+
+    def handle(self, frames: list[bytes], t_recv: int) -> list[bytes]:
+        """Reply frames (routing envelope + one wire frame) for ``frames``."""
+        ident = frames[0]
+        payload = frames[-1]
+        client = self._client(ident, t_recv)
+        client.bytes_in += len(payload)
+        client.last_ns = t_recv
+        n = len(frames)
+        if n != 2 and not (n == 3 and frames[1] == b""):
+            client.errors += 1
+            msg = f"expected one frame after the routing envelope, got {n - 1}"
+            return [ident, wire.encode_error(wire.E_MALFORMED, msg)]
+        env = frames[:-1]
+        try:
+            kind, msg = wire.decode(payload)
+            if kind == wire.CALL:
+                env.append(self._call(client, ident, msg, t_recv))
+            elif kind == wire.HELLO:
+                client.peer = _peer_label(msg)
+                env.append(wire.encode_welcome(self.d.welcome_info()))
+            elif kind == wire.BYE:
+                if self.d.offload is not None:
+                    self.d.offload.forget(ident)
+                env.append(wire.encode_bye(self.d.client_stats(ident)))
+            else:
+                raise wire.WireError(wire.E_UNSUPPORTED, f"a delegate does not accept {kind!r}")
+        except wire.WireError as exc:
+            client.errors += 1
+            env.append(wire.encode_error(exc.code, str(exc), exc.call_id))
+        except Exception as exc:  # never crash on one client's message
+            client.errors += 1
+            text = f"internal error: {exc.__class__.__name__}: {exc}"[:200]
+            env.append(wire.encode_error(wire.E_INTERNAL, text, getattr(msg, "call_id", None)))
+        return env
+
+    def _call(self, client: _Client, ident: bytes, call: wire.Call, t_recv: int) -> bytes:
+        client.calls += 1
+        offload = self.d.offload
+        if call.mode == "offload" and offload is None:
+            raise wire.WireError(
+                wire.E_UNSUPPORTED,
+                "offload mode is not enabled on this delegate (start it with --offload-root)",
+                call.call_id,
+            )
+        mono = time.monotonic_ns
+        if self.delay_ns:
+            _spin_until(mono() + self.delay_ns, self.yield_gil)
+        if call.mode == "offload":
+            t_exec_start = mono()
+            ret, err, outbufs = offload.execute(ident, call)
+            t_exec_end = mono()
+        else:
+            t_exec_start = t_exec_end = mono()
+            ret = err = 0
+            outbufs = ()
+        res = wire.Result(call.call_id, ret, err, t_recv, t_exec_start, t_exec_end, mono(), outbufs)
+        self.d.count_answered()
+        return wire.encode_result(res)
+
+
+class Delegate:
+    """A delegate bound to one endpoint.
+
+    ``Delegate(listen).start()`` serves in background threads (tests,
+    benchmarks); ``serve_forever()`` serves in the calling thread (the CLI).
+    Bind ``tcp://127.0.0.1:*`` and read :attr:`bound_endpoint` for a free port.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        workers: int = 1,
+        delay_us: float = 0.0,
+        offload: OffloadExecutor | None = None,
+        max_calls: int | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ):
+        if workers < 1:
+            raise TestbedError(f"workers must be >= 1, not {workers}")
+        if delay_us < 0 or delay_us != delay_us:
+            raise TestbedError(f"delay must be >= 0 µs, not {delay_us}")
+        self.listen = listen
+        self.workers = int(workers)
+        self.delay_us = float(delay_us)
+        self.delay_ns = round(delay_us * 1000)
+        self.offload = offload
+        self.max_calls = max_calls
+        self.on_stop = on_stop
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._endpoint: str | None = None
+        self._handlers: list[_Handler] = []
+        self._answered = itertools.count(1)
+        self._n_answered = 0
+        self._stop_requested = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctl_id = b"\x00tb-ctl-" + os.urandom(8)
+        self._ctl_endpoint = f"inproc://tb-delegate-{id(self):x}-ctl"
+        self._started_ns = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def bound_endpoint(self) -> str:
+        """The endpoint actually bound (ZMQ_LAST_ENDPOINT: real port for ``:*``)."""
+        if self._endpoint is None:
+            raise RuntimeError("delegate is not bound yet (call start() or bind())")
+        return self._endpoint
+
+    @property
+    def mode(self) -> str:
+        return "cost+offload" if self.offload is not None else "cost"
+
+    @property
+    def answered(self) -> int:
+        """Calls answered with a RESULT so far."""
+        return self._n_answered
+
+    def welcome_info(self) -> dict[str, Any]:
+        from testbed import __version__
+
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "workers": self.workers,
+            "delay_us": self.delay_us,
+            "mode": self.mode,
+            "wire_version": wire.WIRE_VERSION,
+            "version": __version__,
+            "clock": "CLOCK_MONOTONIC",
+            "max_frame": wire.MAX_FRAME,
+        }
+
+    def status_line(self) -> str:
+        return (
+            f"testbed delegate: listening on {self.bound_endpoint} "
+            f"(workers {self.workers}, delay {self.delay_us:g} us, mode {self.mode}, "
+            f"wire v{wire.WIRE_VERSION}, pid {os.getpid()})"
+        )
+
+    # ------------------------------------------------------------ accounting
+
+    def count_answered(self) -> None:
+        n = next(self._answered)  # atomic under the GIL
+        self._n_answered = n
+        if self.max_calls is not None and n >= self.max_calls:
+            self._stop_requested = True
+
+    def client_stats(self, ident: bytes) -> dict[str, Any]:
+        """Accounting of one client (merged across worker threads)."""
+        parts = [c for h in self._handlers if (c := h.clients.get(ident)) is not None]
+        return self._merge(parts)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-client accounting keyed by the hex ROUTER identity."""
+        idents: dict[bytes, None] = {}
+        for h in self._handlers:
+            idents.update(dict.fromkeys(list(h.clients)))
+        return {ident.hex(): self.client_stats(ident) for ident in idents}
+
+    @staticmethod
+    def _merge(parts: list[_Client]) -> dict[str, Any]:
+        offset = time.time_ns() - time.monotonic_ns()
+        if not parts:
+            return {"calls": 0, "errors": 0, "bytes_in": 0}
+        first = min(c.first_ns for c in parts)
+        last = max(c.last_ns for c in parts)
+        return {
+            "calls": sum(c.calls for c in parts),
+            "errors": sum(c.errors for c in parts),
+            "bytes_in": sum(c.bytes_in for c in parts),
+            "first_seen": (first + offset) / 1e9,
+            "last_seen": (last + offset) / 1e9,
+            "peer": next((c.peer for c in parts if c.peer), ""),
+        }
+
+    def accounting_lines(self) -> list[str]:
+        """One human-readable line per client (printed on shutdown)."""
+        lines = []
+        for ident, s in sorted(self.stats().items(), key=lambda kv: kv[1].get("first_seen", 0)):
+            first = time.strftime("%H:%M:%S", time.localtime(s["first_seen"]))
+            last = time.strftime("%H:%M:%S", time.localtime(s["last_seen"]))
+            peer = f" ({s['peer']})" if s["peer"] else ""
+            lines.append(
+                f"testbed delegate: client {ident}{peer}: calls {s['calls']}, "
+                f"errors {s['errors']}, bytes in {s['bytes_in']}, first {first}, last {last}"
+            )
+        return lines
+
+    # ------------------------------------------------------------ lifecycle
+
+    def bind(self) -> str:
+        """Create the ROUTER socket and bind it; return the bound endpoint."""
+        if self._endpoint is not None:
+            return self._endpoint
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
+        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        try:
+            if self.workers == 1:  # first, so LAST_ENDPOINT names the listening one
+                router.bind(self._ctl_endpoint)
+            router.bind(self.listen)
+        except zmq.ZMQError as exc:
+            router.close(0)
+            ctx.term()
+            raise TestbedError(
+                f"cannot listen on {self.listen}: {zmq.strerror(exc.errno)}"
+            ) from None
+        self._ctx, self._router = ctx, router
+        self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._started_ns = time.monotonic_ns()
+        return self._endpoint
+
+    def start(self) -> Delegate:
+        """Bind and serve in a background thread; returns self."""
+        self.bind()
+        self._thread = threading.Thread(target=self._serve, name="tb-delegate", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Bind (if needed) and serve in the calling thread until stopped."""
+        self.bind()
+        self._serve()
+
+    def request_stop(self) -> None:
+        """Ask the serving loop to finish its in-flight reply and stop (signal-safe)."""
+        if self._stop_requested and self._stopped.is_set():
+            return
+        self._stop_requested = True
+        self._wake()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and wait (bounded) for the serving thread to finish."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._stopped.wait(timeout)
+
+    def __enter__(self) -> Delegate:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wake(self) -> None:
+        ctx = self._ctx
+        if ctx is None or self._stopped.is_set():
+            return
+        if self.workers > 1:
+            return  # workers poll their stop flag every WORKER_POLL_MS
+        with self._lock:
+            try:
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.ROUTING_ID, self._ctl_id)
+                s.setsockopt(zmq.LINGER, 200)
+                s.connect(self._ctl_endpoint)
+                s.send(b"", zmq.NOBLOCK)
+                s.close()
+            except zmq.ZMQError:
+                pass  # context already closing: the loop is ending anyway
+
+    # ------------------------------------------------------------ serving
+
+    def _serve(self) -> None:
+        try:
+            if self.workers == 1:
+                self._serve_direct()
+            else:
+                self._serve_pool()
+        finally:
+            self._close()
+            self._stopped.set()
+            if self.on_stop is not None:
+                self.on_stop()
+
+    def _close(self) -> None:
+        if self._router is not None:
+            self._router.close(CLOSE_LINGER_MS)
+            self._router = None
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def _serve_direct(self) -> None:
+        """``workers == 1``: serve the ROUTER in this thread, no inproc hop."""
+        handler = _Handler(self)
+        self._handlers.append(handler)
+        sock = self._router
+        recv = sock.recv_multipart
+        send = sock.send_multipart
+        mono = time.monotonic_ns
+        handle = handler.handle
+        ctl = self._ctl_id
+        while not self._stop_requested:
+            frames = recv()
+            t_recv = mono()
+            if frames[0] == ctl:
+                continue
+            try:
+                send(handle(frames, t_recv))
+            except zmq.ZMQError:
+                pass  # peer vanished: ROUTER drops, nothing to do
+        self._drain(sock, handle)
+
+    def _drain(self, sock: zmq.Socket, handle: Callable) -> None:
+        """Answer what is already queued (bounded in count and time)."""
+        deadline = time.monotonic_ns() + 200_000_000
+        for _ in range(10_000):
+            if time.monotonic_ns() > deadline:
+                break
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            t_recv = time.monotonic_ns()
+            if frames[0] == self._ctl_id:
+                continue
+            try:
+                sock.send_multipart(handle(frames, t_recv), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _serve_pool(self) -> None:
+        """``workers > 1``: C proxy ROUTER <-> inproc DEALER <-> N worker threads."""
+        ctx = self._ctx
+        backend_ep = f"inproc://tb-delegate-{id(self):x}-workers"
+        proxy_ctl_ep = f"inproc://tb-delegate-{id(self):x}-proxyctl"
+        backend = ctx.socket(zmq.DEALER)
+        backend.setsockopt(zmq.LINGER, 0)
+        backend.bind(backend_ep)
+        proxy_ctl = ctx.socket(zmq.PAIR)
+        proxy_ctl.bind(proxy_ctl_ep)
+        steer = ctx.socket(zmq.PAIR)
+        steer.connect(proxy_ctl_ep)
+        frontend = self._router
+
+        def run_proxy() -> None:
+            try:
+                zmq.proxy_steerable(frontend, backend, None, proxy_ctl)
+            except zmq.ZMQError:
+                pass
+
+        proxy = threading.Thread(target=run_proxy, name="tb-delegate-proxy", daemon=True)
+        workers = []
+        for i in range(self.workers):
+            handler = _Handler(self)
+            self._handlers.append(handler)
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, WORKER_POLL_MS)
+            sock.connect(backend_ep)
+            t = threading.Thread(
+                target=self._worker, args=(sock, handler), name=f"tb-delegate-w{i}", daemon=True
+            )
+            workers.append(t)
+        proxy.start()
+        for t in workers:
+            t.start()
+        try:
+            while not self._stop_requested:
+                self._stopped.wait(WORKER_POLL_MS / 1000)
+        finally:
+            self._stop_requested = True
+            for t in workers:
+                t.join(5.0)
+            time.sleep(0.05)  # let the proxy forward the last replies
+            steer.send(b"TERMINATE")
+            proxy.join(5.0)
+            for s in (steer, proxy_ctl, backend):
+                s.close(0)
+            self._router.close(CLOSE_LINGER_MS)
+            self._router = None
+
+    def _worker(self, sock: zmq.Socket, handler: _Handler) -> None:
+        recv = sock.recv_multipart
+        send = sock.send_multipart
+        mono = time.monotonic_ns
+        handle = handler.handle
+        try:
+            while not self._stop_requested:
+                try:
+                    frames = recv()
+                except zmq.Again:
+                    continue
+                t_recv = mono()
+                send(handle(frames, t_recv))
+            self._drain(sock, handle)
+        finally:
+            sock.close(CLOSE_LINGER_MS)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def load_offload(root: str) -> OffloadExecutor:
+    """The offload executor for ``--offload-root`` (``testbed.offload``)."""
+    if not os.path.isdir(root):
+        raise TestbedError(f"offload root {root!r} is not a directory")
+    try:
+        from testbed.offload import make_executor  # type: ignore[import-not-found]
+    except ImportError:
+        raise TestbedError(
+            "offload mode is not available in this build (no testbed.offload module)"
+        ) from None
+    return make_executor(root)
+
+
+def main_delegate(args: Any) -> int:
+    """``testbed delegate``: serve until SIGINT/SIGTERM or ``--max-calls``."""
+    offload = load_offload(args.offload_root) if getattr(args, "offload_root", None) else None
+    delegate = Delegate(
+        args.listen,
+        workers=args.workers,
+        delay_us=args.delay_us,
+        offload=offload,
+        max_calls=getattr(args, "max_calls", None),
+    )
+    delegate.bind()
+    quiet = getattr(args, "quiet", False)
+    if not quiet:
+        print(delegate.status_line(), file=sys.stderr, flush=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        delegate.request_stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        delegate.serve_forever()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if not quiet:
+        for line in delegate.accounting_lines():
+            print(line, file=sys.stderr)
+        n_clients = len(delegate.stats())
+        print(
+            f"testbed delegate: stopped after {delegate.answered} calls from {n_clients} clients",
+            file=sys.stderr,
+            flush=True,
+        )
+    return 0
