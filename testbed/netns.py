@@ -1,0 +1,338 @@
+"""Network-namespace topologies for tests: real nodes with their own addresses.
+
+    with Topology(["compute", "delegate"]) as topo:
+        d = topo.popen("delegate", ["python3", "-m", "testbed", "delegate",
+                                    "--listen", f"tcp://{topo.addr('delegate')}:5555"])
+        topo.run("compute", ["python3", "client.py", topo.addr("delegate")], check=True)
+
+Each topology creates its own namespaces named ``tb-<pid>-<seq>-<node>``,
+with loopback up, joined by veth: two nodes get one veth pair (``eth0`` at
+both ends); more nodes get a hub namespace ``tb-<pid>-<seq>-hub`` holding a
+bridge, each node's ``eth0`` patched into it.  Addresses come from a private
+/24 (default ``10.213.<seq % 250>.0/24``, node *k* gets ``.k+1``) that exists
+only inside these namespaces: nothing is added to the root namespace.
+
+Cleanup is guaranteed on exit of the ``with`` block (also on exceptions), by
+:meth:`Topology.close`, and at interpreter exit: every process started
+through :meth:`popen` / :meth:`run` and every process still inside one of the
+namespaces is killed, then the namespaces are deleted.  The helper refuses to
+delete or enter any namespace it did not create.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from testbed.errors import TestbedError
+
+PREFIX = "tb"
+_NODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,19}$")
+_seq = itertools.count()
+_live: weakref.WeakSet[Topology] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+class NetnsError(TestbedError):
+    """Creating, entering or removing a namespace failed."""
+
+
+def available() -> tuple[bool, str]:
+    """Whether namespaces can be created here, and why not."""
+    if os.geteuid() != 0:
+        return False, "network namespaces need root"
+    if shutil.which("ip") is None:
+        return False, "iproute2 ('ip') is not installed"
+    return True, ""
+
+
+def list_namespaces() -> list[str]:
+    """Names of all named network namespaces (``ip netns list``)."""
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _ip(*argv: str) -> None:
+    proc = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise NetnsError(f"ip {' '.join(argv)}: {err}")
+
+
+class Topology:
+    """N network namespaces joined by veth (a pair, or a star around a bridge)."""
+
+    def __init__(self, nodes: int | Sequence[str] = 2, subnet: str | None = None):
+        names = [f"n{i}" for i in range(nodes)] if isinstance(nodes, int) else list(nodes)
+        if len(names) < 1:
+            raise NetnsError("a topology needs at least one node")
+        if len(set(names)) != len(names):
+            raise NetnsError(f"duplicate node names in {names}")
+        for name in names:
+            if not _NODE_NAME.match(name) or name == "hub":
+                raise NetnsError(f"bad node name {name!r} (lower-case letters, digits, _)")
+        seq = next(_seq)
+        self.tag = f"{PREFIX}-{os.getpid()}-{seq}"
+        net = ipaddress.ip_network(subnet or f"10.213.{seq % 250}.0/24")
+        if net.prefixlen != 24 or not net.is_private:
+            raise NetnsError(f"subnet {net} must be a private /24")
+        self.subnet = net
+        self.nodes = names
+        self._ns = {n: f"{self.tag}-{n}" for n in names}
+        self._addr = {n: str(net.network_address + i + 1) for i, n in enumerate(names)}
+        self._hub = f"{self.tag}-hub" if len(names) > 2 else None
+        self._created: list[str] = []  # namespaces this object created, in order
+        self._procs: list[subprocess.Popen] = []
+        self._closed = False
+
+    # ------------------------------------------------------------ names
+
+    def ns(self, node: str) -> str:
+        """The namespace name of ``node`` (a node name or its namespace name)."""
+        if node in self._ns:
+            return self._ns[node]
+        if node in self._ns.values():
+            return node
+        raise NetnsError(f"{node!r} is not a node of topology {self.tag}")
+
+    def addr(self, node: str) -> str:
+        """The IPv4 address of ``node`` on the topology's /24."""
+        ns = self.ns(node)
+        return next(a for n, a in self._addr.items() if self._ns[n] == ns)
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace this topology created (nodes and hub)."""
+        return list(self._created)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Topology:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def up(self) -> Topology:
+        """Create the namespaces and links; on any failure undo everything."""
+        ok, why = available()
+        if not ok:
+            raise NetnsError(why)
+        with _live_lock:
+            _live.add(self)
+        try:
+            for name in [*self._ns.values(), *([self._hub] if self._hub else [])]:
+                self._add_ns(name)
+            if self._hub is None and len(self.nodes) == 2:
+                a, b = (self._ns[n] for n in self.nodes)
+                _ip(
+                    "-n",
+                    a,
+                    "link",
+                    "add",
+                    "eth0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    b,
+                )
+            elif self._hub is not None:
+                _ip("-n", self._hub, "link", "add", "br0", "type", "bridge")
+                _ip("-n", self._hub, "link", "set", "br0", "up")
+                for i, node in enumerate(self.nodes):
+                    port = f"p{i}"
+                    ns = self._ns[node]
+                    _ip(
+                        "-n",
+                        self._hub,
+                        "link",
+                        "add",
+                        port,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "eth0",
+                        "netns",
+                        ns,
+                    )
+                    _ip("-n", self._hub, "link", "set", port, "master", "br0")
+                    _ip("-n", self._hub, "link", "set", port, "up")
+            for node in self.nodes if len(self.nodes) > 1 else []:
+                ns = self._ns[node]
+                _ip("-n", ns, "addr", "add", f"{self._addr[node]}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _add_ns(self, name: str) -> None:
+        if name in list_namespaces():
+            raise NetnsError(f"namespace {name} already exists; refusing to reuse it")
+        _ip("netns", "add", name)
+        self._created.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def close(self) -> None:
+        """Kill every process started here or left in the namespaces; delete them."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            _kill_tree(proc)
+        for name in reversed(self._created):
+            _kill_namespace_pids(name)
+        errors = []
+        for name in reversed(self._created):
+            try:
+                _ip("netns", "delete", name)
+            except NetnsError as exc:
+                errors.append(str(exc))
+        self._created.clear()
+        with _live_lock:
+            _live.discard(self)
+        if errors:
+            raise NetnsError("; ".join(errors))
+
+    # ------------------------------------------------------------ processes
+
+    def exec_argv(self, node: str, argv: Sequence[str]) -> list[str]:
+        """``ip netns exec NS argv...`` for a node of this topology."""
+        ns = self.ns(node)
+        if self._closed or ns not in self._created:
+            raise NetnsError(f"namespace {ns} is not up (topology closed or not created)")
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def popen(self, node: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start ``argv`` inside ``node``; it is killed on :meth:`close`."""
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(self.exec_argv(node, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run(
+        self,
+        node: str,
+        argv: Sequence[str],
+        timeout: float = 60,
+        check: bool = False,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside ``node`` to completion (bounded by ``timeout``)."""
+        if "capture_output" in kwargs:
+            capture = kwargs.pop("capture_output")
+            if capture:
+                kwargs.setdefault("stdout", subprocess.PIPE)
+                kwargs.setdefault("stderr", subprocess.PIPE)
+        inp = kwargs.pop("input", None)
+        if inp is not None:
+            kwargs["stdin"] = subprocess.PIPE
+        proc = self.popen(node, argv, **kwargs)
+        try:
+            out, err = proc.communicate(inp, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            raise NetnsError(
+                f"{' '.join(argv)} in {node} did not finish within {timeout:g} s"
+            ) from None
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check:
+            result.check_returncode()
+        return result
+
+
+class NetnsPair(Topology):
+    """Two namespaces joined by one veth pair: ``pair.a`` and ``pair.b``."""
+
+    def __init__(self, a: str = "a", b: str = "b", subnet: str | None = None):
+        super().__init__([a, b], subnet=subnet)
+        self.a, self.b = a, b
+
+
+# ---------------------------------------------------------------- cleanup helpers
+
+
+def _kill_tree(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """SIGTERM the process group of ``proc``, SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    sig_target = pgid if pgid == proc.pid else None
+
+    def send(sig: int) -> None:
+        try:
+            if sig_target is not None:
+                os.killpg(sig_target, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _namespace_pids(name: str) -> list[int]:
+    proc = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30, check=False
+    )
+    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+
+
+def _kill_namespace_pids(name: str, grace: float = 2.0) -> None:
+    """Kill every process still living in namespace ``name`` (one we created)."""
+    pids = _namespace_pids(name)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = _namespace_pids(name)
+    _signal_all(pids, signal.SIGKILL)
+
+
+def _signal_all(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@atexit.register
+def _close_all() -> None:
+    with _live_lock:
+        live = list(_live)
+    for topo in live:
+        try:
+            topo.close()
+        except TestbedError:
+            pass
