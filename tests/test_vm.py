@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,19 +62,48 @@ modprobe dummy && echo "MODPROBE=ok"
 echo "DUMMY_SYSFS=$(cat /sys/module/dummy/initstate 2>&1)"
 echo "LSMOD_DUMMY=$(lsmod | awk '$1 == "dummy" {{print $1}}')"
 echo "MODDIR=$(ls -d /lib/modules/$(uname -r)/kernel)"
+insmod {hello_ko} && echo "INSMOD_HELLO=$(cat /sys/module/tbhello/initstate)" && rmmod tbhello
+dmesg | grep -q "tbhello: loaded" && echo DMESG_HELLO=ok
 echo "PYTHON=$(python3 -c 'import sys, testbed; print(sys.version_info[0], testbed.__name__)')"
 echo "CWD=$(pwd)"
 echo to-stderr >&2
 """
 
 
+HELLO_C = r"""
+// SPDX-License-Identifier: GPL-2.0
+#include <linux/module.h>
+static int __init tbhello_init(void) { pr_info("tbhello: loaded\n"); return 0; }
+static void __exit tbhello_exit(void) { }
+module_init(tbhello_init);
+module_exit(tbhello_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory):
+def hello_ko(tmp_path_factory) -> Path:
+    """A trivial module built by vm.build_module for the guest kernel."""
+    src = tmp_path_factory.mktemp("hello-src")
+    (src / "tbhello.c").write_text(HELLO_C)
+    (src / "Kbuild").write_text("obj-m := tbhello.o\n")
+    (src / "Makefile").write_text(
+        "KDIR ?= /lib/modules/$(shell uname -r)/build\n"
+        "modules:\n\t$(MAKE) -C $(KDIR) M=$(CURDIR) modules\n"
+    )
+    (ko,) = vm.build_module(src, build_dir=tmp_path_factory.mktemp("hello-build"))
+    return ko
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory, hello_ko):
     hostdir = tmp_path_factory.mktemp("vm-host")
     (hostdir / "from-host").write_text("host data\n")
     results = tmp_path_factory.mktemp("vm-results")
     (results / "to-guest").write_text("hello guest\n")
-    script = PROBE_SCRIPT.format(hostroot=vm.HOSTROOT_DIR, hostdir=hostdir, results=vm.RESULTS_DIR)
+    script = PROBE_SCRIPT.format(
+        hostroot=vm.HOSTROOT_DIR, hostdir=hostdir, results=vm.RESULTS_DIR, hello_ko=hello_ko
+    )
     t0 = time.monotonic()
     result = vm.run(script, share=results, cwd=str(hostdir), timeout=300)
     wall = time.monotonic() - t0
@@ -120,6 +150,14 @@ def test_guest_kernel_modules_load(probe):
     assert f["MODDIR"] == f"/lib/modules/{version}/kernel"
 
 
+def test_built_module_loads_in_guest(probe, hello_ko):
+    result, _, _ = probe
+    f = _fields(result.output)
+    assert hello_ko.name == "tbhello.ko"
+    assert f.get("INSMOD_HELLO") == "live", result.output
+    assert f.get("DMESG_HELLO") == "ok"
+
+
 def test_timeout_kills_qemu():
     t0 = time.monotonic()
     with pytest.raises(vm.VMTimeout) as info:
@@ -134,7 +172,7 @@ def test_timeout_kills_qemu():
 
 def test_cli_run_output_and_exit_status():
     proc = subprocess.run(
-        ["python3", "-m", "testbed", "vm", "run", "--timeout", "300", "--", "sh", "-c",
+        [sys.executable, "-m", "testbed", "vm", "run", "--timeout", "300", "--", "sh", "-c",
          "echo out; echo err >&2; exit 3"],
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
