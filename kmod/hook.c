@@ -163,9 +163,10 @@ static int mktrace_hook_resolve(unsigned int nr, unsigned long *addrp)
 
 	if (!addr || addr == mktrace_ni_syscall)
 		return -EINVAL;
+	/* SYSCALL_DEFINE0 handlers are aliases of their __do_sys_ body. */
 	sprint_symbol_no_offset(name, addr);
-	if (strncmp(name, "__x64_sys_", 10)) {
-		pr_warn("syscall %u: handler %s is not an __x64_sys_ entry\n", nr, name);
+	if (strncmp(name, "__x64_sys_", 10) && strncmp(name, "__do_sys_", 9)) {
+		pr_warn("syscall %u: handler %s is not a syscall entry\n", nr, name);
 		return -EINVAL;
 	}
 	*addrp = addr;

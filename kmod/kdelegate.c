@@ -5,11 +5,17 @@
  * The paper's mktrace handed each forwarded call to a kernel thread on
  * another CPU that spun for the forwarding delay.  Here a caller queues a
  * request on its stack, wakes the thread "mktrace/N" (pinned to CPU N) and
- * sleeps; the thread spins delay_ns for the way to the delegate and
+ * waits; the thread spins delay_ns for the way to the delegate and
  * delay_ns for the way back, then completes the request.  The caller then
  * runs the original handler in its own context: no borrowed mm or
  * credentials, no TLB flush.  What a call costs beyond 2 * delay_ns is the
- * handoff (queueing, two wake-ups, two context switches).
+ * handoff.
+ *
+ * Both sides poll before they sleep, as a shared-memory delegation channel
+ * would: the thread looks for new work for poll_us after each request, the
+ * caller spins for its reply for 2 * delay_ns + poll_us.  Only then do they
+ * fall back to a wait queue / completion (wake-ups cost several µs on
+ * hardware and milliseconds under QEMU TCG).  poll_us=0 disables polling.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -19,6 +25,7 @@
 #include <linux/ktime.h>
 #include <linux/list.h>
 #include <linux/sched.h>
+#include <linux/sched/signal.h>
 #include <linux/spinlock.h>
 #include <linux/wait.h>
 
@@ -59,6 +66,20 @@ static void mktrace_spin(u64 ns)
 	}
 }
 
+/* Spin until the delegate completed @r; false on timeout or fatal signal. */
+static bool mktrace_kd_poll_done(struct mktrace_kreq *r, u64 budget_ns)
+{
+	u64 end = ktime_get_ns() + budget_ns;
+
+	while (!completion_done(&r->done)) {
+		if (fatal_signal_pending(current) || ktime_get_ns() > end)
+			return false;
+		cpu_relax();
+		cond_resched();
+	}
+	return true;
+}
+
 static struct mktrace_kreq *mktrace_kd_next(void)
 {
 	struct mktrace_kreq *r;
@@ -76,14 +97,25 @@ static struct mktrace_kreq *mktrace_kd_next(void)
 static int mktrace_kd_main(void *unused)
 {
 	struct mktrace_kreq *r;
+	u64 idle_since;
 
 	while (!kthread_should_stop()) {
 		wait_event_interruptible(mktrace_kd.wq, !list_empty_careful(&mktrace_kd.queue) ||
 					 kthread_should_stop());
-		while ((r = mktrace_kd_next())) {
-			mktrace_spin(r->delay_ns);	/* caller -> delegate */
-			mktrace_spin(r->delay_ns);	/* delegate -> caller */
-			complete(&r->done);
+		idle_since = ktime_get_ns();
+		while (!kthread_should_stop()) {
+			r = mktrace_kd_next();
+			if (r) {
+				mktrace_spin(r->delay_ns);	/* caller -> delegate */
+				mktrace_spin(r->delay_ns);	/* delegate -> caller */
+				complete(&r->done);
+				idle_since = ktime_get_ns();
+				continue;
+			}
+			if (ktime_get_ns() - idle_since >= mktrace_poll_ns)
+				break;
+			cpu_relax();
+			cond_resched();
 		}
 	}
 	return 0;
@@ -106,6 +138,8 @@ void mktrace_kdelegate_forward(u64 delay_ns, struct mktrace_verdict *v)
 	spin_unlock(&mktrace_kd.lock);
 	wake_up(&mktrace_kd.wq);
 
+	if (mktrace_poll_ns && mktrace_kd_poll_done(&r, 2 * delay_ns + mktrace_poll_ns))
+		return;
 	if (!wait_for_completion_killable(&r.done))
 		return;
 	spin_lock(&mktrace_kd.lock);

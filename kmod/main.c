@@ -20,11 +20,19 @@
 
 static int delegate_cpu = -1;
 module_param(delegate_cpu, int, 0444);
-MODULE_PARM_DESC(delegate_cpu, "CPU the kthread-mode delegate thread is pinned to (-1: last online CPU)");
+MODULE_PARM_DESC(delegate_cpu,
+		 "CPU the kthread-mode delegate thread is pinned to (-1: last online CPU)");
+
+static unsigned int poll_us = 200;
+module_param(poll_us, uint, 0444);
+MODULE_PARM_DESC(poll_us,
+		 "kthread mode: how long the delegate and a caller poll before sleeping, in us (0: never)");
+u64 mktrace_poll_ns;
 
 unsigned int mktrace_default_timeout_ms = 5000;
 module_param_named(default_timeout_ms, mktrace_default_timeout_ms, uint, 0644);
-MODULE_PARM_DESC(default_timeout_ms, "Relay-mode per-call timeout of a new session, in ms (1..3600000)");
+MODULE_PARM_DESC(default_timeout_ms,
+		 "Relay-mode per-call timeout of a new session, in ms (1..3600000)");
 
 static int __init mktrace_init(void)
 {
@@ -34,6 +42,11 @@ static int __init mktrace_init(void)
 		pr_err("default_timeout_ms=%u is outside 1..3600000\n", mktrace_default_timeout_ms);
 		return -EINVAL;
 	}
+	if (poll_us > 1000000) {
+		pr_err("poll_us=%u is above 1000000\n", poll_us);
+		return -EINVAL;
+	}
+	mktrace_poll_ns = (u64)poll_us * NSEC_PER_USEC;
 	err = mktrace_hooks_init();
 	if (err)
 		return err;

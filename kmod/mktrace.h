@@ -101,6 +101,7 @@ struct mktrace_session {
 
 /* main.c */
 extern unsigned int mktrace_default_timeout_ms;
+extern u64 mktrace_poll_ns;
 
 /* hook.c */
 int mktrace_hooks_init(void);

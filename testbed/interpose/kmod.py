@@ -7,10 +7,10 @@ the header and checks that both agree), wraps ``/dev/mktrace`` in
 protocol in :class:`KmodBackend`.
 
 A session is one open file of the device.  The backend opens it, sets the
-mode and the forwarded set, and launches a *fresh* helper process
-(``python -m testbed.interpose.kmod _exec``) that inherits the file, registers
-itself as the session's target and ``exec``s the program: the relay process,
-which runs ZeroMQ threads, never forks.
+mode and the forwarded set, and launches a *fresh* helper process (a tiny
+``python -I -S`` script, :func:`helper_argv`) that inherits the file,
+registers itself as the session's target and ``exec``s the program: the relay
+process, which runs ZeroMQ threads, never forks.
 
 Command line (drives kthread mode without a relay, prints per-call cost)::
 
@@ -347,38 +347,41 @@ class Device:
 # ------------------------------------------------------------ launcher
 
 
+# Runs in the fresh helper (``python -I -S``: no site, no project import, fast
+# start): mark the session fd close-on-exec, register, exec the program.
+_HELPER = """\
+import fcntl, os, sys
+fd, request, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4:]
+os.set_inheritable(fd, False)
+try:
+    fcntl.ioctl(fd, request)
+except OSError as exc:
+    sys.stderr.write("testbed: error: mktrace register failed: %s\\n" % exc.strerror)
+    sys.exit(126)
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write("testbed: error: cannot execute %s: %s\\n" % (argv[0], exc.strerror))
+sys.exit(127)
+"""
+
+
+def helper_argv(fd: int, argv: list[str]) -> list[str]:
+    """Command line of the helper that registers on session ``fd`` and execs ``argv``."""
+    if not argv:
+        raise TestbedError("no program given")
+    return [sys.executable, "-I", "-S", "-c", _HELPER, str(fd), str(IOC_REGISTER), "--", *argv]
+
+
 def launch_registered(
     device: Device, argv: list[str], env: dict[str, str] | None = None, **popen
 ) -> subprocess.Popen:
-    """Start ``argv`` in a fresh helper that registers itself on ``device`` then execs."""
-    if not argv:
-        raise TestbedError("no program given")
-    cmd = [
-        sys.executable,
-        "-m",
-        "testbed.interpose.kmod",
-        "_exec",
-        "--fd",
-        str(device.fd),
-        "--",
-        *argv,
-    ]
-    return subprocess.Popen(cmd, env=env, pass_fds=(device.fd,), **popen)
+    """Start ``argv`` in a fresh helper that registers itself on ``device`` then execs.
 
-
-def _exec_helper(fd: int, argv: list[str]) -> int:
-    """Inside the helper: register on the inherited session, drop the fd, exec."""
-    os.set_inheritable(fd, False)
-    try:
-        Device(fd=fd).register()
-    except OSError as exc:
-        print(f"testbed: error: mktrace register failed: {exc.strerror}", file=sys.stderr)
-        return 126
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        print(f"testbed: error: cannot execute {argv[0]}: {exc.strerror}", file=sys.stderr)
-    return 127
+    The caller (the relay, which runs ZeroMQ threads) never forks itself:
+    ``subprocess`` spawns the helper, which inherits the session's open file.
+    """
+    return subprocess.Popen(helper_argv(device.fd, argv), env=env, pass_fds=(device.fd,), **popen)
 
 
 # ------------------------------------------------------------ process memory
@@ -595,9 +598,6 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("program", nargs=argparse.REMAINDER)
     s = sub.add_parser("status", help="check that the module is loaded")
     s.add_argument("--device", default=DEVICE)
-    e = sub.add_parser("_exec", help=argparse.SUPPRESS)
-    e.add_argument("--fd", type=int, required=True)
-    e.add_argument("program", nargs=argparse.REMAINDER)
     return p
 
 
@@ -607,8 +607,6 @@ def main(argv: list[str] | None = None) -> int:
     if prog[:1] == ["--"]:
         prog = prog[1:]
     args.program = prog
-    if args.verb == "_exec":
-        return _exec_helper(args.fd, prog)
     try:
         if args.verb == "kthread":
             if not prog:
