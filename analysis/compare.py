@@ -7,9 +7,10 @@ returned as tidy pandas tables, one row per observation.
 Matching: a delegated run belongs to the *workload* named by its command
 line (``" ".join(command)``); its native time ``t_nd`` is taken, in order,
 from ``run.json["native"]["wall_s"]``, from delegated runs of the same command
-with nothing forwarded, from the intercept of the whole-run fit (runs of the
-command with different forwarded sets), or from a profile of the same
-command (its traced wall time, an overestimate by the tracer's overhead).
+with nothing forwarded, from a profile of the same command (its traced wall
+time, an overestimate by the tracer's overhead), or else from the intercept
+of the whole-run fit (runs of the command with different forwarded sets; only
+fits with a positive f_c are used).
 
 The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
 ``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
@@ -175,8 +176,7 @@ def native_times(
 ) -> dict[str, tuple[float, str]]:
     """``{command: (t_nd seconds, source)}`` following the module's order.
 
-    ``intercepts`` (from :func:`whole_run_intercepts`) rank after runs with
-    nothing forwarded and before traced profile wall times.
+    ``intercepts`` (from :func:`whole_run_intercepts`) are the last resort.
     """
     out: dict[str, tuple[float, str]] = {}
     by_key: dict[str, list[float]] = {}
@@ -191,12 +191,12 @@ def native_times(
             zero.setdefault(r.key, []).append(r.wall)
     for k, v in zero.items():
         out[k] = (float(np.median(v)), "run with nothing forwarded")
-    for k, v in (intercepts or {}).items():
-        if k not in out:
-            out[k] = (v, "whole-run fit intercept")
     for p in profiles:
         if p.key not in out:
             out[p.key] = (p.wall, "profile wall (traced)")
+    for k, v in (intercepts or {}).items():
+        if k not in out:
+            out[k] = (v, "whole-run fit intercept")
     return out
 
 
@@ -206,8 +206,10 @@ def whole_run_intercepts(runs: list[DelegatedRun], native: dict) -> dict[str, fl
     for rs in by_mechanism(runs).values():
         obs = whole_run_obs(rs, native)
         if len(obs) and (obs["x"] > 0).any():
-            for k, v in fit.whole_run(obs).intercepts.items():
-                acc.setdefault(k, []).append(v)
+            w = fit.whole_run(obs)
+            if w.f_c.value > 0:
+                for k, v in w.intercepts.items():
+                    acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
@@ -257,9 +259,9 @@ def fit_mechanisms(runs: list[DelegatedRun], native: dict, level: float = 0.95) 
         sz = fit.size_aware(fc, size, level)
         row.update(
             alpha_s=sz.alpha.value,
-            beta_s_per_byte=sz.beta.value,
-            beta_lo=sz.beta.lo,
-            beta_hi=sz.beta.hi,
+            beta_ns_per_byte=sz.beta.value * 1e9,
+            beta_lo_ns_per_byte=sz.beta.lo * 1e9,
+            beta_hi_ns_per_byte=sz.beta.hi * 1e9,
             beta_p=sz.p_value,
             size_significant=sz.significant,
         )
