@@ -76,6 +76,15 @@ class OffloadExecutor(Protocol):
     def forget(self, client: bytes) -> None: ...
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """Catch what libzmq would silently accept (a TCP port above 65535 wraps)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        port = rest.rpartition(":")[2]
+        if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
+            raise TestbedError(f"cannot listen on {endpoint}: port must be 0-65535 or *")
+
+
 class _Client:
     """Accounting of one client (one ROUTER identity) within one thread."""
 
@@ -176,7 +185,8 @@ class _Handler:
             )
         mono = time.monotonic_ns
         if self.delay_ns:
-            _spin_until(mono() + self.delay_ns, self.yield_gil)
+            # the emulated link delay counts from when the frame was taken off the socket
+            _spin_until(t_recv + self.delay_ns, self.yield_gil)
         if call.mode == "offload":
             t_exec_start = mono()
             ret, err, outbufs = offload.execute(ident, call)
@@ -327,6 +337,7 @@ class Delegate:
         """Create the ROUTER socket and bind it; return the bound endpoint."""
         if self._endpoint is not None:
             return self._endpoint
+        _check_endpoint(self.listen)
         ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -413,11 +424,13 @@ class Delegate:
                 self.on_stop()
 
     def _close(self) -> None:
+        """Close the sockets (bounded linger) and the context; idempotent."""
         if self._router is not None:
             self._router.close(CLOSE_LINGER_MS)
             self._router = None
         if self._ctx is not None:
-            self._ctx.term()
+            ctx, self._ctx = self._ctx, None
+            ctx.term()
 
     def _serve_direct(self) -> None:
         """``workers == 1``: serve the ROUTER in this thread, no inproc hop."""
@@ -553,18 +566,21 @@ def main_delegate(args: Any) -> int:
         offload=offload,
         max_calls=getattr(args, "max_calls", None),
     )
-    delegate.bind()
     quiet = getattr(args, "quiet", False)
-    if not quiet:
-        print(delegate.status_line(), file=sys.stderr, flush=True)
 
     def on_signal(signum: int, frame: object) -> None:
         delegate.request_stop()
 
+    # handlers first: a signal arriving right after the status line must stop us cleanly
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        delegate.serve_forever()
+        delegate.bind()
+        if not quiet:
+            print(delegate.status_line(), file=sys.stderr, flush=True)
+        if not delegate._stop_requested:
+            delegate.serve_forever()
     finally:
+        delegate._close()
         for s, h in old.items():
             signal.signal(s, h)
     if not quiet:
