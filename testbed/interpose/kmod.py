@@ -27,6 +27,8 @@ import errno as errno_mod
 import fcntl
 import json
 import os
+import select
+import shutil
 import subprocess
 import sys
 import time
@@ -348,40 +350,54 @@ class Device:
 
 
 # Runs in the fresh helper (``python -I -S``: no site, no project import, fast
-# start): mark the session fd close-on-exec, register, exec the program.
+# start): mark the session fd close-on-exec, register, exec the program.  A
+# failure is one line on the status fd (or stderr without one), exit 126/127.
 _HELPER = """\
 import fcntl, os, sys
-fd, request, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4:]
+fd, request, status, argv = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[5:]
 os.set_inheritable(fd, False)
+if status >= 0:
+    os.set_inheritable(status, False)
+def fail(msg, code):
+    os.write(status if status >= 0 else 2, (msg + "\\n").encode())
+    sys.exit(code)
 try:
     fcntl.ioctl(fd, request)
 except OSError as exc:
-    sys.stderr.write("testbed: error: mktrace register failed: %s\\n" % exc.strerror)
-    sys.exit(126)
+    fail("mktrace register failed: %s" % exc.strerror, 126)
 try:
     os.execvp(argv[0], argv)
 except OSError as exc:
-    sys.stderr.write("testbed: error: cannot execute %s: %s\\n" % (argv[0], exc.strerror))
-sys.exit(127)
+    fail("cannot execute %s: %s" % (argv[0], exc.strerror), 127)
 """
 
 
-def helper_argv(fd: int, argv: list[str]) -> list[str]:
+def helper_argv(fd: int, argv: list[str], status_fd: int = -1) -> list[str]:
     """Command line of the helper that registers on session ``fd`` and execs ``argv``."""
     if not argv:
         raise TestbedError("no program given")
-    return [sys.executable, "-I", "-S", "-c", _HELPER, str(fd), str(IOC_REGISTER), "--", *argv]
+    return [
+        sys.executable, "-I", "-S", "-c", _HELPER,
+        str(fd), str(IOC_REGISTER), str(status_fd), "--", *argv,
+    ]  # fmt: skip
 
 
 def launch_registered(
-    device: Device, argv: list[str], env: dict[str, str] | None = None, **popen
+    device: Device,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    status_fd: int = -1,
+    **popen,
 ) -> subprocess.Popen:
     """Start ``argv`` in a fresh helper that registers itself on ``device`` then execs.
 
     The caller (the relay, which runs ZeroMQ threads) never forks itself:
     ``subprocess`` spawns the helper, which inherits the session's open file.
     """
-    return subprocess.Popen(helper_argv(device.fd, argv), env=env, pass_fds=(device.fd,), **popen)
+    if shutil.which(argv[0] if argv else "", path=(env or os.environ).get("PATH")) is None:
+        raise BackendError(f"program not found: {argv[0] if argv else '(none)'}")
+    fds = (device.fd,) if status_fd < 0 else (device.fd, status_fd)
+    return subprocess.Popen(helper_argv(device.fd, argv, status_fd), env=env, pass_fds=fds, **popen)
 
 
 # ------------------------------------------------------------ process memory
@@ -435,16 +451,31 @@ def read_process_memory(tid: int, addr: int, length: int) -> bytes:
 # ------------------------------------------------------------ backend
 
 
+EXEC_NRS = (59, 322)  # execve, execveat: always trapped in relay mode (launch time)
+
+
 class KmodBackend:
-    """Relay-mode interposition through ``/dev/mktrace`` (see the module docstring)."""
+    """Relay-mode interposition through ``/dev/mktrace`` (see the module docstring).
+
+    ``timeout_s`` is the module's per-call safety net (a relay that is alive
+    but stuck); a relay that dies closes the device, which releases every
+    caller at once.  ``release_action`` ("continue" or "eio") is what a
+    released call does.  As in the seccomp backend, ``execve``/``execveat`` are
+    always trapped (relay mode) so the program's start is timed
+    (``launched_at_ns``, ``start_rusage``); they are forwarded only if asked.
+    ``Trap.t_trap`` is the module's CLOCK_MONOTONIC stamp taken when the call
+    entered the kernel (same clock as ``time.monotonic_ns``), so a call's
+    overhead includes the wake-up of the relay.
+    """
 
     name = "kmod"
+    blocking_receive = False
 
     def __init__(
         self,
         forwarded: frozenset[int],
         mode: str = "relay",
-        timeout_s: float = 5.0,
+        timeout_s: float = 30.0,
         device: str = DEVICE,
         descendants: bool = True,
         release_action: str = "continue",
@@ -456,8 +487,13 @@ class KmodBackend:
             raise BackendError("empty forwarded set")
         self.forwarded = frozenset(forwarded)
         self.mode = mode
-        self._child: subprocess.Popen | None = None
+        self.child: subprocess.Popen | None = None
+        self.launched_at_ns = 0
+        self.start_rusage: tuple[float, float] = (0.0, 0.0)
+        self._launching = True
+        self._status_r = -1
         self._dev = Device(device)
+        trapped = self.forwarded | set(EXEC_NRS) if mode == "relay" else self.forwarded
         try:
             self._dev.set_config(
                 mode,
@@ -466,7 +502,7 @@ class KmodBackend:
                 release_action=release_action,
                 descendants=descendants,
             )
-            self._dev.set_syscalls(self.forwarded)
+            self._dev.set_syscalls(trapped)
         except BaseException:
             self._dev.close()
             raise
@@ -475,11 +511,34 @@ class KmodBackend:
     def device(self) -> Device:
         return self._dev
 
-    def launch(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        if self._child is not None:
+    def launch(
+        self, argv: list[str], env: dict[str, str] | None = None, **popen
+    ) -> subprocess.Popen:
+        """Start ``argv`` registered on this session (``popen``: e.g. ``stdout=``)."""
+        if self.child is not None:
             raise BackendError("KmodBackend launches one program per session")
-        self._child = launch_registered(self._dev, argv, env)
-        return self._child
+        r, w = os.pipe()
+        try:
+            self.child = launch_registered(self._dev, argv, env, status_fd=w, **popen)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self._status_r = r
+        if self.mode == "kthread":
+            self.launched_at_ns = time.monotonic_ns()
+            self._launching = False
+        return self.child
+
+    def launch_error(self) -> str | None:
+        """The helper's message if the program could not be started."""
+        if self._status_r < 0 or not select.select([self._status_r], [], [], 0)[0]:
+            return None
+        return os.read(self._status_r, 4096).decode(errors="replace").strip() or None
+
+    def program_started(self) -> bool:
+        return not self._launching
 
     def fileno(self) -> int:
         return self._dev.fd
@@ -488,7 +547,19 @@ class KmodBackend:
         req = self._dev.read_request()
         if req is None:
             return None
+        if self._launching or (req.nr in EXEC_NRS and req.nr not in self.forwarded):
+            self._internal(req)
+            return None
         return Trap(req.seq, req.tid, req.nr, tuple(req.args), req.ts_ns)
+
+    def _internal(self, req: Request) -> None:
+        """Calls served without forwarding: the helper's own, and execs."""
+        child = self.child
+        if self._launching and child is not None and req.pid == child.pid and req.nr in EXEC_NRS:
+            self.start_rusage = _proc_times(req.pid)
+            self.launched_at_ns = time.monotonic_ns()
+            self._launching = False
+        self._dev.reply(req.seq, REPLY_CONTINUE)
 
     def read_memory(self, tid: int, addr: int, length: int) -> bytes:
         return read_process_memory(tid, addr, length)
@@ -503,13 +574,16 @@ class KmodBackend:
         return self._dev.reply(trap.id, REPLY_RETURN, -errno if errno else value)
 
     def finished(self) -> bool:
+        """True once the registered process is gone and no call awaits a reply."""
+        if self._dev.fd < 0:
+            return True
         st = self._dev.status()
         if st.queued or st.inflight:
             return False
         if st.target_pid:
             return not st.target_alive
         # Not registered yet: finished only if the helper died before registering.
-        return self._child is not None and self._child.poll() is not None
+        return self.child is not None and self.child.poll() is not None
 
     def stats(self) -> dict[int, SyscallStat]:
         """The module's per-syscall counters (count, forwarding time) for this run."""
@@ -517,6 +591,20 @@ class KmodBackend:
 
     def close(self) -> None:
         self._dev.close()
+        if self._status_r >= 0:
+            os.close(self._status_r)
+            self._status_r = -1
+
+
+def _proc_times(pid: int) -> tuple[float, float]:
+    """(user, sys) seconds a process has used so far (clock-tick resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
 
 
 # ------------------------------------------------------------ command line
