@@ -9,7 +9,7 @@ Each topology creates its own namespaces named ``tb-<pid>-<seq>-<node>``,
 with loopback up, joined by veth: two nodes get one veth pair (``eth0`` at
 both ends); more nodes get a hub namespace ``tb-<pid>-<seq>-hub`` holding a
 bridge, each node's ``eth0`` patched into it.  Addresses come from a private
-/24 (default ``10.213.<seq % 250>.0/24``, node *k* gets ``.k+1``) that exists
+/24 (default ``10.231.<seq % 250>.0/24``, node *k* gets ``.k+1``) that exists
 only inside these namespaces: nothing is added to the root namespace.
 
 Cleanup is guaranteed on exit of the ``with`` block (also on exceptions), by
@@ -86,7 +86,7 @@ class Topology:
                 raise NetnsError(f"bad node name {name!r} (lower-case letters, digits, _)")
         seq = next(_seq)
         self.tag = f"{PREFIX}-{os.getpid()}-{seq}"
-        net = ipaddress.ip_network(subnet or f"10.213.{seq % 250}.0/24")
+        net = ipaddress.ip_network(subnet or f"10.231.{seq % 250}.0/24")
         if net.prefixlen != 24 or not net.is_private:
             raise NetnsError(f"subnet {net} must be a private /24")
         self.subnet = net

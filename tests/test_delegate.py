@@ -337,7 +337,7 @@ def test_port_in_use_is_one_line_error_and_nonzero():
     "endpoint, reason",
     [
         ("tcp://127.0.0.1:99999", "port must be 0-65535"),
-        ("tcp://192.0.2.1:5555", "Cannot assign requested address"),  # not an address of ours
+        ("tcp://198.51.100.7:5555", "Cannot assign requested address"),  # not ours (bind only)
         ("tcp://no-such-host.invalid:5555", "cannot listen on"),
         ("ipc:///nonexistent-dir/x/y.sock", "No such file or directory"),
     ],
