@@ -1,0 +1,174 @@
+"""`testbed analyze` and `testbed model` end to end: real runs, synthetic runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.synthetic import delegated_run
+from analysis.workloads import prepare
+
+PY = sys.executable
+FIGURES = ["fig2_naive", "fig3_table1", "fig4_policies_gamma", "fig5_gamma_fc", "fig6_cdf",
+           "fig7_fc_proportion", "fig8_gamma_proportion", "fig9_policies_fc",
+           "measured_vs_predicted", "fc_per_mechanism"]  # fmt: skip
+
+
+def tb(*args, timeout=300):
+    return subprocess.run([PY, "-m", "testbed", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def one_error_line(r) -> str:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("testbed: error:"), r.stderr
+    return lines[0]
+
+
+def check_report(report: Path, inputs: list[Path]) -> str:
+    md = (report / "report.md").read_text()
+    for name in FIGURES:
+        for ext in ("png", "svg"):
+            f = report / "figures" / f"{name}.{ext}"
+            assert f.stat().st_size > 2000, f
+        assert f"figures/{name}.png" in md
+    for p in inputs:
+        assert str(p) in md
+    metas = json.loads((report / "runs.json").read_text())
+    assert sorted(m["path"] for m in metas) == sorted(map(str, inputs))
+    assert all(m["host"].get("kernel") for m in metas)
+    return md
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """A native profile and three delegated runs of gzip through the real relay and delegate."""
+    from testbed.bench import LocalDelegate
+
+    base = tmp_path_factory.mktemp("real")
+    argv = prepare("gzip", base / "in", 0.5)
+    r = tb("profile", "--quiet", "-o", base / "prof", "--", *argv)
+    assert r.returncode == 0, r.stderr
+    paths = [base / "prof"]
+    with LocalDelegate() as d:
+        for i, sel in enumerate((["--forward", "read"], ["--forward", "read,write,close"],
+                                 ["--policy", "min-freq:50%", "--profile", base / "prof"])):  # fmt: skip
+            r = tb(
+                "run",
+                "--quiet",
+                "--delegate",
+                d.endpoint,
+                *sel,
+                "-o",
+                base / f"run{i}",
+                "--",
+                *argv,
+            )
+            assert r.returncode == 0, r.stderr
+            paths.append(base / f"run{i}")
+    return base, paths
+
+
+def test_analyze_real_runs_end_to_end(real_runs):
+    base, paths = real_runs
+    r = tb("analyze", *paths, "-o", base / "report")
+    assert r.returncode == 0, r.stderr
+    md = check_report(base / "report", paths)
+    assert "1 profile(s), 3 delegated run(s)" in md
+    fc = pd.read_csv(base / "report" / "tables" / "fc_per_mechanism.csv")
+    assert list(fc["mechanism"]) == ["seccomp/loopback"]
+    row = fc.iloc[0]
+    assert row["calls"] > 50
+    assert 0 < row["f_c_median_lo_s"] <= row["f_c_median_s"] <= row["f_c_median_hi_s"] < 0.1
+    pvm = pd.read_csv(base / "report" / "tables" / "predicted_vs_measured.csv")
+    assert len(pvm) == 3 and set(pvm["t_nd_source"]) == {"profile wall (traced)"}
+    # predicted = t_nd + 2 f_c sum b n, with the counts the relay recorded
+    runs = pd.read_csv(base / "report" / "tables" / "runs.csv").set_index("run")
+    for _, p in pvm.iterrows():
+        assert p["forwarded_calls"] == runs.loc[p["run"], "forwarded_calls"] > 0
+        assert p["predicted_t_d_s"] == pytest.approx(
+            p["t_nd_s"] + 2 * p["f_c_s"] * p["forwarded_calls"]
+        )
+    cv = pd.read_csv(base / "report" / "tables" / "cross_validation.csv")
+    assert len(cv) == 6  # three policies, every ordered pair
+
+
+def test_analyze_synthetic_known_answer(tmp_path, real_runs):
+    base, paths = real_runs
+    prof = paths[0]
+    cmd = json.loads((prof / "run.json").read_text())["command"]
+    runs = []
+    for i, fwd in enumerate(({"read": 500}, {"read": 2000, "write": 800}, {"close": 100})):
+        runs.append(delegated_run(tmp_path / f"l{i}", cmd, fwd, 15e-6, 0.5, policy=f"p{i}", seed=i))
+        runs.append(delegated_run(tmp_path / f"r{i}", cmd, fwd, 90e-6, 0.5, policy=f"p{i}",
+                                  endpoint="tcp://10.200.0.2:5555", seed=10 + i))  # fmt: skip
+    r = tb("analyze", prof, *runs, "-o", tmp_path / "rep", "--policy", "max-freq:20%")
+    assert r.returncode == 0, r.stderr
+    md = check_report(tmp_path / "rep", [prof, *runs])
+    assert "`max-freq:20%`" in md
+    fc = pd.read_csv(tmp_path / "rep" / "tables" / "fc_per_mechanism.csv").set_index("mechanism")
+    for mech, truth in (("seccomp/loopback", 15e-6), ("seccomp/remote", 90e-6)):
+        assert fc.loc[mech, "f_c_median_lo_s"] <= truth <= fc.loc[mech, "f_c_median_hi_s"]
+    tab = pd.read_csv(tmp_path / "rep" / "tables" / "same_node_vs_remote.csv").set_index(
+        "mechanism"
+    )
+    gamma10 = [c for c in tab.columns if c.endswith("γ=10")]
+    assert len(gamma10) == 1
+    # a cheaper mechanism never predicts less speedup
+    assert tab.loc["seccomp/loopback", gamma10[0]] >= tab.loc["seccomp/remote", gamma10[0]]
+    pvm = pd.read_csv(tmp_path / "rep" / "tables" / "predicted_vs_measured.csv")
+    assert pvm["rel_error"].abs().max() < 0.01 and set(pvm["t_nd_source"]) == {"run.json native"}
+
+
+def test_analyze_bad_input(tmp_path):
+    assert "no such run directory" in one_error_line(
+        tb("analyze", tmp_path / "missing", "-o", tmp_path / "o")
+    )
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "run.json").write_text("{broken")
+    assert "unreadable" in one_error_line(tb("analyze", tmp_path / "junk", "-o", tmp_path / "o"))
+    d = delegated_run(tmp_path / "ok", ["x"], {"read": 10}, 1e-5, 1.0)
+    assert "unknown policy" in one_error_line(
+        tb("analyze", d, "-o", tmp_path / "o", "--policy", "best:3")
+    )
+    assert "outside 0-100%" in one_error_line(
+        tb("analyze", d, "-o", tmp_path / "o", "--policy", "min-freq:101%")
+    )
+    assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def test_model_prints_table1_and_profiles(tmp_path):
+    r = tb("model", "--table1", "--gamma", "2,10")
+    assert r.returncode == 0, r.stderr
+    gcc = next(line for line in r.stdout.splitlines() if line.strip().startswith("gcc_linux_k"))
+    assert gcc.split()[-1] == "4.76"  # hand-computed S_n(12.23 %, gamma = 10)
+    assert "Extended model" in r.stdout and "bzip2" in r.stdout
+    r = tb(
+        "model",
+        "--gamma",
+        "10",
+        "--fc",
+        "1ms",
+        "--policy",
+        "max-freq:20%",
+        "--plot",
+        tmp_path / "f",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "f" / "fig7_fc_proportion.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [(["--policy", "min-freq:120%"], "outside 0-100%"), (["--policy", "often:2"], "unknown policy"),
+     (["--fc", "fast"], "not a time"), (["--gamma", "0"], "gains must be"),
+     (["--profile", "/nonexistent/run"], "no such run directory")],
+)  # fmt: skip
+def test_model_bad_input(args, msg):
+    assert msg in one_error_line(tb("model", *args))
