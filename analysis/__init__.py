@@ -1,0 +1,66 @@
+"""Analysis of delegation runs: the paper's speedup models, profiles, fitting, figures.
+
+Importable from a notebook; the ``testbed model`` / ``testbed analyze``
+commands are thin layers over this API (see ``docs/analysis.md``)::
+
+    import analysis as A
+
+    A.S_n(0.1223, 10)                              # naive model: 4.76
+    prof = A.load_profile("runs/profile-gzip")     # testbed profile -o ...
+    b = prof.b("min-freq:20%")                     # b(s) of a policy
+    A.S_r(prof.C, prof.g, prof.n, b, gamma=10, f_c=10e-6)
+    A.grid(prof.C, prof.g, prof.n, prof.b_sweep("min-freq", range(0, 101, 10)),
+           gamma=[1, 2, 10], f_c=[1e-6, 1e-5])      # shape (3, 2, 11)
+    profiles, runs = A.load_runs(["runs/prof", "runs/run-1", "runs/run-2"])
+    A.per_call_fc(runs[0].calls).median            # f_c with its 95 % CI
+    A.write_report(["runs/prof", "runs/run-1"], "report")
+
+Modules: ``model`` (maths), ``profiles`` (profiles, Table I), ``fit``
+(f_c estimators), ``compare`` (predicted vs measured, cross-validation,
+mechanisms), ``figures`` (one function per figure), ``report``,
+``workloads`` (small real programs to profile), ``synthetic`` (run
+directories with a known f_c).  Policies live in :mod:`testbed.policy`.
+"""
+
+from analysis.compare import (
+    cross_validate,
+    fit_mechanisms,
+    load_runs,
+    mechanism_table,
+    native_times,
+    predicted_vs_measured,
+)
+from analysis.fit import per_call, per_call_fc, size_aware, whole_run
+from analysis.model import S_n, S_r, grid, p_of, t_d, t_local, t_nd, t_remote
+from analysis.profiles import Profile, load_profile, shipped_profiles, table1
+from analysis.report import write_report
+from testbed.policy import choose, parse_policy, resolve_policy
+
+__all__ = [
+    "S_n",
+    "S_r",
+    "t_nd",
+    "t_d",
+    "t_local",
+    "t_remote",
+    "grid",
+    "p_of",
+    "Profile",
+    "load_profile",
+    "shipped_profiles",
+    "table1",
+    "parse_policy",
+    "choose",
+    "resolve_policy",
+    "per_call",
+    "per_call_fc",
+    "whole_run",
+    "size_aware",
+    "load_runs",
+    "native_times",
+    "fit_mechanisms",
+    "predicted_vs_measured",
+    "cross_validate",
+    "mechanism_table",
+    "write_report",
+]
