@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interposition backend (default seccomp)")
     p.add_argument("--timeout", type=non_negative_float, default=2.0, metavar="SECONDS",
                    help="per-call timeout before a call is released locally (default 2)")
+    p.add_argument("--connect-timeout", type=non_negative_float, default=3.0, metavar="SECONDS",
+                   help="give up if the delegate does not answer the handshake (default 3)")
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")

@@ -389,7 +389,7 @@ def main_run(args) -> int:
     if args.mode != "cost":
         raise TestbedError("offload mode is not implemented yet; use --mode cost")
     out = rundir.create(args.output)
-    ctx, sock, welcome = connect(args.delegate, timeout_s=min(3.0, max(args.timeout, 0.5)),
+    ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
                                  info={"mode": args.mode, "backend": args.backend})  # fmt: skip
     backend = make_backend(args.backend, forwarded)
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from testbed import rundir
+from testbed.relay import connect
 from tests.conftest import run_testbed, strace_counts, tb_argv
 
 THREADS_PY = r"""
@@ -137,6 +138,7 @@ def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_p
     endpoint = f"tcp://127.0.0.1:{port}"
     d = subprocess.Popen(tb_argv("delegate", "--quiet", "--listen", endpoint))
     try:
+        connect(endpoint, timeout_s=30)[1].close()  # started and answering
         slow = "import sys,time\nfor i in range(150):\n    print(i, flush=True); time.sleep(0.01)\n"
         run = subprocess.Popen(
             tb_argv("run", "--delegate", endpoint, "--forward", "write", "--timeout", "0.5",
