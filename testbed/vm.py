@@ -63,6 +63,12 @@ INITRAMFS_MODULES = (
     ("virtio_rng", False),
 )
 SENTINEL = "TESTBED-VM-EXIT-STATUS"
+#: Kernel command line of every boot.  ``mitigations=off``: under TCG the
+#: page-table isolation and speculation barriers of a "vulnerable" emulated CPU
+#: only cost time.  ``panic=-1`` with QEMU's ``-no-reboot`` ends QEMU on a panic.
+BASE_KERNEL_ARGS = (
+    "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check mitigations=off"
+)
 INITRAMFS_FORMAT = 1  # bump when the initramfs layout changes (part of the cache key)
 _MSIZE = 262144
 _INIT_TEMPLATE = Path(__file__).resolve().parent.parent / "kmod" / "vm" / "init.sh"
@@ -609,6 +615,7 @@ def _start(
     kernel: Kernel | None,
     hostroot_cache: str,
     overlay: bool,
+    kernel_args: str = "",
     extra_files: dict[str, tuple[bytes, int]] | None = None,
 ) -> _Boot:
     qemu = find_qemu()
@@ -643,7 +650,7 @@ def _start(
             (ctl / name).write_bytes(data)
             os.chmod(ctl / name, mode)
         cpu_model = os.environ.get("TESTBED_VM_CPU", "max")
-        append = "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check tsc=unstable"
+        append = f"{BASE_KERNEL_ARGS} {kernel_args}".strip()
         argv = [
             qemu, "-nodefaults", "-no-user-config", "-accel", "tcg", "-cpu", cpu_model,
             "-smp", str(cpus), "-m", mem, "-display", "none", "-monitor", "none",
@@ -721,6 +728,7 @@ def run(
     kernel: Kernel | None = None,
     hostroot_cache: str = "loose",
     overlay: bool = True,
+    kernel_args: str = "",
 ) -> VMResult:
     """Boot a guest, run ``command`` as root, power off; return its output and status.
 
@@ -731,6 +739,8 @@ def run(
     read-write at :data:`RESULTS_DIR`.  ``net=True`` adds a NIC (10.0.2.15/24 via
     QEMU user networking, restricted: the guest reaches nothing outside);
     ``hostfwd`` rules ``(host_port, guest_port)`` forward 127.0.0.1 ports into it.
+    ``kernel_args`` are appended to :data:`BASE_KERNEL_ARGS` (later ones win,
+    e.g. ``"mitigations=auto"``).
 
     On timeout QEMU is killed and :class:`VMTimeout` (a :class:`TestbedError`) is
     raised with ``.result`` holding the partial output.  A guest that stops
@@ -740,6 +750,7 @@ def run(
     boot = _start(
         command, share=share, memory=memory, cpus=cpus, net=net, hostfwd=hostfwd, cwd=cwd,
         env=env, kernel=kernel, hostroot_cache=hostroot_cache, overlay=overlay,
+        kernel_args=kernel_args,
     )  # fmt: skip
     try:
         try:
@@ -837,6 +848,7 @@ class Guest:
         boot_timeout: float = 180.0,
         kernel: Kernel | None = None,
         hostroot_cache: str = "loose",
+        kernel_args: str = "",
     ) -> None:
         self.identity: Path | None = Path(identity) if identity else None
         if authorized_key is None and self.identity is not None:
@@ -853,6 +865,7 @@ class Guest:
         self.boot_timeout = boot_timeout
         self.kernel = kernel
         self.hostroot_cache = hostroot_cache
+        self.kernel_args = kernel_args
         self.ssh_port: int = 0
         self.known_hosts: Path | None = None
         self.boot_seconds: float | None = None
@@ -915,7 +928,7 @@ class Guest:
                 _GUEST_SCRIPT, share=self.share, memory=self.memory, cpus=self.cpus, net=True,
                 hostfwd=[(port, 22), *self.extra_hostfwd], cwd="/root", env=None,
                 kernel=self.kernel, hostroot_cache=self.hostroot_cache, overlay=True,
-                extra_files=files,
+                extra_files=files, kernel_args=self.kernel_args,
             )  # fmt: skip
             self._boot = boot
             self.ssh_port = port
