@@ -153,8 +153,10 @@ class Relay:
         recorder: rundir.CallRecorder,
         mode: str = "cost",
         timeout_s: float = 2.0,
+        busy_poll: bool = False,
     ):
         self.backend = backend
+        self.busy_poll = busy_poll
         self.sock = sock
         self.recorder = recorder
         self.mode = mode
@@ -301,6 +303,8 @@ class Relay:
                         self.on_trap(trap)
                         continue
                     timeout_ms = 0
+                elif self.busy_poll and self.inflight:
+                    timeout_ms = 0  # spin while a reply is due: no idle wake-up on the way back
                 else:
                     timeout_ms = self.next_timeout_ms(time.monotonic_ns())
                 events = dict(poller.poll(timeout_ms))
@@ -396,7 +400,8 @@ def main_run(args) -> int:
     started = time.time()
     try:
         child = backend.launch(args.program)
-        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout)
+        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
+                      busy_poll=args.busy_poll)  # fmt: skip
         restore = _forward_signals(child.pid)
         try:
             status, rusage, t_exit = relay.serve(child.pid)
@@ -443,6 +448,7 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
         "forwarded_nrs": sorted(forwarded),
         "endpoint": args.delegate,
         "timeout_s": args.timeout,
+        "busy_poll": args.busy_poll,
         "delegate": welcome,
         "host": host_metadata(),
         "calls": {
