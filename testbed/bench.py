@@ -125,28 +125,35 @@ def measure_native(exe: Path, n: int, size: int, tmp: Path) -> dict:
 
 
 def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
-    """Trap every write and continue it immediately, in this process's event loop."""
+    """Trap every write and continue it at once: the relay's idle path, no network.
+
+    Like the relay with no call in flight, the loop waits inside NOTIF_RECV
+    (where SYNC_WAKE_UP applies); SIGCHLD and the watchdog timer end the wait.
+    """
     from testbed.interpose.seccomp import SeccompBackend
+    from testbed.relay import _start_watchdog, _stop_watchdog
 
     out = tmp / "trap.bin"
     backend = SeccompBackend(frozenset({NR_WRITE}))
     child = backend.launch([str(exe), str(n), str(size), str(out)])
-    poll = select.poll()
-    poll.register(backend.fileno(), select.POLLIN)
+    blocking = _start_watchdog()
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
-            for _fd, ev in poll.poll(1000):
-                if ev & select.POLLIN:
-                    trap = backend.receive()
-                    if trap is not None:
-                        backend.resume_continue(trap)
-            if child.poll() is not None and backend.finished():
+            if not blocking and not select.select([backend.fileno()], [], [], 0.05)[0]:
+                trap = None
+            else:
+                trap = backend.receive()
+            if trap is not None:
+                backend.resume_continue(trap)
+            elif child.poll() is not None and backend.finished():
                 break
         else:
             child.kill()
             raise TestbedError("trap-only measurement did not finish within 120 s")
     finally:
+        if blocking:
+            _stop_watchdog()
         child.wait()
         backend.close()
     if child.returncode != 0:
@@ -177,11 +184,14 @@ def measure_raw_zmq(endpoint: str, n: int, size: int) -> dict:
         sock.close()
 
 
-def measure_forwarded(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
+def measure_forwarded(
+    exe: Path, n: int, size: int, endpoint: str, tmp: Path, busy_poll: bool = False
+) -> dict:
     out = tmp / "fwd.bin"
-    run_dir = tmp / "fwd-run"
+    run_dir = tmp / ("fwd-run-busy" if busy_poll else "fwd-run")
     cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
-           "--forward", "write", "-o", str(run_dir), "--", str(exe), str(n), str(size), str(out)]  # fmt: skip
+           "--forward", "write", "-o", str(run_dir), *(["--busy-poll"] if busy_poll else []),
+           "--", str(exe), str(n), str(size), str(out)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
@@ -244,6 +254,7 @@ def _all(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
         ("trap_only", lambda: measure_trap_only(exe, n, size, tmp)),
         ("raw_zmq", lambda: measure_raw_zmq(endpoint, n, size)),
         ("forwarded", lambda: measure_forwarded(exe, n, size, endpoint, tmp)),
+        ("forwarded_busy", lambda: measure_forwarded(exe, n, size, endpoint, tmp, True)),
     ]
     results: dict = {"endpoint": endpoint, "calls": n, "size": size, "host": host_metadata()}
     for i, (name, fn) in enumerate(steps, 1):
@@ -258,6 +269,7 @@ def format_report(r: dict) -> str:
         ("trap-only (seccomp)", r["trap_only"]),
         ("raw ZeroMQ round trip", r["raw_zmq"]),
         ("full forwarded", r["forwarded"]),
+        ("  with --busy-poll", r["forwarded_busy"]),
     ]
     h = r["host"]
     sync = "yes" if r["trap_only"].get("sync_wakeup") else "no"
@@ -276,6 +288,8 @@ def format_report(r: dict) -> str:
         f"(relay adds {fw['p50_us'] - raw['p50_us']:.2f} µs p50)",
         f"  ratio trap-only/native {trap['p50_us'] / nat['p50_us']:6.2f}  "
         f"(trap adds {trap['p50_us'] - nat['p50_us']:.2f} µs p50)",
+        f"  ratio full/raw-ZeroMQ with --busy-poll "
+        f"{r['forwarded_busy']['p50_us'] / raw['p50_us']:6.2f}",
         f"  f_c estimate (forwarded p50 / 2) {fw['p50_us'] / 2:.2f} µs",
     ]
     if fw.get("faults"):
