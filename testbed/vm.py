@@ -66,9 +66,7 @@ SENTINEL = "TESTBED-VM-EXIT-STATUS"
 #: Kernel command line of every boot.  ``mitigations=off``: under TCG the
 #: page-table isolation and speculation barriers of a "vulnerable" emulated CPU
 #: only cost time.  ``panic=-1`` with QEMU's ``-no-reboot`` ends QEMU on a panic.
-BASE_KERNEL_ARGS = (
-    "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check mitigations=off"
-)
+BASE_KERNEL_ARGS = "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check mitigations=off"
 INITRAMFS_FORMAT = 1  # bump when the initramfs layout changes (part of the cache key)
 _MSIZE = 262144
 _INIT_TEMPLATE = Path(__file__).resolve().parent.parent / "kmod" / "vm" / "init.sh"
@@ -973,6 +971,12 @@ class Guest:
 
     def stop(self) -> None:
         """Kill QEMU and remove the temporary keys (safe to call twice)."""
+        if self.alive and self._keydir is not None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    ["ssh", *self.ssh_options(), "-O", "exit", "root@127.0.0.1"],
+                    capture_output=True, timeout=5,
+                )  # fmt: skip
         self._kill_boot()
         if self._keydir is not None:
             shutil.rmtree(self._keydir, ignore_errors=True)
@@ -1003,6 +1007,10 @@ class Guest:
             "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "ConnectTimeout=20",
             "-o", "LogLevel=ERROR",
+            # one master connection per guest: key exchange is slow under TCG
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={self._keydir}/cm-%C",
+            "-o", "ControlPersist=120",
         ]  # fmt: skip
         if self.identity is not None:
             opts += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
