@@ -75,6 +75,7 @@ WORKLOADS: dict[str, list[str]] = {
     "tar": ["tar", "-cf", "-", "--mtime=@0", "-C", "{dir}", "input.txt"],
 }
 DEFAULT_SIZE_MB = 4.0
+INPUT_MTIME = 1_000_000_000  # fixed mtime of generated inputs
 PLAN_KEYS = {
     "name",
     "repetitions",
@@ -360,6 +361,11 @@ def generate_input(path: Path, size_mb: float, seed: int) -> None:
     """Compressible, reproducible text of ``size_mb`` MB."""
     if path.exists() and path.stat().st_size == int(size_mb * 1e6):
         return
+    _generate(path, size_mb, seed)
+    os.utime(path, (INPUT_MTIME, INPUT_MTIME))  # gzip/tar record it: keep outputs comparable
+
+
+def _generate(path: Path, size_mb: float, seed: int) -> None:
     rng = random.Random(seed)
     lines = [
         " ".join(rng.choice(_WORDS) for _ in range(10)) + f" {rng.randrange(10**6)}\n"

@@ -1,0 +1,192 @@
+"""testbed experiment: plan validation, a real local matrix, resuming.
+
+Runs real workloads through ``testbed run`` against a delegate the
+experiment starts on loopback; the playbook flavour over SSH to namespace
+nodes is in test_provision.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed import experiment, rundir
+
+#: Inherited by everything the tested commands start, so that leftovers of
+#: *these* tests can be told from processes of other test suites.
+MARK = f"TESTBED_TEST_MARK=experiment-{os.getpid()}"
+
+
+def tb(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TESTBED_TEST_MARK=MARK.split("=", 1)[1])
+    return subprocess.run(
+        [sys.executable, "-m", "testbed", *args],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
+    )  # fmt: skip
+
+
+def _delegates() -> set[int]:
+    """pids of running ``testbed delegate`` processes started by these tests."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"testbed" in cmd and b"delegate" in cmd and b"--listen" in cmd:
+            try:
+                env = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if MARK.encode() in env:
+                pids.add(int(d.name))
+    return pids
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("workloads: [gzipp]\nforward: [read]\ndelegates: [local]\n", "unknown workload 'gzipp'"),
+        ("workloads: [gzip]\nforward: ['read,wriet']\ndelegates: [local]\n", "wriet"),
+        ("workloads: [gzip]\nforward: [{policy: 'least:5%'}]\ndelegates: [local]\n", "unknown policy"),
+        ("workloads: [gzip]\nforward: [read]\n", "'delegates' is missing"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: ['tcp://nohost']\n", "expected tcp://HOST:PORT"),
+        ("workloads: [{name: x, command: [no-such-program-xyz]}]\nforward: [read]\ndelegates: [local]\n",
+         "program 'no-such-program-xyz'"),
+        ("workloads: [gzip\n", "not valid YAML"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [local]\nrepeats: 3\n", "unknown key(s) repeats"),
+    ],
+)  # fmt: skip
+def test_bad_plan_is_one_clear_error_and_starts_nothing(tmp_path, body, message):
+    plan = _write(tmp_path / "plan.yml", body)
+    before = _delegates()
+    proc = tb("experiment", str(plan), "-o", str(tmp_path / "results"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("testbed: error: plan "), proc.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "results").exists()
+    assert not _delegates() - before
+
+
+def test_missing_plan_file(tmp_path):
+    proc = tb("experiment", str(tmp_path / "nope.yml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"testbed: error: plan {tmp_path / 'nope.yml'}: no such file"
+
+
+def test_unreachable_delegate_fails_before_any_run(tmp_path):
+    # a loopback port nobody listens on
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plan = _write(
+        tmp_path / "plan.json",
+        json.dumps(
+            {
+                "workloads": [{"name": "cat", "size_mb": 0.1}],
+                "forward": ["read"],
+                "delegates": ["local", {"name": "gone", "endpoint": f"tcp://127.0.0.1:{port}"}],
+            }
+        ),
+    )
+    before = _delegates()
+    proc = tb("experiment", str(plan), "-o", str(tmp_path / "results"))
+    assert proc.returncode == 2
+    assert "testbed: error: delegate gone:" in proc.stderr
+    assert not list((tmp_path / "results").glob("*/*.r1")), "no run may have started"
+    assert not _delegates() - before, "the local delegate must have been stopped"
+
+
+def test_check_counts_the_matrix(tmp_path):
+    plan = _write(
+        tmp_path / "p.yml",
+        "repetitions: 3\nworkloads: [gzip, cat]\nforward: [read, 'read,write']\n"
+        "delegates: [local, 'tcp://127.0.0.1:9']\n",
+    )
+    proc = tb("experiment", str(plan), "--check")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "plan p: valid, 24 runs"
+    cells = experiment.cells(experiment.load_plan(plan))
+    assert len({c.run_id for c in cells}) == 24
+    assert cells[0].run_id == "gzip.read.local.r1"
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_local_matrix_runs_resumes_and_matches_native(tmp_path):
+    plan = _write(
+        tmp_path / "plan.yml",
+        "name: local-smoke\nrepetitions: 1\n"
+        "workloads:\n  - {name: gzip, size_mb: 0.5}\n  - {name: sha256sum, size_mb: 0.5}\n"
+        "forward:\n  - read,write\n  - {policy: 'max-freq:50%'}\n"
+        "delegates: [local]\n",
+    )
+    results = tmp_path / "results"
+    before = _delegates()
+    proc = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
+    assert proc.returncode == 0, proc.stderr
+    assert "ran=4 skipped=0 failed=0" in proc.stdout
+    assert "[4/4]" in proc.stderr  # progress lines
+    assert not _delegates() - before, "the local delegate must be gone"
+
+    runs = sorted(p for p in (results / "here").iterdir() if p.name.endswith(".r1"))
+    assert [p.name for p in runs] == [
+        "gzip.max-freq-50pct.local.r1",
+        "gzip.read+write.local.r1",
+        "sha256sum.max-freq-50pct.local.r1",
+        "sha256sum.read+write.local.r1",
+    ]
+    for p in runs:
+        run = rundir.load(p)
+        cell = json.loads((p / "experiment.json").read_text())
+        assert run.meta["exit_status"] == 0
+        assert cell["output_matches_native"] is True
+        calls = run.calls()
+        assert len(calls) > 0 and (calls["d_recv"] > 0).all()
+        if "read+write" in p.name:
+            assert sorted(run.meta["forwarded"]) == ["read", "write"]
+        else:
+            assert len(cell["forward_syscalls"]) >= 2
+    assert (results / "here" / "profile-gzip" / "run.json").exists()
+    assert json.loads((results / "plan.json").read_text())["name"] == "local-smoke"
+    native = json.loads((results / "here" / "native" / "gzip.json").read_text())
+    assert native["exit_status"] == 0 and native["output_bytes"] > 0
+
+    # resumable: nothing to do, then exactly the half-written run again
+    again = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
+    assert again.returncode == 0 and "ran=0 skipped=4" in again.stdout
+    victim = results / "here" / "gzip.read+write.local.r1"
+    (victim / "experiment.json").unlink()
+    first_calls = (runs[0] / "calls.bin").stat().st_mtime_ns
+    third = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
+    assert third.returncode == 0 and "ran=1 skipped=3" in third.stdout, third.stderr
+    assert (victim / "experiment.json").exists()
+    assert (runs[0] / "calls.bin").stat().st_mtime_ns == first_calls
+    assert not list((results / "here").glob("*.partial"))
+
+
+def test_generated_input_is_reproducible(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    experiment.generate_input(a, 0.2, 7)
+    experiment.generate_input(b, 0.2, 7)
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_size == 200_000
+    if shutil.which("gzip"):
+        gz = subprocess.run(["gzip", "-c", str(a)], capture_output=True, check=True).stdout
+        assert len(gz) < a.stat().st_size / 2, "input should be compressible text"
+    assert os.path.getsize(a) == 200_000
