@@ -22,19 +22,37 @@ mechanisms), ``figures`` (one function per figure), ``report``,
 directories with a known f_c).  Policies live in :mod:`testbed.policy`.
 """
 
-from analysis.compare import (
-    cross_validate,
-    fit_mechanisms,
-    load_runs,
-    mechanism_table,
-    native_times,
-    predicted_vs_measured,
-)
-from analysis.fit import per_call, per_call_fc, size_aware, whole_run
-from analysis.model import S_n, S_r, grid, p_of, t_d, t_local, t_nd, t_remote
-from analysis.profiles import Profile, load_profile, shipped_profiles, table1
-from analysis.report import write_report
-from testbed.policy import choose, parse_policy, resolve_policy
+import importlib
+
+#: Public name -> module that defines it.  Imported lazily (PEP 562) so that
+#: ``import analysis.model`` does not pull in matplotlib, scipy and pandas.
+_EXPORTS = {
+    "analysis.model": ("S_n", "S_r", "t_nd", "t_d", "t_local", "t_remote", "grid", "p_of"),
+    "analysis.profiles": ("Profile", "load_profile", "shipped_profiles", "table1"),
+    "testbed.policy": ("parse_policy", "choose", "resolve_policy"),
+    "analysis.fit": ("per_call", "per_call_fc", "whole_run", "size_aware"),
+    "analysis.compare": (
+        "load_runs",
+        "native_times",
+        "fit_mechanisms",
+        "predicted_vs_measured",
+        "cross_validate",
+        "mechanism_table",
+    ),  # fmt: skip
+    "analysis.report": ("write_report",),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_WHERE))
+
 
 __all__ = [
     "S_n",

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
-import numpy as np
-import pandas as pd
-
-from analysis import figures
-from analysis import model as M
-from analysis.profiles import load_profile, shipped_profiles, table1
-from analysis.report import write_report
 from testbed.errors import TestbedError
 from testbed.policy import parse_policy
+
+# matplotlib, scipy and pandas are imported only once the input is known to be
+# good, so a bad argument fails in a fraction of a second.
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "": 1.0}
 
@@ -32,13 +29,19 @@ def parse_gammas(text: str) -> list[float]:
         vals = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise TestbedError(f"gamma {text!r} is not a list of numbers (e.g. 1,2,10)") from None
-    if not vals or any(not (v > 0 and np.isfinite(v)) for v in vals):
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
         raise TestbedError(f"gamma {text!r}: gains must be finite and > 0")
     return vals
 
 
-def model_tables(profiles, gammas, f_c: float, policy: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(Table I with S_n per gamma, profiles with p, S_n and S_r per gamma)."""
+def model_tables(profiles, gammas, f_c: float, policy: str):
+    """(Table I with S_n per gamma, profiles with p, S_n and S_r per gamma) as DataFrames."""
+    import numpy as np
+    import pandas as pd
+
+    from analysis import model as M
+    from analysis.profiles import table1
+
     gam = np.asarray(gammas, dtype=float)
     t1 = table1()
     sn = M.S_n(t1["p"].to_numpy()[:, None], gam[None, :])
@@ -64,6 +67,11 @@ def main_model(args: argparse.Namespace) -> int:
     parse_policy(policy)
     gammas = args.gamma if isinstance(args.gamma, list) else parse_gammas(args.gamma)
     f_c = args.fc if isinstance(args.fc, float) else parse_time(args.fc)
+    import pandas as pd
+
+    from analysis import figures
+    from analysis.profiles import load_profile, shipped_profiles, table1
+
     profiles = [load_profile(p) for p in (args.profile or [])]
     shipped = not profiles
     if shipped:
@@ -98,6 +106,13 @@ def main_model(args: argparse.Namespace) -> int:
 
 def main_analyze(args: argparse.Namespace) -> int:
     policy = getattr(args, "policy", None) or "min-freq:20%"
+    parse_policy(policy)
+    from testbed import rundir
+
+    for p in args.rundirs:
+        rundir.load(p)  # a missing or malformed run directory fails before any import
+    from analysis.report import write_report
+
     report = write_report(args.rundirs, args.output, policy=policy)
     print(f"testbed analyze: report written to {report}", file=sys.stderr)
     return 0

@@ -149,19 +149,17 @@ def test_model_prints_table1_and_profiles(tmp_path):
     gcc = next(line for line in r.stdout.splitlines() if line.strip().startswith("gcc_linux_k"))
     assert gcc.split()[-1] == "4.76"  # hand-computed S_n(12.23 %, gamma = 10)
     assert "Extended model" in r.stdout and "bzip2" in r.stdout
-    r = tb(
-        "model",
-        "--gamma",
-        "10",
-        "--fc",
-        "1ms",
-        "--policy",
-        "max-freq:20%",
-        "--plot",
-        tmp_path / "f",
-    )
+    bzip2 = Path(__file__).resolve().parent.parent / "analysis" / "data" / "profiles" / "bzip2"
+    r = tb("model", "--gamma", "10", "--fc", "1ms", "--policy", "max-freq:20%",
+           "--profile", bzip2, "--plot", tmp_path / "f")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "f" / "fig7_fc_proportion.png").exists()
+    assert "Naive model" not in r.stdout  # a profile was given and --table1 was not
+    row = next(line for line in r.stdout.splitlines() if line.strip().startswith("bzip2"))
+    assert len(row.split()) == 1 + 4 + 2  # workload, p, types, forwarded, fwd_calls, S_n, S_r
+    for name in ("fig2_naive", "fig3_table1", "fig4_policies_gamma", "fig5_gamma_fc", "fig6_cdf",
+                 "fig7_fc_proportion", "fig8_gamma_proportion", "fig9_policies_fc"):  # fmt: skip
+        assert (tmp_path / "f" / f"{name}.png").stat().st_size > 2000
+        assert (tmp_path / "f" / f"{name}.svg").exists()
 
 
 @pytest.mark.parametrize(
