@@ -216,7 +216,7 @@ def whole_run_intercepts(runs: list[DelegatedRun], native: dict) -> dict[str, fl
 def pooled_samples(runs: list[DelegatedRun]) -> tuple[np.ndarray, np.ndarray]:
     fcs, sizes = [], []
     for r in runs:
-        fc, size = fit.fc_samples(r.calls)
+        fc, size = fit.fc_samples(r.calls, str(r.meta.get("mode") or "cost"))
         fcs.append(fc)
         sizes.append(size)
     if not fcs:

@@ -110,17 +110,20 @@ class SizeFit:
         return d
 
 
-def fc_samples(calls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fc_samples(calls: np.ndarray, mode: str = "cost") -> tuple[np.ndarray, np.ndarray]:
     """Per-call ``f_c = overhead/2`` (s) and marshalled bytes of the usable calls.
 
-    Usable: not a fault (timeout, peer error, not sent) and with a positive
-    overhead.
+    ``overhead = t_resume - t_trap``, minus the delegate's execution time in
+    offload mode (DESIGN.md section 4; in cost mode the call runs locally
+    after the reply, so nothing is subtracted).  Usable: not a fault
+    (timeout, peer error, not sent) and with a positive overhead.
     """
     if len(calls) == 0:
         return np.zeros(0), np.zeros(0)
     d = derived(calls)
-    ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(d["overhead"]) & (d["overhead"] > 0)
-    fc = d["overhead"][ok] / 2e9
+    ovh = d["overhead"] - d["exec"] if mode == "offload" else d["overhead"]
+    ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(ovh) & (ovh > 0)
+    fc = ovh[ok] / 2e9
     size = calls["bytes_in"][ok].astype(float) + calls["bytes_out"][ok].astype(float)
     return fc, size
 
@@ -158,9 +161,9 @@ def per_call(fc: np.ndarray, level: float = 0.95) -> PerCallFit:
     return PerCallFit(len(fc), median_ci(fc, level), mean_ci(fc, level), p99)
 
 
-def per_call_fc(calls: np.ndarray, level: float = 0.95) -> PerCallFit:
+def per_call_fc(calls: np.ndarray, level: float = 0.95, mode: str = "cost") -> PerCallFit:
     """Fit ``f_c`` from a relay trace (a ``CALL_DTYPE`` array)."""
-    return per_call(fc_samples(calls)[0], level)
+    return per_call(fc_samples(calls, mode)[0], level)
 
 
 def whole_run(obs: pd.DataFrame, level: float = 0.95) -> WholeRunFit:

@@ -92,3 +92,18 @@ def test_size_aware_with_constant_size():
     res = fit.size_aware(np.array([1.0, 2.0, 3.0]), np.array([8.0, 8.0, 8.0]))
     assert not res.significant and np.isnan(res.beta.value)
     assert res.alpha.value == pytest.approx(2.0)
+
+
+def test_offload_mode_subtracts_delegate_execution():
+    calls = np.zeros(3, dtype=rundir.CALL_DTYPE)
+    calls["t_trap"], calls["t_send"], calls["t_reply"], calls["t_resume"] = 1000, 1100, 9100, 9200
+    calls["d_recv"], calls["d_exec_start"], calls["d_exec_end"], calls["d_send"] = (
+        50,
+        60,
+        6060,
+        6100,
+    )
+    cost, _ = fit.fc_samples(calls, "cost")
+    off, _ = fit.fc_samples(calls, "offload")
+    assert cost == pytest.approx(np.full(3, 8200 / 2e9))
+    assert off == pytest.approx(np.full(3, (8200 - 6000) / 2e9))
