@@ -46,6 +46,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,12 +63,14 @@ METHOD_STRACE = "strace -f -T"
 
 # Runs inside the tracer: fork, exec PROGRAM, wait4, write the times as JSON.
 _SHIM = r"""
-import json, os, sys, time
+import json, os, signal, sys, time
 out, argv = sys.argv[1], sys.argv[2:]
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the program, like time(1)
 t0 = time.monotonic_ns()
 pid = os.fork()
 if pid == 0:
     try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
@@ -216,10 +219,13 @@ def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str,
             cmd = ["perf", "trace", "-s", "-o", str(trace_path), "--", *shim]
         else:
             cmd = ["strace", "-f", "-T", "-qq", "-o", str(trace_path), "--", *shim]
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program's status is reported
         try:
             r = subprocess.run(cmd, stdin=None, stderr=subprocess.PIPE, check=False)
         except OSError as exc:
             raise ProfileError(f"cannot start {cmd[0]}: {exc.strerror}") from None
+        finally:
+            signal.signal(signal.SIGINT, old)
         if not times_path.exists():
             err = r.stderr.decode(errors="replace").strip().splitlines()
             raise ProfileError(
