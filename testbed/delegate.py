@@ -28,6 +28,7 @@ for ``--offload-root``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import signal
@@ -58,6 +59,11 @@ MAX_CLIENTS = 65536
 #: Worker receive timeout (ms) in the multi-worker layout: how often an idle
 #: worker checks whether it should stop.
 WORKER_POLL_MS = 50
+
+#: On stop, queued messages are still answered for at most this long (ns).
+DRAIN_NS = 200_000_000
+
+SNDMORE = int(zmq.SNDMORE)  # plain int: enum flags are slow on the hot path
 
 
 class OffloadExecutor(Protocol):
@@ -148,40 +154,40 @@ class _Handler:
             client = self.clients[ident] = _Client(t_ns)
         return client
 
-    def handle(self, frames: list[bytes], t_recv: int) -> list[bytes]:
-        """Reply frames (routing envelope + one wire frame) for ``frames``."""
-        ident = frames[0]
-        payload = frames[-1]
+    def handle(self, ident: bytes, payload: bytes, t_recv: int) -> bytes:
+        """The reply frame for one ``payload`` received from client ``ident``."""
         client = self._client(ident, t_recv)
         client.bytes_in += len(payload)
         client.last_ns = t_recv
-        n = len(frames)
-        if n != 2 and not (n == 3 and frames[1] == b""):
-            client.errors += 1
-            msg = f"expected one frame after the routing envelope, got {n - 1}"
-            return [ident, wire.encode_error(wire.E_MALFORMED, msg)]
-        env = frames[:-1]
+        msg = None
         try:
             kind, msg = wire.decode(payload)
             if kind == wire.CALL:
-                env.append(self._call(client, ident, msg, t_recv))
-            elif kind == wire.HELLO:
+                return self._call(client, ident, msg, t_recv)
+            if kind == wire.HELLO:
                 client.peer = _peer_label(msg)
-                env.append(wire.encode_welcome(self.d.welcome_info()))
-            elif kind == wire.BYE:
+                return wire.encode_welcome(self.d.welcome_info())
+            if kind == wire.BYE:
                 if self.d.offload is not None:
                     self.d.offload.forget(ident)
-                env.append(wire.encode_bye(self.d.client_stats(ident)))
-            else:
-                raise wire.WireError(wire.E_UNSUPPORTED, f"a delegate does not accept {kind!r}")
+                return wire.encode_bye(self.d.client_stats(ident))
+            raise wire.WireError(wire.E_UNSUPPORTED, f"a delegate does not accept {kind!r}")
         except wire.WireError as exc:
             client.errors += 1
-            env.append(wire.encode_error(exc.code, str(exc), exc.call_id))
+            return wire.encode_error(exc.code, str(exc), exc.call_id)
         except Exception as exc:  # never crash on one client's message
             client.errors += 1
             text = f"internal error: {exc.__class__.__name__}: {exc}"[:200]
-            env.append(wire.encode_error(wire.E_INTERNAL, text, getattr(msg, "call_id", None)))
-        return env
+            return wire.encode_error(wire.E_INTERNAL, text, getattr(msg, "call_id", None))
+
+    def bad_envelope(self, ident: bytes, frames: list[bytes], t_recv: int) -> bytes:
+        """The ERROR for a message that is not ``[identity, ("",) payload]``."""
+        client = self._client(ident, t_recv)
+        client.bytes_in += sum(len(f) for f in frames)
+        client.last_ns = t_recv
+        client.errors += 1
+        msg = f"expected one frame after the routing envelope, got {len(frames)}"
+        return wire.encode_error(wire.E_MALFORMED, msg)
 
     def _call(self, client: _Client, ident: bytes, call: wire.Call, t_recv: int) -> bytes:
         client.calls += 1
@@ -445,40 +451,58 @@ class Delegate:
         """``workers == 1``: serve the ROUTER in this thread, no inproc hop."""
         handler = _Handler(self)
         self._handlers.append(handler)
-        sock = self._router
-        recv = sock.recv_multipart
-        send = sock.send_multipart
+        self._loop(self._router, handler)
+
+    def _loop(self, sock: zmq.Socket, handler: _Handler) -> None:
+        """Receive, answer, repeat until stopped; then answer what is queued.
+
+        Hand-rolled ``recv``/``send`` instead of ``recv_multipart`` /
+        ``send_multipart`` and ``getsockopt(RCVMORE)``: those cost several
+        microseconds each in pyzmq, on the measured path.
+        """
+        recv = sock.recv
+        send = sock.send
         mono = time.monotonic_ns
         handle = handler.handle
         ctl = self._ctl_id
-        while not self._stop_requested:
-            frames = recv()
-            t_recv = mono()
-            if frames[0] == ctl:
-                continue
+        deadline = None
+        while True:
+            if self._stop_requested:  # drain what is queued, bounded in count and time
+                if deadline is None:
+                    deadline = mono() + DRAIN_NS
+                    recv = functools.partial(sock.recv, zmq.NOBLOCK)
+                elif mono() > deadline:
+                    break
             try:
-                send(handle(frames, t_recv))
-            except zmq.ZMQError:
-                pass  # peer vanished: ROUTER drops, nothing to do
-        self._drain(sock, handle)
-
-    def _drain(self, sock: zmq.Socket, handle: Callable) -> None:
-        """Answer what is already queued (bounded in count and time)."""
-        deadline = time.monotonic_ns() + 200_000_000
-        for _ in range(10_000):
-            if time.monotonic_ns() > deadline:
-                break
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                ident = recv()
             except zmq.Again:
-                break
-            t_recv = time.monotonic_ns()
-            if frames[0] == self._ctl_id:
-                continue
+                if deadline is not None:
+                    break
+                continue  # worker receive timeout: look at the stop flag
+            frame = sock.recv(copy=False)  # the rest of a message is there already
+            t_recv = mono()
+            if not frame.more:  # [identity, payload]: a DEALER client (the relay)
+                if ident == ctl:
+                    continue
+                reply = handle(ident, frame.bytes, t_recv)
+                env = (ident,)
+            else:
+                frames = [frame.bytes]
+                while frame.more:
+                    frame = sock.recv(copy=False)
+                    frames.append(frame.bytes)
+                if len(frames) == 2 and frames[0] == b"":  # [identity, "", payload]: REQ
+                    reply = handle(ident, frames[1], t_recv)
+                    env = (ident, b"")
+                else:
+                    reply = handler.bad_envelope(ident, frames, t_recv)
+                    env = (ident,)
             try:
-                sock.send_multipart(handle(frames, t_recv), zmq.NOBLOCK)
+                for part in env:
+                    send(part, SNDMORE)
+                send(reply)
             except zmq.ZMQError:
-                pass
+                pass  # peer vanished or its queue is full: ROUTER drops, nothing to do
 
     def _serve_pool(self) -> None:
         """``workers > 1``: C proxy ROUTER <-> inproc DEALER <-> N worker threads."""
@@ -532,19 +556,8 @@ class Delegate:
             self._router = None
 
     def _worker(self, sock: zmq.Socket, handler: _Handler) -> None:
-        recv = sock.recv_multipart
-        send = sock.send_multipart
-        mono = time.monotonic_ns
-        handle = handler.handle
         try:
-            while not self._stop_requested:
-                try:
-                    frames = recv()
-                except zmq.Again:
-                    continue
-                t_recv = mono()
-                send(handle(frames, t_recv))
-            self._drain(sock, handle)
+            self._loop(sock, handler)
         finally:
             sock.close(CLOSE_LINGER_MS)
 
