@@ -277,6 +277,19 @@ def test_sigterm_exits_zero_promptly_with_per_client_accounting(dproc, ctx):
     assert "stopped after 13 calls from 2 clients" in lines[-1]
 
 
+def test_sigterm_finishes_the_call_in_flight(dproc, ctx):
+    d = dproc("--delay-us", "300000")  # each call spins 0.3 s
+    c = Client(ctx, d.endpoint)
+    c.sock.send(wire.encode_call(wire.Call(42, 1, 1, (0,) * 6, (), "cost")))
+    time.sleep(0.1)  # the call is being served now
+    d.proc.send_signal(signal.SIGTERM)
+    kind, res = wire.decode(c.sock.recv())  # the reply still arrives
+    assert (kind, res.call_id) == (wire.RESULT, 42)
+    assert res.t_exec_start - res.t_recv >= 300_000_000
+    rc, err, _ = d.terminate()
+    assert rc == 0 and "stopped after 1 calls" in err
+
+
 def test_sigint_also_stops_cleanly(dproc):
     d = dproc()
     rc, err, _ = d.terminate(signal.SIGINT)
@@ -395,6 +408,44 @@ def test_worker_pool_serves_concurrent_clients_and_merges_accounting(ctx):
         1 for x, y in zip(spans, spans[1:], strict=False) if y[0] < x[1] and x[2] != y[2]
     )
     assert overlaps > 0
+
+
+class RecordingExecutor:
+    """An offload executor for the extension point: answers ``nr`` and fails on nr 13."""
+
+    def __init__(self):
+        self.forgotten: list[bytes] = []
+
+    def execute(self, client, call):
+        if call.nr == 13:
+            raise OSError("executor broke")
+        return call.nr * 10, 0, ((1, b"out:" + client),)
+
+    def forget(self, client):
+        self.forgotten.append(client)
+
+
+def test_offload_extension_point_and_internal_errors(ctx):
+    ex = RecordingExecutor()
+    with Delegate("tcp://127.0.0.1:*", offload=ex) as d:
+        assert d.welcome_info()["mode"] == "cost+offload"
+        c = Client(ctx, d.bound_endpoint, ident=b"off")
+        kind, res = c.ask(wire.encode_call(wire.Call(1, 1, 7, (0,) * 6, (), "offload")))
+        assert kind == wire.RESULT
+        assert (res.ret, res.errno, res.outbufs) == (70, 0, ((1, b"out:off"),))
+        assert res.t_recv <= res.t_exec_start <= res.t_exec_end <= res.t_send
+        # cost-mode calls are still only acknowledged
+        kind, res = c.ask(wire.encode_call(wire.Call(2, 1, 7, (0,) * 6, (), "cost")))
+        assert (kind, res.ret) == (wire.RESULT, 0)
+        # an executor failure is an internal error for that call, not a crash
+        kind, err = c.ask(wire.encode_call(wire.Call(3, 1, 13, (0,) * 6, (), "offload")))
+        assert (kind, err.code, err.call_id) == (wire.ERROR, wire.E_INTERNAL, 3)
+        assert "executor broke" in str(err)
+        kind, res = c.ask(wire.encode_call(wire.Call(4, 1, 2, (0,) * 6, (), "offload")))
+        assert (kind, res.ret) == (wire.RESULT, 20)
+        kind, bye = c.ask(wire.encode_bye({}))
+        assert (kind, bye["calls"], bye["errors"]) == (wire.BYE, 4, 1)
+    assert ex.forgotten == [b"off"]
 
 
 def test_stop_is_bounded_and_idempotent():
