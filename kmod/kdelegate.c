@@ -47,6 +47,7 @@ struct mktrace_kreq {
 
 static struct {
 	struct task_struct *task;
+	unsigned int cpu;
 	spinlock_t lock;
 	struct list_head queue;
 	wait_queue_head_t wq;
@@ -181,6 +182,7 @@ int mktrace_kdelegate_start(int cpu)
 	}
 	kthread_bind(t, cpu);
 	mktrace_kd.task = t;
+	mktrace_kd.cpu = cpu;
 	wake_up_process(t);
 	pr_info("delegate thread pinned to CPU %d\n", cpu);
 	return 0;
@@ -192,4 +194,14 @@ int mktrace_kdelegate_start(int cpu)
 void mktrace_kdelegate_stop(void)
 {
 	kthread_stop(mktrace_kd.task);
+}
+
+/**
+ * mktrace_kdelegate_cpu() - the CPU the delegate thread is pinned to
+ *
+ * Return: the CPU number.
+ */
+unsigned int mktrace_kdelegate_cpu(void)
+{
+	return mktrace_kd.cpu;
 }

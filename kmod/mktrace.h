@@ -34,12 +34,14 @@ struct task_struct;
  * struct mktrace_kstat - per-syscall counters, updated without locks
  * @count: forwarded calls
  * @total_ns: summed forwarding time
+ * @min_ns: shortest forwarding time, 0 before the first call
  * @max_ns: longest forwarding time
  * @released: calls released without a reply
  */
 struct mktrace_kstat {
 	atomic64_t count;
 	atomic64_t total_ns;
+	atomic64_t min_ns;
 	atomic64_t max_ns;
 	atomic64_t released;
 };
@@ -134,6 +136,7 @@ void mktrace_relay_release_all(struct mktrace_session *s);
 /* kdelegate.c */
 int mktrace_kdelegate_start(int cpu);
 void mktrace_kdelegate_stop(void);
+unsigned int mktrace_kdelegate_cpu(void);
 void mktrace_kdelegate_forward(u64 delay_ns, struct mktrace_verdict *v);
 
 #endif /* MKTRACE_INTERNAL_H */

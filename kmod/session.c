@@ -262,6 +262,7 @@ int mktrace_session_get_stats(struct mktrace_session *s, const struct mktrace_st
 
 			st.count = atomic64_read(&k->count);
 			st.total_ns = atomic64_read(&k->total_ns);
+			st.min_ns = atomic64_read(&k->min_ns);
 			st.max_ns = atomic64_read(&k->max_ns);
 			st.released = atomic64_read(&k->released);
 		}
@@ -282,6 +283,7 @@ void mktrace_session_reset_stats(struct mktrace_session *s)
 	for (nr = 0; nr < MKTRACE_NR_SYSCALLS; nr++) {
 		atomic64_set(&s->stats[nr].count, 0);
 		atomic64_set(&s->stats[nr].total_ns, 0);
+		atomic64_set(&s->stats[nr].min_ns, 0);
 		atomic64_set(&s->stats[nr].max_ns, 0);
 		atomic64_set(&s->stats[nr].released, 0);
 	}
@@ -316,13 +318,16 @@ void mktrace_session_status(struct mktrace_session *s, struct mktrace_status *st
 	spin_unlock(&s->lock);
 	st->calls = atomic64_read(&s->calls);
 	st->released = atomic64_read(&s->released);
+	st->delegate_cpu = mktrace_kdelegate_cpu();
 }
 
 static void mktrace_stat_add(struct mktrace_session *s, unsigned int nr, u64 ns, bool released)
 {
 	struct mktrace_kstat *k = &s->stats[nr];
 	s64 max = atomic64_read(&k->max_ns);
+	s64 min = atomic64_read(&k->min_ns);
 
+	ns = max_t(u64, ns, 1);		/* min_ns == 0 means "no call yet" */
 	atomic64_inc(&k->count);
 	atomic64_add(ns, &k->total_ns);
 	while ((s64)ns > max) {
@@ -331,6 +336,13 @@ static void mktrace_stat_add(struct mktrace_session *s, unsigned int nr, u64 ns,
 		if (seen == max)
 			break;
 		max = seen;
+	}
+	while (!min || (s64)ns < min) {
+		s64 seen = atomic64_cmpxchg(&k->min_ns, min, ns);
+
+		if (seen == min)
+			break;
+		min = seen;
 	}
 	atomic64_inc(&s->calls);
 	if (released) {

@@ -93,7 +93,13 @@ class Reply(ctypes.Structure):
 
 
 class Stat(ctypes.Structure):
-    _fields_ = [("count", u64), ("total_ns", u64), ("max_ns", u64), ("released", u64)]
+    _fields_ = [
+        ("count", u64),
+        ("total_ns", u64),
+        ("min_ns", u64),
+        ("max_ns", u64),
+        ("released", u64),
+    ]
 
 
 class StatsQuery(ctypes.Structure):
@@ -110,6 +116,8 @@ class Status(ctypes.Structure):
         ("inflight", u32),
         ("calls", u64),
         ("released", u64),
+        ("delegate_cpu", u32),
+        ("reserved", u32),
     ]
 
 
@@ -179,6 +187,7 @@ class SyscallStat(NamedTuple):
     nr: int
     count: int
     total_ns: int
+    min_ns: int
     max_ns: int
     released: int
 
@@ -300,7 +309,7 @@ class Device:
         query = StatsQuery(buf=ctypes.addressof(buf), count=n)
         self._ioctl(IOC_GET_STATS, query)
         return {
-            nr: SyscallStat(nr, s.count, s.total_ns, s.max_ns, s.released)
+            nr: SyscallStat(nr, s.count, s.total_ns, s.min_ns, s.max_ns, s.released)
             for nr, s in enumerate(buf)
             if s.count
         }
@@ -354,31 +363,48 @@ class Device:
 # failure is one line on the status fd (or stderr without one), exit 126/127.
 _HELPER = """\
 import fcntl, os, sys
-fd, request, status, argv = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[5:]
+fd, request, status, cpus, argv = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                   sys.argv[4], sys.argv[6:])
 os.set_inheritable(fd, False)
 if status >= 0:
     os.set_inheritable(status, False)
 def fail(msg, code):
     os.write(status if status >= 0 else 2, (msg + "\\n").encode())
     sys.exit(code)
+if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+prog = argv[0]
+if "/" not in prog:  # search PATH now: after REGISTER only execve itself is traced
+    for d in os.get_exec_path():
+        cand = os.path.join(d, prog)
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            prog = cand
+            break
 try:
     fcntl.ioctl(fd, request)
 except OSError as exc:
     fail("mktrace register failed: %s" % exc.strerror, 126)
 try:
-    os.execvp(argv[0], argv)
+    os.execv(prog, argv)
 except OSError as exc:
     fail("cannot execute %s: %s" % (argv[0], exc.strerror), 127)
 """
 
 
-def helper_argv(fd: int, argv: list[str], status_fd: int = -1) -> list[str]:
-    """Command line of the helper that registers on session ``fd`` and execs ``argv``."""
+def helper_argv(
+    fd: int, argv: list[str], status_fd: int = -1, cpus: Iterable[int] | None = None
+) -> list[str]:
+    """Command line of the helper that registers on session ``fd`` and execs ``argv``.
+
+    ``cpus``: pin the program to these CPUs (kthread mode keeps it off the
+    delegate thread's CPU, as the paper's compute plane).
+    """
     if not argv:
         raise TestbedError("no program given")
+    cpu_list = ",".join(str(c) for c in sorted(cpus)) if cpus else ""
     return [
         sys.executable, "-I", "-S", "-c", _HELPER,
-        str(fd), str(IOC_REGISTER), str(status_fd), "--", *argv,
+        str(fd), str(IOC_REGISTER), str(status_fd), cpu_list, "--", *argv,
     ]  # fmt: skip
 
 
@@ -387,6 +413,7 @@ def launch_registered(
     argv: list[str],
     env: dict[str, str] | None = None,
     status_fd: int = -1,
+    cpus: Iterable[int] | None = None,
     **popen,
 ) -> subprocess.Popen:
     """Start ``argv`` in a fresh helper that registers itself on ``device`` then execs.
@@ -397,7 +424,9 @@ def launch_registered(
     if shutil.which(argv[0] if argv else "", path=(env or os.environ).get("PATH")) is None:
         raise BackendError(f"program not found: {argv[0] if argv else '(none)'}")
     fds = (device.fd,) if status_fd < 0 else (device.fd, status_fd)
-    return subprocess.Popen(helper_argv(device.fd, argv, status_fd), env=env, pass_fds=fds, **popen)
+    return subprocess.Popen(
+        helper_argv(device.fd, argv, status_fd, cpus), env=env, pass_fds=fds, **popen
+    )
 
 
 # ------------------------------------------------------------ process memory
@@ -619,8 +648,9 @@ def _run_kthread(args: argparse.Namespace) -> int:
     try:
         dev.set_config("kthread", delay_ns=delay_ns, descendants=args.descendants)
         dev.set_syscalls(forwarded)
+        cpus = _compute_cpus(args.cpus, dev.status().delegate_cpu)
         t0 = time.monotonic_ns()
-        child = launch_registered(dev, args.program)
+        child = launch_registered(dev, args.program, cpus=cpus)
         status = child.wait()
         wall_ns = time.monotonic_ns() - t0
         stats = dev.stats()
@@ -628,7 +658,7 @@ def _run_kthread(args: argparse.Namespace) -> int:
         dev.close()
     rows = []
     for nr in sorted(forwarded):
-        st = stats.get(nr, SyscallStat(nr, 0, 0, 0, 0))
+        st = stats.get(nr, SyscallStat(nr, 0, 0, 0, 0, 0))
         handoff = st.mean_ns - 2 * delay_ns if st.count else 0.0
         rows.append(
             {
@@ -638,6 +668,8 @@ def _run_kthread(args: argparse.Namespace) -> int:
                 "total_ns": st.total_ns,
                 "mean_ns": round(st.mean_ns, 1),
                 "handoff_ns": round(handoff, 1),
+                "min_ns": st.min_ns,
+                "min_handoff_ns": st.min_ns - 2 * delay_ns if st.count else 0,
                 "max_ns": st.max_ns,
                 "released": st.released,
             }
@@ -652,14 +684,35 @@ def _run_kthread(args: argparse.Namespace) -> int:
         f" exit status {status}",
         file=out,
     )
-    print(f"{'syscall':<16}{'count':>10}{'mean_ns':>12}{'handoff_ns':>12}{'max_ns':>12}", file=out)
+    print(
+        f"{'syscall':<14}{'count':>9}{'mean_ns':>12}{'min_ns':>12}{'max_ns':>12}"
+        f"{'handoff_ns':>12}  (handoff = mean - 2*delay)",
+        file=out,
+    )
     for r in rows:
         print(
-            f"{r['syscall']:<16}{r['count']:>10}{r['mean_ns']:>12.0f}{r['handoff_ns']:>12.0f}"
-            f"{r['max_ns']:>12}",
+            f"{r['syscall']:<14}{r['count']:>9}{r['mean_ns']:>12.0f}{r['min_ns']:>12}"
+            f"{r['max_ns']:>12}{r['handoff_ns']:>12.0f}",
             file=out,
         )
     return status if status >= 0 else 128 - status
+
+
+def _compute_cpus(spec: str, delegate_cpu: int) -> set[int] | None:
+    """CPUs for the program: "auto" = every allowed CPU but the delegate's, "all" = no pinning."""
+    allowed = os.sched_getaffinity(0)
+    if spec == "all":
+        return None
+    if spec == "auto":
+        rest = allowed - {delegate_cpu}
+        return rest or None
+    try:
+        cpus = {int(c) for c in spec.split(",") if c.strip()}
+    except ValueError:
+        raise TestbedError(f"--cpus {spec!r}: expected auto, all or a list like 0,2") from None
+    if not cpus or not cpus <= allowed:
+        raise TestbedError(f"--cpus {spec!r}: not a subset of the allowed CPUs {sorted(allowed)}")
+    return cpus
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -668,7 +721,10 @@ def _run_status(args: argparse.Namespace) -> int:
         st = dev.status()
     finally:
         dev.close()
-    print(f"mktrace ABI {st.abi_version}, {st.nr_syscalls} syscall numbers hookable")
+    print(
+        f"mktrace ABI {st.abi_version}, {st.nr_syscalls} syscall numbers hookable,"
+        f" delegate thread on CPU {st.delegate_cpu}"
+    )
     return 0
 
 
@@ -681,6 +737,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--forward", required=True, help="syscalls to forward, e.g. write,read")
     k.add_argument("--delay-us", type=float, default=0.0, help="spin per leg, in µs (default 0)")
     k.add_argument("--descendants", action="store_true", help="also trace child processes")
+    k.add_argument(
+        "--cpus",
+        default="auto",
+        help="CPUs for the program: auto (all but the delegate's, default), all, or 0,1,...",
+    )
     k.add_argument("--device", default=DEVICE)
     k.add_argument("--json", help="also write the statistics to this JSON file")
     k.add_argument("program", nargs=argparse.REMAINDER)

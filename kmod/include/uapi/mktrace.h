@@ -121,12 +121,14 @@ struct mktrace_reply {
  * struct mktrace_stat - per-syscall statistics of a session
  * @count: forwarded calls
  * @total_ns: sum of the forwarding time of those calls (trap to release)
+ * @min_ns: shortest forwarding time (0 before the first call)
  * @max_ns: longest forwarding time
  * @released: calls released without a reply (timeout, relay gone, signal)
  */
 struct mktrace_stat {
 	__u64 count;
 	__u64 total_ns;
+	__u64 min_ns;
 	__u64 max_ns;
 	__u64 released;
 };
@@ -154,6 +156,8 @@ struct mktrace_stats_query {
  * @inflight: relay mode: requests read and awaiting a reply
  * @calls: forwarded calls so far
  * @released: calls released without a reply
+ * @delegate_cpu: CPU the kthread-mode delegate thread is pinned to
+ * @reserved: zero
  */
 struct mktrace_status {
 	__u32 abi_version;
@@ -164,6 +168,8 @@ struct mktrace_status {
 	__u32 inflight;
 	__u64 calls;
 	__u64 released;
+	__u32 delegate_cpu;
+	__u32 reserved;
 };
 
 #define MKTRACE_IOC_MAGIC	0xB7
