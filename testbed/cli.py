@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable offload mode: execute file I/O beneath DIR")
     p.add_argument("--max-calls", type=positive_int, metavar="N",
                    help="exit after answering N calls (for scripted experiments)")
-    p.add_argument("--quiet", action="store_true", help="no status line")
+    p.add_argument("--curve-keys", metavar="DIR",
+                   help="require ZeroMQ CURVE: DIR/server.key_secret and the allowed relays' "
+                   "public keys in DIR/authorized/*.key (see testbed.delegate.make_curve_keys)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no status line on start and no per-client accounting on exit")
     p.set_defaults(func=cmd_delegate)
 
     # --- run ------------------------------------------------------------

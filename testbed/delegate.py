@@ -231,6 +231,7 @@ class Delegate:
         offload: OffloadExecutor | None = None,
         max_calls: int | None = None,
         on_stop: Callable[[], None] | None = None,
+        curve_keys: str | None = None,
     ):
         if workers < 1:
             raise TestbedError(f"workers must be >= 1, not {workers}")
@@ -243,6 +244,8 @@ class Delegate:
         self.offload = offload
         self.max_calls = max_calls
         self.on_stop = on_stop
+        self.curve_keys = curve_keys
+        self._auth = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._endpoint: str | None = None
@@ -288,13 +291,14 @@ class Delegate:
             "version": __version__,
             "clock": "CLOCK_MONOTONIC",
             "max_frame": wire.MAX_FRAME,
+            "curve": self.curve_keys is not None,
         }
 
     def status_line(self) -> str:
         return (
             f"testbed delegate: listening on {self.bound_endpoint} "
             f"(workers {self.workers}, delay {self.delay_us:g} us, mode {self.mode}, "
-            f"wire v{wire.WIRE_VERSION}, pid {os.getpid()})"
+            f"wire v{wire.WIRE_VERSION}{', CURVE' if self.curve_keys else ''}, pid {os.getpid()})"
         )
 
     # ------------------------------------------------------------ accounting
@@ -359,6 +363,13 @@ class Delegate:
         router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
+        if self.curve_keys is not None:
+            try:
+                self._auth = _curve_server(ctx, router, self.curve_keys)
+            except TestbedError:
+                router.close(0)
+                ctx.term()
+                raise
         try:
             if self.workers == 1:  # first, so LAST_ENDPOINT names the listening one
                 router.bind(self._ctl_endpoint)
@@ -443,6 +454,9 @@ class Delegate:
         if self._router is not None:
             self._router.close(CLOSE_LINGER_MS)
             self._router = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             ctx.term()
@@ -562,6 +576,73 @@ class Delegate:
             sock.close(CLOSE_LINGER_MS)
 
 
+# ---------------------------------------------------------------- CURVE
+#
+# A keys directory (``make_curve_keys(DIR)`` creates one) holds ZeroMQ
+# certificates as written by ``zmq.auth.create_certificates``:
+#
+#   DIR/server.key, DIR/server.key_secret   the delegate's key pair
+#   DIR/client.key, DIR/client.key_secret   a relay's key pair (copy to compute nodes)
+#   DIR/authorized/*.key                    public keys of the relays allowed in
+#
+# The delegate (``--curve-keys DIR``) needs server.key_secret and authorized/;
+# a relay needs server.key and its own client.key_secret (``curve_client``).
+
+
+def make_curve_keys(directory: str) -> None:
+    """Create a server and a client key pair and authorize the client."""
+    import shutil
+
+    import zmq.auth
+
+    os.makedirs(os.path.join(directory, "authorized"), exist_ok=True)
+    zmq.auth.create_certificates(directory, "server")
+    pub, _ = zmq.auth.create_certificates(directory, "client")
+    shutil.copy(pub, os.path.join(directory, "authorized", "client.key"))
+
+
+def _load_cert(path: str, secret: bool) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise TestbedError(f"cannot read CURVE certificate {path}: {exc}") from None
+    if secret and secret_key is None:
+        raise TestbedError(f"{path} holds no secret key")
+    return public, secret_key
+
+
+def _curve_server(ctx: zmq.Context, sock: zmq.Socket, directory: str):  # -> ThreadAuthenticator
+    """Make ``sock`` a CURVE server admitting only the keys in DIR/authorized."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    public, secret = _load_cert(os.path.join(directory, "server.key_secret"), secret=True)
+    authorized = os.path.join(directory, "authorized")
+    if not os.path.isdir(authorized) or not any(f.endswith(".key") for f in os.listdir(authorized)):
+        raise TestbedError(f"no authorized client keys in {authorized} (*.key)")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=authorized)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    return auth
+
+
+def curve_client(sock: zmq.Socket, directory: str) -> None:
+    """Set up a relay's DEALER for a delegate started with ``--curve-keys``.
+
+    Reads DIR/server.key (the delegate's public key) and DIR/client.key_secret.
+    Call before ``connect``.
+    """
+    server_public, _ = _load_cert(os.path.join(directory, "server.key"), secret=False)
+    public, secret = _load_cert(os.path.join(directory, "client.key_secret"), secret=True)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server_public
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -587,6 +668,7 @@ def main_delegate(args: Any) -> int:
         delay_us=args.delay_us,
         offload=offload,
         max_calls=getattr(args, "max_calls", None),
+        curve_keys=getattr(args, "curve_keys", None),
     )
     quiet = getattr(args, "quiet", False)
 

@@ -18,6 +18,7 @@ import time
 import msgpack
 import pytest
 import zmq
+import zmq.auth
 
 from testbed import wire
 from testbed.delegate import HARD_MAX_FRAME, Delegate
@@ -446,6 +447,45 @@ def test_offload_extension_point_and_internal_errors(ctx):
         kind, bye = c.ask(wire.encode_bye({}))
         assert (kind, bye["calls"], bye["errors"]) == (wire.BYE, 4, 1)
     assert ex.forgotten == [b"off"]
+
+
+def test_curve_admits_only_authorized_relays(ctx, tmp_path):
+    from testbed.delegate import curve_client, make_curve_keys
+
+    keys = tmp_path / "keys"
+    make_curve_keys(str(keys))
+    other = tmp_path / "other"  # a relay with keys the delegate does not know
+    other.mkdir()
+    zmq.auth.create_certificates(str(other), "client")
+    (other / "server.key").write_bytes((keys / "server.key").read_bytes())
+    with Delegate("tcp://127.0.0.1:*", curve_keys=str(keys)) as d:
+        assert "CURVE" in d.status_line()
+        good = ctx.socket(zmq.DEALER)
+        good.setsockopt(zmq.LINGER, 0)
+        good.setsockopt(zmq.RCVTIMEO, 10_000)
+        curve_client(good, str(keys))
+        good.connect(d.bound_endpoint)
+        good.send(wire.encode_hello({}))
+        kind, info = wire.decode(good.recv())
+        assert kind == wire.WELCOME and info["curve"] is True
+        for setup in (None, str(other)):  # a plain client, an unauthorized CURVE client
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, 500)
+            if setup:
+                curve_client(s, setup)
+            s.connect(d.bound_endpoint)
+            s.send(wire.encode_hello({}))
+            with pytest.raises(zmq.Again):
+                s.recv()
+            s.close(0)
+        good.close(0)
+        assert len(d.stats()) == 1  # the refused clients never reached the delegate
+
+
+def test_curve_without_keys_is_a_user_error(tmp_path):
+    with pytest.raises(_TestbedError, match="cannot read CURVE certificate"):
+        Delegate("tcp://127.0.0.1:*", curve_keys=str(tmp_path)).bind()
 
 
 def test_stop_is_bounded_and_idempotent():
