@@ -18,7 +18,14 @@ Threading (one of two layouts, chosen by ``workers``):
     inproc DEALER; N worker threads each own a DEALER socket connected to it
     and receive ``[identity, frame]`` envelopes round-robin.  ``t_recv`` is
     stamped in the worker that takes the frame off its socket, so the proxy
-    hop counts as *wire*, not as *residence*.
+    hop counts as *wire*, not as *residence*.  The injected delay spins with
+    ``os.sched_yield`` so the workers' spins overlap despite the GIL.
+
+Shutdown (SIGINT/SIGTERM, ``--max-calls``, :meth:`Delegate.stop`): the reply
+being computed is sent, messages already queued are answered (bounded: 0.2 s),
+then the sockets close with a 100 ms linger and the process exits 0.
+``--curve-keys DIR`` makes the ROUTER a CURVE server admitting only the relay
+keys in ``DIR/authorized`` (see :func:`make_curve_keys`, :func:`curve_client`).
 
 Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
 mode is delegated to an :class:`OffloadExecutor` (the extension point: pass
@@ -257,7 +264,6 @@ class Delegate:
         self._thread: threading.Thread | None = None
         self._ctl_id = b"\x00tb-ctl-" + os.urandom(8)
         self._ctl_endpoint = f"inproc://tb-delegate-{id(self):x}-ctl"
-        self._started_ns = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ properties
@@ -382,7 +388,6 @@ class Delegate:
             ) from None
         self._ctx, self._router = ctx, router
         self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._started_ns = time.monotonic_ns()
         return self._endpoint
 
     def start(self) -> Delegate:
