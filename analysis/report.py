@@ -54,6 +54,19 @@ def _us(df: pd.DataFrame, cols) -> pd.DataFrame:
     return d
 
 
+PER_CALL_COLS = ["f_c_median_s", "f_c_median_lo_s", "f_c_median_hi_s", "f_c_mean_s",
+                 "f_c_mean_lo_s", "f_c_mean_hi_s", "f_c_p99_s"]  # fmt: skip
+WHOLE_COLS = ["whole_fc_s", "whole_lo_s", "whole_hi_s", "whole_dof"]
+SIZE_COLS = ["alpha_s", "beta_ns_per_byte", "beta_lo_ns_per_byte", "beta_hi_ns_per_byte",
+             "beta_p", "size_significant"]  # fmt: skip
+
+
+def _cols(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """The mechanism column (and runs/calls for the per-call table) plus ``cols``."""
+    lead = ["mechanism", "runs", "calls"] if cols is PER_CALL_COLS else ["mechanism"]
+    return df[[c for c in lead + cols if c in df]] if len(df) else df
+
+
 def _run_meta(path: Path, meta: dict) -> dict:
     keep = ("kind", "command", "exit_status", "wall_s", "user_s", "sys_s", "backend", "mode",
             "forwarded", "endpoint", "policy", "method", "C_s", "p_sys", "p_g", "synthetic")  # fmt: skip
@@ -161,24 +174,15 @@ def write_report(
         "time; – otherwise). Size-aware: `f_c(s) = α + β·bytes`, HC1 standard errors; "
         "β significant when p < 0.05.",
         "",
-        markdown_table(
-            _us(
-                mech,
-                [
-                    "f_c_median_s",
-                    "f_c_median_lo_s",
-                    "f_c_median_hi_s",
-                    "f_c_mean_s",
-                    "f_c_mean_lo_s",
-                    "f_c_mean_hi_s",
-                    "f_c_p99_s",
-                    "whole_fc_s",
-                    "whole_lo_s",
-                    "whole_hi_s",
-                    "alpha_s",
-                ],
-            )  # fmt: skip
-        ),
+        "Per call:",
+        "",
+        markdown_table(_us(_cols(mech, PER_CALL_COLS), PER_CALL_COLS)),
+        "Whole run (least squares over runs):",
+        "",
+        markdown_table(_us(_cols(mech, WHOLE_COLS), WHOLE_COLS[:3])),
+        "Size-aware `f_c(s) = α + β·bytes`:",
+        "",
+        markdown_table(_us(_cols(mech, SIZE_COLS), ["alpha_s"])),
         "## Predicted vs measured t_d",
         "",
         "Prediction at γ = 1, g' = g: `t_d = t_nd + 2·f_c·Σ b(s)n(s)`, f_c = the "
