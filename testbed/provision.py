@@ -114,11 +114,16 @@ def parse_extra_vars(items: list[str]) -> dict[str, Any]:
                 raise ProvisionError(f"extra vars {text!r}: not a valid JSON/YAML mapping")
             out.update(data)
         else:
-            for pair in shlex.split(text):
-                key, sep, value = pair.partition("=")
-                if not sep or not key.isidentifier():
-                    raise ProvisionError(f"extra vars {pair!r}: expected KEY=VALUE")
-                out[key] = value
+            key = None
+            for token in shlex.split(text):
+                name, sep, value = token.partition("=")
+                if sep and name.isidentifier():
+                    key = name
+                    out[key] = value
+                elif key is not None:  # a value with spaces: KEY=/a/{{ host }}/b
+                    out[key] += " " + token
+                else:
+                    raise ProvisionError(f"extra vars {token!r}: expected KEY=VALUE")
     for key in PATH_VARS:
         if isinstance(out.get(key), str) and out[key]:
             out[key] = str(Path(out[key]).expanduser().absolute())

@@ -1,0 +1,337 @@
+"""Ansible over real SSH: a 3-node namespace lab provisioned, used and torn down.
+
+One lab (node1, node2 = compute_nodes; node3 = delegate_nodes) is shared by
+the tests of this module, in file order:
+
+  site.yml succeeds on all three and again with changed=0 (kmod: seccomp-only)
+  -> the delegate answers on node3 -> experiment.yml: node1 and node2 forward a
+  real workload to node3 and the run directories come back complete ->
+  bad plans and hosts fail clearly -> teardown.yml -> lab down leaves nothing.
+
+The kmod role's real build-and-load runs against a QEMU guest (testbed.vm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed import lab, rundir
+
+SUBNET = "10.213.48.0/24"
+NODE3 = "10.213.48.3"
+PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "ssh", "ssh-keygen", "ansible-playbook"):
+        if shutil.which(tool) is None and not (Path(sys.executable).parent / tool).exists():
+            return f"{tool} missing"
+    if not os.access(lab.SSHD, os.X_OK):
+        return f"{lab.SSHD} missing"
+    try:
+        import ansible_runner  # noqa: F401
+    except ImportError:
+        return "ansible-runner missing"
+    return None
+
+
+WHY = _why_not()
+if WHY:
+    print(f"test_provision: skipped: {WHY}", file=sys.stderr)
+needs_lab = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+pytestmark = [pytest.mark.root, pytest.mark.ansible]
+
+
+def tb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "testbed", *args], capture_output=True, text=True, timeout=timeout
+    )
+    sys.stdout.write(proc.stdout[-3000:])  # shown by pytest on failure
+    sys.stderr.write(proc.stderr[-2000:])
+    return proc
+
+
+def provision(inventory: Path | str, playbook: str, tmp: Path, *extra: str):
+    summary = tmp / f"summary-{playbook}-{time.monotonic_ns()}.json"
+    proc = tb("provision", "-i", str(inventory), playbook, "--json", str(summary), *extra)
+    data = json.loads(summary.read_text()) if summary.exists() else None
+    return proc, data
+
+
+@pytest.fixture(scope="module")
+def lab3(tmp_path_factory):
+    if WHY:
+        pytest.skip(WHY)
+    d = Path(f"/run/tbtest-prov-{os.getpid()}")
+    state = lab.lab_up(d, 3, SUBNET, 1)
+    yield {
+        "dir": d,
+        "inventory": d / "inventory",
+        "state": state,
+        "tmp": tmp_path_factory.mktemp("prov"),
+    }
+    if lab.load_state(d) is not None:
+        lab.lab_down(d)
+
+
+def _delegate_child_pid(d: Path) -> int:
+    return int((d / "state" / "node3" / "delegate" / "child.pid").read_text())
+
+
+@needs_lab
+@pytest.mark.netns
+@pytest.mark.slow
+def test_site_succeeds_then_changes_nothing(lab3):
+    proc, summary = provision(lab3["inventory"], "site.yml", lab3["tmp"])
+    assert proc.returncode == 0, proc.stderr
+    hosts = summary["hosts"]
+    assert sorted(hosts) == ["node1", "node2", "node3"]
+    for h in hosts.values():
+        assert h["failed"] == 0 and h["unreachable"] == 0 and h["ok"] > 0
+    assert hosts["node3"]["changed"] > 0  # the delegate was installed and started
+    # the namespace nodes cannot load modules: reported, and the play went on
+    for node in ("node1", "node2"):
+        assert f"mktrace is not built on {node} and runs there use --backend seccomp" in proc.stdout
+    assert "seccomp-only: kernel" in proc.stdout
+
+    again, summary2 = provision(lab3["inventory"], "site.yml", lab3["tmp"])
+    assert again.returncode == 0, again.stderr
+    assert {h: c["changed"] for h, c in summary2["hosts"].items()} == {
+        "node1": 0,
+        "node2": 0,
+        "node3": 0,
+    }
+
+
+@needs_lab
+@pytest.mark.netns
+def test_delegate_answers_on_node3(lab3):
+    from testbed.experiment import ping
+
+    welcome = ping(f"tcp://{NODE3}:5555", timeout_s=10)
+    child = _delegate_child_pid(lab3["dir"])
+    assert welcome["pid"] == child
+    node3 = next(n for n in lab3["state"]["nodes"] if n["name"] == "node3")
+    assert child in lab._ns_pids(node3["netns"]), "the delegate must live in node3's namespace"
+
+
+@needs_lab
+@pytest.mark.netns
+@pytest.mark.slow
+def test_experiment_yml_brings_back_complete_runs(lab3):
+    tmp = lab3["tmp"]
+    plan = tmp / "plan.yml"
+    plan.write_text(
+        "name: lab-gzip\nrepetitions: 1\n"
+        "workloads:\n  - {name: gzip, size_mb: 1}\n"
+        "forward:\n  - read,write\n"
+        "delegates: [local]   # replaced by the inventory's delegate nodes\n"
+    )
+    results = tmp / "results"
+    proc, summary = provision(
+        lab3["inventory"], "experiment.yml", tmp,
+        "-e", f"experiment_plan={plan}", "-e", f"experiment_results_dir={results}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(summary["hosts"]) == ["node1", "node2"]
+    child = _delegate_child_pid(lab3["dir"])
+    runs = []
+    for node in ("node1", "node2"):
+        d = results / node / "gzip.read+write.node3.r1"
+        run = rundir.load(d)
+        cell = json.loads((d / "experiment.json").read_text())
+        calls = run.calls()
+        assert run.meta["exit_status"] == 0
+        assert run.meta["endpoint"] == f"tcp://{NODE3}:5555"
+        assert run.meta["delegate"]["pid"] == child, "answered by node3's delegate service"
+        assert sorted(run.meta["forwarded"]) == ["read", "write"]
+        assert len(calls) > 0 and (calls["d_recv"] > 0).all() and (calls["t_reply"] > 0).all()
+        assert cell["host"] == node and cell["output_matches_native"] is True
+        assert (d / "syscalls.csv").stat().st_size > 0
+        runs.append(str(d))
+    assert json.loads((results / "plan.json").read_text())["name"] == "lab-gzip"
+    assert not (results / ".incoming").exists()
+
+    report = tmp / "report"
+    analyzed = tb("analyze", *runs, "-o", str(report))
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert any(report.iterdir())
+
+
+@needs_lab
+@pytest.mark.netns
+def test_bad_plan_stops_experiment_yml_before_the_nodes(lab3):
+    tmp = lab3["tmp"]
+    for body, message in (
+        ("workloads: [gzipp]\nforward: [read]\ndelegates: [local]\n", "unknown workload 'gzipp'"),
+        ("workloads: [gzip]\nforward: ['read,wriet']\ndelegates: [local]\n", "wriet"),
+    ):
+        plan = tmp / "bad.yml"
+        plan.write_text(body)
+        remote = f"{lab3['dir']}/state/{{{{ inventory_hostname }}}}/bad-experiment"
+        proc, _ = provision(
+            lab3["inventory"], "experiment.yml", tmp,
+            "-e", f"experiment_plan={plan}", "-e", f"experiment_remote_dir={remote}",
+            "-e", f"experiment_results_dir={tmp / 'bad-results'}",
+        )  # fmt: skip
+        assert proc.returncode == 2
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("testbed: error: ") and message in last, last
+        for node in ("node1", "node2"):
+            assert not (lab3["dir"] / "state" / node / "bad-experiment").exists()
+        assert not (tmp / "bad-results").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(WHY is not None, reason=WHY or "")
+def test_unreachable_host_is_named_and_nothing_is_left(tmp_path):
+    inv = tmp_path / "hosts.ini"
+    port = _free_port()  # nothing listens there
+    inv.write_text(
+        f"[compute_nodes]\nghost ansible_host=127.0.0.1 ansible_port={port} ansible_user=root\n"
+        "[all:vars]\nansible_ssh_common_args='-o StrictHostKeyChecking=no "
+        f"-o UserKnownHostsFile={tmp_path}/kh -o ControlMaster=no'\n"
+    )
+    proc, summary = provision(inv, "site.yml", tmp_path)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("testbed: error: ghost unreachable:"), last
+    assert "Connection refused" in last or "connect" in last
+    assert summary["hosts"]["ghost"]["unreachable"] == 1
+    assert "Traceback" not in proc.stderr
+    leftovers = subprocess.run(["pgrep", "-f", f"Port={port}"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+
+def test_wrong_inventory_path_is_one_clear_error(tmp_path):
+    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("testbed-provision-*"))
+    proc = tb("provision", "-i", str(tmp_path / "no-such-inventory"), "site.yml")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"testbed: error: inventory {tmp_path / 'no-such-inventory'}: no such file or directory"
+    )
+    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("testbed-provision-*")) == before
+    unknown = tb("provision", "-i", str(tmp_path), "nosuch.yml")
+    assert unknown.returncode == 2 and "playbook 'nosuch.yml' not found" in unknown.stderr
+
+
+@needs_lab
+@pytest.mark.netns
+@pytest.mark.slow
+def test_teardown_then_lab_down_leaves_nothing(lab3):
+    d, state = lab3["dir"], lab3["state"]
+    proc, _ = provision(lab3["inventory"], "teardown.yml", lab3["tmp"])
+    assert proc.returncode == 0, proc.stderr
+    assert not (d / "state" / "node3" / "delegate").exists()
+    assert not (d / "state" / "node1" / "experiment").exists()
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex((NODE3, 5555)) != 0, "the delegate must be stopped"
+
+    pids = [p for n in state["nodes"] for p in lab._ns_pids(n["netns"])]
+    assert pids, "the sshds are still there before lab down"
+    down = tb("lab", "down", "--dir", str(d))
+    assert down.returncode == 0, down.stderr
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for n in state["nodes"]:
+        assert n["netns"] not in names
+    assert not Path(f"/sys/class/net/{state['bridge']}").exists()
+    assert not d.exists()
+    assert not any(lab._pid_alive(p) for p in pids)
+    for proc_dir in Path("/proc").iterdir():  # no ssh control master, no node process
+        if proc_dir.name.isdigit():
+            try:
+                cmd = (proc_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert str(d).encode() not in cmd, cmd
+    listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    assert "10.213.48." not in listening
+
+
+@pytest.mark.skipif(shutil.which("ansible-lint") is None, reason="ansible-lint not installed")
+def test_playbooks_are_ansible_lint_clean():
+    proc = subprocess.run(
+        ["ansible-lint", "--offline", "--profile", "production", "-q",
+         "site.yml", "kmod.yml", "experiment.yml", "teardown.yml", "roles"],
+        capture_output=True, text=True, cwd=PLAYBOOKS, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- kmod in a VM
+
+
+def _vm_missing() -> str | None:
+    if WHY:
+        return WHY
+    try:
+        from testbed import vm
+    except ImportError as exc:
+        return f"testbed.vm unavailable ({exc})"
+    missing = vm.missing_packages()
+    if missing:
+        return "missing " + ", ".join(missing)
+    if not (PLAYBOOKS.parent / "kmod" / "Makefile").exists():
+        return "kmod/ not in the tree"
+    return None
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path):
+    why = _vm_missing()
+    if why:
+        print(
+            f"test_kmod_role_builds_and_loads_mktrace_in_a_guest: skipped: {why}", file=sys.stderr
+        )
+        pytest.skip(why)
+    from testbed import vm
+
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    python = os.path.realpath(sys.executable)
+    with vm.Guest(authorized_key=(tmp_path / "id_ed25519.pub").read_text()) as guest:
+        inv = tmp_path / "inventory"
+        (inv / "group_vars" / "all").mkdir(parents=True)
+        (inv / "hosts.ini").write_text(
+            f"[compute_nodes]\nguest ansible_host=127.0.0.1 ansible_port={guest.ssh_port}\n"
+        )
+        (inv / "group_vars" / "all" / "vm.yml").write_text(
+            "ansible_user: root\n"
+            f"ansible_ssh_private_key_file: {key}\n"
+            f'ansible_ssh_common_args: "-o UserKnownHostsFile={guest.known_hosts} '
+            f'-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"\n'
+            f"ansible_python_interpreter: {python}\n"
+            # Kbuild under TCG takes many minutes: build on the controller
+            # (same Debian headers) for the guest's kernel, load in the guest
+            "kmod_build_on_controller: true\n"
+            f"kmod_controller_build_dir: {tmp_path}/kbuild\n"
+        )
+        proc, summary = provision(inv, "kmod.yml", tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert summary["hosts"]["guest"]["failed"] == 0
+        assert "loaded mktrace (" in proc.stdout and "/dev/mktrace ready on guest" in proc.stdout
+        check = guest.run("test -c /dev/mktrace && test -d /sys/module/mktrace && echo present")
+        assert "present" in check.output
+
+        again, summary2 = provision(inv, "kmod.yml", tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert summary2["hosts"]["guest"]["changed"] == 0
+        assert "already loaded mktrace" in again.stdout
