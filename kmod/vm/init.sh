@@ -31,8 +31,11 @@ finish() {
     echo "$1" > /ctl/status.tmp 2>/dev/null && mv /ctl/status.tmp /ctl/status
     echo "@SENTINEL@=$1"
     sync
+    # A reset ends QEMU (-no-reboot) on any machine configuration; power-off
+    # (ACPI) and a panic of PID 1 (panic=-1) are the fallbacks.
+    reboot -f
+    sleep 2
     poweroff -f
-    echo o > /proc/sysrq-trigger
     sleep 5
     exit "$1"
 }
