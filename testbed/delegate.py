@@ -122,18 +122,13 @@ def _peer_label(info: dict) -> str:
     return " ".join(parts)
 
 
-#: Of an injected delay, everything but this margin is slept (the kernel's
-#: default timer slack is 50 µs, so the sleep ends before the deadline) and the
-#: rest is spun, so the delay is exact without burning a core for all of it.
-SLEEP_MARGIN_NS = 80_000
-
-
 def _spin_until(deadline_ns: int, yield_gil: bool) -> None:
-    """Wait until ``deadline_ns`` on CLOCK_MONOTONIC: sleep most of it, spin the end."""
+    """Busy-wait until ``deadline_ns`` on CLOCK_MONOTONIC.
+
+    Never sleeps: a sleep's wake-up (timer slack, scheduler, an idle vCPU
+    halting) adds tens of microseconds of jitter to an emulated link delay.
+    """
     mono = time.monotonic_ns
-    ahead = deadline_ns - mono() - SLEEP_MARGIN_NS
-    if ahead > 0:
-        time.sleep(ahead / 1e9)
     if yield_gil:
         yield_ = os.sched_yield  # releases the GIL so other workers' spins progress
         while mono() < deadline_ns:
