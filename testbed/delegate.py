@@ -362,8 +362,8 @@ class Delegate:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
-        router.setsockopt(zmq.SNDHWM, 100_000)
-        router.setsockopt(zmq.RCVHWM, 100_000)
+        router.setsockopt(zmq.SNDHWM, 100_000)  # replies are small; beyond it ROUTER drops
+        router.setsockopt(zmq.RCVHWM, 1000)  # per peer; beyond it TCP pushes back on the peer
         if self.curve_keys is not None:
             try:
                 self._auth = _curve_server(ctx, router, self.curve_keys)

@@ -347,6 +347,18 @@ def test_port_in_use_is_one_line_error_and_nonzero():
     assert "Address already in use" in lines[0]
 
 
+def test_offload_root_must_be_a_directory(tmp_path):
+    proc = subprocess.run(
+        [PY, "-m", "testbed", "delegate", "--listen", "tcp://127.0.0.1:*",
+         "--offload-root", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"testbed: error: offload root {str(tmp_path / 'missing')!r} is not a directory"
+    ]
+
+
 @pytest.mark.parametrize(
     "endpoint, reason",
     [
