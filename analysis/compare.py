@@ -270,14 +270,32 @@ def fit_mechanisms(runs: list[DelegatedRun], native: dict, level: float = 0.95) 
 
 
 def predicted_vs_measured(
-    runs: list[DelegatedRun], native: dict, fc_by_mech: dict[str, float]
+    runs: list[DelegatedRun],
+    native: dict,
+    fc_by_mech: dict[str, float],
+    profiles: list[Profile] | None = None,
 ) -> pd.DataFrame:
-    """Per run: measured t_d, predicted ``t_nd + 2 f_c sum b n`` and relative error."""
+    """Per run: measured t_d, predicted ``t_nd + 2 f_c sum b n`` and relative error.
+
+    ``sum b n`` is the run's own count of forwarded calls.  When a profile of
+    the same command is given, the row also has the prediction made *before*
+    running: ``profile_forwarded_calls`` = the profile's ``sum b(s) n(s)`` for
+    the run's forwarded set, and ``profile_predicted_t_d_s`` from it.
+    """
+    by_key = {p.key: p for p in profiles or []}
     rows = []
     for r in runs:
         t_nd, src = native.get(r.key, (np.nan, "none"))
         f_c = fc_by_mech.get(r.mechanism, np.nan)
         pred = float(M.t_d(t_nd, np.zeros(1), [r.forwarded_calls], [1.0], 1.0, f_c))
+        prof = by_key.get(r.key)
+        if prof is not None:
+            nrs = r.meta.get("forwarded_nrs") or []
+            b = np.isin(prof.nrs, [int(x) for x in nrs]).astype(float)
+            p_calls = float((b * prof.n).sum())
+            p_pred = float(M.t_d(t_nd, np.zeros(1), [p_calls], [1.0], 1.0, f_c))
+        else:
+            p_calls, p_pred = np.nan, np.nan
         rows.append(
             {
                 "run": r.path.name,
@@ -291,6 +309,9 @@ def predicted_vs_measured(
                 "measured_t_d_s": r.wall,
                 "predicted_t_d_s": pred,
                 "rel_error": (pred - r.wall) / r.wall if r.wall > 0 else np.nan,
+                "profile_forwarded_calls": p_calls,
+                "profile_predicted_t_d_s": p_pred,
+                "profile_rel_error": (p_pred - r.wall) / r.wall if r.wall > 0 else np.nan,
             }
         )
     return pd.DataFrame(rows)

@@ -105,7 +105,11 @@ def write_report(
     native = compare.native_times(profiles, runs, compare.whole_run_intercepts(runs, native))
     mech = compare.fit_mechanisms(runs, native) if runs else pd.DataFrame()
     fc_by_mech = dict(zip(mech.get("mechanism", []), mech.get("f_c_median_s", []), strict=True))
-    pvm = compare.predicted_vs_measured(runs, native, fc_by_mech) if runs else pd.DataFrame()
+    pvm = (
+        compare.predicted_vs_measured(runs, native, fc_by_mech, profiles)
+        if runs
+        else pd.DataFrame()
+    )
     cv = compare.cross_validate(runs, native) if runs else pd.DataFrame()
     mtab = compare.mechanism_table(mech, model_profiles, policy, gammas)
     tables = {
@@ -186,7 +190,9 @@ def write_report(
         "## Predicted vs measured t_d",
         "",
         "Prediction at γ = 1, g' = g: `t_d = t_nd + 2·f_c·Σ b(s)n(s)`, f_c = the "
-        "mechanism's per-call median; rel_error = (predicted − measured)/measured.",
+        "mechanism's per-call median; rel_error = (predicted − measured)/measured. "
+        "`Σ b(s)n(s)` is the run's own count of forwarded calls; the profile_* columns "
+        "predict from the native profile's n(s) instead (a prediction made before the run).",
         "",
         markdown_table(_us(pvm, ["f_c_s"])),
     ]

@@ -95,6 +95,9 @@ def test_analyze_real_runs_end_to_end(real_runs):
         assert p["predicted_t_d_s"] == pytest.approx(
             p["t_nd_s"] + 2 * p["f_c_s"] * p["forwarded_calls"]
         )
+    # the native profile predicted the number of forwarded reads exactly
+    read_only = pvm[pvm["group"] == "read"].iloc[0]
+    assert read_only["profile_forwarded_calls"] == read_only["forwarded_calls"]
     cv = pd.read_csv(base / "report" / "tables" / "cross_validation.csv")
     assert len(cv) == 6  # three policies, every ordered pair
 

@@ -72,6 +72,7 @@ def test_predicted_vs_measured_and_cross_validation(runs):
     )
     assert len(pvm) == 9
     assert pvm["rel_error"].abs().max() < 0.01
+    assert pvm["profile_predicted_t_d_s"].isna().all()  # no profile given
     r = pvm.iloc[1]  # the formula, checked on one row
     assert r["predicted_t_d_s"] == pytest.approx(
         r["t_nd_s"] + 2 * r["f_c_s"] * r["forwarded_calls"]
