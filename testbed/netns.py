@@ -31,7 +31,6 @@ import signal
 import subprocess
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ from testbed.errors import TestbedError
 PREFIX = "tb"
 _NODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,19}$")
 _seq = itertools.count()
-_live: weakref.WeakSet[Topology] = weakref.WeakSet()
+_live: set[Topology] = set()  # strong refs: a dropped, unclosed topology is still cleaned at exit
 _live_lock = threading.Lock()
 
 

@@ -192,3 +192,18 @@ def test_subnet_must_be_a_private_slash_24():
         netns.Topology(2, subnet="10.0.0.0/16")
     topo = netns.Topology(["x", "y"], subnet="10.213.200.0/24")
     assert (topo.addr("x"), topo.addr("y")) == ("10.213.200.1", "10.213.200.2")
+
+
+def test_an_unclosed_topology_is_cleaned_up_at_interpreter_exit():
+    script = (
+        "from testbed.netns import Topology\n"
+        "t = Topology(['x', 'y']).up()\n"
+        "t.popen('x', ['sleep', '300'])\n"
+        "print(' '.join(t.namespaces), flush=True)\n"
+        "del t\n"
+    )
+    out = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    names = out.stdout.split()
+    assert len(names) == 2
+    assert not set(names) & set(netns.list_namespaces())
