@@ -227,6 +227,10 @@ def test_wrong_inventory_path_is_one_clear_error(tmp_path):
         f"testbed: error: inventory {tmp_path / 'no-such-inventory'}: no such file or directory"
     )
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("testbed-provision-*")) == before
+    (tmp_path / "hosts.ini").write_text("[compute_nodes]\n")
+    (tmp_path / "empty-inventory").mkdir()
+    empty = tb("provision", "-i", str(tmp_path / "empty-inventory"), "site.yml")
+    assert empty.returncode == 2 and "empty directory" in empty.stderr
     unknown = tb("provision", "-i", str(tmp_path), "nosuch.yml")
     assert unknown.returncode == 2 and "playbook 'nosuch.yml' not found" in unknown.stderr
 
