@@ -19,7 +19,8 @@ mount the shares) is built once per kernel and cached.  QEMU always runs with
 ``-accel tcg`` (``/dev/kvm`` is not usable on the development machines).
 
 Public API: :func:`find_kernel`, :func:`ensure_packages`, :func:`build_module`,
-:func:`run`, :class:`Guest`, :class:`VMResult`, :class:`VMTimeout`.  See
+:func:`run`, :class:`Guest`, :class:`VMResult`, :class:`VMFailed`,
+:class:`VMTimeout`.  See
 ``docs/vm.md``.
 """
 
@@ -93,8 +94,8 @@ class Kernel:
         return (self.build_dir / "Makefile").is_file()
 
 
-def _version_key(version: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"[.\-+~]", version)]
+def _version_key(version: str) -> list[tuple[int, int, str]]:
+    return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.\-+~]", version)]
 
 
 def find_kernel(version: str | None = None) -> Kernel:
@@ -489,12 +490,19 @@ class VMResult:
         return self.exit_status == 0
 
 
-class VMTimeout(TestbedError):
-    """The guest did not finish in time; QEMU was killed.  ``.result`` has what came back."""
+class VMFailed(TestbedError):
+    """The guest gave no exit status (QEMU failed, kernel panic...).
+
+    ``.result`` holds what came back: partial output and the whole serial console.
+    """
 
     def __init__(self, message: str, result: VMResult) -> None:
         super().__init__(message)
         self.result = result
+
+
+class VMTimeout(VMFailed):
+    """The guest did not finish in time; QEMU was killed.  ``.result`` has what came back."""
 
 
 def _memory(value: str | int) -> str:
@@ -661,7 +669,8 @@ def _start(
         if share is not None:
             argv += [
                 "-virtfs",
-                f"local,path={share},mount_tag=results,security_model=none,multidevs=remap",
+                f"local,path={str(share).replace(',', ',,')},mount_tag=results,"
+                "security_model=none,multidevs=remap",
             ]
         if net:
             netdev = "user,id=n0,restrict=on" + "".join(f",hostfwd={r}" for r in rules)
@@ -742,7 +751,8 @@ def run(
 
     On timeout QEMU is killed and :class:`VMTimeout` (a :class:`TestbedError`) is
     raised with ``.result`` holding the partial output.  A guest that stops
-    without reporting a status raises :class:`TestbedError`.
+    without reporting a status (QEMU error, kernel panic) raises
+    :class:`VMFailed` (also a :class:`TestbedError`, also with ``.result``).
     """
     t0 = time.monotonic()
     boot = _start(
@@ -761,7 +771,7 @@ def run(
         if timed_out:
             raise VMTimeout(f"guest command did not finish within {timeout:g} s", result)
         if result.exit_status is None:
-            raise TestbedError(f"guest stopped without an exit status ({_failure_hint(boot)})")
+            raise VMFailed(f"guest stopped without an exit status ({_failure_hint(boot)})", result)
         return result
     finally:
         boot.kill()
@@ -895,10 +905,12 @@ class Guest:
     def _keygen(self, keygen: str, name: str) -> tuple[bytes, str]:
         assert self._keydir is not None
         path = self._keydir / name
-        subprocess.run(
+        proc = subprocess.run(
             [keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"testbed-vm-{name}", "-f", str(path)],
-            check=True, capture_output=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if proc.returncode != 0:
+            raise TestbedError(f"ssh-keygen failed: {proc.stderr.strip() or proc.returncode}")
         return path.read_bytes(), (self._keydir / f"{name}.pub").read_text().strip()
 
     def _boot_with_retries(self, keygen: str) -> None:
@@ -1084,9 +1096,11 @@ def main_vm(args) -> int:  # noqa: ANN001 - argparse.Namespace
             command, timeout=args.timeout, share=args.share, memory=args.memory,
             cpus=args.cpus, net=args.net,
         )  # fmt: skip
-    except VMTimeout as exc:
+    except VMFailed as exc:
         sys.stdout.buffer.write(exc.result.output_bytes)
         sys.stdout.flush()
+        if not isinstance(exc, VMTimeout):
+            raise
         print(f"testbed: error: {exc}", file=sys.stderr)
         return 124
     sys.stdout.buffer.write(result.output_bytes)
