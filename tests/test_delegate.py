@@ -251,8 +251,9 @@ def test_bad_frames_get_errors_while_a_good_client_keeps_being_served(dproc, ctx
 # ---------------------------------------------------------------- lifecycle
 
 
-def test_sigterm_exits_zero_promptly_with_per_client_accounting(dproc, ctx):
-    d = dproc()
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_sigterm_exits_zero_promptly_with_per_client_accounting(dproc, ctx, workers):
+    d = dproc("--workers", workers)
     a = Client(ctx, d.endpoint, ident=b"client-A")
     b = Client(ctx, d.endpoint, ident=b"client-B")
     a.ask(wire.encode_hello({"host": "nodeA", "pid": 11}))
