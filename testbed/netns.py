@@ -76,8 +76,8 @@ class Topology:
 
     def __init__(self, nodes: int | Sequence[str] = 2, subnet: str | None = None):
         names = [f"n{i}" for i in range(nodes)] if isinstance(nodes, int) else list(nodes)
-        if len(names) < 1:
-            raise NetnsError("a topology needs at least one node")
+        if not 1 <= len(names) <= 250:
+            raise NetnsError(f"a topology has 1 to 250 nodes, not {len(names)}")
         if len(set(names)) != len(names):
             raise NetnsError(f"duplicate node names in {names}")
         for name in names:
@@ -110,6 +110,8 @@ class Topology:
     def addr(self, node: str) -> str:
         """The IPv4 address of ``node`` on the topology's /24."""
         ns = self.ns(node)
+        if len(self.nodes) == 1:
+            raise NetnsError("a single-node topology has only a loopback interface")
         return next(a for n, a in self._addr.items() if self._ns[n] == ns)
 
     @property

@@ -179,7 +179,7 @@ def test_run_timeout_kills_and_reports():
         assert time.monotonic() - t0 < 10
 
 
-@pytest.mark.parametrize("nodes", [["a", "a"], ["Bad"], ["hub", "x"], []])
+@pytest.mark.parametrize("nodes", [["a", "a"], ["Bad"], ["hub", "x"], [], 251])
 def test_bad_node_names(nodes):
     with pytest.raises(netns.NetnsError):
         netns.Topology(nodes)
