@@ -107,9 +107,10 @@ def main_model(args: argparse.Namespace) -> int:
 def main_analyze(args: argparse.Namespace) -> int:
     policy = getattr(args, "policy", None) or "min-freq:20%"
     parse_policy(policy)
+    from analysis.paths import expand_rundirs
     from testbed import rundir
 
-    for p in args.rundirs:
+    for p in expand_rundirs(args.rundirs):
         rundir.load(p)  # a missing or malformed run directory fails before any import
     from analysis.report import write_report
 

@@ -17,13 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.paths import PROFILES_DIR, TABLE1_CSV
 from testbed import policy as _policy
 from testbed import rundir
 from testbed.errors import TestbedError
-
-DATA = Path(__file__).resolve().parent / "data"
-TABLE1_CSV = DATA / "table1.csv"
-PROFILES_DIR = DATA / "profiles"
 
 #: Calls whose g(s) is time blocked waiting for the program's own children.
 WAIT_CALLS = frozenset({"wait4", "waitid", "vfork"})

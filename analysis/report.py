@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import compare, figures
+from analysis.paths import expand_rundirs
 from analysis.profiles import profiles_frame, shipped_profiles, table1
 from testbed.errors import TestbedError
 
@@ -83,8 +84,11 @@ def _run_meta(path: Path, meta: dict) -> dict:
 def write_report(
     paths, outdir: str | Path, policy: str = "min-freq:20%", gammas=(2.0, 10.0)
 ) -> Path:
-    """Analyse run directories ``paths`` and write the report into ``outdir``."""
-    paths = [Path(p) for p in paths]
+    """Analyse run directories ``paths`` and write the report into ``outdir``.
+
+    A path without ``run.json`` stands for all run directories beneath it.
+    """
+    paths = expand_rundirs(paths)
     if not paths:
         raise TestbedError("no run directories given")
     profiles, runs = compare.load_runs(paths)

@@ -173,3 +173,18 @@ def test_model_prints_table1_and_profiles(tmp_path):
 )  # fmt: skip
 def test_model_bad_input(args, msg):
     assert msg in one_error_line(tb("model", *args))
+
+
+def test_analyze_a_results_tree(tmp_path):
+    """A directory without run.json stands for every run directory beneath it."""
+    tree = tmp_path / "results" / "plan"
+    for i, host in enumerate(("node1", "node2")):
+        delegated_run(tree / host / f"r{i}", ["x"], {"read": 200 * (i + 1)}, 2e-5, 0.3, seed=i)
+    r = tb("analyze", tmp_path / "results", "-o", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    runs = pd.read_csv(tmp_path / "rep" / "tables" / "runs.csv")
+    assert sorted(runs["forwarded_calls"]) == [200, 400]
+    (tmp_path / "nothing").mkdir()
+    assert "not a run directory" in one_error_line(
+        tb("analyze", tmp_path / "nothing", "-o", tmp_path / "x")
+    )
