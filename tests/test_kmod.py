@@ -139,6 +139,19 @@ int main(int argc, char **argv)
 """
 
 NR_READ, NR_WRITE, NR_GETPPID = 0, 1, 110
+# ~120 implemented syscalls, numbers up to 334: no 64-call limit, noreturn exit_group
+WIDE_SET = """read write open close stat fstat lstat poll lseek mmap mprotect munmap brk
+rt_sigaction rt_sigprocmask ioctl pread64 pwrite64 readv writev access pipe select
+sched_yield mremap msync mincore madvise dup dup2 nanosleep getitimer alarm setitimer
+getpid sendfile socket connect accept sendto recvfrom shutdown bind listen getsockname
+getpeername socketpair setsockopt getsockopt wait4 kill uname fcntl flock fsync fdatasync
+truncate ftruncate getdents getcwd chdir fchdir rename mkdir rmdir creat link unlink symlink
+readlink chmod fchmod chown fchown lchown umask gettimeofday getrlimit getrusage sysinfo
+times getuid getgid setuid setgid geteuid getegid getppid getpgrp setsid getgroups
+sigaltstack statfs fstatfs prctl arch_prctl gettid futex set_tid_address clock_gettime
+clock_nanosleep exit_group openat newfstatat readlinkat faccessat pselect6 ppoll
+set_robust_list prlimit64 getrandom statx getdents64 fadvise64 rseq lgetxattr getxattr
+listxattr llistxattr""".split()  # noqa: SIM905 - a readable block
 NR_UNIMPLEMENTED = 335  # a hole of the x86-64 table: sys_ni_syscall
 
 
@@ -359,6 +372,9 @@ def test_kthread_mode_output_counts_and_cost(guest):
     assert part["threads"]["lines"] == part["threads"]["expected"]
     assert part["descendants"] == {"with": part["descendants_expected"], "without": 0}
     assert part["other_process_untouched"] == 0
+    wide = part["wide"]
+    assert wide["set_size"] > 64 and wide["same_output"]
+    assert wide["exit_group"] == 1 and wide["above_64"] > 0
 
 
 @pytest.mark.vm
@@ -444,10 +460,14 @@ def _become_subreaper() -> None:
 
 
 def _strace_count(argv: list[str], names: str) -> int:
+    """Independent count of the calls ``names`` of a native run (strace -f -c)."""
+    log = Path("/tmp/kmod-guest/strace.txt")  # no /dev/stderr under a bare devtmpfs
     res = _sh(["strace", "-f", "-c", "-U", "name,calls", "-e", f"trace={names}",
-               "-o", "/dev/stderr", *argv], stdout=subprocess.DEVNULL)  # fmt: skip
+               "-o", str(log), *argv], stdout=subprocess.DEVNULL)  # fmt: skip
+    if res.returncode:
+        raise RuntimeError(f"strace failed: {res.stderr.decode()[-500:]}")
     total = 0
-    for line in res.stderr.decode().splitlines():
+    for line in log.read_text().splitlines():
         m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
         if m and m.group(1) != "total":
             total += int(m.group(2))
@@ -614,6 +634,17 @@ def g_kthread(bins: Path, tmp: Path) -> dict:
     for flag in (True, False):
         rep = _kthread("write", 0, ["sh", "-c", script], subprocess.DEVNULL, tmp, descendants=flag)
         desc["with" if flag else "without"] = rep["syscalls"][0]["count"]
+    # a wide set (well past 64 numbers, exit_group included): same output, calls counted
+    ls = ["ls", "-l", "--time-style=+", str(KMOD)]
+    native_ls = _sh(ls).stdout
+    ls_out = tmp / "ls.txt"
+    with open(ls_out, "wb") as f:
+        rep = _kthread(",".join(WIDE_SET), 0, ls, f, tmp)
+    counts = {r["syscall"]: r["count"] for r in rep["syscalls"]}
+    wide = {"set_size": len(WIDE_SET), "same_output": ls_out.read_bytes() == native_ls,
+            "exit_group": counts.get("exit_group"),
+            "above_64": sum(c for r, c in ((r["nr"], r["count"]) for r in rep["syscalls"])
+                            if r >= 64)}  # fmt: skip
     # a process that is not the target is never forwarded, even while hooks are live
     dev = K.Device()
     dev.set_config("kthread")
@@ -622,7 +653,8 @@ def g_kthread(bins: Path, tmp: Path) -> dict:
     other = sum(s.count for s in dev.stats().values())
     dev.close()
     return {"n": n, "cost": cost, "dd": dd, "threads": threads, "descendants": desc,
-            "descendants_expected": 150, "other_process_untouched": other}  # fmt: skip
+            "descendants_expected": 150, "other_process_untouched": other,
+            "wide": wide}  # fmt: skip
 
 
 def _mini_relay(backend: K.KmodBackend, argv: list[str], stdout, returns=None,
@@ -649,6 +681,16 @@ def _mini_relay(backend: K.KmodBackend, argv: list[str], stdout, returns=None,
     return child.wait(timeout=30), traps, rtts
 
 
+def _payload(tmp: Path) -> Path:
+    """About 1 MB of compressible, deterministic text (gzip reads it in 64 KiB chunks)."""
+    path = tmp / "payload.txt"
+    if not path.exists():
+        words = [f"w{i * 7919 % 1000:03d}" for i in range(4001)]
+        lines = (" ".join(words[(12 * j + k) % 4001] for k in range(12)) for j in range(17000))
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def g_relay(bins: Path, tmp: Path) -> dict:
     sysret, writer = str(bins / "sysret"), str(bins / "writer")
     out: dict = {}
@@ -668,8 +710,7 @@ def g_relay(bins: Path, tmp: Path) -> dict:
     out["returned"] = data.decode().splitlines()
     _s, _t, _r, _st, data = run({NR_GETPPID}, [sysret, "2"], {NR_GETPPID: (0, errno.EPERM)})
     out["errno"] = data.decode().splitlines()
-    src = REPO / "testbed" / "relay.py"
-    argv = ["gzip", "-c", "-6", str(src)]
+    argv = ["gzip", "-c", "-6", str(_payload(tmp))]
     native = _sh(argv).stdout
     status, traps, rtts, stats, data = run({NR_READ, NR_WRITE}, argv)
     out["gzip_same"] = status == 0 and data == native
@@ -697,8 +738,7 @@ def g_run(tmp: Path) -> dict:
     from testbed import rundir
     from testbed.relay import connect
 
-    src = REPO / "testbed" / "vm.py"
-    argv = ["gzip", "-c", "-6", str(src)]
+    argv = ["gzip", "-c", "-6", str(_payload(tmp))]
     native = _sh(argv).stdout
     rdir = tmp / "run"
     out_file = tmp / "run.out"
