@@ -9,6 +9,7 @@ Paper figures regenerated from our data:
   fig7_fc_proportion    S_r over f_c x forwarded proportion, gamma = 10 (Fig. 7)
   fig8_gamma_proportion S_r over gamma x forwarded proportion, 10 us    (Fig. 8)
   fig9_policies_fc      S_r vs f_c, gamma = 10, 20%, three policies     (Fig. 9 a-c)
+  fig11_runtimes         measured run time, native vs each forwarded set (Fig. 11)
 New ones:
   fig_measured_vs_predicted   predicted vs measured t_d per run
   fig_fc_mechanisms           per-call f_c distribution per mechanism
@@ -314,4 +315,43 @@ def fig_fc_mechanisms(samples: dict[str, np.ndarray], reference: float | None = 
     ax.text(0.99, 0.01, "box p25–p75, whiskers p5–p95, dot median", transform=ax.transAxes,
             ha="right", va="bottom", fontsize=6, color="grey")  # fmt: skip
     ax.grid(True, which="both", axis="y", alpha=0.3)
+    return fig
+
+
+def fig11_runtimes(runs: pd.DataFrame, native: dict[str, float] | None = None) -> Figure:
+    """Measured wall time per workload: native and one bar per forwarding policy.
+
+    ``runs`` has columns ``workload``, ``group`` (policy or forwarded set) and
+    ``wall_s`` (several runs of one group are averaged, with min-max error
+    bars); ``native`` maps workload -> native time.
+    """
+    native = native or {}
+    workloads = sorted(set(runs["workload"]) | set(native))
+    groups = sorted(set(runs["group"])) if len(runs) else []
+    cols = (["native"] if native else []) + groups  # "native" = the t_nd used for predictions
+    fig, ax = plt.subplots(
+        figsize=(max(5.5, 1.2 * len(workloads) * max(len(cols), 1) / 2 + 2), 4.2)
+    )
+    width = 0.8 / max(len(cols), 1)
+    for j, col in enumerate(cols):
+        ys, lo, hi = [], [], []
+        for w in workloads:
+            if col == "native":
+                v = np.array([native[w]]) if w in native else np.array([np.nan])
+            else:
+                v = runs.loc[(runs["workload"] == w) & (runs["group"] == col), "wall_s"].to_numpy()
+                v = v if len(v) else np.array([np.nan])
+            m = float(np.mean(v))
+            ys.append(m)
+            lo.append(m - float(np.min(v)))
+            hi.append(float(np.max(v)) - m)
+        x = np.arange(len(workloads)) + (j - (len(cols) - 1) / 2) * width
+        ax.bar(x, ys, width, yerr=[lo, hi], capsize=2, label=col,
+               color="grey" if col == "native" else None)  # fmt: skip
+    ax.set_xticks(np.arange(len(workloads)), workloads)
+    ax.yaxis.set_major_formatter(TIME_FMT)
+    ax.set_ylabel("wall time")
+    ax.set_title("Measured run time: native vs forwarding policies (γ = 1)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, title="forwarded", title_fontsize=7)
     return fig

@@ -148,6 +148,10 @@ def write_report(
         fig("fig9_policies_fc", "Fig. 9: S_r vs f_c under three policies",
             figures.fig9_policies_fc(model_profiles))  # fmt: skip
     if runs:
+        names = {r.key: r.workload for r in runs}
+        nat = {names[k]: v[0] for k, v in native.items() if k in names}
+        fig("fig11_runtimes", "Fig. 11: measured run time per policy",
+            figures.fig11_runtimes(tables["runs"], nat))  # fmt: skip
         fig("measured_vs_predicted", "Measured vs predicted t_d",
             figures.fig_measured_vs_predicted(pvm))  # fmt: skip
         samples = {m: compare.pooled_samples(rs)[0] for m, rs in compare.by_mechanism(runs).items()}

@@ -16,7 +16,7 @@ from analysis.workloads import prepare
 PY = sys.executable
 FIGURES = ["fig2_naive", "fig3_table1", "fig4_policies_gamma", "fig5_gamma_fc", "fig6_cdf",
            "fig7_fc_proportion", "fig8_gamma_proportion", "fig9_policies_fc",
-           "measured_vs_predicted", "fc_per_mechanism"]  # fmt: skip
+           "fig11_runtimes", "measured_vs_predicted", "fc_per_mechanism"]  # fmt: skip
 
 
 def tb(*args, timeout=300):

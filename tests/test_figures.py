@@ -85,3 +85,14 @@ def test_measurement_figures_and_save(tmp_path):
     assert [t.get_text() for t in g.axes[0].get_xticklabels()] == ["x", "y"]
     F.save(g, tmp_path, "fc")
     assert (tmp_path / "fc.png").stat().st_size > 5000
+
+
+def test_fig11_runtimes_bars():
+    runs = pd.DataFrame({"workload": ["gzip", "gzip", "gzip", "tar"],
+                         "group": ["read", "read", "max-freq:20%", "read"],
+                         "wall_s": [1.0, 1.2, 2.0, 0.5]})  # fmt: skip
+    f = F.fig11_runtimes(runs, {"gzip": 0.9, "tar": 0.4})
+    ax = f.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches if np.isfinite(p.get_height()))
+    assert heights == [0.4, 0.5, 0.9, 1.1, 2.0]  # native x2, read (mean of 1.0, 1.2), max-freq
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["gzip", "tar"]
