@@ -332,8 +332,13 @@ def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert summary["hosts"]["guest"]["failed"] == 0
         assert "loaded mktrace (" in proc.stdout and "/dev/mktrace ready on guest" in proc.stdout
-        check = guest.run("test -c /dev/mktrace && test -d /sys/module/mktrace && echo present")
-        assert "present" in check.output
+        check = subprocess.run(
+            ["ssh", "-i", str(key), "-o", f"UserKnownHostsFile={guest.known_hosts}",
+             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-p", str(guest.ssh_port),
+             "root@127.0.0.1", "test -c /dev/mktrace && test -d /sys/module/mktrace && echo present"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert check.stdout.strip() == "present", check.stderr
 
         again, summary2 = provision(inv, "kmod.yml", tmp_path)
         assert again.returncode == 0, again.stderr
