@@ -357,7 +357,6 @@ static const struct file_operations mktrace_fops = {
 	.poll = mktrace_dev_poll,
 	.unlocked_ioctl = mktrace_dev_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
-	.llseek = no_llseek,
 };
 
 static struct miscdevice mktrace_misc = {
