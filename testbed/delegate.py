@@ -257,6 +257,7 @@ class Delegate:
         self._stop_requested = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._ctl_id = b"\x00tb-ctl-" + os.urandom(8)
         self._ctl_endpoint = f"inproc://tb-delegate-{id(self):x}-ctl"
         self._lock = threading.Lock()
@@ -388,12 +389,24 @@ class Delegate:
     def start(self) -> Delegate:
         """Bind and serve in a background thread; returns self."""
         self.bind()
-        self._thread = threading.Thread(target=self._serve, name="tb-delegate", daemon=True)
+        self._thread = threading.Thread(target=self._serve_catch, name="tb-delegate", daemon=True)
         self._thread.start()
         return self
 
+    def _serve_catch(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # kept for the CLI to report, not printed twice
+            self._error = exc
+
     def serve_forever(self) -> None:
-        """Bind (if needed) and serve in the calling thread until stopped."""
+        """Bind (if needed) and serve in the calling thread until stopped.
+
+        Stop it from another thread with :meth:`request_stop`.  To stop on
+        signals, serve with :meth:`start` and wait in the main thread as
+        :func:`main_delegate` does: a handler cannot run while the main thread
+        is blocked inside libzmq.
+        """
         self.bind()
         self._serve()
 
@@ -682,7 +695,16 @@ def main_delegate(args: Any) -> int:
         if not quiet:
             print(delegate.status_line(), file=sys.stderr, flush=True)
         if not delegate._stop_requested:
-            delegate.serve_forever()
+            # Serve in a thread; the main thread only waits.  Python runs signal
+            # handlers in the main thread between bytecodes: had the main thread
+            # been blocked inside libzmq when a signal came, its handler would
+            # not run until the next message arrived (a lost wake-up).
+            delegate.start()
+            while not delegate._stopped.wait(0.25):
+                pass
+            delegate._thread.join(5)
+            if delegate._error is not None:
+                raise delegate._error
     finally:
         delegate._close()
         for s, h in old.items():
