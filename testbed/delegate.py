@@ -260,7 +260,7 @@ class Delegate:
         self._error: BaseException | None = None
         self._ctl_id = b"\x00tb-ctl-" + os.urandom(8)
         self._ctl_endpoint = f"inproc://tb-delegate-{id(self):x}-ctl"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------ properties
 
@@ -378,6 +378,9 @@ class Delegate:
             router.bind(self.listen)
         except zmq.ZMQError as exc:
             router.close(0)
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
             ctx.term()
             raise TestbedError(
                 f"cannot listen on {self.listen}: {zmq.strerror(exc.errno)}"
@@ -437,16 +440,20 @@ class Delegate:
             return
         if self.workers > 1:
             return  # workers poll their stop flag every WORKER_POLL_MS
-        with self._lock:
+        with self._lock:  # re-entrant: a second signal may arrive in here
             try:
                 s = ctx.socket(zmq.DEALER)
+            except zmq.ZMQError:
+                return  # context already closing: the loop is ending anyway
+            try:
                 s.setsockopt(zmq.ROUTING_ID, self._ctl_id)
                 s.setsockopt(zmq.LINGER, 200)
                 s.connect(self._ctl_endpoint)
                 s.send(b"", zmq.NOBLOCK)
-                s.close()
             except zmq.ZMQError:
-                pass  # context already closing: the loop is ending anyway
+                pass
+            finally:
+                s.close()
 
     # ------------------------------------------------------------ serving
 

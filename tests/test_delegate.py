@@ -501,6 +501,18 @@ def test_curve_without_keys_is_a_user_error(tmp_path):
         Delegate("tcp://127.0.0.1:*", curve_keys=str(tmp_path)).bind()
 
 
+def test_curve_bind_failure_is_an_error_not_a_hang(tmp_path):
+    from testbed.delegate import make_curve_keys
+
+    make_curve_keys(str(tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ep = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(_TestbedError, match="Address already in use"):
+            Delegate(ep, curve_keys=str(tmp_path)).bind()  # also stops the ZAP thread
+
+
 def test_stop_is_bounded_and_idempotent():
     d = Delegate("tcp://127.0.0.1:*").start()
     t0 = time.monotonic()
