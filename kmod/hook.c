@@ -275,13 +275,15 @@ int mktrace_hooks_init(void)
 }
 
 /**
- * mktrace_hooks_exit() - wait until no task can still run module code
+ * mktrace_hooks_exit() - wait until no task or callback can still run module code
  *
  * Every session is closed by now, so nothing is hooked; a caller released at
- * close may still be between its module_put() and its return.
+ * close may still be between its module_put() and its return, and the last
+ * session may still wait for its RCU callback (mktrace_session_free_rcu()).
  */
 void mktrace_hooks_exit(void)
 {
 	WARN_ON(mktrace_nhooked);
 	synchronize_rcu_tasks();
+	rcu_barrier();
 }

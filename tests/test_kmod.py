@@ -419,6 +419,9 @@ def test_faults_release_every_caller(guest):
     victim = part["sigkill"]
     assert victim["exited"] and victim["signal"] == signal.SIGKILL
     assert victim["queued_after"] == 0 and victim["inflight_after"] == 0
+    race = part["close_race"]
+    assert race["served"] == 40 and race["pending_at_close"] > 0
+    assert race["unloaded"] and race["writer_status"] == 0 and race["reloaded"]
     assert part["unload"]["rmmod_rc"] == 0
 
 
@@ -789,7 +792,7 @@ time.sleep(600)
 """
 
 
-def g_faults(bins: Path, tmp: Path) -> dict:
+def g_faults(bins: Path, tmp: Path, ko: str) -> dict:
     sysret = str(bins / "sysret")
     out: dict = {}
     # 1. the relay dies (SIGKILL) with a call in flight; rmmod meanwhile is refused
@@ -844,6 +847,35 @@ def g_faults(bins: Path, tmp: Path) -> dict:
                       "inflight_after": st.inflight,
                       "released": sum(s.released for s in dev.stats().values())}  # fmt: skip
     dev.close()
+
+    # 4. the relay closes with calls in flight from 4 threads, and rmmod races the
+    #    released callers still returning through module code
+    dev = K.Device()
+    dev.set_config("relay", timeout_ns=30 * 10**9)
+    dev.set_syscalls([NR_WRITE])
+    child = K.launch_registered(dev, [str(bins / "writer"), "2000", "4"], stdout=subprocess.DEVNULL)
+    served, deadline = 0, time.monotonic() + 60
+    while served < 40 and time.monotonic() < deadline:
+        if select.select([dev.fd], [], [], 0.1)[0]:
+            req = dev.read_request()
+            if req is not None and dev.reply(req.seq, K.REPLY_CONTINUE):
+                served += 1
+    while dev.status().queued + dev.status().inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    pending = dev.status().queued + dev.status().inflight
+    dev.close()
+    attempts, unloaded = 0, False
+    while not unloaded and time.monotonic() < deadline:
+        attempts += 1
+        unloaded = _sh(["rmmod", "mktrace"]).returncode == 0
+    try:
+        rc = child.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        rc = None
+    out["close_race"] = {"served": served, "pending_at_close": pending, "unloaded": unloaded,
+                         "rmmod_attempts": attempts, "writer_status": rc,
+                         "reloaded": _sh(["insmod", ko]).returncode == 0}  # fmt: skip
     return out
 
 
@@ -872,7 +904,7 @@ def guest_main(share: str) -> int:
         ("kthread", lambda: g_kthread(bins, tmp)),
         ("relay", lambda: g_relay(bins, tmp)),
         ("run", lambda: g_run(tmp)),
-        ("faults", lambda: g_faults(bins, tmp)),
+        ("faults", lambda: g_faults(bins, tmp, ko)),
     ]
     for name, step in steps:
         t0 = time.monotonic()
