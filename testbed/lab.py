@@ -325,7 +325,7 @@ def lab_up(directory: Path, nodes: int, subnet: str, delegates: int = 1) -> dict
     try:
         _build(directory, state, nodes, hosts, net.prefixlen)
     except BaseException:
-        lab_down(directory, quiet=True)
+        lab_down(directory)
         raise
     return state
 
@@ -400,7 +400,7 @@ def _close_control_masters(directory: Path) -> None:
         _run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "lab-node"], check=False, timeout=5)
 
 
-def lab_down(directory: Path, quiet: bool = False) -> list[str]:
+def lab_down(directory: Path) -> list[str]:
     """Remove the lab in ``directory``; returns what was done (safe to call twice)."""
     state = load_state(directory)
     done: list[str] = []

@@ -147,8 +147,7 @@ class _Printer:
         elif kind == "runner_on_ok":
             res = data.get("res") or {}
             word = "changed" if res.get("changed") else "ok"
-            if task == "Gathering Facts" or not task.startswith("Gathering"):
-                self._say(f"  {word:<11} {host:<12} {task}")
+            self._say(f"  {word:<11} {host:<12} {task}")
             if task.startswith("Report") and isinstance(res.get("msg"), str):
                 self._say(f"  {'':<11} {host:<12}   {res['msg']}")
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
