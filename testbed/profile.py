@@ -17,7 +17,10 @@ How it is measured
     ``wait4``s it: wall time is taken around fork/wait in the shim and
     user/sys time is PROGRAM's own rusage (including its waited-for
     descendants), so neither the tracer's CPU time nor the shim's start-up is
-    counted.  The shim's own syscalls (its pid) are dropped from the profile.
+    counted.  The shim's own syscalls (its pid) are dropped from the profile,
+    and so are the few calls its forked child makes before ``execve``
+    (calibrated once per invocation by tracing the shim with a program that
+    cannot be executed; ``shim_calls_removed`` in run.json lists them).
   * g(s) comes from the tracer's entry/exit timestamps, so it includes the
     tracer's per-call overhead (small for perf, large for strace) and, for a
     call that blocks (``wait4`` for a child, ``read`` on a pipe), the time it
@@ -69,12 +72,13 @@ PERF_MMAP_PAGES = "4096"
 _SHIM = r"""
 import json, os, signal, sys, time
 out, argv = sys.argv[1], sys.argv[2:]
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the program, like time(1)
+# Ctrl-C is for the program, like time(1).  A handler (not SIG_IGN) is reset
+# to the default by execve itself, so the child makes no extra syscall.
+signal.signal(signal.SIGINT, lambda *_: None)
 t0 = time.monotonic_ns()
 pid = os.fork()
 if pid == 0:
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
@@ -207,14 +211,8 @@ def _resolve(program: str) -> str:
     return os.path.abspath(path)
 
 
-def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str, dict], str]:
-    """Run ``program`` natively under a tracer.
-
-    Returns ``(times, table, method)``: the shim's times/status, the per-name
-    table ``{name: {n, g_ns, errors}}`` and the method used.
-    """
-    method = choose_method(method)
-    argv = [_resolve(program[0]), *program[1:]]
+def _traced_run(method: str, argv: Sequence[str]) -> tuple[dict, str]:
+    """Run ``argv`` under the shim and the tracer; return (shim times, tracer output)."""
     with tempfile.TemporaryDirectory(prefix="testbed-profile-") as d:
         times_path = Path(d) / "times.json"
         trace_path = Path(d) / "trace.txt"
@@ -240,15 +238,64 @@ def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str,
             )
         times = json.loads(times_path.read_text())
         text = trace_path.read_text(errors="replace") if trace_path.exists() else ""
-    exclude = [times["shim_pid"]]
+    return times, text
+
+
+def _table(method: str, text: str, exclude: Sequence[int]) -> dict[str, dict]:
     if method == METHOD_PERF:
-        table = parse_perf_summary(text, exclude)
-        lost = sum(int(x) for x in re.findall(r"LOST (\d+) events", text))
-    else:
-        table = parse_strace(text, exclude)
-        lost = 0
-    times["lost_events"] = lost
+        return parse_perf_summary(text, exclude)
+    return parse_strace(text, exclude)
+
+
+@functools.cache
+def shim_calls(method: str) -> dict[str, dict]:
+    """The calls the shim's forked child makes before its ``execve`` (calibrated).
+
+    Measured once per process by tracing the shim with a program that cannot
+    be executed: whatever its child does apart from the failed ``execve`` and
+    the ``exit_group`` (e.g. the child's return from ``clone``,
+    ``set_robust_list``, ``gettid``, ``getrandom`` of CPython's fork) also
+    precedes every real exec, and is subtracted from profiles.
+    """
+    times, text = _traced_run(method, ["/nonexistent/testbed-profile-calibration"])
+    table = _table(method, text, [times["shim_pid"]])
+    for name in ("execve", "exit_group", "exit"):
+        table.pop(name, None)
+    return table
+
+
+def _subtract(table: dict[str, dict], noise: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for name, row in table.items():
+        z = noise.get(name, {"n": 0, "g_ns": 0, "errors": 0})
+        n = row["n"] - min(z["n"], row["n"])
+        if n > 0:
+            out[name] = {
+                "n": n,
+                "g_ns": max(row["g_ns"] - z["g_ns"], 0),
+                "errors": max(row["errors"] - z["errors"], 0),
+            }
+    return out
+
+
+def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str, dict], str]:
+    """Run ``program`` natively under a tracer.
+
+    Returns ``(times, table, method)``: the shim's times/status, the per-name
+    table ``{name: {n, g_ns, errors}}`` (the shim's own calls and its child's
+    pre-exec calls removed) and the method used.
+    """
+    method = choose_method(method)
+    argv = [_resolve(program[0]), *program[1:]]
+    noise = shim_calls(method)
+    times, text = _traced_run(method, argv)
+    exclude = [times["shim_pid"]]
+    table = _subtract(_table(method, text, exclude), noise)
+    times["lost_events"] = (
+        sum(int(x) for x in re.findall(r"LOST (\d+) events", text)) if method == METHOD_PERF else 0
+    )
     times["threads"] = count_threads(text, method, exclude)
+    times["shim_calls_removed"] = {k: v["n"] for k, v in noise.items()}
     return times, table, method
 
 
@@ -319,6 +366,7 @@ def profile(
         "method": used,
         "lost_events": times["lost_events"],
         "threads": times["threads"],
+        "shim_calls_removed": times["shim_calls_removed"],
         "maxrss_kb": times.get("maxrss_kb"),
         "sched_run_s": times.get("sched_run_s"),
         "sched_delay_s": times.get("sched_delay_s"),
