@@ -210,7 +210,8 @@ def measure_forwarded(
 class LocalDelegate:
     """A delegate subprocess on a free loopback port (for bench and demo)."""
 
-    def __init__(self, extra: list[str] | None = None):
+    def __init__(self, extra: list[str] | None = None, curve_keys: str | None = None):
+        self.curve_keys = curve_keys
         import socket
 
         with socket.socket() as s:
@@ -222,7 +223,7 @@ class LocalDelegate:
 
     def __enter__(self) -> LocalDelegate:
         try:
-            connect(self.endpoint, timeout_s=10.0)[1].close()
+            connect(self.endpoint, timeout_s=10.0, curve_keys=self.curve_keys)[1].close()
         except TestbedError:
             self.__exit__()
             raise

@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll", action="store_true",
                    help="spin while a reply is due instead of sleeping: lower, steadier rtt "
                    "(no idle wake-up of the CPU), at the cost of one busy core on this node")
+    p.add_argument("--curve-keys", metavar="DIR",
+                   help="CURVE-authenticate to a delegate started with --curve-keys "
+                   "(DIR holds server.key and client.key_secret)")
     p.add_argument("--connect-timeout", type=non_negative_float, default=3.0, metavar="SECONDS",
                    help="give up if the delegate does not answer the handshake (default 3)")
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")

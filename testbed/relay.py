@@ -41,14 +41,30 @@ class DelegateUnreachable(TestbedError):
 
 
 def connect(
-    endpoint: str, timeout_s: float = 3.0, ctx: zmq.Context | None = None, info: dict | None = None
+    endpoint: str,
+    timeout_s: float = 3.0,
+    ctx: zmq.Context | None = None,
+    info: dict | None = None,
+    curve_keys: str | None = None,
 ) -> tuple[zmq.Context, zmq.Socket, dict]:
-    """Open a DEALER to ``endpoint`` and complete the HELLO/WELCOME handshake."""
+    """Open a DEALER to ``endpoint`` and complete the HELLO/WELCOME handshake.
+
+    With ``curve_keys`` (a directory made by ``testbed.delegate.make_curve_keys``)
+    the connection is CURVE-authenticated and encrypted.
+    """
     ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    if curve_keys:
+        from testbed.delegate import curve_client
+
+        try:
+            curve_client(sock, curve_keys)
+        except TestbedError:
+            sock.close()
+            raise
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -70,7 +86,8 @@ def connect(
             sock.close()
             raise DelegateUnreachable(f"delegate at {endpoint} refused the handshake: {payload}")
     sock.close()
-    raise DelegateUnreachable(f"no delegate answering at {endpoint} within {timeout_s:g} s")
+    hint = " (does it need --curve-keys?)" if not curve_keys else " (are the CURVE keys right?)"
+    raise DelegateUnreachable(f"no delegate answering at {endpoint} within {timeout_s:g} s{hint}")
 
 
 class Marshaller:
@@ -392,10 +409,15 @@ def main_run(args) -> int:
     forwarded = _resolve_forward(args)
     if args.mode != "cost":
         raise TestbedError("offload mode is not implemented yet; use --mode cost")
-    out = rundir.create(args.output)
+    backend = make_backend(args.backend, forwarded)  # fails early if unsupported here
     ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
+                                 curve_keys=args.curve_keys,
                                  info={"mode": args.mode, "backend": args.backend})  # fmt: skip
-    backend = make_backend(args.backend, forwarded)
+    try:
+        out = rundir.create(args.output)
+    except TestbedError:
+        sock.close()
+        raise
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
     started = time.time()
     try:
@@ -449,6 +471,7 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
         "endpoint": args.delegate,
         "timeout_s": args.timeout,
         "busy_poll": args.busy_poll,
+        "curve": bool(args.curve_keys),
         "delegate": welcome,
         "host": host_metadata(),
         "calls": {

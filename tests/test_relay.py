@@ -217,3 +217,20 @@ def test_policy_errors_are_one_line(delegate, tmp_path):
         "run", "--delegate", delegate.endpoint, "--policy", "min-freq:10%", "--", "true"
     )
     assert res.returncode != 0 and b"needs --profile" in res.stderr
+
+
+def test_curve_authenticated_delegate(tmp_path):
+    from testbed.bench import LocalDelegate
+    from testbed.delegate import make_curve_keys
+
+    keys = tmp_path / "keys"
+    make_curve_keys(str(keys))
+    with LocalDelegate(["--curve-keys", str(keys)], curve_keys=str(keys)) as d:
+        res = _run(d, tmp_path / "ok", "write", "echo", "secret", extra=("--curve-keys", str(keys)))
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == b"secret\n"
+        assert rundir.load(tmp_path / "ok").meta["curve"] is True
+        res = _run(d, tmp_path / "no", "write", "echo", "x", extra=("--connect-timeout", "1"))
+        assert res.returncode != 0
+        assert b"does it need --curve-keys?" in res.stderr
+        assert not (tmp_path / "no").exists()  # nothing half-written
