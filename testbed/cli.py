@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Analyse run directories: fit f_c, compare predicted and measured t_d, "
         "draw the figures and write one report.",
     )
-    p.add_argument("rundirs", nargs="+", metavar="RUNDIR")
+    p.add_argument("rundirs", nargs="+", metavar="RUNDIR",
+                   help="profile and delegated run directories, or directories holding them")
     p.add_argument("-o", "--output", metavar="REPORTDIR", default="report",
                    help="report directory (default ./report)")
     p.add_argument("--policy", default="min-freq:20%", metavar="POLICY",
