@@ -188,6 +188,28 @@ def decode(frame: bytes) -> tuple[str, Any]:
 
 
 def _decode_call(msg: list) -> Call:
+    # fast path for well-formed frames (the hot path); anything else falls
+    # through to the checks below, which say exactly what is wrong
+    if len(msg) == 8:
+        _, _, call_id, tid, nr, args, bufs, mode = msg
+        if (
+            type(call_id) is int
+            and call_id >= 0
+            and type(tid) is int
+            and 0 <= tid < (1 << 31)
+            and type(nr) is int
+            and 0 <= nr <= 4095
+            and type(args) is list
+            and len(args) == 6
+            and all(type(a) is int for a in args)
+            and min(args) >= 0
+            and (mode == "cost" or mode == "offload")
+        ):
+            return Call(call_id, tid, nr, tuple(args), _check_bufs(bufs, call_id), mode)
+    return _decode_call_checked(msg)
+
+
+def _decode_call_checked(msg: list) -> Call:
     call_id = msg[2] if len(msg) > 2 and _is_int(msg[2], 0, U64) else None
     if len(msg) != 8 or call_id is None:
         raise WireError(E_MALFORMED, "call frame must have 8 items and an integer id", call_id)
@@ -202,6 +224,25 @@ def _decode_call(msg: list) -> Call:
 
 
 def _decode_result(msg: list) -> Result:
+    if len(msg) == 7:  # fast path, as in _decode_call
+        _, _, call_id, ret, errno, stamps, outbufs = msg
+        if (
+            type(call_id) is int
+            and call_id >= 0
+            and type(ret) is int
+            and type(errno) is int
+            and 0 <= errno <= 4095
+            and type(stamps) is list
+            and len(stamps) == 4
+            and all(type(t) is int for t in stamps)
+            and min(stamps) >= 0
+        ):
+            outs = _check_bufs(outbufs, call_id) if outbufs != [] else ()
+            return Result(call_id, ret, errno, stamps[0], stamps[1], stamps[2], stamps[3], outs)
+    return _decode_result_checked(msg)
+
+
+def _decode_result_checked(msg: list) -> Result:
     if len(msg) != 7 or not _is_int(msg[2], 0, U64):
         raise WireError(E_MALFORMED, "result frame must have 7 items and an integer id")
     _, _, call_id, ret, errno, stamps, outbufs = msg
