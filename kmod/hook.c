@@ -53,15 +53,11 @@ static DEFINE_MUTEX(mktrace_hook_mutex);
 static const unsigned long *mktrace_sys_call_table;
 static unsigned long mktrace_ni_syscall;
 
-#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 11, 0)
 /* Before 5.11 callbacks got a pt_regs, and ftrace guarded recursion by default. */
-typedef struct pt_regs mktrace_fregs_t;
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 11, 0)
 #define MKTRACE_FTRACE_RECURSION	0
-#define mktrace_ftrace_regs(fregs)	(fregs)
 #else
-typedef struct ftrace_regs mktrace_fregs_t;
 #define MKTRACE_FTRACE_RECURSION	FTRACE_OPS_FL_RECURSION
-#define mktrace_ftrace_regs(fregs)	ftrace_get_regs(fregs)
 #endif
 
 static unsigned long mktrace_lookup_name(const char *name)
@@ -114,10 +110,16 @@ static long notrace mktrace_syscall(const struct pt_regs *uregs,
 	return ret;
 }
 
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 11, 0)
 static void notrace mktrace_ftrace_cb(unsigned long ip, unsigned long parent_ip,
-				      struct ftrace_ops *ops, mktrace_fregs_t *fregs)
+				      struct ftrace_ops *ops, struct pt_regs *regs)
 {
-	struct pt_regs *regs = mktrace_ftrace_regs(fregs);
+#else
+static void notrace mktrace_ftrace_cb(unsigned long ip, unsigned long parent_ip,
+				      struct ftrace_ops *ops, struct ftrace_regs *fregs)
+{
+	struct pt_regs *regs = ftrace_get_regs(fregs);
+#endif
 	const struct pt_regs *uregs;
 	struct mktrace_session *s;
 	unsigned long nr, addr;

@@ -79,5 +79,5 @@ module_exit(mktrace_exit);
 
 MODULE_LICENSE("GPL");
 MODULE_AUTHOR("delegation testbed");
-MODULE_DESCRIPTION("Forward chosen system calls of a process to a delegate thread or a userspace relay");
+MODULE_DESCRIPTION("Forward chosen syscalls of a process to a delegate kthread or a relay");
 MODULE_VERSION("2.0.0");
