@@ -209,6 +209,18 @@ def test_missing_device_is_one_clear_error(tmp_path):
     ]
 
 
+def test_testbed_run_without_the_module_is_one_line(delegate, tmp_path):
+    if os.path.exists(K.DEVICE):
+        pytest.skip("the mktrace module is loaded on this machine")
+    res = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", "--backend", "kmod", "--delegate",
+         delegate.endpoint, "--forward", "write", "-o", str(tmp_path / "run"), "--", "true"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [f"testbed: error: {K.NOT_LOADED}"]
+
+
 def test_helper_reports_a_failed_registration():
     r, w = os.pipe()  # not /dev/mktrace: the REGISTER ioctl fails with ENOTTY
     res = subprocess.run(K.helper_argv(r, ["true"]), pass_fds=(r,), capture_output=True, text=True)
