@@ -138,6 +138,61 @@ int main(int argc, char **argv)
 }
 """
 
+# crelay DEVICE N: a minimal relay in C (fork + REGISTER + exec sysret N, answer every
+# request with "continue"), printing the module's trap-to-release ns (count min mean).
+CRELAY_C = r"""
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "mktrace.h"
+int main(int argc, char **argv)
+{
+	struct mktrace_config cfg = { .mode = MKTRACE_MODE_RELAY, .timeout_ns = 10000000000ULL };
+	struct mktrace_syscall_set set = { { 0 } };
+	static struct mktrace_stat st[MKTRACE_MAX_SYSCALLS];
+	struct mktrace_stats_query q = { .buf = (unsigned long)st, .count = MKTRACE_MAX_SYSCALLS };
+	int fd = open(argv[1], O_RDWR), n = atoi(argv[2]), status;
+	pid_t pid;
+
+	set.bits[110 / 64] = 1ULL << (110 % 64);	/* getppid */
+	if (fd < 0 || ioctl(fd, MKTRACE_IOC_SET_CONFIG, &cfg) || ioctl(fd, MKTRACE_IOC_SET_SYSCALLS, &set))
+		return perror("mktrace"), 2;
+	pid = fork();
+	if (pid == 0) {
+		char num[16];
+		if (ioctl(fd, MKTRACE_IOC_REGISTER, 0))
+			_exit(126);
+		close(fd);
+		snprintf(num, sizeof(num), "%d", n);
+		execl(argv[3], argv[3], num, (char *)NULL);
+		_exit(127);
+	}
+	for (int done = 0; done < n;) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		struct mktrace_request req;
+		struct mktrace_reply rep = { 0 };
+		if (poll(&p, 1, 10000) != 1 || read(fd, &req, sizeof(req)) != sizeof(req))
+			return fprintf(stderr, "no request\n"), 3;
+		rep.seq = req.seq;
+		rep.action = MKTRACE_REPLY_CONTINUE;
+		if (write(fd, &rep, sizeof(rep)) != sizeof(rep))
+			return perror("reply"), 4;
+		done++;
+	}
+	waitpid(pid, &status, 0);
+	if (ioctl(fd, MKTRACE_IOC_GET_STATS, &q))
+		return perror("stats"), 5;
+	printf("%llu %llu %llu\n", (unsigned long long)st[110].count,
+		(unsigned long long)st[110].min_ns,
+		(unsigned long long)(st[110].total_ns / (st[110].count ? st[110].count : 1)));
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 6;
+}
+"""
+
 NR_READ, NR_WRITE, NR_GETPPID = 0, 1, 110
 # ~120 implemented syscalls, numbers up to 334: no 64-call limit, noreturn exit_group
 WIDE_SET = """read write open close stat fstat lstat poll lseek mmap mprotect munmap brk
@@ -287,6 +342,7 @@ def built(tmp_path_factory):
     bins.mkdir()
     _gcc(WRITER_C, bins / "writer", "-pthread")
     _gcc(SYSRET_C, bins / "sysret")
+    _gcc(CRELAY_C, bins / "crelay", f"-I{UAPI.parent}")
     return {"share": share, "kernel": kernel, "build_rc": proc.returncode, "log": log}
 
 
@@ -342,6 +398,10 @@ def _print_numbers(results: dict) -> None:
     if "rtt" in r:
         print(f"relay mode (mini relay): trap->resume median {r['rtt']['median_ns'] / 1000:.0f} us, "
               f"mean {r['rtt']['mean_ns'] / 1000:.0f} us over {r['rtt']['n']} calls")  # fmt: skip
+    c = r.get("c_relay", {})
+    if c:
+        print(f"relay channel alone (C relay, {c['count']} getppid calls): trap->release "
+              f"min {c['min_ns'] / 1000:.1f} us, mean {c['mean_ns'] / 1000:.1f} us")  # fmt: skip
     run = results.get("run", {})
     if "overhead_median_ns" in run:
         print(f"testbed run --backend kmod: overhead median {run['overhead_median_ns'] / 1000:.0f} us,"
@@ -401,6 +461,7 @@ def test_relay_mode_results_and_records(guest):
     assert part["records_valid"]
     assert part["threads_lines"] == part["threads_expected"]
     assert part["threads_records"] == part["threads_expected"]
+    assert part["c_relay"]["status"] == 0 and part["c_relay"]["count"] == 300
 
 
 @pytest.mark.vm
@@ -742,6 +803,11 @@ def g_relay(bins: Path, tmp: Path) -> dict:
     rtts_sorted = sorted(rtts)
     out["rtt"] = {"n": len(rtts), "mean_ns": sum(rtts) / max(len(rtts), 1),
                   "median_ns": rtts_sorted[len(rtts) // 2] if rtts else 0}  # fmt: skip
+    # the channel alone: a C relay answering 300 getppid calls of a C program
+    res = _sh([str(bins / "crelay"), K.DEVICE, "300", sysret], stdout=subprocess.PIPE)
+    count, min_ns, mean_ns = (int(x) for x in res.stdout.split()[-3:])
+    out["c_relay"] = {"status": res.returncode, "count": count, "min_ns": min_ns,
+                      "mean_ns": mean_ns}  # fmt: skip
     status, traps, _r, _st, data = run({NR_WRITE}, [writer, "25", "4"])
     out["threads_expected"] = 100
     out["threads_lines"] = len(data.splitlines())
