@@ -344,3 +344,47 @@ def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path):
         assert again.returncode == 0, again.stderr
         assert summary2["hosts"]["guest"]["changed"] == 0
         assert "already loaded mktrace" in again.stdout
+
+
+def _headers_6_1() -> Path | None:
+    builds = sorted(Path("/lib/modules").glob("6.1.*/build/Makefile"))
+    return builds[-1].parent if builds else None
+
+
+@pytest.mark.skipif(
+    _headers_6_1() is None or shutil.which("make") is None or shutil.which("gcc") is None,
+    reason="needs Debian's 6.1 kernel headers, make and gcc",
+)
+def test_kmod_role_scripts_probe_and_build_on_this_machine(tmp_path):
+    """The role's node-side scripts, run here: probe JSON, Kbuild of only the sources."""
+    files = PLAYBOOKS / "roles" / "kmod" / "files"
+    src = PLAYBOOKS.parent / "kmod"
+    probe = subprocess.run(
+        ["sh", str(files / "kmod-probe.sh"), str(src), "mktrace", str(tmp_path / "marker")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    facts = json.loads(probe.stdout)
+    assert facts["release"] == os.uname().release
+    assert facts["modules"] == Path("/proc/modules").exists()
+    assert facts["source"] is True and len(facts["fingerprint"]) == 12
+    assert facts["loaded"] is False and facts["loaded_version"] == ""
+
+    kdir = _headers_6_1()
+    build = tmp_path / "build"
+    argv = ["sh", str(files / "kmod-build.sh"), str(src), str(build), str(kdir), "mktrace"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"built {build}/mktrace.ko"
+    info = subprocess.run(["modinfo", "-F", "vermagic", str(build / "mktrace.ko")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert info.stdout.startswith(kdir.parent.name + " ")
+    copied = {p.name for p in build.iterdir()}
+    assert "main.c" in copied and not (build / "vm").exists()
+    second = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert second.stdout.startswith("up to date")
+
+    missing = subprocess.run(
+        ["sh", str(files / "kmod-build.sh"), str(src), str(tmp_path / "b2"), str(tmp_path), "mktrace"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "no kernel headers at" in missing.stderr
