@@ -7,10 +7,11 @@ returned as tidy pandas tables, one row per observation.
 Matching: a delegated run belongs to the *workload* named by its command
 line (``" ".join(command)``); its native time ``t_nd`` is taken, in order,
 from ``run.json["native"]["wall_s"]``, from delegated runs of the same command
-with nothing forwarded, from a profile of the same command (its traced wall
-time, an overestimate by the tracer's overhead), or else from the intercept
-of the whole-run fit (runs of the command with different forwarded sets; only
-fits with a positive f_c are used).
+with nothing forwarded, from untraced native runs recorded with a profile of
+the same command (``testbed profile --native-runs N``), from the intercept of
+the whole-run fit (runs of the command with different forwarded sets; only
+fits whose f_c CI lies above 0), or else from the profile's traced wall time
+(an overestimate by the tracer's overhead).
 
 The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
 ``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
@@ -176,7 +177,7 @@ def native_times(
 ) -> dict[str, tuple[float, str]]:
     """``{command: (t_nd seconds, source)}`` following the module's order.
 
-    ``intercepts`` (from :func:`whole_run_intercepts`) are the last resort.
+    ``intercepts`` come from :func:`whole_run_intercepts`.
     """
     out: dict[str, tuple[float, str]] = {}
     by_key: dict[str, list[float]] = {}
@@ -192,11 +193,15 @@ def native_times(
     for k, v in zero.items():
         out[k] = (float(np.median(v)), "run with nothing forwarded")
     for p in profiles:
-        if p.key not in out:
-            out[p.key] = (p.wall, "profile wall (traced)")
+        nat = p.meta.get("native")
+        if p.key not in out and isinstance(nat, dict) and nat.get("wall_s") is not None:
+            out[p.key] = (float(nat["wall_s"]), "profile native runs (untraced)")
     for k, v in (intercepts or {}).items():
         if k not in out:
             out[k] = (v, "whole-run fit intercept")
+    for p in profiles:
+        if p.key not in out:
+            out[p.key] = (p.wall, "profile wall (traced)")
     return out
 
 
@@ -207,7 +212,7 @@ def whole_run_intercepts(runs: list[DelegatedRun], native: dict) -> dict[str, fl
         obs = whole_run_obs(rs, native)
         if len(obs) and (obs["x"] > 0).any():
             w = fit.whole_run(obs)
-            if w.f_c.value > 0:
+            if w.f_c.lo > 0:  # only a fit whose f_c is significantly positive
                 for k, v in w.intercepts.items():
                     acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
@@ -318,14 +323,14 @@ def predicted_vs_measured(
 
 
 def cross_validate(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
-    """Fit f_c (per-call median) on the runs of one policy, predict the other policies."""
+    """Fit f_c (per-call mean) on the runs of one policy, predict the other policies."""
     rows = []
     for mech, rs in by_mechanism(runs).items():
         groups: dict[str, list[DelegatedRun]] = {}
         for r in rs:
             groups.setdefault(r.group, []).append(r)
         for train, tr in groups.items():
-            fc = fit.per_call(pooled_samples(tr)[0]).median.value
+            fc = fit.per_call(pooled_samples(tr)[0]).mean.value
             for test, te in groups.items():
                 if test == train:
                     continue
@@ -356,11 +361,12 @@ def mechanism_table(
     gammas=(2.0, 10.0),
     include_paper: bool = True,
 ) -> pd.DataFrame:
-    """Same-node vs remote, side by side: one row per mechanism with its f_c, CI and
-    the predicted S_r at each gamma for each profiled workload under ``policy``."""
+    """Same-node vs remote, side by side: one row per mechanism with its f_c (the
+    per-call mean, which totals scale with), CI and the predicted S_r at each
+    gamma for each profiled workload under ``policy``."""
     rows = []
     src = [
-        (m.mechanism, m.f_c_median_s, m.f_c_median_lo_s, m.f_c_median_hi_s, int(m.calls))
+        (m.mechanism, m.f_c_mean_s, m.f_c_mean_lo_s, m.f_c_mean_hi_s, int(m.calls))
         for m in mech_fits.itertuples()
     ] if len(mech_fits) else []  # fmt: skip
     if include_paper:

@@ -108,7 +108,7 @@ def write_report(
     native = compare.native_times(profiles, runs)
     native = compare.native_times(profiles, runs, compare.whole_run_intercepts(runs, native))
     mech = compare.fit_mechanisms(runs, native) if runs else pd.DataFrame()
-    fc_by_mech = dict(zip(mech.get("mechanism", []), mech.get("f_c_median_s", []), strict=True))
+    fc_by_mech = dict(zip(mech.get("mechanism", []), mech.get("f_c_mean_s", []), strict=True))
     pvm = (
         compare.predicted_vs_measured(runs, native, fc_by_mech, profiles)
         if runs
@@ -198,7 +198,8 @@ def write_report(
         "## Predicted vs measured t_d",
         "",
         "Prediction at γ = 1, g' = g: `t_d = t_nd + 2·f_c·Σ b(s)n(s)`, f_c = the "
-        "mechanism's per-call median; rel_error = (predicted − measured)/measured. "
+        "mechanism's per-call mean (totals are n × mean; the median describes a typical "
+        "call); rel_error = (predicted − measured)/measured. "
         "`Σ b(s)n(s)` is the run's own count of forwarded calls; the profile_* columns "
         "predict from the native profile's n(s) instead (a prediction made before the run).",
         "",
@@ -213,13 +214,13 @@ def write_report(
     md += [
         "## Cross-validation across policies",
         "",
-        "f_c fitted (per-call median) on the runs of one policy, used to predict the runs "
+        "f_c fitted (per-call mean) on the runs of one policy, used to predict the runs "
         "of every other policy of the same mechanism.",
         "",
         markdown_table(_us(cv, ["f_c_train_s"])),
         "## Same-node vs remote",
         "",
-        f"One row per mechanism: its fitted f_c (per-call median, 95% CI) and the S_r the "
+        f"One row per mechanism: its fitted f_c (per-call mean, 95% CI) and the S_r the "
         f"extended model predicts with it for each profiled workload, forwarding "
         f"`{policy}`, at γ = {', '.join(f'{g:g}' for g in gammas)}. The paper's reported "
         "mktrace figure is included for reference.",

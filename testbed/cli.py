@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)")
     p.add_argument("--method", choices=("auto", "perf", "strace"), default="auto",
                    help="tracer: perf trace -s, strace -f -T, or auto (perf if it works)")
+    p.add_argument("--native-runs", type=int, default=0, metavar="N",
+                   help="also time N untraced runs (native t_nd for testbed analyze; only for "
+                   "commands that can be repeated, default 0)")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
     p.set_defaults(func=cmd_profile)

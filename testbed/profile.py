@@ -70,18 +70,25 @@ PERF_MMAP_PAGES = "4096"
 
 # Runs inside the tracer: fork, exec PROGRAM, wait4, write the times as JSON.
 _SHIM = r"""
-import json, os, signal, sys, time
+import ctypes, json, os, signal, sys, time
 out, argv = sys.argv[1], sys.argv[2:]
 # Ctrl-C is for the program, like time(1).  A handler (not SIG_IGN) is reset
 # to the default by execve itself, so the child makes no extra syscall.
 signal.signal(signal.SIGINT, lambda *_: None)
+libc = ctypes.CDLL(None, use_errno=True)
+syscall = libc.syscall
+syscall.restype = ctypes.c_long
+c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[a.encode() for a in argv], None)
+env = [f"{k}={v}".encode() for k, v in os.environ.items()]
+c_env = (ctypes.c_char_p * (len(env) + 1))(*env, None)
+path = ctypes.c_char_p(argv[0].encode())
 t0 = time.monotonic_ns()
-pid = os.fork()
+# Raw clone(SIGCHLD) = fork without glibc's and CPython's after-fork work, so
+# the child makes no syscall before execve (only its return from clone).
+pid = syscall(56, 17, 0, 0, 0, 0)
 if pid == 0:
-    try:
-        os.execv(argv[0], argv)
-    finally:
-        os._exit(127)
+    syscall(59, path, c_argv, c_env)  # execve
+    syscall(231, 127)  # exit_group(127) if execve failed
 os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 t1 = time.monotonic_ns()
 try:  # the zombie's scheduler stats: on-CPU time and time spent waiting for a CPU
@@ -253,9 +260,9 @@ def shim_calls(method: str) -> dict[str, dict]:
 
     Measured once per process by tracing the shim with a program that cannot
     be executed: whatever its child does apart from the failed ``execve`` and
-    the ``exit_group`` (e.g. the child's return from ``clone``,
-    ``set_robust_list``, ``gettid``, ``getrandom`` of CPython's fork) also
-    precedes every real exec, and is subtracted from profiles.
+    the ``exit_group`` also precedes every real exec and is subtracted from
+    profiles.  The shim forks with a raw ``clone`` so this is just the child's
+    return from ``clone`` under perf and nothing under strace.
     """
     times, text = _traced_run(method, ["/nonexistent/testbed-profile-calibration"])
     table = _table(method, text, [times["shim_pid"]])
@@ -330,15 +337,52 @@ def profile_rows(table: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def native_runs(program: Sequence[str], runs: int) -> dict:
+    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer).
+
+    Returns ``{"wall_s": median, "walls_s": [...], "user_s": median, "sys_s":
+    median, "runs": runs}``; the tracer's overhead makes the traced wall time an
+    overestimate of t_nd, these are the native times ``testbed analyze``
+    prefers.  Only for commands that can run repeatedly with the same effect.
+    """
+    argv = [_resolve(program[0]), *program[1:]]
+    walls, users, syss = [], [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="testbed-native-") as d:
+            times_path = Path(d) / "times.json"
+            subprocess.run([sys.executable, "-c", _SHIM, str(times_path), *argv],
+                           stdout=subprocess.DEVNULL, check=False)  # fmt: skip
+            if not times_path.exists():
+                raise ProfileError(f"native run of {program[0]} failed")
+            t = json.loads(times_path.read_text())
+        walls.append(t["wall_s"])
+        users.append(t["user_s"])
+        syss.append(t["sys_s"])
+
+    def med(v: list[float]) -> float:
+        v = sorted(v)
+        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+    return {"wall_s": med(walls), "walls_s": walls, "user_s": med(users), "sys_s": med(syss),
+            "runs": runs}  # fmt: skip
+
+
 def profile(
-    program: Sequence[str], output=None, method: str = "auto", extra: dict | None = None
+    program: Sequence[str],
+    output=None,
+    method: str = "auto",
+    extra: dict | None = None,
+    native: int = 0,
 ) -> tuple[Path, dict]:
     """Profile ``program``; write and return its run directory and metadata.
 
-    ``extra`` adds keys to run.json (e.g. ``{"workload": "bzip2"}``).
+    ``extra`` adds keys to run.json (e.g. ``{"workload": "bzip2"}``);
+    ``native > 0`` also times that many untraced runs (``run.json["native"]``).
     """
     if not program:
         raise ProfileError("no program given")
+    if native < 0:
+        raise ProfileError("--native-runs must be >= 0")
     out = rundir.create(output, prefix="profile")
     times, table, used = trace(program, method)
     rows = profile_rows(table)
@@ -373,13 +417,16 @@ def profile(
         "host": host_metadata(),
         **(extra or {}),
     }
+    if native and times["status"] == 0:
+        meta["native"] = native_runs(program, native)
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
     return out, meta
 
 
 def main_profile(args: argparse.Namespace) -> int:
-    out, meta = profile(args.program, args.output, getattr(args, "method", "auto"))
+    out, meta = profile(args.program, args.output, getattr(args, "method", "auto"),
+                        native=getattr(args, "native_runs", 0) or 0)  # fmt: skip
     if not getattr(args, "quiet", False):
         print(
             f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "

@@ -53,7 +53,7 @@ def real_runs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("real")
     argv = prepare("gzip", base / "in", 0.5)
-    r = tb("profile", "--quiet", "-o", base / "prof", "--", *argv)
+    r = tb("profile", "--quiet", "--native-runs", "2", "-o", base / "prof", "--", *argv)
     assert r.returncode == 0, r.stderr
     paths = [base / "prof"]
     with LocalDelegate() as d:
@@ -87,7 +87,9 @@ def test_analyze_real_runs_end_to_end(real_runs):
     assert row["calls"] > 50
     assert 0 < row["f_c_median_lo_s"] <= row["f_c_median_s"] <= row["f_c_median_hi_s"] < 0.1
     pvm = pd.read_csv(base / "report" / "tables" / "predicted_vs_measured.csv")
-    assert len(pvm) == 3 and set(pvm["t_nd_source"]) == {"profile wall (traced)"}
+    assert len(pvm) == 3 and set(pvm["t_nd_source"]) == {"profile native runs (untraced)"}
+    native = json.loads((paths[0] / "run.json").read_text())["native"]
+    assert (pvm["t_nd_s"] == native["wall_s"]).all() and len(native["walls_s"]) == 2
     # predicted = t_nd + 2 f_c sum b n, with the counts the relay recorded
     runs = pd.read_csv(base / "report" / "tables" / "runs.csv").set_index("run")
     for _, p in pvm.iterrows():

@@ -96,9 +96,9 @@ def test_mechanism_table_uses_the_model(runs):
 
 
 def test_native_time_fallbacks(tmp_path):
-    a = delegated_run(tmp_path / "a", ["tar", "c"], {"read": 100}, 1e-5, 2.0, native=False)
-    b = delegated_run(tmp_path / "b", ["tar", "c"], {"read": 900}, 1e-5, 2.0, native=False)
-    profiles, rs = compare.load_runs([a, b])
+    dirs = [delegated_run(tmp_path / f"r{k}", ["tar", "c"], {"read": k}, 1e-5, 2.0, native=False,
+                          run_noise_s=1e-4, seed=k) for k in (100, 900, 2000)]  # fmt: skip
+    profiles, rs = compare.load_runs(dirs)
     native = compare.native_times(profiles, rs)
     assert "tar c" not in native  # no native source at all
     inter = compare.whole_run_intercepts(rs, native)

@@ -98,6 +98,17 @@ def test_run_json_fields_and_derived_numbers(tmp_path, have_tracers):
     assert Path(argv[-1] + ".bz2").exists()  # the program really ran
 
 
+def test_native_runs_are_timed_untraced(tmp_path, have_tracers):
+    argv = prepare("tar", tmp_path / "in", 0.3)
+    r = tb("profile", "--quiet", "--native-runs", "3", "-o", str(tmp_path / "n"), "--", *argv)
+    assert r.returncode == 0, r.stderr
+    meta, _ = load(tmp_path / "n")
+    nat = meta["native"]
+    assert nat["runs"] == 3 and len(nat["walls_s"]) == 3
+    assert nat["wall_s"] == sorted(nat["walls_s"])[1]  # the median
+    assert all(w > 0 for w in nat["walls_s"])
+
+
 def test_strace_fallback_and_exit_status(tmp_path, have_tracers):
     r = tb("profile", "--quiet", "--method", "strace", "-o", str(tmp_path / "s"), "--",
            "sh", "-c", "ls / >/dev/null; exit 3")  # fmt: skip
