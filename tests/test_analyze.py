@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,10 +183,13 @@ def test_analyze_a_results_tree(tmp_path):
     tree = tmp_path / "results" / "plan"
     for i, host in enumerate(("node1", "node2")):
         delegated_run(tree / host / f"r{i}", ["x"], {"read": 200 * (i + 1)}, 2e-5, 0.3, seed=i)
+    shipped = Path(__file__).resolve().parent.parent / "analysis" / "data" / "profiles" / "bzip2"
+    shutil.copytree(shipped, tree / "profiles" / "bzip2")
     r = tb("analyze", tmp_path / "results", "-o", tmp_path / "rep")
     assert r.returncode == 0, r.stderr
     runs = pd.read_csv(tmp_path / "rep" / "tables" / "runs.csv")
     assert sorted(runs["forwarded_calls"]) == [200, 400]
+    assert list(pd.read_csv(tmp_path / "rep" / "tables" / "profiles.csv")["workload"]) == ["bzip2"]
     (tmp_path / "nothing").mkdir()
     assert "not a run directory" in one_error_line(
         tb("analyze", tmp_path / "nothing", "-o", tmp_path / "x")
