@@ -643,6 +643,30 @@ def _tail(text: str | None) -> str:
     return lines[-1] if lines else ""
 
 
+def _comparable(plan_json: dict[str, Any]) -> dict[str, Any]:
+    """A plan without its delegate endpoints (those may move between invocations)."""
+    out = dict(plan_json)
+    out["delegates"] = [d.get("name") for d in plan_json.get("delegates", [])]
+    return out
+
+
+def check_results_dir(plan: Plan, results: Path) -> None:
+    """Refuse to resume into a results folder that holds a different plan."""
+    try:
+        old = json.loads((results / "plan.json").read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        raise PlanError(
+            f"{results}/plan.json is unreadable; choose another results folder"
+        ) from None
+    if _comparable(old) != _comparable(plan.to_json()):
+        raise PlanError(
+            f"{results} holds results of a different plan ({old.get('name')!r}); "
+            "choose another results folder (-o) or remove it"
+        )
+
+
 def run_plan(
     plan: Plan,
     results: Path,
@@ -650,6 +674,7 @@ def run_plan(
     out=sys.stderr,
 ) -> dict[str, int]:
     """Run every unfinished cell of ``plan``; returns counts ran/skipped/failed."""
+    check_results_dir(plan, results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     all_cells = cells(plan)

@@ -190,3 +190,26 @@ def test_generated_input_is_reproducible(tmp_path):
         gz = subprocess.run(["gzip", "-c", str(a)], capture_output=True, check=True).stdout
         assert len(gz) < a.stat().st_size / 2, "input should be compressible text"
     assert os.path.getsize(a) == 200_000
+
+
+def test_results_of_another_plan_are_never_resumed(tmp_path):
+    first = _write(
+        tmp_path / "a.yml",
+        "workloads: [{name: gzip, size_mb: 1}]\nforward: [read]\ndelegates: [local]\n",
+    )
+    other = _write(
+        tmp_path / "b.yml",
+        "workloads: [{name: gzip, size_mb: 4}]\nforward: [read]\ndelegates: [local]\n",
+    )
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "plan.json").write_text(json.dumps(experiment.load_plan(first).to_json()))
+    proc = tb("experiment", str(other), "-o", str(results))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"testbed: error: {results} holds results of a different plan ('a'); "
+        "choose another results folder (-o) or remove it"
+    )
+    # the same plan with its delegate moved elsewhere is the same experiment
+    moved = experiment.load_plan(first, ["local=tcp://127.0.0.1:9"])
+    experiment.check_results_dir(moved, results)
