@@ -705,7 +705,7 @@ def g_kthread(bins: Path, tmp: Path) -> dict:
     threads = {"count": rep["syscalls"][0]["count"], "expected": 200,
                "lines": len(mt.read_bytes().splitlines())}  # fmt: skip
     # descendants: the shell itself writes nothing, its children 150 times
-    script = f"{writer} 100 >/dev/null; {writer} 50 >/dev/null"
+    script = f"{writer} 100 >/dev/null; {writer} 50 >/dev/null; exit 0"  # no exec of the last
     desc = {}
     for flag in (True, False):
         rep = _kthread("write", 0, ["sh", "-c", script], subprocess.DEVNULL, tmp, descendants=flag)
