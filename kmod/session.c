@@ -128,7 +128,7 @@ static bool notrace mktrace_traces(struct mktrace_session *s, struct task_struct
  *
  * Return: a referenced session, or NULL if the call is not forwarded.
  */
-struct mktrace_session *notrace mktrace_session_find(struct task_struct *task,
+notrace struct mktrace_session *mktrace_session_find(struct task_struct *task,
 						      unsigned int nr)
 {
 	struct mktrace_session *s, *found = NULL;

@@ -333,7 +333,7 @@ def built(tmp_path_factory):
     build = share / "build"
     shutil.copytree(KMOD, build, ignore=shutil.ignore_patterns("vm", "*.o", "*.ko", ".*", "*.mod*"))
     proc = subprocess.run(
-        ["make", "-C", str(build), f"KDIR={kernel.build_dir}", "modules"],
+        ["make", "-C", str(build), f"KDIR={kernel.build_dir}", "W=1", "modules"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     log = proc.stdout + proc.stderr
@@ -352,6 +352,16 @@ def test_module_builds_without_warnings(built):
     warnings = [ln for ln in built["log"].splitlines() if re.search(r"warning|WARNING", ln)]
     assert warnings == []
     assert (built["share"] / "build" / "mktrace.ko").is_file()
+
+
+@pytest.mark.vm
+def test_kernel_doc_comments_match_the_code(built):
+    script = built["kernel"].build_dir / "scripts" / "kernel-doc"
+    if not script.is_file():
+        pytest.skip(f"{script} is not in the headers package")
+    files = sorted(str(p) for p in [*KMOD.glob("*.[ch]"), UAPI])
+    res = subprocess.run(["perl", str(script), "-none", *files], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
 
 
 @pytest.fixture(scope="module")
