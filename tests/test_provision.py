@@ -53,10 +53,12 @@ needs_lab = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 pytestmark = [pytest.mark.root, pytest.mark.ansible]
 
 
-def tb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def tb(*args: str, timeout: float = 600, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TMPDIR=str(tmpdir)) if tmpdir else None
     proc = subprocess.run(
-        [sys.executable, "-m", "testbed", *args], capture_output=True, text=True, timeout=timeout
-    )
+        [sys.executable, "-m", "testbed", *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
     sys.stdout.write(proc.stdout[-3000:])  # shown by pytest on failure
     sys.stderr.write(proc.stderr[-2000:])
     return proc
@@ -64,7 +66,10 @@ def tb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def provision(inventory: Path | str, playbook: str, tmp: Path, *extra: str):
     summary = tmp / f"summary-{playbook}-{time.monotonic_ns()}.json"
-    proc = tb("provision", "-i", str(inventory), playbook, "--json", str(summary), *extra)
+    # ansible-runner's private data dir (kept after a failure) goes to the test's tmp
+    proc = tb(
+        "provision", "-i", str(inventory), playbook, "--json", str(summary), *extra, tmpdir=tmp
+    )
     data = json.loads(summary.read_text()) if summary.exists() else None
     return proc, data
 
@@ -220,13 +225,14 @@ def test_unreachable_host_is_named_and_nothing_is_left(tmp_path):
 
 
 def test_wrong_inventory_path_is_one_clear_error(tmp_path):
-    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("testbed-provision-*"))
-    proc = tb("provision", "-i", str(tmp_path / "no-such-inventory"), "site.yml")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = tb("provision", "-i", str(tmp_path / "no-such-inventory"), "site.yml", tmpdir=scratch)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"testbed: error: inventory {tmp_path / 'no-such-inventory'}: no such file or directory"
     )
-    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("testbed-provision-*")) == before
+    assert not any(scratch.iterdir()), "nothing may be created for a wrong inventory"
     (tmp_path / "hosts.ini").write_text("[compute_nodes]\n")
     (tmp_path / "empty-inventory").mkdir()
     empty = tb("provision", "-i", str(tmp_path / "empty-inventory"), "site.yml")
