@@ -249,6 +249,8 @@ def test_missing_device_is_one_clear_error(tmp_path):
     with pytest.raises(BackendError, match="not loaded|missing") as info:
         K.KmodBackend(frozenset({NR_WRITE}), device=str(tmp_path / "mktrace"))
     assert "\n" not in str(info.value)
+    with pytest.raises(BackendError, match="does not answer the mktrace ABI"):
+        K.Device("/dev/null")  # some other device: ENOTTY, not a traceback
     if not os.path.exists(K.DEVICE):
         with pytest.raises(BackendError) as info:
             K.KmodBackend(frozenset({NR_WRITE}))

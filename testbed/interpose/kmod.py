@@ -229,7 +229,14 @@ class Device:
             raise BackendError(f"cannot open {path}: permission denied (run as root)") from None
         except OSError as exc:
             raise BackendError(f"cannot open {path}: {exc.strerror}") from None
-        st = self.status()
+        try:
+            st = self.status()
+        except OSError:
+            self.close()
+            raise BackendError(
+                f"{path} does not answer the mktrace ABI {ABI_VERSION} status ioctl:"
+                " rebuild and reload kmod/"
+            ) from None
         if st.abi_version != ABI_VERSION:
             self.close()
             raise BackendError(
@@ -767,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     except TestbedError as exc:
         print(f"testbed: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        print(f"testbed: error: mktrace: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
