@@ -163,8 +163,11 @@ def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
     return res
 
 
-def measure_raw_zmq(endpoint: str, n: int, size: int) -> dict:
-    """DEALER round trips to the delegate with a CALL frame of the same size."""
+def measure_raw_zmq(endpoint: str, n: int, size: int, busy_poll: bool = False) -> dict:
+    """DEALER round trips to the delegate with a CALL frame of the same size.
+
+    ``busy_poll`` spins on ``poll(0)`` for the reply, like ``testbed run --busy-poll``.
+    """
     ctx, sock, _ = connect(endpoint)
     try:
         frame = wire.encode_call(
@@ -175,7 +178,12 @@ def measure_raw_zmq(endpoint: str, n: int, size: int) -> dict:
         for i in range(n):
             t0 = mono()
             sock.send(frame)
-            if not sock.poll(5000):
+            if busy_poll:
+                spin_until = t0 + 5_000_000_000
+                while not sock.poll(0):
+                    if mono() > spin_until:
+                        raise TestbedError(f"delegate at {endpoint} stopped answering")
+            elif not sock.poll(5000):
                 raise TestbedError(f"delegate at {endpoint} stopped answering")
             sock.recv()
             lat[i] = mono() - t0
@@ -255,6 +263,7 @@ def _all(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
         ("trap_only", lambda: measure_trap_only(exe, n, size, tmp)),
         ("raw_zmq", lambda: measure_raw_zmq(endpoint, n, size)),
         ("forwarded", lambda: measure_forwarded(exe, n, size, endpoint, tmp)),
+        ("raw_zmq_busy", lambda: measure_raw_zmq(endpoint, n, size, True)),
         ("forwarded_busy", lambda: measure_forwarded(exe, n, size, endpoint, tmp, True)),
     ]
     results: dict = {"endpoint": endpoint, "calls": n, "size": size, "host": host_metadata()}
@@ -270,17 +279,18 @@ def format_report(r: dict) -> str:
         ("trap-only (seccomp)", r["trap_only"]),
         ("raw ZeroMQ round trip", r["raw_zmq"]),
         ("full forwarded", r["forwarded"]),
-        ("  with --busy-poll", r["forwarded_busy"]),
+        ("raw ZeroMQ, busy-polled", r["raw_zmq_busy"]),
+        ("full forwarded, --busy-poll", r["forwarded_busy"]),
     ]
     h = r["host"]
     sync = "yes" if r["trap_only"].get("sync_wakeup") else "no"
     lines = [
         f"testbed bench: {r['calls']} x write({r['size']} B) on {r['endpoint']}",
         f"  kernel {h['kernel']}, {h['cores']} cores, {h['cpu_model']}, SYNC_WAKE_UP {sync}",
-        f"  {'':24s}{'p50':>10s}{'p99':>10s}",
+        f"  {'':30s}{'p50':>10s}{'p99':>10s}",
     ]
     for label, m in rows:
-        lines.append(f"  {label:24s}{m['p50_us']:>8.2f}µs{m['p99_us']:>8.2f}µs")
+        lines.append(f"  {label:30s}{m['p50_us']:>8.2f}µs{m['p99_us']:>8.2f}µs")
     fw, raw, trap, nat = r["forwarded"], r["raw_zmq"], r["trap_only"], r["native"]
     lines += [
         f"  raw ZeroMQ frame: {raw['frame_bytes']} B; relay-measured rtt p50 "
@@ -289,8 +299,9 @@ def format_report(r: dict) -> str:
         f"(relay adds {fw['p50_us'] - raw['p50_us']:.2f} µs p50)",
         f"  ratio trap-only/native {trap['p50_us'] / nat['p50_us']:6.2f}  "
         f"(trap adds {trap['p50_us'] - nat['p50_us']:.2f} µs p50)",
-        f"  ratio full/raw-ZeroMQ with --busy-poll "
-        f"{r['forwarded_busy']['p50_us'] / raw['p50_us']:6.2f}",
+        f"  ratio full/raw-ZeroMQ, both busy-polled "
+        f"{r['forwarded_busy']['p50_us'] / r['raw_zmq_busy']['p50_us']:6.2f}  (relay adds "
+        f"{r['forwarded_busy']['p50_us'] - r['raw_zmq_busy']['p50_us']:.2f} µs p50)",
         f"  f_c estimate (forwarded p50 / 2) {fw['p50_us'] / 2:.2f} µs",
     ]
     if fw.get("faults"):

@@ -17,7 +17,7 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
                   "full forwarded", "ratio full/raw-ZeroMQ", "ratio trap-only/native"):  # fmt: skip
         assert label in text, label
     data = json.loads(out.read_text())
-    for key in ("native", "trap_only", "raw_zmq", "forwarded", "forwarded_busy"):
+    for key in ("native", "trap_only", "raw_zmq", "forwarded", "raw_zmq_busy", "forwarded_busy"):
         assert data[key]["n"] == 2000
         assert data[key]["p50_us"] > 0 and data[key]["p99_us"] >= data[key]["p50_us"]
     assert data["forwarded"]["faults"] == 0
