@@ -23,6 +23,7 @@ return False and ``read_memory`` raises :class:`CallerGone`.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import NamedTuple, Protocol
 
@@ -70,3 +71,18 @@ def make_backend(name: str, forwarded: frozenset[int], **options) -> Backend:
 
         return KmodBackend(forwarded, **options)
     raise BackendError(f"unknown backend {name!r} (choose seccomp or kmod)")
+
+
+def proc_times(pid: int) -> tuple[float, float]:
+    """(user, sys) seconds process ``pid`` has used so far (clock-tick resolution).
+
+    Backends read it when the program's own execve is released, so the
+    launcher's share can be subtracted from the run's rusage.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from testbed.errors import TestbedError
-from testbed.interpose import BackendError, CallerGone, Trap
+from testbed.interpose import BackendError, CallerGone, Trap, proc_times
 
 # ------------------------------------------------------------ uapi mirror
 
@@ -592,7 +592,7 @@ class KmodBackend:
         """Calls served without forwarding: the helper's own, and execs."""
         child = self.child
         if self._launching and child is not None and req.pid == child.pid and req.nr in EXEC_NRS:
-            self.start_rusage = _proc_times(req.pid)
+            self.start_rusage = proc_times(req.pid)
             self.launched_at_ns = time.monotonic_ns()
             self._launching = False
         self._dev.reply(req.seq, REPLY_CONTINUE)
@@ -630,17 +630,6 @@ class KmodBackend:
         if self._status_r >= 0:
             os.close(self._status_r)
             self._status_r = -1
-
-
-def _proc_times(pid: int) -> tuple[float, float]:
-    """(user, sys) seconds a process has used so far (clock-tick resolution)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tick, int(fields[12]) / tick
-    except (OSError, IndexError, ValueError):
-        return 0.0, 0.0
 
 
 # ------------------------------------------------------------ command line

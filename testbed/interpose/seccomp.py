@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from testbed.interpose import BackendError, CallerGone, Trap
+from testbed.interpose import BackendError, CallerGone, Trap, proc_times
 from testbed.interpose._launch import EXEC_NRS
 
 NR_SECCOMP = 317
@@ -222,7 +222,7 @@ class SeccompBackend:
     def _internal(self, nid: int, pid: int, nr: int) -> None:
         """Calls the relay serves without forwarding: the launcher's, and execs."""
         if self._launching and pid == self.child.pid and nr in EXEC_NRS:
-            self.start_rusage = _proc_times(pid)
+            self.start_rusage = proc_times(pid)
             self.launched_at_ns = time.monotonic_ns()
             self._launching = False
         self._send(nid, 0, 0, USER_NOTIF_FLAG_CONTINUE)
@@ -308,14 +308,3 @@ class SeccompBackend:
         if self._status_r >= 0:
             os.close(self._status_r)
             self._status_r = -1
-
-
-def _proc_times(pid: int) -> tuple[float, float]:
-    """(user, sys) seconds a process has used so far (clock-tick resolution)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tick, int(fields[12]) / tick
-    except (OSError, IndexError, ValueError):
-        return 0.0, 0.0
