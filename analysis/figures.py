@@ -281,6 +281,10 @@ def fig_measured_vs_predicted(pvm: pd.DataFrame) -> Figure:
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no delegated run has a native baseline (t_nd):\n"
+                "add a profile of the same command\n(testbed profile --native-runs N)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):

@@ -106,6 +106,16 @@ def main_demo(args) -> int:
             print(f"demo: [{i + 1}/{REPEATS}] native {native_walls[-1] * 1e3:.1f} ms, "
                   f"forwarded {runs[-1].meta['wall_s'] * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
 
+    # a native profile of the same command, so `testbed analyze` of this folder
+    # has n(s), g(s), C and an untraced t_nd to predict the forwarded runs from
+    prof = subprocess.run(
+        [sys.executable, "-m", "testbed", "profile", "--quiet", "--native-runs", str(REPEATS),
+         "-o", str(base / "profile"), "--", *program],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if prof.returncode != 0:
+        raise TestbedError(f"native profile failed: {prof.stderr.strip()}")
+
     want = _digest(base / "native.gz")
     for i in range(REPEATS):
         if _digest(base / f"forwarded-{i + 1}.gz") != want:
@@ -133,5 +143,6 @@ def main_demo(args) -> int:
     print(f"t_d (forwarded) {t_d * 1e3:.1f} ms   median of {REPEATS}")
     print(f"slowdown        {t_d / t_nd:.2f}x   (model at gamma=1 predicts t_d = "
           f"{predicted * 1e3:.1f} ms, {100 * (predicted - t_d) / t_d:+.0f}%)")  # fmt: skip
-    print(f"run directories {base}/forwarded-*  (testbed analyze {base}/forwarded-1)")
+    print(f"run directories {base}/forwarded-*, native profile {base}/profile")
+    print(f"next            testbed analyze {base} -o {base}/report")
     return 0
