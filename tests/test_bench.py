@@ -41,3 +41,8 @@ def test_demo_is_the_main_job(tmp_path):
     run = rundir.load(tmp_path / "demo" / "forwarded-1")
     assert run.meta["calls"]["count"] > 0 and run.meta["calls"]["faults"] == 0
     assert run.meta["forwarded"] == ["read", "write"]
+    profile = rundir.load(tmp_path / "demo" / "profile")
+    assert profile.kind == "profile" and profile.meta["native"]["wall_s"] > 0
+    fwd_counts = {r["name"]: int(r["n"]) for r in run.syscalls}
+    native_counts = {r["name"]: int(r["n"]) for r in profile.syscalls}
+    assert fwd_counts == {k: native_counts[k] for k in ("read", "write")}
