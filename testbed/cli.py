@@ -44,7 +44,9 @@ def endpoint(text: str) -> str:
         text = "tcp://" + text
     scheme, _, rest = text.partition("://")
     if scheme not in ("tcp", "ipc", "inproc") or not rest:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint"
+        )
     if scheme == "tcp":
         host, sep, port = rest.rpartition(":")
         if not sep or not host or not (port.isdigit() or port == "*"):
@@ -163,21 +165,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the delegate daemon: answer forwarded calls from relays. "
         "Stops cleanly on SIGINT/SIGTERM.",
     )
-    p.add_argument("--listen", type=endpoint, required=True, metavar="ENDPOINT",
-                   help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 or tcp://10.0.0.2:5555")
-    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="worker threads answering calls (default 1)")
-    p.add_argument("--delay-us", type=non_negative_float, default=0.0, metavar="D",
-                   help="spin D microseconds per call to emulate a slower link (default 0)")
-    p.add_argument("--offload-root", metavar="DIR",
-                   help="enable offload mode: execute file I/O beneath DIR")
-    p.add_argument("--max-calls", type=positive_int, metavar="N",
-                   help="exit after answering N calls (for scripted experiments)")
-    p.add_argument("--curve-keys", metavar="DIR",
-                   help="require ZeroMQ CURVE: DIR/server.key_secret and the allowed relays' "
-                   "public keys in DIR/authorized/*.key (see testbed.delegate.make_curve_keys)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no status line on start and no per-client accounting on exit")
+    p.add_argument(
+        "--listen",
+        type=endpoint,
+        required=True,
+        metavar="ENDPOINT",
+        help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 or tcp://10.0.0.2:5555",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="worker threads answering calls (default 1)",
+    )
+    p.add_argument(
+        "--delay-us",
+        type=non_negative_float,
+        default=0.0,
+        metavar="D",
+        help="spin D microseconds per call to emulate a slower link (default 0)",
+    )
+    p.add_argument(
+        "--offload-root", metavar="DIR", help="enable offload mode: execute file I/O beneath DIR"
+    )
+    p.add_argument(
+        "--max-calls",
+        type=positive_int,
+        metavar="N",
+        help="exit after answering N calls (for scripted experiments)",
+    )
+    p.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="require ZeroMQ CURVE: DIR/server.key_secret and the allowed relays' "
+        "public keys in DIR/authorized/*.key (see testbed.delegate.make_curve_keys)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no status line on start and no per-client accounting on exit",
+    )
     p.set_defaults(func=cmd_delegate)
 
     # --- run ------------------------------------------------------------
@@ -194,28 +222,64 @@ def build_parser() -> argparse.ArgumentParser:
         "f_c = overhead/2; per-call records are in RUNDIR/calls.bin (docs/rundir.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--delegate", type=endpoint, required=True, metavar="ENDPOINT",
-                   help="delegate endpoint, e.g. tcp://10.0.0.2:5555")
+    p.add_argument(
+        "--delegate",
+        type=endpoint,
+        required=True,
+        metavar="ENDPOINT",
+        help="delegate endpoint, e.g. tcp://10.0.0.2:5555",
+    )
     sel = p.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--forward", type=syscall_set, metavar="SYSCALLS",
-                     help="comma-separated names or numbers, e.g. read,write")
-    sel.add_argument("--policy", metavar="POLICY",
-                     help="min-freq:K%%, max-freq:K%%, random:K%%[:SEED] or a list (needs --profile)")
+    sel.add_argument(
+        "--forward",
+        type=syscall_set,
+        metavar="SYSCALLS",
+        help="comma-separated names or numbers, e.g. read,write",
+    )
+    sel.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help="min-freq:K%%, max-freq:K%%, random:K%%[:SEED] or a list (needs --profile)",
+    )
     p.add_argument("--profile", metavar="RUNDIR", help="native profile the policy chooses from")
-    p.add_argument("--mode", choices=("cost", "offload"), default="cost",
-                   help="cost: acknowledge then run locally (default); offload: delegate executes")
-    p.add_argument("--backend", choices=("seccomp", "kmod"), default="seccomp",
-                   help="interposition backend (default seccomp)")
-    p.add_argument("--timeout", type=non_negative_float, default=2.0, metavar="SECONDS",
-                   help="per-call timeout before a call is released locally (default 2)")
-    p.add_argument("--busy-poll", action="store_true",
-                   help="spin while a reply is due instead of sleeping: lower, steadier rtt "
-                   "(no idle wake-up of the CPU), at the cost of one busy core on this node")
-    p.add_argument("--curve-keys", metavar="DIR",
-                   help="CURVE-authenticate to a delegate started with --curve-keys "
-                   "(DIR holds server.key and client.key_secret)")
-    p.add_argument("--connect-timeout", type=non_negative_float, default=3.0, metavar="SECONDS",
-                   help="give up if the delegate does not answer the handshake (default 3)")
+    p.add_argument(
+        "--mode",
+        choices=("cost", "offload"),
+        default="cost",
+        help="cost: acknowledge then run locally (default); offload: delegate executes",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("seccomp", "kmod"),
+        default="seccomp",
+        help="interposition backend (default seccomp)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=non_negative_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="per-call timeout before a call is released locally (default 2)",
+    )
+    p.add_argument(
+        "--busy-poll",
+        action="store_true",
+        help="spin while a reply is due instead of sleeping: lower, steadier rtt "
+        "(no idle wake-up of the CPU), at the cost of one busy core on this node",
+    )
+    p.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="CURVE-authenticate to a delegate started with --curve-keys "
+        "(DIR holds server.key and client.key_secret)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=non_negative_float,
+        default=3.0,
+        metavar="SECONDS",
+        help="give up if the delegate does not answer the handshake (default 3)",
+    )
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
@@ -228,12 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Profile PROGRAM natively: per-syscall counts n(s) and times g(s), "
         "wall/user/sys time, C and p.",
     )
-    p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)")
-    p.add_argument("--method", choices=("auto", "perf", "strace"), default="auto",
-                   help="tracer: perf trace -s, strace -f -T, or auto (perf if it works)")
-    p.add_argument("--native-runs", type=int, default=0, metavar="N",
-                   help="also time N untraced runs (native t_nd for testbed analyze; only for "
-                   "commands that can be repeated, default 0)")
+    p.add_argument(
+        "-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)"
+    )
+    p.add_argument(
+        "--method",
+        choices=("auto", "perf", "strace"),
+        default="auto",
+        help="tracer: perf trace -s, strace -f -T, or auto (perf if it works)",
+    )
+    p.add_argument(
+        "--native-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N untraced runs (native t_nd for testbed analyze; only for "
+        "commands that can be repeated, default 0)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
     p.set_defaults(func=cmd_profile)
@@ -246,12 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
         "cost, raw ZeroMQ round trip with the same message size, and the full forwarded "
         "round trip; print p50/p99 and their ratios.",
     )
-    p.add_argument("--delegate", type=endpoint, metavar="ENDPOINT",
-                   help="delegate to use (default: start one on loopback)")
-    p.add_argument("--calls", type=positive_int, default=20000, metavar="N",
-                   help="calls per measurement (default 20000)")
-    p.add_argument("--size", type=int, default=64, metavar="BYTES",
-                   help="bytes per write (default 64)")
+    p.add_argument(
+        "--delegate",
+        type=endpoint,
+        metavar="ENDPOINT",
+        help="delegate to use (default: start one on loopback)",
+    )
+    p.add_argument(
+        "--calls",
+        type=positive_int,
+        default=20000,
+        metavar="N",
+        help="calls per measurement (default 20000)",
+    )
+    p.add_argument(
+        "--size", type=int, default=64, metavar="BYTES", help="bytes per write (default 64)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -263,17 +348,34 @@ def build_parser() -> argparse.ArgumentParser:
         "profiles shipped in analysis/data/profiles) or the paper's Table I; print a table "
         "and optionally draw the paper's figures 2-9.",
     )
-    p.add_argument("--profile", action="append", metavar="RUNDIR",
-                   help="profile run directory (repeatable; default: the shipped profiles)")
-    p.add_argument("--table1", action="store_true",
-                   help="also print the naive model for the paper's Table I")
-    p.add_argument("--gamma", default="1,2,5,10,100", metavar="LIST",
-                   help="gains γ to tabulate (default 1,2,5,10,100)")
-    p.add_argument("--fc", default="10us", metavar="TIME",
-                   help="forwarding cost f_c, e.g. 10us, 1.5ms, 40us (default 10us)")
-    p.add_argument("--policy", default="min-freq:20%", metavar="POLICY",
-                   help="forwarded set: min-freq:K%%, max-freq:K%%, random:K%%[:SEED] or a list "
-                   "(default min-freq:20%%)")
+    p.add_argument(
+        "--profile",
+        action="append",
+        metavar="RUNDIR",
+        help="profile run directory (repeatable; default: the shipped profiles)",
+    )
+    p.add_argument(
+        "--table1", action="store_true", help="also print the naive model for the paper's Table I"
+    )
+    p.add_argument(
+        "--gamma",
+        default="1,2,5,10,100",
+        metavar="LIST",
+        help="gains γ to tabulate (default 1,2,5,10,100)",
+    )
+    p.add_argument(
+        "--fc",
+        default="10us",
+        metavar="TIME",
+        help="forwarding cost f_c, e.g. 10us, 1.5ms, 40us (default 10us)",
+    )
+    p.add_argument(
+        "--policy",
+        default="min-freq:20%",
+        metavar="POLICY",
+        help="forwarded set: min-freq:K%%, max-freq:K%%, random:K%%[:SEED] or a list "
+        "(default min-freq:20%%)",
+    )
     p.add_argument("--plot", metavar="DIR", help="also write figures 2-9 (PNG+SVG) into DIR")
     p.set_defaults(func=cmd_model)
     p = sub.add_parser(
@@ -282,12 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Analyse run directories: fit f_c, compare predicted and measured t_d, "
         "draw the figures and write one report.",
     )
-    p.add_argument("rundirs", nargs="+", metavar="RUNDIR",
-                   help="profile and delegated run directories, or directories holding them")
-    p.add_argument("-o", "--output", metavar="REPORTDIR", default="report",
-                   help="report directory (default ./report)")
-    p.add_argument("--policy", default="min-freq:20%", metavar="POLICY",
-                   help="policy for the same-node vs remote S_r table (default min-freq:20%%)")
+    p.add_argument(
+        "rundirs",
+        nargs="+",
+        metavar="RUNDIR",
+        help="profile and delegated run directories, or directories holding them",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="REPORTDIR",
+        default="report",
+        help="report directory (default ./report)",
+    )
+    p.add_argument(
+        "--policy",
+        default="min-freq:20%",
+        metavar="POLICY",
+        help="policy for the same-node vs remote S_r table (default min-freq:20%%)",
+    )
     p.set_defaults(func=cmd_analyze)
 
     # --- demo -----------------------------------------------------------
@@ -298,91 +413,176 @@ def build_parser() -> argparse.ArgumentParser:
         "read,write forwarded, and print the measured f_c and slowdown.",
     )
     p.add_argument("-o", "--output", metavar="DIR", help="where the run directories go")
-    p.add_argument("--size-mb", type=positive_int, default=4, metavar="MB",
-                   help="size of the generated input (default 4)")
+    p.add_argument(
+        "--size-mb",
+        type=positive_int,
+        default=4,
+        metavar="MB",
+        help="size of the generated input (default 4)",
+    )
     p.set_defaults(func=cmd_demo)
 
     # --- lab / provision / experiment / vm ------------------------------
-    p = sub.add_parser("lab", help="local multi-node lab of network namespaces",
-                       description="Create, inspect or remove a lab of network-namespace nodes "
-                       "reachable over SSH (needs root).")
+    p = sub.add_parser(
+        "lab",
+        help="local multi-node lab of network namespaces",
+        description="Create, inspect or remove a lab of network-namespace nodes "
+        "reachable over SSH (needs root).",
+    )
     lab = p.add_subparsers(dest="lab_action", metavar="ACTION")
     lab.required = True
     lp = lab.add_parser("up", help="create N nodes, an sshd in each, and an inventory")
-    lp.add_argument("--nodes", type=positive_int, default=3, metavar="N",
-                    help="number of nodes (default 3)")
-    lp.add_argument("--delegates", type=positive_int, default=1, metavar="K",
-                    help="the last K nodes form delegate_nodes (default 1)")
-    lp.add_argument("--subnet", default="10.213.47.0/24", metavar="CIDR",
-                    help="private IPv4 network of the lab (default 10.213.47.0/24)")
-    for action, text in (("status", "show the lab's nodes and their state"),
-                         ("down", "remove every namespace, process, bridge and file of the lab")):
+    lp.add_argument(
+        "--nodes", type=positive_int, default=3, metavar="N", help="number of nodes (default 3)"
+    )
+    lp.add_argument(
+        "--delegates",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="the last K nodes form delegate_nodes (default 1)",
+    )
+    lp.add_argument(
+        "--subnet",
+        default="10.213.47.0/24",
+        metavar="CIDR",
+        help="private IPv4 network of the lab (default 10.213.47.0/24)",
+    )
+    for action, text in (
+        ("status", "show the lab's nodes and their state"),
+        ("down", "remove every namespace, process, bridge and file of the lab"),
+    ):
         lab.add_parser(action, help=text)
     for lp in lab.choices.values():
-        lp.add_argument("--dir", metavar="DIR",
-                        help="lab directory (default $TESTBED_LAB_DIR or /run/testbed-lab)")
+        lp.add_argument(
+            "--dir",
+            metavar="DIR",
+            help="lab directory (default $TESTBED_LAB_DIR or /run/testbed-lab)",
+        )
     lab.choices["status"].add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_lab)
-    p = sub.add_parser("provision", help="provision nodes with Ansible",
-                       description="Run an Ansible playbook (default site.yml) via ansible-runner; "
-                       "stream progress and summarise per host.")
-    p.add_argument("-i", "--inventory", required=True, metavar="INVENTORY",
-                   help="inventory file or directory (e.g. inventory/example or a lab's)")
-    p.add_argument("playbook", nargs="?", default="site.yml", metavar="PLAYBOOK",
-                   help="site.yml (default), experiment.yml, teardown.yml or a path")
-    p.add_argument("-e", "--extra-vars", action="append", metavar="VARS",
-                   help="KEY=VALUE, a JSON/YAML map or @FILE (repeatable)")
+    p = sub.add_parser(
+        "provision",
+        help="provision nodes with Ansible",
+        description="Run an Ansible playbook (default site.yml) via ansible-runner; "
+        "stream progress and summarise per host.",
+    )
+    p.add_argument(
+        "-i",
+        "--inventory",
+        required=True,
+        metavar="INVENTORY",
+        help="inventory file or directory (e.g. inventory/example or a lab's)",
+    )
+    p.add_argument(
+        "playbook",
+        nargs="?",
+        default="site.yml",
+        metavar="PLAYBOOK",
+        help="site.yml (default), experiment.yml, teardown.yml or a path",
+    )
+    p.add_argument(
+        "-e",
+        "--extra-vars",
+        action="append",
+        metavar="VARS",
+        help="KEY=VALUE, a JSON/YAML map or @FILE (repeatable)",
+    )
     p.add_argument("-l", "--limit", metavar="PATTERN", help="only these hosts/groups")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more Ansible output")
-    p.add_argument("--keep-artifacts", action="store_true",
-                   help="keep ansible-runner's private data directory")
+    p.add_argument(
+        "--keep-artifacts", action="store_true", help="keep ansible-runner's private data directory"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the per-host summary as JSON")
     p.set_defaults(func=cmd_provision)
-    p = sub.add_parser("experiment", help="run an experiment matrix (resumable)",
-                       description="Run a plan of workloads x forwarded sets x delegates x "
-                       "repetitions on this machine, with progress; skips finished runs.")
+    p = sub.add_parser(
+        "experiment",
+        help="run an experiment matrix (resumable)",
+        description="Run a plan of workloads x forwarded sets x delegates x "
+        "repetitions on this machine, with progress; skips finished runs.",
+    )
     p.add_argument("plan", metavar="PLAN", help="plan file (YAML or JSON)")
-    p.add_argument("-o", "--output", metavar="RESULTS",
-                   help="results directory (default results/<plan name>)")
-    p.add_argument("--host-label", metavar="NAME",
-                   help="subdirectory for this host's runs (default: the host name)")
-    p.add_argument("--delegate", action="append", metavar="NAME=ENDPOINT",
-                   help="use these delegates instead of the plan's (repeatable)")
+    p.add_argument(
+        "-o", "--output", metavar="RESULTS", help="results directory (default results/<plan name>)"
+    )
+    p.add_argument(
+        "--host-label",
+        metavar="NAME",
+        help="subdirectory for this host's runs (default: the host name)",
+    )
+    p.add_argument(
+        "--delegate",
+        action="append",
+        metavar="NAME=ENDPOINT",
+        help="use these delegates instead of the plan's (repeatable)",
+    )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
     p.set_defaults(func=cmd_experiment)
-    p = sub.add_parser("vm", help="run a command in a QEMU guest with Debian's kernel",
-                       description="Boot Debian's kernel under QEMU (TCG) with the host root "
-                       "shared read-only and run a command in the guest (docs/vm.md).")
+    p = sub.add_parser(
+        "vm",
+        help="run a command in a QEMU guest with Debian's kernel",
+        description="Boot Debian's kernel under QEMU (TCG) with the host root "
+        "shared read-only and run a command in the guest (docs/vm.md).",
+    )
     vm_sub = p.add_subparsers(dest="vm_action", metavar="ACTION")
     vm_sub.required = True
-    q = vm_sub.add_parser("run", help="boot, run COMMAND as root in the guest, power off",
-                          description="Boot a guest, run COMMAND (argv, or one quoted shell "
-                          "snippet), print its output and exit with its status (124 on timeout).")
-    q.add_argument("--timeout", type=non_negative_float, default=600.0, metavar="S",
-                   help="kill the guest after S seconds (default 600)")
-    q.add_argument("--share", metavar="DIR",
-                   help="host directory mounted read-write at /mnt/results in the guest")
-    q.add_argument("--net", action="store_true",
-                   help="give the guest a NIC (QEMU user networking, restricted)")
-    q.add_argument("-v", "--verbose", action="store_true",
-                   help="print boot-to-command and total time on stderr")
+    q = vm_sub.add_parser(
+        "run",
+        help="boot, run COMMAND as root in the guest, power off",
+        description="Boot a guest, run COMMAND (argv, or one quoted shell "
+        "snippet), print its output and exit with its status (124 on timeout).",
+    )
+    q.add_argument(
+        "--timeout",
+        type=non_negative_float,
+        default=600.0,
+        metavar="S",
+        help="kill the guest after S seconds (default 600)",
+    )
+    q.add_argument(
+        "--share",
+        metavar="DIR",
+        help="host directory mounted read-write at /mnt/results in the guest",
+    )
+    q.add_argument(
+        "--net", action="store_true", help="give the guest a NIC (QEMU user networking, restricted)"
+    )
+    q.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print boot-to-command and total time on stderr",
+    )
     q.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
-    q2 = vm_sub.add_parser("up", help="boot a guest with sshd and wait (Ctrl-C powers it off)",
-                           description="Boot a long-lived guest reachable over SSH on a "
-                           "loopback port and print the ssh command line.")
-    q2.add_argument("--authorized-key", metavar="FILE",
-                    help="public key allowed to log in as root (default: a generated key pair)")
-    q2.add_argument("--share", metavar="DIR",
-                    help="host directory mounted read-write at /mnt/results in the guest")
-    q3 = vm_sub.add_parser("check", help="find (or --install) QEMU, kernel, headers, busybox",
-                           description="Show the kernel, QEMU and busybox the harness uses "
-                           "and build the initramfs.")
-    q3.add_argument("--install", action="store_true",
-                    help="apt-get install missing packages (root)")
+    q2 = vm_sub.add_parser(
+        "up",
+        help="boot a guest with sshd and wait (Ctrl-C powers it off)",
+        description="Boot a long-lived guest reachable over SSH on a "
+        "loopback port and print the ssh command line.",
+    )
+    q2.add_argument(
+        "--authorized-key",
+        metavar="FILE",
+        help="public key allowed to log in as root (default: a generated key pair)",
+    )
+    q2.add_argument(
+        "--share",
+        metavar="DIR",
+        help="host directory mounted read-write at /mnt/results in the guest",
+    )
+    q3 = vm_sub.add_parser(
+        "check",
+        help="find (or --install) QEMU, kernel, headers, busybox",
+        description="Show the kernel, QEMU and busybox the harness uses and build the initramfs.",
+    )
+    q3.add_argument(
+        "--install", action="store_true", help="apt-get install missing packages (root)"
+    )
     for q in (vm_sub.choices["run"], q2):
         q.add_argument("--memory", default="2G", metavar="M", help="guest memory (default 2G)")
-        q.add_argument("--cpus", type=positive_int, default=2, metavar="N",
-                       help="guest CPUs (default 2)")
+        q.add_argument(
+            "--cpus", type=positive_int, default=2, metavar="N", help="guest CPUs (default 2)"
+        )
     p.set_defaults(func=cmd_vm)
     return parser
 

@@ -49,7 +49,11 @@ def main():
             for rel in paths + [f".source-{sha}"]:
                 full = os.path.join(src, rel)
                 info = tarfile.TarInfo(rel)
-                data = open(full, "rb").read() if os.path.exists(full) else sha.encode() + b"\n"
+                if os.path.exists(full):
+                    with open(full, "rb") as f:
+                        data = f.read()
+                else:
+                    data = sha.encode() + b"\n"
                 info.size, info.mtime, info.uid, info.gid = len(data), 0, 0, 0
                 info.mode = 0o755 if os.access(full, os.X_OK) and os.path.exists(full) else 0o644
                 tar.addfile(info, io.BytesIO(data))

@@ -30,8 +30,11 @@ def ping_once(ctx, endpoint, timeout_ms, curve_dir):
         curve_client(sock, curve_dir)
     try:
         sock.connect(endpoint)
-        sock.send(wire.encode_hello({"host": socket.gethostname(), "pid": os.getpid(),
-                                     "role": "health-check"}))
+        sock.send(
+            wire.encode_hello(
+                {"host": socket.gethostname(), "pid": os.getpid(), "role": "health-check"}
+            )
+        )
         if not sock.poll(timeout_ms, zmq.POLLIN):
             return None
         kind, payload = wire.decode(sock.recv())

@@ -59,12 +59,18 @@ def status(directory):
     pid = _read_pid(p["supervisor.pid"])
     alive = _alive(pid, directory)
     try:
-        running = open(p["running.sha"]).read().strip() if alive else None
+        running = None
+        if alive:
+            with open(p["running.sha"]) as f:
+                running = f.read().strip()
     except OSError:
         running = None
-    return {"running": alive, "pid": pid if alive else None,
-            "child": _read_pid(p["child.pid"]) if alive else None,
-            "current": running == _config_hash(directory)}
+    return {
+        "running": alive,
+        "pid": pid if alive else None,
+        "child": _read_pid(p["child.pid"]) if alive else None,
+        "current": running == _config_hash(directory),
+    }
 
 
 def stop(directory):
@@ -95,17 +101,22 @@ def stop(directory):
 
 
 def _spawn(directory):
-    log = open(os.path.join(directory, "service.log"), "ab")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "run", directory],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-    )
-    log.close()
+    with open(os.path.join(directory, "service.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "run", directory],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
     p = _paths(directory)
     deadline = time.monotonic() + START_WAIT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"supervisor exited with status {proc.returncode}; see {directory}/service.log")
+            sys.exit(
+                f"supervisor exited with status {proc.returncode}; see {directory}/service.log"
+            )
         if _read_pid(p["child.pid"]) and _read_pid(p["supervisor.pid"]) == proc.pid:
             return proc.pid
         time.sleep(0.05)
@@ -152,8 +163,10 @@ def run(directory):
         now = time.monotonic()
         starts = [t for t in starts if now - t < window] + [now]
         if len(starts) > max_restarts + 1:
-            print(f"testbed-supervise: {max_restarts} restarts within {window:g} s, giving up",
-                  flush=True)
+            print(
+                f"testbed-supervise: {max_restarts} restarts within {window:g} s, giving up",
+                flush=True,
+            )
             status_code = 1
             break
         child = subprocess.Popen(cfg["argv"], stdin=subprocess.DEVNULL, env=env)

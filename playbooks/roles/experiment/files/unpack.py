@@ -19,7 +19,7 @@ with tarfile.open(archive) as tar:
     for member in tar.getmembers():
         if not member.name.startswith(prefix):
             continue
-        rel = member.name[len(prefix):]
+        rel = member.name[len(prefix) :]
         if not rel or rel.startswith("/") or ".." in rel.split("/"):
             continue
         target = os.path.join(results, rel)
