@@ -204,11 +204,15 @@ def choose_method(method: str = "auto") -> str:
         if not shutil.which("strace"):
             raise ProfileError("strace is not installed")
         return METHOD_STRACE
-    if perf_works():
-        return METHOD_PERF
+    # auto: strace first.  Its counts n(s) are exact; perf trace -s was measured
+    # here to drop up to ~1.5% of a program's calls (tar: openat 202-205 of 205
+    # over 8 runs, unreported), and n(s) is what f(s) = 2 f_c n(s) multiplies.
+    # perf's lower overhead gives better g(s): ask for it with --method perf.
     if shutil.which("strace"):
         return METHOD_STRACE
-    raise ProfileError("neither perf trace nor strace is available to profile with")
+    if perf_works():
+        return METHOD_PERF
+    raise ProfileError("neither strace nor perf trace is available to profile with")
 
 
 def _resolve(program: str) -> str:
