@@ -22,43 +22,9 @@ import numpy as np
 from testbed import rundir
 from testbed.bench import LocalDelegate
 from testbed.errors import TestbedError
+from testbed.experiment import generate_input
 
 REPEATS = 3
-WORDS = [
-    "syscall",
-    "delegate",
-    "forward",
-    "kernel",
-    "relay",
-    "latency",
-    "network",
-    "node",
-    "compute",
-    "gamma",
-    "speedup",
-    "model",
-    "offload",
-    "buffer",
-    "thread",
-    "process",
-    "socket",
-    "message",
-    "trap",
-    "seccomp",
-    "module",
-]
-
-
-def make_input(path: Path, size_mb: int, seed: int = 2026) -> None:
-    """Deterministic, text-like (so compressible) input of ``size_mb`` MiB."""
-    rng = np.random.default_rng(seed)
-    vocab = np.array([w.encode() for w in WORDS], dtype=object)
-    out, total, target = [], 0, size_mb << 20
-    while total < target:
-        chunk = b" ".join(vocab[rng.integers(0, len(vocab), 4096)]) + b"\n"
-        out.append(chunk)
-        total += len(chunk)
-    path.write_bytes(b"".join(out)[:target])
 
 
 def _native(program: list[str], out_file: Path) -> float:
@@ -91,8 +57,8 @@ def main_demo(args) -> int:
         raise TestbedError("the demo needs gzip (apt-get install gzip)")
     base = rundir.create(args.output, prefix="demo")
     src = base / "input.txt"
-    print(f"demo: generating {args.size_mb} MiB of input in {src}", file=sys.stderr)
-    make_input(src, args.size_mb)
+    print(f"demo: generating {args.size_mb} MB of input in {src}", file=sys.stderr)
+    generate_input(src, args.size_mb, seed=2026)
     program = [compressor, "-6", "-c", str(src)]
 
     native_walls, runs = [], []
@@ -134,7 +100,7 @@ def main_demo(args) -> int:
     faults = sum(r.meta["calls"]["faults"] for r in runs)
 
     print("")
-    print(f"workload        gzip -6 of {args.size_mb} MiB (output identical to native: yes)")
+    print(f"workload        gzip -6 of {args.size_mb} MB (output identical to native: yes)")
     print(f"forwarded       {n_fwd} calls per run ("
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"), {faults} faults")  # fmt: skip
     print(f"rtt             p50 {rtt:.1f} µs (relay -> delegate -> relay over ZeroMQ)")

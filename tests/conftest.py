@@ -53,10 +53,10 @@ def delegate():
 @pytest.fixture(scope="session")
 def payload(tmp_path_factory) -> Path:
     """A few MB of compressible, deterministic input."""
-    from testbed.demo import make_input
+    from testbed.experiment import generate_input
 
     p = tmp_path_factory.mktemp("data") / "payload.txt"
-    make_input(p, 3)
+    generate_input(p, 3, seed=2026)
     return p
 
 
