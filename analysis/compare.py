@@ -18,7 +18,8 @@ The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
 endpoint, ``remote`` otherwise; kthread runs of the mktrace module
 (``testbed run --backend kmod --mode kthread``, the paper's same-node
 baseline) are ``kmod-kthread/same-node``, ``kmod-kthread-faithful/same-node``
-for the mktrace-faithful variant; ``+Dus`` is the delegate's injected delay
+for the mktrace-faithful variant (``-flushcaller`` when the caller's CPU is
+flushed too); ``+Dus`` is the delegate's injected delay
 (the kernel thread's spin per leg for kthread runs).  Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
 """
 

@@ -439,15 +439,13 @@ static void mktrace_record_push(struct mktrace_session *s, struct mktrace_krecor
 	bool added = false;
 
 	spin_lock(&s->lock);
-	if (s->ring && s->ns) {
+	if (s->ring && s->ns && s->ring_len < MKTRACE_KREC_RING) {
 		rec->tid = task_pid_nr_ns(current, s->ns);
-		if (s->ring_len < MKTRACE_KREC_RING) {
-			s->ring[(s->ring_head + s->ring_len) % MKTRACE_KREC_RING] = *rec;
-			s->ring_len++;
-			added = true;
-		} else {
-			s->dropped++;
-		}
+		s->ring[(s->ring_head + s->ring_len) % MKTRACE_KREC_RING] = *rec;
+		s->ring_len++;
+		added = true;
+	} else if (s->ns) {
+		s->dropped++;	/* full, or never set to kthread mode (no ring) */
 	}
 	spin_unlock(&s->lock);
 	if (added && wq_has_sleeper(&s->readq))

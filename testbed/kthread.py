@@ -22,7 +22,8 @@ so ``overhead = t_resume - t_trap`` is ``2 D`` plus the hand-off, and
 ``f_c = overhead / 2`` as for every mechanism.  All stamps are CLOCK_MONOTONIC
 of one host.  ``analysis.compare`` names the mechanism
 ``kmod-kthread/same-node`` (``kmod-kthread-faithful/same-node`` for the
-mktrace-faithful variant; ``+Dus`` when D > 0).
+mktrace-faithful variant, ``kmod-kthread-faithful-flushcaller/same-node``
+when the caller's CPU is flushed too; ``+Dus`` when D > 0).
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ DRAIN_INTERVAL_S = 0.05
 KRECORD_DTYPE = np.dtype(K.KRECORD_FIELDS)
 
 
-def mechanism_label(faithful: bool) -> str:
+def mechanism_label(faithful: bool, flush_caller: bool = False) -> str:
     """The mechanism a kthread run measures (``analysis.compare.mechanism`` adds ``+Dus``)."""
-    return "kmod-kthread-faithful/same-node" if faithful else "kmod-kthread/same-node"
+    if faithful:
+        return f"kmod-kthread-faithful{'-flushcaller' if flush_caller else ''}/same-node"
+    return "kmod-kthread/same-node"
 
 
 def check_args(args: Any) -> None:
@@ -223,7 +226,7 @@ def _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_e
         "sys_s": max(0.0, rusage.ru_stime - start_sys) if rusage else None,
         "backend": "kmod",
         "mode": "kthread",
-        "mechanism": mechanism_label(faithful),
+        "mechanism": mechanism_label(faithful, bool(cfg.flags & K.F_FLUSH_CALLER)),
         "policy": getattr(args, "policy", None),
         "profile": str(args.profile) if getattr(args, "profile", None) else None,
         "forwarded": sorted(syscalls.name_of(n) for n in forwarded),

@@ -427,7 +427,7 @@ class Device:
 # Runs in the fresh helper (``python -I -S``: no site, no project import, fast
 # start): mark the session fd close-on-exec, set no_new_privs (the module
 # forwards only such tasks: no privilege gain by a set-uid execve while
-# traced), register, exec the program.  Just before exec it writes
+# traced), register, exec the program.  Just before registering it writes
 # "exec MONOTONIC_NS USER_S SYS_S" on the status fd (the program's start, and
 # the helper's own CPU time); a failure is one line on the status fd (or
 # stderr without one), exit 126/127.
@@ -453,13 +453,13 @@ if "/" not in prog:  # search PATH now: after REGISTER only execve itself is tra
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
     fail("cannot set no_new_privs: %s" % os.strerror(ctypes.get_errno()), 126)
+if status >= 0:  # before REGISTER: after it, any syscall of ours may be forwarded
+    t = os.times()
+    os.write(status, b"exec %d %r %r\\n" % (time.monotonic_ns(), t.user, t.system))
 try:
     fcntl.ioctl(fd, request)
 except OSError as exc:
     fail("mktrace register failed: %s" % exc.strerror, 126)
-if status >= 0:
-    t = os.times()
-    os.write(status, b"exec %d %r %r\\n" % (time.monotonic_ns(), t.user, t.system))
 try:
     os.execv(prog, argv)
 except OSError as exc:
