@@ -256,8 +256,8 @@ def _ksummary(meta: dict, calls: np.ndarray) -> dict:
     from testbed.rundir import derived
 
     ovh = derived(calls)["overhead"]
-    order = ((calls["t_trap"] <= calls["t_send"]) & (calls["t_send"] < calls["d_recv"])
-             & (calls["d_recv"] < calls["t_reply"]) & (calls["t_reply"] <= calls["t_resume"]))  # fmt: skip
+    order = ((calls["t_trap"] <= calls["t_send"]) & (calls["t_send"] <= calls["d_recv"])
+             & (calls["d_recv"] <= calls["t_reply"]) & (calls["t_reply"] <= calls["t_resume"]))  # fmt: skip
     return {
         "count": len(calls),
         "module_count": meta["kmod"]["stats"]["count"],

@@ -141,7 +141,7 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         "name: lab-gzip\nrepetitions: 1\n"
         "workloads:\n  - {name: gzip, size_mb: 1}\n"
         "forward:\n  - read,write\n"
-        "delegates: [local]   # replaced by the inventory's delegate nodes\n"
+        "delegates: [local, kthread]   # local: replaced by the inventory's delegate nodes\n"
     )
     results = tmp / "results"
     proc, summary = provision(
@@ -150,6 +150,11 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sorted(summary["hosts"]) == ["node1", "node2"]
+    for node in ("node1", "node2"):  # the kthread delegate stays, and is skipped: no module here
+        assert f"skipping delegate(s) kthread on {node} (1 runs): mktrace module not loaded" in (
+            proc.stdout
+        )
+        assert not (results / node / "gzip.read+write.kthread.r1").exists()
     child = _delegate_child_pid(lab3["dir"])
     runs = []
     for node in ("node1", "node2"):
