@@ -19,8 +19,9 @@ endpoint, ``remote`` otherwise; kthread runs of the mktrace module
 (``testbed run --backend kmod --mode kthread``, the paper's same-node
 baseline) are ``kmod-kthread/same-node``, ``kmod-kthread-faithful/same-node``
 for the mktrace-faithful variant (``-flushcaller`` when the caller's CPU is
-flushed too); ``+Dus`` is the delegate's injected delay
-(the kernel thread's spin per leg for kthread runs).  Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
+flushed too); ``+Dus`` is the delegate's injected delay (the kernel thread's
+spin per leg for kthread runs).  Prediction at gamma = 1 with g' = g:
+``t_d = t_nd + 2 f_c sum b n``.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def mechanism(meta: dict) -> str:
     deleg = meta.get("delegate") if isinstance(meta.get("delegate"), dict) else {}
     delay = deleg.get("delay_us")
     if meta.get("mode") == "kthread":
-        label = (
-            "kmod-kthread-faithful/same-node" if deleg.get("faithful") else "kmod-kthread/same-node"
-        )
+        from testbed.kthread import mechanism_label
+
+        label = mechanism_label(bool(deleg.get("faithful")), bool(deleg.get("flush_caller_tlb")))
         return f"{label}+{float(delay):g}us" if delay else label
     where = _where(str(meta.get("endpoint") or ""))
     label = f"{backend}/{where}"

@@ -48,6 +48,10 @@ def test_mechanism_labels(runs):
     assert compare.mechanism({**kthread, "delegate": {"delay_us": 0, "faithful": True}}) == (
         "kmod-kthread-faithful/same-node"
     )
+    both = {"delay_us": 5, "faithful": True, "flush_caller_tlb": True}
+    assert compare.mechanism({**kthread, "delegate": both}) == (
+        "kmod-kthread-faithful-flushcaller/same-node+5us"
+    )
     assert (
         compare.mechanism({"backend": "seccomp", "endpoint": "ipc:///tmp/x"}) == "seccomp/loopback"
     )
