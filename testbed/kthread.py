@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import select
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,8 @@ def main_run_kthread(args: Any) -> int:
 
     forwarded = _resolve_forward(args)
     delay_ns = round(args.delay_us * 1000)
+    if shutil.which(args.program[0]) is None:
+        raise TestbedError(f"program not found: {args.program[0]}")
     dev = K.Device()
     try:
         dev.set_config("kthread", delay_ns=delay_ns, descendants=True,
