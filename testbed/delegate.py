@@ -279,8 +279,8 @@ class Delegate:
     ):
         if workers < 1:
             raise TestbedError(f"workers must be >= 1, not {workers}")
-        if delay_us < 0 or delay_us != delay_us:
-            raise TestbedError(f"delay must be >= 0 µs, not {delay_us}")
+        if not 0 <= delay_us < float("inf"):  # refuses NaN and inf
+            raise TestbedError(f"delay must be a finite number >= 0 µs, not {delay_us}")
         self.listen = listen
         self.workers = int(workers)
         self.delay_us = float(delay_us)
