@@ -20,7 +20,11 @@ It also accepts connections until the process runs out of descriptors.
   buffer, which ``max_backlog`` must exceed (the delegate sizes it so).
 
 Only TCP connections have a byte count; ``ipc://`` peers are only counted
-against ``max_connections``.
+against ``max_connections``.  With ``max_backlog=None`` only the connection
+cap applies: the delegate's ``--workers N > 1`` layout passes messages
+through libzmq's C proxy, which drops the source fd (``ZMQ_SRCFD``), and no
+other message property names the connection, so the backlog cannot be
+attributed there (docs/wire.md says so).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class ConnectionGuard:
         ctx: zmq.Context,
         sock: zmq.Socket,
         max_connections: int,
-        max_backlog: int,
+        max_backlog: int | None,
         log=None,
     ):
         self.max_connections = max_connections
@@ -138,6 +142,8 @@ class ConnectionGuard:
             self._seen.discard(fd)
 
     def _tick(self) -> None:
+        if self.max_backlog is None:
+            return
         seen, self._seen = self._seen, set()
         for fd, base in list(self._conns.items()):
             now = bytes_received(fd)

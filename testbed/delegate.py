@@ -434,8 +434,11 @@ class Delegate:
         return self._endpoint
 
     def _start_guard(self) -> None:
+        # the pool's C proxy hides which connection a message came from, so
+        # the backlog bound needs the direct layout (see testbed.connguard)
+        backlog = MAX_BACKLOG if self.workers == 1 else None
         self._guard = ConnectionGuard(
-            self._ctx, self._router, connection_cap(self.workers), MAX_BACKLOG
+            self._ctx, self._router, connection_cap(self.workers), backlog
         )
         self._guard.start()
 

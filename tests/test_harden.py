@@ -12,7 +12,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -180,6 +179,22 @@ def test_unterminated_multipart_message_cannot_grow_the_delegate(dproc, ctx):
     assert rc == 0 and "without completing a message" in err
 
 
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_a_heavy_legitimate_client_is_never_cut(dproc, ctx, workers):
+    """The backlog bound counts bytes since a connection's last whole message,
+    not in total: 1.5 x MAX_BACKLOG of real calls goes through."""
+    d = dproc("--workers", workers)
+    c = Client(ctx, d.endpoint, ident=b"heavy")
+    data = b"w" * (1 << 20)
+    n = int(1.5 * MAX_BACKLOG) // len(data)
+    for i in range(n):
+        kind, res = c.call(i, data=data)
+        assert (kind, res.call_id) == (wire.RESULT, i)
+    rc, err, _ = d.terminate()
+    assert rc == 0 and "dropped a connection" not in err
+    assert f"calls {n}, errors 0" in err
+
+
 # ------------------------------------------------ 4: reply amplification
 
 
@@ -279,9 +294,7 @@ def test_out_of_range_reply_is_a_delegate_error_not_a_relay_crash(ctx, tmp_path,
 
 
 SLOW_WRITER = (
-    "import os, time\n"
-    "for i in range(400):\n"
-    "    os.write(1, b'%d\\n' % i); time.sleep(0.01)\n"
+    "import os, time\nfor i in range(400):\n    os.write(1, b'%d\\n' % i); time.sleep(0.01)\n"
 )
 
 
