@@ -84,8 +84,12 @@ def connect(
             break
         try:
             kind, payload = wire.decode(sock.recv())
-        except wire.WireError:
-            continue
+        except wire.WireError as exc:
+            if exc.code != wire.E_VERSION:
+                continue
+            sock.close()
+            raise DelegateUnreachable(f"delegate at {endpoint} answered in another wire "
+                                      f"protocol version: {exc}") from None  # fmt: skip
         if kind == wire.WELCOME:
             return ctx, sock, payload
         if kind == wire.ERROR:

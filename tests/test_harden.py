@@ -511,3 +511,29 @@ def test_rundir_v2_marks_completion_in_run_json(delegate, tmp_path):
     meta = json.loads((tmp_path / "r" / rundir.RUN_JSON).read_text())
     assert meta["rundir_version"] == rundir.RUNDIR_VERSION == 2
     assert meta["complete"] is True and meta["exit_status"] == 0
+
+
+def test_delegate_of_another_wire_version_is_one_clear_line(ctx, tmp_path):
+    """Wire v2 changed ranges: a v1 delegate answers a v2 hello with a v1
+    error frame; the relay says so at once instead of "no delegate answering"."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:*")
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    old = wire.WIRE_VERSION - 1
+
+    def answer() -> None:
+        if sock.poll(30_000):
+            ident, _frame = sock.recv_multipart()
+            text = f"wire version {wire.WIRE_VERSION} not supported (this is {old})"
+            sock.send_multipart([ident, msgpack.packb([old, "error", None, "version", text])])
+
+    t = threading.Thread(target=answer)
+    t.start()
+    res = run_testbed("run", "--delegate", endpoint, "--forward", "write", "--connect-timeout",
+                      "20", "-o", str(tmp_path / "r"), "--", "true", timeout=60)  # fmt: skip
+    t.join(30)
+    sock.close(0)
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode != 0
+    assert len(lines) == 1 and "answered in another wire protocol version" in lines[0], lines
