@@ -461,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
+        type=new_dir,
         metavar="REPORTDIR",
         default="report",
         help="report directory (default ./report)",
@@ -480,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local delegate, compress a generated file natively and with "
         "read,write forwarded, and print the measured f_c and slowdown.",
     )
-    p.add_argument("-o", "--output", metavar="DIR", help="where the run directories go")
+    p.add_argument(
+        "-o", "--output", type=new_dir, metavar="DIR", help="where the run directories go"
+    )
     p.add_argument(
         "--size-mb",
         type=positive_int,
@@ -571,7 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("plan", metavar="PLAN", help="plan file (YAML or JSON)")
     p.add_argument(
-        "-o", "--output", metavar="RESULTS", help="results directory (default results/<plan name>)"
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RESULTS",
+        help="results directory (default results/<plan name>)",
     )
     p.add_argument(
         "--host-label",

@@ -116,14 +116,18 @@ class ConnectionGuard:
         self._mon.close(0)
 
     def _run(self) -> None:
+        # The monitor queue must always be drained: libzmq's I/O thread blocks
+        # on a full monitor socket, so this loop survives any error of its own.
         mon = self._mon
         while not self._stop.is_set():
             try:
                 while mon.poll(int(TICK_S * 1000)):
                     self._event(parse_monitor_message(mon.recv_multipart()))
+                self._tick()
             except zmq.ZMQError:
                 return  # the context is closing
-            self._tick()
+            except Exception as exc:  # a bug here must not stall the delegate
+                self._warn(f"testbed delegate: connection guard: {exc!r:.200}")
 
     def _event(self, ev: dict) -> None:
         fd = int(ev["value"])

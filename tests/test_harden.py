@@ -445,6 +445,8 @@ BAD_CLI = [
     ("run", "-o", "FILE"),
     ("profile", "-o", "FILE"),
     ("profile", "--native-runs", "-2"),
+    ("analyze", "-o", "FILE"),
+    ("demo", "-o", "FILE"),
     ("delegate", "--delay-us", "inf"),
     ("delegate", "--delay-us", "nan"),
     ("delegate", "--delay-us", "1e300"),
@@ -461,9 +463,10 @@ def test_bad_option_values_are_one_clear_error(tmp_path, verb, option, value):
     existing.write_text("keep me")
     value = str(existing) if value == "FILE" else value
     opts = {"run": {"--delegate": "tcp://127.0.0.1:9", "--forward": "write"},
-            "profile": {}, "delegate": {"--listen": "tcp://127.0.0.1:*"}}[verb]  # fmt: skip
+            "delegate": {"--listen": "tcp://127.0.0.1:*"}}.get(verb, {})  # fmt: skip
     opts[option] = value
-    tail = ["--", "true"] if verb != "delegate" else []
+    tail = {"run": ["--", "true"], "profile": ["--", "true"],
+            "analyze": [str(REPO / "analysis/data/profiles/gzip")]}.get(verb, [])  # fmt: skip
     res = run_testbed(verb, *(x for kv in opts.items() for x in kv), *tail, timeout=30)
     err = res.stderr.decode()
     assert res.returncode == 2, err
