@@ -23,7 +23,7 @@ import zmq
 
 from testbed import rundir, wire
 from testbed.delegate import MAX_BACKLOG, MAX_CLIENTS, Delegate, _Handler
-from testbed.errors import TestbedError
+from testbed.errors import TestbedError as _TestbedError
 from tests import rawzmtp
 from tests.conftest import PY, REPO, run_testbed, tb_argv
 from tests.test_delegate import Client, DelegateProc
@@ -479,7 +479,7 @@ def test_bad_option_values_are_one_clear_error(tmp_path, verb, option, value):
 
 @pytest.mark.parametrize("delay", [float("inf"), float("nan"), -1.0])
 def test_library_delegate_refuses_non_finite_delay(delay):
-    with pytest.raises(TestbedError, match="finite number >= 0"):
+    with pytest.raises(_TestbedError, match="finite number >= 0"):
         Delegate("tcp://127.0.0.1:*", delay_us=delay)
 
 
