@@ -590,7 +590,10 @@ class Delegate:
             if ident == ctl:  # a wake-up from request_stop (inproc, never multipart)
                 continue
             if guard is not None:
-                guard(frame.get(SRCFD))
+                try:
+                    guard(frame.get(SRCFD))
+                except zmq.ZMQError:
+                    pass  # an inproc peer: no connection to guard
             if not frame.more:  # [identity, payload]: a DEALER client (the relay)
                 reply = handle(ident, frame.bytes, t_recv)
                 env = (ident,)
