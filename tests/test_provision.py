@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from testbed import lab, rundir
-from testbed.errors import TestbedError
+from testbed.errors import TestbedError as _TestbedError
 
 SUBNET = "10.213.48.0/24"
 NODE3 = "10.213.48.3"
@@ -219,7 +219,7 @@ def test_delegate_answers_distributed_keys_and_refuses_others(lab3, tmp_path):
     generate(tmp_path / "mine")
     (tmp_path / "mine" / "server.key").unlink()
     shutil.copy(d / "curve-keys" / "server.key", tmp_path / "mine" / "server.key")
-    with pytest.raises(TestbedError, match="no delegate answering"):
+    with pytest.raises(_TestbedError, match="no delegate answering"):
         ping(endpoint, timeout_s=2, curve_keys=str(tmp_path / "mine"))
 
 
@@ -241,7 +241,8 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         "-e", f"experiment_plan={plan}", "-e", f"experiment_results_dir={results}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert sorted(summary["hosts"]) == ["node1", "node2"]
+    assert sorted(summary["hosts"]) == ["node1", "node2", "node3"]
+    assert summary["hosts"]["node3"]["changed"] == 0  # only its settings were read
     child = _delegate_child_pid(lab3["dir"])
     runs = []
     for node in ("node1", "node2"):
