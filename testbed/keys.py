@@ -143,6 +143,16 @@ def generate(directory: str | os.PathLike, relays: list[str] | tuple[str, ...] =
             )
     root = Path(directory)
     created: list[str] = []
+    try:
+        root.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        _generate(root, relays, created)
+    except OSError as exc:
+        where = "" if str(exc.filename or root) == str(root) else f"{exc.filename}: "
+        raise KeyFileError(f"keys directory {root}: {where}{exc.strerror}") from None
+    return created
+
+
+def _generate(root: Path, relays: list[str] | tuple[str, ...], created: list[str]) -> None:
     _make_dir(root, created)
     server_public = _pair(root, "server", created)
     authorized = root / AUTHORIZED
@@ -161,7 +171,6 @@ def generate(directory: str | os.PathLike, relays: list[str] | tuple[str, ...] =
         elif load_public(server_copy) != server_public:
             raise KeyFileError(f"{server_copy} is not the public key of {root / SERVER_SECRET}")
         _authorize(authorized, name, public, created)
-    return created
 
 
 def make_curve_keys(directory: str | os.PathLike) -> None:

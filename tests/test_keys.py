@@ -95,6 +95,25 @@ def test_bad_relay_names_are_one_line_errors(tmp_path, name):
     assert not (tmp_path / "keys").exists()
 
 
+def test_bad_directories_are_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path)
+    for target, message in (
+        (tmp_path / "file", f"{tmp_path}/file exists and is not a directory"),
+        (tmp_path / "link", f"{tmp_path}/link is a symbolic link"),
+        (
+            Path("/proc/testbed-keys"),
+            "keys directory /proc/testbed-keys: No such file or directory",
+        ),
+    ):
+        res = _new(target)
+        assert res.returncode == 2
+        [line] = res.stderr.strip().splitlines()
+        assert line.startswith("testbed: error: ") and message in line, line
+    deep = tmp_path / "a" / "b" / "keys"  # missing parents are created
+    assert _new(deep).returncode == 0 and _mode(deep) == 0o700
+
+
 def test_readable_secrets_are_refused_with_one_line(tmp_path):
     d = tmp_path / "keys"
     keys.generate(d)
