@@ -20,9 +20,11 @@ namespaces and the bridge, closes the SSH control masters the controller kept
 towards the nodes and removes the lab directory.  It only deletes a namespace
 whose identity (nsfs inode) matches the one recorded when the lab created it.
 
-The nodes share the host's file system (only the network is separate): the
-same Python, the same testbed checkout.  Per-node state therefore lives under
-``<lab dir>/state/<node>``.
+The nodes share the host's file system and users (only the network is
+separate): the same Python and the same testbed checkout (each sshd sets
+``PYTHONPATH`` to it).  Per-node state therefore lives under
+``<lab dir>/state/<node>``; the delegate's service user is the lab's own
+(``testbed-lab-<ID>``, removed by ``down`` if teardown.yml did not).
 """
 
 from __future__ import annotations
