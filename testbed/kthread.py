@@ -163,8 +163,11 @@ def main_run_kthread(args: Any) -> int:
         raise
     faithful = bool(cfg.flags & K.F_FAITHFUL)
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
-    drain = _Drain(dev, recorder)
+    drain = _Drain(dev, recorder)  # records reach calls.bin within DRAIN_INTERVAL_S
     started = time.time()
+    # run.json exists from the start, marked incomplete (docs/rundir.md, version 2)
+    rundir.write_meta(out, {**_meta(args, forwarded, cfg, delegate_cpu, cpus, started, None, None,
+                                    0, None, 0, 0, {}, 0), "exit_status": None, "complete": False})  # fmt: skip
     status_r, status_w = os.pipe()
     status = rusage = None
     t_exit = 0
@@ -198,10 +201,11 @@ def main_run_kthread(args: Any) -> int:
     stamp, launch_error = K.parse_status(head + tail)
     meta = _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_exit,
                  stamp, recorder.count, drain.released, stats, st.dropped)  # fmt: skip
-    rundir.write_meta(out, meta)
+    rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
     meta["summary"] = summary
+    meta["complete"] = True
     rundir.write_meta(out, meta)
     if launch_error:
         raise TestbedError(launch_error)
