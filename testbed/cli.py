@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help="delegate endpoint, e.g. tcp://10.0.0.2:5555",
     )
-    sel = p.add_mutually_exclusive_group(required=True)
+    sel = p.add_mutually_exclusive_group()
     sel.add_argument(
         "--forward",
         type=syscall_set,
@@ -246,7 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=("cost", "offload"),
         default="cost",
-        help="cost: acknowledge then run locally (default); offload: delegate executes",
+        help="cost: acknowledge then run locally (default); offload: file I/O under "
+        "--offload-path executes at the delegate (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-path",
+        action="append",
+        metavar="PREFIX",
+        help="offload mode: paths at or under PREFIX (and fds opened from them) are executed "
+        "beneath the delegate's --offload-root; repeatable",
     )
     p.add_argument(
         "--backend",

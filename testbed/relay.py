@@ -385,11 +385,15 @@ def _stop_watchdog() -> None:
 
 
 def _resolve_forward(args) -> frozenset[int]:
+    if getattr(args, "offload_path", None):
+        raise TestbedError("--offload-path is only used with --mode offload")
     if args.forward is not None:
         if args.profile:
             raise TestbedError("--profile is only used with --policy")
         return args.forward
     if not args.profile:
+        if args.policy is None:
+            raise TestbedError("one of --forward or --policy is required (cost mode)")
         raise TestbedError("--policy needs --profile RUNDIR (a native profile to choose from)")
     from testbed.policy import resolve_policy
 
@@ -406,9 +410,12 @@ def _fmt_us(v: float) -> str:
 
 
 def main_run(args) -> int:
-    forwarded = _resolve_forward(args)
-    if args.mode != "cost":
-        raise TestbedError("offload mode is not implemented yet; use --mode cost")
+    if args.mode == "offload":
+        from testbed.offload.client import check_run_args
+
+        forwarded = check_run_args(args)
+    else:
+        forwarded = _resolve_forward(args)
     backend = make_backend(args.backend, forwarded)  # fails early if unsupported here
     ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
                                  curve_keys=args.curve_keys,
@@ -422,11 +429,19 @@ def main_run(args) -> int:
     started = time.time()
     try:
         child = backend.launch(args.program)
-        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
-                      busy_poll=args.busy_poll)  # fmt: skip
+        if args.mode == "offload":
+            from testbed.offload.client import OffloadRelay
+
+            relay = OffloadRelay(backend, sock, recorder, args.offload_path,
+                                 timeout_s=args.timeout, busy_poll=args.busy_poll)  # fmt: skip
+        else:
+            relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
+                          busy_poll=args.busy_poll)  # fmt: skip
         restore = _forward_signals(child.pid)
         try:
             status, rusage, t_exit = relay.serve(child.pid)
+            if args.mode == "offload":
+                relay.finish()
         finally:
             restore()
         child.returncode = _exit_code(status) if status is not None else 1
@@ -440,6 +455,8 @@ def main_run(args) -> int:
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
     meta["summary"] = summary
+    if args.mode == "offload":
+        meta["offload"] = relay.meta()
     rundir.write_meta(out, meta)
     if launch_error:
         raise TestbedError(launch_error)
@@ -520,5 +537,6 @@ def _print_summary(args, meta: dict, s: dict, out: Path) -> None:
               f"f_c ≈ {_fmt_us(s['f_c_us'])}", file=sys.stderr)  # fmt: skip
     if c["faults"]:
         print(f"testbed: FAULTS: {c['timeouts']} timed out, {c['not_sent']} released unsent, "
-              f"{c['peer_errors']} delegate errors (calls ran locally)", file=sys.stderr)  # fmt: skip
+              f"{c['peer_errors']} delegate errors " + ("(calls failed with EIO)" if args.mode == "offload"
+              else "(calls ran locally)"), file=sys.stderr)  # fmt: skip
     print(f"testbed: run directory {out}", file=sys.stderr)
