@@ -36,6 +36,7 @@ import ctypes
 import errno as E
 import fcntl as F
 import os
+import re
 import select
 import stat
 import struct
@@ -253,6 +254,12 @@ class OffloadRelay(Relay):
         if not path:
             return None
         text = os.fsdecode(path)
+        magic = _FD_LINK.match(text)
+        if magic:  # /proc/self/fd/N of a placeholder names the remote object itself
+            pid = tid if magic.group(2) in (None, "self", "thread-self") else int(magic.group(2))
+            handle = self.handle_of(pid, int(magic.group(3)))
+            if handle is not None:
+                return None, b"\0%d" % handle, self.handle_prefix.get(handle, "")
         if text.startswith("/"):
             full = text
         elif dirfd is None or dirfd == AT_FDCWD:
@@ -712,6 +719,7 @@ class _Fault(Exception):
 
 
 _ANSWERED = object()
+_FD_LINK = re.compile(r"^/(proc/(self|thread-self|\d+)|dev)/fd/(\d+)/?$")
 
 
 def _ppid(pid: int) -> int:

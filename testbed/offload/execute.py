@@ -93,6 +93,12 @@ class Ctx:
         p = self.bufs.get(i)
         if p is None:
             raise OSError(E.EFAULT, "path missing")
+        if p[:1] == b"\0":  # names the object of a handle (a /proc/self/fd/N path)
+            try:
+                handle = int(p[1:])
+            except ValueError:
+                raise OSError(E.EINVAL, "bad handle path") from None
+            return self.box.rel_of(self.table.get(handle))
         return p
 
     def n(self, i: int) -> int:
