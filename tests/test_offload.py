@@ -400,3 +400,62 @@ def test_delegate_killed_mid_write_fails_loudly_with_eio(lab, tmp_path):
     # every write the program saw succeed is on disk at the delegate
     ok_bytes = int(calls[(calls["nr"] == 1) & (calls["ret"] > 0)]["ret"].sum())
     assert (root / "big").stat().st_size == ok_bytes
+
+
+REFUSALS = textwrap.dedent(
+    """
+    import ctypes, errno, fcntl, mmap, os, sys, termios
+    P = sys.argv[1]
+    os.makedirs(P, exist_ok=True)
+    def attempt(label, fn):
+        try:
+            fn()
+            print(label, "OK")
+        except OSError as e:
+            print(label, errno.errorcode[e.errno])
+    fd = os.open(P + "/data", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"z" * 8192)
+    local = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT, 0o644)
+    attempt("mmap", lambda: mmap.mmap(fd, 4096))
+    attempt("sendfile", lambda: os.sendfile(local, fd, 0, 100))
+    attempt("copy_file_range", lambda: os.copy_file_range(fd, local, 100, 0, 0))
+    attempt("ioctl", lambda: fcntl.ioctl(fd, termios.TCGETS, bytes(64)))
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)
+    rc = libc.syscall(425, 8, params)
+    print("io_uring_setup", errno.errorcode[ctypes.get_errno()] if rc < 0 else "OK")
+    print("isatty", os.isatty(fd))
+    d = os.open(P, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir(P + "/sub")
+    os.chdir(P + "/sub")
+    print("cwd-after-chdir", os.getcwd() == P + "/sub")
+    os.fchdir(d)
+    print("cwd-after-fchdir", os.getcwd() == P)
+    print("relative-read", open("data", "rb").read(3))
+    many = [os.open(P + f"/m{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(20)]
+    os.closerange(min(many), max(many) + 1)
+    os.dup2(local, fd)  # dup2 over a placeholder drops the remote fd
+    import time; time.sleep(0.3)
+    print("done", "yes")
+    """
+)
+
+
+def test_unsupported_calls_get_fallback_errnos_and_fd_ops_behave(lab, tmp_path):
+    script = tmp_path / "ref.py"
+    script.write_text(REFUSALS)
+    res = offload(lab, tmp_path / "run",
+                  [sys.executable, str(script), str(lab.prefix / "ref"), str(tmp_path / "local")])  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()
+    got = dict(line.split(" ", 1) for line in res.stdout.decode().splitlines())
+    assert got == {
+        "mmap": "ENODEV", "sendfile": "EINVAL", "copy_file_range": "EXDEV", "ioctl": "ENOTTY",
+        "io_uring_setup": "ENOSYS", "isatty": "False", "cwd-after-chdir": "True",
+        "cwd-after-fchdir": "True", "relative-read": "b'zzz'", "done": "yes",
+    }  # fmt: skip
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())["offload"]
+    for name in ("mmap", "sendfile", "copy_file_range", "ioctl", "io_uring_setup"):
+        assert meta["refused"].get(name, 0) >= 1, name
+    # close_range over 20 placeholders and dup2 over one: the relay closed them remotely
+    assert meta["remote_closes"] >= 21
+    assert (tmp_path / "local").read_bytes() == b""  # nothing leaked into the local file
