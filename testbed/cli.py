@@ -187,7 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="spin D microseconds per call to emulate a slower link (default 0)",
     )
     p.add_argument(
-        "--offload-root", metavar="DIR", help="enable offload mode: execute file I/O beneath DIR"
+        "--offload-root",
+        metavar="DIR",
+        help="enable offload mode: execute relays' file I/O beneath DIR (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-user",
+        metavar="USER",
+        help="offload mode: drop to USER (name or uid) after binding; files are created as USER",
+    )
+    p.add_argument(
+        "--offload-max-fds",
+        type=positive_int,
+        metavar="N",
+        help="offload mode: open remote fds allowed per client (default 1024)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow offload mode on a non-loopback endpoint without --curve-keys",
     )
     p.add_argument(
         "--max-calls",

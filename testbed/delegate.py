@@ -28,9 +28,8 @@ then the sockets close with a 100 ms linger and the process exits 0.
 keys in ``DIR/authorized`` (see :func:`make_curve_keys`, :func:`curve_client`).
 
 Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
-mode is delegated to an :class:`OffloadExecutor` (the extension point: pass
-one to :class:`Delegate`, or provide ``testbed.offload.make_executor(root)``
-for ``--offload-root``).
+mode is delegated to an :class:`OffloadExecutor` (``testbed.offload``, built
+for ``--offload-root DIR``; see ``docs/offload.md``).
 """
 
 from __future__ import annotations
@@ -666,22 +665,11 @@ def curve_client(sock: zmq.Socket, directory: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def load_offload(root: str) -> OffloadExecutor:
-    """The offload executor for ``--offload-root`` (``testbed.offload``)."""
-    if not os.path.isdir(root):
-        raise TestbedError(f"offload root {root!r} is not a directory")
-    try:
-        from testbed.offload import make_executor  # type: ignore[import-not-found]
-    except ImportError:
-        raise TestbedError(
-            "offload mode is not available in this build (no testbed.offload module)"
-        ) from None
-    return make_executor(root)
-
-
 def main_delegate(args: Any) -> int:
     """``testbed delegate``: serve until SIGINT/SIGTERM or ``--max-calls``."""
-    offload = load_offload(args.offload_root) if getattr(args, "offload_root", None) else None
+    from testbed.offload import drop_privileges, executor_from_args
+
+    offload = executor_from_args(args)
     delegate = Delegate(
         args.listen,
         workers=args.workers,
@@ -699,6 +687,7 @@ def main_delegate(args: Any) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         delegate.bind()
+        drop_privileges(getattr(args, "offload_user", None))
         if not quiet:
             print(delegate.status_line(), file=sys.stderr, flush=True)
         if not delegate._stop_requested:

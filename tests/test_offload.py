@@ -70,7 +70,7 @@ def lab(tmp_path_factory):
     _make_tree(src)
     subprocess.run(["tar", "cf", str(base / "src.tar"), "-C", str(base), "src"], check=True)
     with netns.Topology(["compute", "delegate"]) as topo:
-        endpoint, proc = _start_delegate(topo, 5601, "--offload-root", str(root))
+        endpoint, proc = _start_delegate(topo, 5601, "--offload-root", str(root), "--insecure")
         yield Lab(topo, endpoint, proc, base, root, prefix, native, src)
         proc.terminate()
         proc.wait(10)
@@ -368,7 +368,7 @@ WRITER = textwrap.dedent(
 def test_delegate_killed_mid_write_fails_loudly_with_eio(lab, tmp_path):
     root = tmp_path / "root2"
     root.mkdir()
-    endpoint, proc = _start_delegate(lab.topo, 5602, "--offload-root", str(root))
+    endpoint, proc = _start_delegate(lab.topo, 5602, "--offload-root", str(root), "--insecure")
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     argv = tb_argv("run", "--delegate", endpoint, "--mode", "offload", "--offload-path",
@@ -459,3 +459,65 @@ def test_unsupported_calls_get_fallback_errnos_and_fd_ops_behave(lab, tmp_path):
     # close_range over 20 placeholders and dup2 over one: the relay closed them remotely
     assert meta["remote_closes"] >= 21
     assert (tmp_path / "local").read_bytes() == b""  # nothing leaked into the local file
+
+
+# ---------------------------------------------------------------- delegate options
+
+
+@pytest.mark.parametrize(
+    "listen, extra, ok",
+    [
+        ("tcp://10.231.0.2:5603", (), False),
+        ("tcp://0.0.0.0:5603", (), False),
+        ("tcp://*:5603", (), False),
+        ("tcp://127.0.0.1:*", (), True),
+        ("ipc:///tmp/tb-offload-test.sock", (), True),
+    ],
+)
+def test_offload_beyond_loopback_needs_curve_or_insecure(tmp_path, listen, extra, ok):
+    argv = tb_argv("delegate", "--listen", listen, "--offload-root", str(tmp_path),
+                   "--max-calls", "1", *extra)  # fmt: skip
+    if ok:
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert proc.poll() is None  # serving
+        proc.terminate()
+        assert proc.wait(10) == 0
+        return
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("testbed: error: offload mode listening on")
+    assert "--curve-keys" in lines[0] and "--insecure" in lines[0]
+
+
+def test_offload_with_curve_and_an_unprivileged_user(lab, tmp_path, payload):
+    from testbed.delegate import make_curve_keys
+
+    keys = tmp_path / "keys"
+    make_curve_keys(str(keys))
+    root = tmp_path / "root3"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    endpoint = f"tcp://{lab.topo.addr('delegate')}:5604"
+    proc = lab.topo.popen("delegate", tb_argv("delegate", "--listen", endpoint, "--quiet",
+                                              "--offload-root", str(root), "--curve-keys", str(keys),
+                                              "--offload-user", "nobody"))  # fmt: skip
+    try:
+        script = "mkdir -p {P} && gzip -c {src} > {P}/p.gz && gunzip -c {P}/p.gz"
+        argv = ["sh", "-c", script.format(P=lab.prefix / "curve", src=payload)]
+        res = None
+        for _ in range(20):  # the delegate may still be starting
+            res = offload(lab, tmp_path / "run", argv, endpoint=endpoint,
+                          extra=("--curve-keys", str(keys), "--connect-timeout", "1"))  # fmt: skip
+            if res.returncode == 0 or b"no delegate answering" not in res.stderr:
+                break
+        assert res.returncode == 0, res.stderr.decode()
+        assert res.stdout == payload.read_bytes()
+        made = root / "curve" / "p.gz"
+        assert made.stat().st_uid == 65534  # created by the dropped user
+        meta = json.loads((tmp_path / "run" / "run.json").read_text())
+        assert meta["curve"] and meta["delegate"]["curve"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
