@@ -421,6 +421,9 @@ def main_run(args) -> int:
                                  curve_keys=args.curve_keys,
                                  info={"mode": args.mode, "backend": args.backend})  # fmt: skip
     try:
+        if args.mode == "offload" and "offload" not in str(welcome.get("mode", "")):
+            raise TestbedError(f"the delegate at {args.delegate} does not offload "
+                               "(start it with --offload-root DIR)")  # fmt: skip
         out = rundir.create(args.output)
     except TestbedError:
         sock.close()

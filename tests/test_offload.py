@@ -432,6 +432,14 @@ REFUSALS = textwrap.dedent(
     os.fchdir(d)
     print("cwd-after-fchdir", os.getcwd() == P)
     print("relative-read", open("data", "rb").read(3))
+    d2 = os.dup(fd)
+    d3 = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 200)
+    os.dup2(fd, 300, inheritable=False)  # dup3
+    os.lseek(fd, 0, os.SEEK_SET)
+    got = os.read(d2, 2) + os.read(d3, 2) + os.read(300, 2)
+    print("dups-share-the-offset", got == b"zzzzzz" and os.lseek(fd, 0, os.SEEK_CUR) == 6)
+    for x in (d2, d3, 300):
+        os.close(x)
     many = [os.open(P + f"/m{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(20)]
     os.closerange(min(many), max(many) + 1)
     os.dup2(local, fd)  # dup2 over a placeholder drops the remote fd
@@ -452,6 +460,7 @@ def test_unsupported_calls_get_fallback_errnos_and_fd_ops_behave(lab, tmp_path):
         "mmap": "ENODEV", "sendfile": "EINVAL", "copy_file_range": "EXDEV", "ioctl": "ENOTTY",
         "io_uring_setup": "ENOSYS", "isatty": "False", "cwd-after-chdir": "True",
         "cwd-after-fchdir": "True", "relative-read": "b'zzz'", "done": "yes",
+        "dups-share-the-offset": "True",
     }  # fmt: skip
     meta = json.loads((tmp_path / "run" / "run.json").read_text())["offload"]
     for name in ("mmap", "sendfile", "copy_file_range", "ioctl", "io_uring_setup"):
@@ -524,3 +533,16 @@ def test_offload_with_curve_and_an_unprivileged_user(lab, tmp_path, payload):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_offload_run_against_a_cost_only_delegate_is_one_clear_error(lab, tmp_path):
+    endpoint, proc = _start_delegate(lab.topo, 5605)
+    try:
+        res = offload(lab, tmp_path / "run", ["true"], endpoint=endpoint)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert res.returncode != 0
+    lines = res.stderr.decode().strip().splitlines()
+    assert lines == [f"testbed: error: the delegate at {endpoint} does not offload "
+                     "(start it with --offload-root DIR)"]  # fmt: skip

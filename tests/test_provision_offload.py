@@ -41,14 +41,24 @@ def lab2(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _checkout_python(tmp: Path) -> Path:
+    """A python for the nodes that imports this checkout's testbed (not an installed one)."""
+    shim = tmp / "python-checkout"
+    top = Path(__file__).resolve().parent.parent
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH={top} exec {sys.executable} "$@"\n')
+    shim.chmod(0o755)
+    return shim
+
+
 @needs_lab
 def test_delegate_role_offload_root_owner_and_use(lab2):
     root = lab2["root"]
     nobody = pwd.getpwnam("nobody")
+    py = _checkout_python(lab2["tmp"])
     proc, summary = provision(
         lab2["inventory"], "site.yml", lab2["tmp"],
         "-e", f"delegate_offload_root={root}", "-e", "delegate_offload_user=nobody",
-        "-e", "delegate_offload_insecure=true",
+        "-e", "delegate_offload_insecure=true", "-e", f"delegate_python={py}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     st = root.stat()
@@ -71,7 +81,7 @@ def test_delegate_role_offload_root_owner_and_use(lab2):
     # offload on 0.0.0.0 without CURVE and without the insecure switch: refused by the role
     refused, _ = provision(
         lab2["inventory"], "site.yml", lab2["tmp"], "-l", "node2",
-        "-e", f"delegate_offload_root={root}",
+        "-e", f"delegate_offload_root={root}", "-e", f"delegate_python={py}",
     )  # fmt: skip
     assert refused.returncode != 0
     assert "without CURVE" in refused.stdout + refused.stderr
