@@ -417,10 +417,14 @@ REFUSALS = textwrap.dedent(
     os.write(fd, b"z" * 8192)
     local = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT, 0o644)
     attempt("mmap", lambda: mmap.mmap(fd, 4096))
+    class Iov(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_char_p), ("len", ctypes.c_size_t)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.vmsplice(fd, ctypes.byref(Iov(b"local?", 6)), 1, 0)  # refused like any non-pipe fd
+    print("vmsplice", errno.errorcode[ctypes.get_errno()] if rc < 0 else "OK")
     attempt("sendfile", lambda: os.sendfile(local, fd, 0, 100))
     attempt("copy_file_range", lambda: os.copy_file_range(fd, local, 100, 0, 0))
     attempt("ioctl", lambda: fcntl.ioctl(fd, termios.TCGETS, bytes(64)))
-    libc = ctypes.CDLL(None, use_errno=True)
     params = ctypes.create_string_buffer(120)
     rc = libc.syscall(425, 8, params)
     print("io_uring_setup", errno.errorcode[ctypes.get_errno()] if rc < 0 else "OK")
@@ -460,10 +464,10 @@ def test_unsupported_calls_get_fallback_errnos_and_fd_ops_behave(lab, tmp_path):
         "mmap": "ENODEV", "sendfile": "EINVAL", "copy_file_range": "EXDEV", "ioctl": "ENOTTY",
         "io_uring_setup": "ENOSYS", "isatty": "False", "cwd-after-chdir": "True",
         "cwd-after-fchdir": "True", "relative-read": "b'zzz'", "done": "yes",
-        "dups-share-the-offset": "True",
+        "dups-share-the-offset": "True", "vmsplice": "EBADF",
     }  # fmt: skip
     meta = json.loads((tmp_path / "run" / "run.json").read_text())["offload"]
-    for name in ("mmap", "sendfile", "copy_file_range", "ioctl", "io_uring_setup"):
+    for name in ("mmap", "sendfile", "copy_file_range", "ioctl", "io_uring_setup", "vmsplice"):
         assert meta["refused"].get(name, 0) >= 1, name
     # close_range over 20 placeholders and dup2 over one: the relay closed them remotely
     assert meta["remote_closes"] >= 21

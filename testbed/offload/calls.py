@@ -115,6 +115,7 @@ REFUSED: dict[str, int] = {
     "splice": E.EINVAL,
     "tee": E.EINVAL,
     "copy_file_range": E.EXDEV,  # cross-file-system: cp falls back to read/write
+    "vmsplice": E.EBADF,  # as for any non-pipe fd
     "ioctl": E.ENOTTY,  # no ioctl on an offloaded file (isatty false, FICLONE unsupported)
     "io_uring_setup": E.ENOSYS,
     "getxattr": E.EOPNOTSUPP,  # no extended attributes on the offloaded tree
@@ -135,6 +136,7 @@ REFUSED_FDS: dict[str, tuple[int, ...]] = {
     "splice": (0, 2),
     "tee": (0, 1),
     "copy_file_range": (0, 2),
+    "vmsplice": (0,),
     "ioctl": (0,),
     "fgetxattr": (0,),
     "flistxattr": (0,),

@@ -599,6 +599,7 @@ class OffloadRelay(Relay):
         """Give the caller a placeholder fd for remote ``handle``; False if it is gone."""
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         ino = os.fstat(w).st_ino
+        _fill(w)
         try:
             addfd_send(self.backend.fileno(), trap.id, w, p.cloexec)
         except OSError as exc:
@@ -640,6 +641,12 @@ class OffloadRelay(Relay):
         self.stats.forwarded += 1
         self.recorder.add(trap.tid, trap.nr, flags, -E.EIO, p.nbytes, 0, trap.t_trap, t_send,
                           t_reply, time.monotonic_ns())  # fmt: skip
+
+    def _release(self, trap: Trap, flags: int, nbytes: int, t_send: int, t_reply: int,
+                 stamps: tuple[int, int, int, int] = (0, 0, 0, 0), ret: int = 0) -> None:  # fmt: skip
+        """Never continue an offloaded call locally (the base relay's fallback): EIO."""
+        self._fail(trap, Pending(NAME.get(trap.nr, ""), Spec(), b"", nbytes), flags | rundir.F_NOT_SENT,
+                   t_send, t_reply)  # fmt: skip
 
     def _lose(self, why: str) -> None:
         if not self.lost:
@@ -720,6 +727,21 @@ class _Fault(Exception):
 
 _ANSWERED = object()
 _FD_LINK = re.compile(r"^/(proc/(self|thread-self|\d+)|dev)/fd/(\d+)/?$")
+
+
+def _fill(w: int) -> None:
+    """Shrink the placeholder pipe to one page and fill it: the write end stays
+    non-blocking, so a write that ever reached it locally would fail (EAGAIN)
+    instead of succeeding silently."""
+    try:
+        F.fcntl(w, F.F_SETPIPE_SZ, 4096)
+    except OSError:
+        pass
+    try:
+        while os.write(w, bytes(4096)):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _ppid(pid: int) -> int:
