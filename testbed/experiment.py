@@ -431,11 +431,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ping(endpoint: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -> dict[str, Any]:
     """HELLO -> WELCOME with the delegate at ``endpoint``; its WELCOME map or a TestbedError."""
     from testbed.relay import connect
 
-    ctx, sock, welcome = connect(endpoint, timeout_s=timeout_s, info={"role": "experiment"})
+    ctx, sock, welcome = connect(
+        endpoint, timeout_s=timeout_s, info={"role": "experiment"}, curve_keys=curve_keys
+    )
     sock.close(0)
     return welcome
 
@@ -491,6 +493,7 @@ class Runner:
         self.plan, self.results, self.host, self.work, self.out = plan, results, host, work, out
         self.base = results / host
         self.endpoints: dict[str, str] = {}
+        self.curve_keys: str | None = None  # for every delegate but "local"
         self.native: dict[str, dict[str, Any]] = {}
         self.profiles: dict[str, Path] = {}
         self.staged: set[str] = set()
@@ -505,8 +508,14 @@ class Runner:
         generate_input(path, w.size_mb, w.seed)
         return path
 
-    def offload_input(self, w: Workload, endpoint: str) -> Path:
+    def offload_input(self, w: Workload, delegate: DelegateSpec) -> Path:
         """The workload's input copied (``cp -p``, offloaded) into the offloaded tree."""
+        endpoint = self.endpoints[delegate.name]
+        keys = (
+            ["--curve-keys", self.curve_keys]
+            if self.curve_keys and delegate.endpoint != "local"
+            else []
+        )
         local = self.input_for(w)
         remote = Path(self.plan.offload_path, self.plan.name, local.parent.name, local.name)
         key = f"{endpoint} {remote}"
@@ -514,7 +523,7 @@ class Runner:
             return remote
         cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
                "--mode", "offload", "--offload-path", str(self.plan.offload_path),
-               "--backend", self.plan.backend, "-o", str(self.work / "stage-run"), "--",
+               "--backend", self.plan.backend, *keys, "-o", str(self.work / "stage-run"), "--",
                "sh", "-c", 'mkdir -p "$(dirname "$2")" && cp -p "$1" "$2"', "sh",
                str(local), str(remote)]  # fmt: skip
         shutil.rmtree(self.work / "stage-run", ignore_errors=True)
@@ -598,7 +607,7 @@ class Runner:
         w = cell.workload
         native = self.native_run(w)
         if self.plan.offload_path:
-            argv = _argv(w, self.offload_input(w, self.endpoints[cell.delegate.name]))
+            argv = _argv(w, self.offload_input(w, cell.delegate))
         else:
             argv = _argv(w, self.input_for(w))
         cmd = [
@@ -609,6 +618,8 @@ class Runner:
             "--delegate",
             self.endpoints[cell.delegate.name],
         ]
+        if self.curve_keys and cell.delegate.endpoint != "local":
+            cmd += ["--curve-keys", self.curve_keys]
         if self.plan.offload_path:
             cmd += ["--offload-path", self.plan.offload_path]
         elif cell.forward.policy:
@@ -735,6 +746,7 @@ def run_plan(
     results: Path,
     host: str,
     out=sys.stderr,
+    curve_keys: str | None = None,
 ) -> dict[str, int]:
     """Run every unfinished cell of ``plan``; returns counts ran/skipped/failed."""
     check_results_dir(plan, results)
@@ -743,6 +755,7 @@ def run_plan(
     all_cells = cells(plan)
     work = Path(tempfile.mkdtemp(prefix="testbed-experiment-"))
     runner = Runner(plan, results, host, work, out)
+    runner.curve_keys = curve_keys
     todo = [c for c in all_cells if not runner.done(c)]
     skipped = len(all_cells) - len(todo)
     runner.say(
@@ -765,7 +778,7 @@ def run_plan(
                     runner.endpoints[d.name] = local.endpoint if local else "local"
                     continue
                 try:
-                    ping(d.endpoint, timeout_s=5.0)
+                    ping(d.endpoint, timeout_s=5.0, curve_keys=curve_keys)
                 except TestbedError as exc:
                     raise TestbedError(f"delegate {d.name}: {exc}") from None
                 runner.endpoints[d.name] = d.endpoint
@@ -785,7 +798,10 @@ def main_experiment(args: argparse.Namespace) -> int:
         return 0
     results = Path(args.output or Path("results") / plan.name).absolute()
     host = _label(args.host_label or socket.gethostname())
-    counts = run_plan(plan, results, host)
+    curve = getattr(args, "curve_keys", None)
+    counts = run_plan(
+        plan, results, host, curve_keys=str(Path(curve).absolute()) if curve else None
+    )
     print(
         f"experiment {plan.name}: ran={counts['ran']} skipped={counts['skipped']} "
         f"failed={counts['failed']} results={results}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import zmq
 
-from testbed import rundir, syscalls, wire
+from testbed import keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import Backend, CallerGone, Trap, make_backend
@@ -49,7 +49,7 @@ def connect(
 ) -> tuple[zmq.Context, zmq.Socket, dict]:
     """Open a DEALER to ``endpoint`` and complete the HELLO/WELCOME handshake.
 
-    With ``curve_keys`` (a directory made by ``testbed.delegate.make_curve_keys``)
+    With ``curve_keys`` (a directory made by ``testbed keys new``, see :mod:`testbed.keys`)
     the connection is CURVE-authenticated and encrypted.
     """
     ctx = ctx or zmq.Context.instance()
@@ -58,10 +58,8 @@ def connect(
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     if curve_keys:
-        from testbed.delegate import curve_client
-
         try:
-            curve_client(sock, curve_keys)
+            keys.setup_client(sock, curve_keys)
         except TestbedError:
             sock.close()
             raise

@@ -1,8 +1,8 @@
 """The delegate role in offload mode, over real Ansible and SSH on a 2-node lab.
 
-site.yml with ``delegate_offload_root``/``delegate_offload_user`` creates the
-root owned by that user, the delegate serves offload, and a program on the
-compute node writes through it; without CURVE and without
+site.yml with ``delegate_offload_root`` creates the root owned by the
+delegate's service user, the delegate serves offload over CURVE, and a program
+on the compute node writes through it; with CURVE off and without
 ``delegate_offload_insecure`` the role refuses before touching the service.
 """
 
@@ -41,34 +41,23 @@ def lab2(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _checkout_python(tmp: Path) -> Path:
-    """A python for the nodes that imports this checkout's testbed (not an installed one)."""
-    shim = tmp / "python-checkout"
-    top = Path(__file__).resolve().parent.parent
-    shim.write_text(f'#!/bin/sh\nPYTHONPATH={top} exec {sys.executable} "$@"\n')
-    shim.chmod(0o755)
-    return shim
-
-
 @needs_lab
 def test_delegate_role_offload_root_owner_and_use(lab2):
     root = lab2["root"]
-    nobody = pwd.getpwnam("nobody")
-    py = _checkout_python(lab2["tmp"])
+    user = pwd.getpwnam(lab.service_user(lab2["state"]))  # the lab's delegate_user
     proc, summary = provision(
-        lab2["inventory"], "site.yml", lab2["tmp"],
-        "-e", f"delegate_offload_root={root}", "-e", "delegate_offload_user=nobody",
-        "-e", "delegate_offload_insecure=true", "-e", f"delegate_python={py}",
-    )  # fmt: skip
+        lab2["inventory"], "site.yml", lab2["tmp"], "-e", f"delegate_offload_root={root}"
+    )
     assert proc.returncode == 0, proc.stderr
     st = root.stat()
-    assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o750)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.pw_uid, user.pw_gid, 0o750)
     assert "cost+offload" in proc.stdout  # the health check's WELCOME
 
     node1 = next(n for n in lab2["state"]["nodes"] if n["name"] == "node1")
+    keys = lab2["dir"] / "state" / "node1" / "curve"  # node1's relay keys (CURVE is on)
     run = [sys.executable, "-m", "testbed", "run", "--delegate", f"tcp://{NODE2}:5555",
-           "--mode", "offload", "--offload-path", "/lab-io", "--quiet",
-           "-o", str(lab2["tmp"] / "run"), "--", "sh", "-c",
+           "--curve-keys", str(keys), "--mode", "offload", "--offload-path", "/lab-io",
+           "--quiet", "-o", str(lab2["tmp"] / "run"), "--", "sh", "-c",
            "mkdir -p /lab-io/d && echo written-through-node2 > /lab-io/d/f && cat /lab-io/d/f"]  # fmt: skip
     res = subprocess.run(["ip", "netns", "exec", node1["netns"], *run],
                          capture_output=True, timeout=120)  # fmt: skip
@@ -76,12 +65,12 @@ def test_delegate_role_offload_root_owner_and_use(lab2):
     assert res.stdout == b"written-through-node2\n"
     made = root / "d" / "f"
     assert made.read_bytes() == b"written-through-node2\n"
-    assert made.stat().st_uid == nobody.pw_uid  # created by the dropped user
+    assert made.stat().st_uid == user.pw_uid  # created by the delegate's service user
 
-    # offload on 0.0.0.0 without CURVE and without the insecure switch: refused by the role
+    # offload with CURVE off and without the insecure switch: refused by the role
     refused, _ = provision(
         lab2["inventory"], "site.yml", lab2["tmp"], "-l", "node2",
-        "-e", f"delegate_offload_root={root}", "-e", f"delegate_python={py}",
+        "-e", f"delegate_offload_root={root}", "-e", "delegate_curve=false",
     )  # fmt: skip
     assert refused.returncode != 0
     assert "without CURVE" in refused.stdout + refused.stderr

@@ -10,11 +10,11 @@ Documented in ``docs/offload.md``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Any
 
 from testbed.errors import TestbedError
+from testbed.keys import is_loopback
 from testbed.offload.execute import Executor
 
 
@@ -25,24 +25,10 @@ def make_executor(root: str, **limits: Any) -> Executor:
     return Executor(root, **limits)
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True if a ZeroMQ endpoint is only reachable from this host."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    host = rest.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: assume reachable
-
-
 def check_delegate_args(args: Any) -> None:
     """``testbed delegate --offload-root``: refuse an unauthenticated network listener."""
     if not getattr(args, "offload_root", None):
-        for opt in ("offload_user", "offload_max_fds"):
+        for opt in ("offload_max_fds", "insecure"):
             if getattr(args, opt, None):
                 flag = "--" + opt.replace("_", "-")
                 raise TestbedError(f"{flag} is only used with --offload-root")
@@ -65,22 +51,4 @@ def executor_from_args(args: Any) -> Executor | None:
     return make_executor(args.offload_root, **limits)
 
 
-def drop_privileges(user: str | None) -> None:
-    """Become ``user`` (name or uid) for good: groups, gid, then uid."""
-    if not user:
-        return
-    import pwd
-
-    try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, ValueError):
-        raise TestbedError(f"--offload-user {user!r}: no such user") from None
-    try:
-        os.setgroups([])
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-    except PermissionError:
-        raise TestbedError(f"--offload-user {user!r}: cannot switch user (not root?)") from None
-
-
-__all__ = ["Executor", "make_executor", "executor_from_args", "drop_privileges", "is_loopback"]
+__all__ = ["Executor", "make_executor", "executor_from_args"]
