@@ -44,11 +44,13 @@ def lab2(tmp_path_factory):
 @needs_lab
 def test_delegate_role_offload_root_owner_and_use(lab2):
     root = lab2["root"]
-    user = pwd.getpwnam(lab.service_user(lab2["state"]))  # the lab's delegate_user
     proc, summary = provision(
         lab2["inventory"], "site.yml", lab2["tmp"], "-e", f"delegate_offload_root={root}"
     )
     assert proc.returncode == 0, proc.stderr
+    user = pwd.getpwnam(
+        lab.service_user(lab2["state"])
+    )  # the lab's delegate_user, made by the role
     st = root.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.pw_uid, user.pw_gid, 0o750)
     assert "cost+offload" in proc.stdout  # the health check's WELCOME

@@ -126,7 +126,9 @@ def norm_prefix(prefix: str) -> str:
     if not prefix.startswith("/"):
         raise OffloadError(f"--offload-path {prefix!r} must be an absolute path")
     p = os.path.normpath(prefix)
-    return "/" if p == "//" else p
+    if p in ("/", "//"):
+        raise OffloadError("--offload-path / would offload every file, the program's own included")
+    return p
 
 
 @dataclass
