@@ -358,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default runs/run-TIME)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to run, unmodified, after --",
+    )
     p.set_defaults(func=cmd_run)
 
     # --- profile --------------------------------------------------------
@@ -390,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
         "commands that can be repeated, default 0)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to profile natively, after --",
+    )
     p.set_defaults(func=cmd_profile)
 
     # --- bench ----------------------------------------------------------
