@@ -594,10 +594,9 @@ class Runner:
         if not (d / "experiment.json").exists():
             return False
         try:
-            rundir.load(d)
+            return rundir.load(d).complete
         except TestbedError:
             return False
-        return True
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         final = self.base / cell.run_id
@@ -649,6 +648,8 @@ class Runner:
         elapsed = time.monotonic() - t0
         try:
             run = rundir.load(partial)
+            if not run.complete:  # the relay died: run.json was never completed
+                raise TestbedError("incomplete run directory")
         except TestbedError:
             return {
                 "status": "failed",

@@ -292,26 +292,34 @@ class OffloadRelay(Relay):
         return rel + "/" if text.endswith("/") and rel != "." else rel
 
     # ------------------------------------------------------------ calls
-    def on_trap(self, trap: Trap) -> None:
+    def _forward(self, trap: Trap) -> None:
+        """Offload, refuse or continue one trapped call (the base's on_trap guards it)."""
         name = NAME.get(trap.nr, "")
         try:
             decision = self._decide(trap, name)
         except CallerGone:
-            self.stats.caller_gone += 1
+            # gone, or its memory cannot be read: where the call belongs is unknown,
+            # so it fails (EIO) rather than run locally
+            self.stats.unreadable += 1
+            self._fail(trap, Pending(name, Spec(), b"", 0), rundir.F_UNREADABLE, 0, 0)
             return
         except _Fault:
             decision = E.EFAULT
         if decision is _ANSWERED:
+            self._last_released = trap
             return
         if decision is None:
             self.ostats.local += 1
+            self._last_released = trap
             self.backend.resume_continue(trap)
             return
         if isinstance(decision, int):  # answered here with an errno
+            self._last_released = trap
             self.backend.resume_return(trap, -1, decision)
             return
         args, bufs, pending = decision
         if not self.backend.is_valid(trap):  # what we read must still be the caller's (TOCTOU)
+            self._last_released = trap
             self.stats.caller_gone += 1
             return
         self.ostats.remote += 1
@@ -509,7 +517,12 @@ class OffloadRelay(Relay):
         try:
             kind, payload = wire.decode(frame)
         except wire.WireError as exc:
-            print(f"testbed: warning: malformed frame from delegate: {exc}", file=sys.stderr)
+            self._warn_once("malformed", f"malformed frame from the delegate: {exc}")
+            entry = self.inflight.pop(exc.call_id, None) if exc.call_id else None
+            pending = self.pending.pop(exc.call_id, None) if exc.call_id else None
+            if entry is not None and pending is not None:  # that call is not confirmed: EIO
+                self.stats.peer_errors += 1
+                self._fail(entry[0], pending, rundir.F_PEER_ERROR, entry[1], t_reply)
             return
         if kind not in (wire.RESULT, wire.ERROR):
             return
@@ -543,6 +556,7 @@ class OffloadRelay(Relay):
     def _complete(self, trap: Trap, p: Pending, res: wire.Result, t_send: int, t_reply: int,
                   stamps: tuple[int, int, int, int]) -> None:  # fmt: skip
         flags = 0
+        self._last_released = trap
         nout = sum(len(b) for _a, b in res.outbufs)
         if res.errno:
             ok = self.backend.resume_return(trap, -1, res.errno)
@@ -635,6 +649,7 @@ class OffloadRelay(Relay):
     def _fail(self, trap: Trap, p: Pending, flags: int, t_send: int, t_reply: int) -> None:
         """An unconfirmed offloaded call: the caller sees EIO, the record says why."""
         self.ostats.eio += 1
+        self._last_released = trap
         if not self.backend.resume_return(trap, -1, E.EIO):
             flags |= rundir.F_CALLER_GONE
             self.stats.caller_gone += 1
@@ -647,8 +662,11 @@ class OffloadRelay(Relay):
     def _release(self, trap: Trap, flags: int, nbytes: int, t_send: int, t_reply: int,
                  stamps: tuple[int, int, int, int] = (0, 0, 0, 0), ret: int = 0) -> None:  # fmt: skip
         """Never continue an offloaded call locally (the base relay's fallback): EIO."""
-        self._fail(trap, Pending(NAME.get(trap.nr, ""), Spec(), b"", nbytes), flags | rundir.F_NOT_SENT,
-                   t_send, t_reply)  # fmt: skip
+        if not flags & (rundir.F_TIMEOUT | rundir.F_PEER_ERROR | rundir.F_UNREADABLE):
+            flags |= rundir.F_NOT_SENT
+        self._fail(
+            trap, Pending(NAME.get(trap.nr, ""), Spec(), b"", nbytes), flags, t_send, t_reply
+        )
 
     def _lose(self, why: str) -> None:
         if not self.lost:
