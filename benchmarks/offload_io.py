@@ -31,9 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import rundir
-from testbed.bench import LocalDelegate
-from testbed.hostinfo import host_metadata
+# this checkout's testbed, here and in the testbed processes started below
+TOP = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, TOP)
+os.environ["PYTHONPATH"] = TOP + (
+    os.pathsep + os.environ["PYTHONPATH"] if "PYTHONPATH" in os.environ else ""
+)
+
+from testbed import rundir  # noqa: E402
+from testbed.bench import LocalDelegate  # noqa: E402
+from testbed.hostinfo import host_metadata  # noqa: E402
 
 IOLOOP_C = r"""
 /* ioloop w|r N SIZE PATH OUT: N timed write(2)/read(2) of SIZE bytes on PATH; ns (u64) to OUT */
