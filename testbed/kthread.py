@@ -73,6 +73,8 @@ def check_args(args: Any) -> None:
             )
         if getattr(args, "curve_keys", None):
             raise TestbedError("--curve-keys is for a delegate endpoint, not --mode kthread")
+        if getattr(args, "offload_path", None):
+            raise TestbedError("--offload-path is only used with --mode offload")
         if args.flush_caller_tlb and not args.faithful:
             raise TestbedError("--flush-caller-tlb needs --faithful")
         if args.delay_us * 1000 > K.MAX_DELAY_NS:
