@@ -146,6 +146,7 @@ class _Handler:
         self.clients: dict[bytes, _Client] = {}
         self.delay_ns = delegate.delay_ns
         self.yield_gil = delegate.workers > 1
+        self.service_slot = None  # (t_recv, found, worker) set by testbed.service
 
     def _client(self, ident: bytes, t_ns: int) -> _Client:
         client = self.clients.get(ident)
@@ -204,6 +205,8 @@ class _Handler:
         if self.delay_ns:
             # the emulated link delay counts from when the frame was taken off the socket
             _spin_until(t_recv + self.delay_ns, self.yield_gil)
+        if self.service_slot is not None:  # --service-us: queued, then served
+            self.d.service.serve(*self.service_slot)
         if call.mode == "offload":
             t_exec_start = mono()
             ret, err, outbufs = offload.execute(ident, call)
@@ -234,6 +237,7 @@ class Delegate:
         max_calls: int | None = None,
         on_stop: Callable[[], None] | None = None,
         curve_keys: str | None = None,
+        service: Any = None,
     ):
         if workers < 1:
             raise TestbedError(f"workers must be >= 1, not {workers}")
@@ -247,6 +251,7 @@ class Delegate:
         self.max_calls = max_calls
         self.on_stop = on_stop
         self.curve_keys = curve_keys
+        self.service = service  # a testbed.service.Service: one FIFO queue, W servers
         self._auth = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
@@ -294,6 +299,7 @@ class Delegate:
             "clock": "CLOCK_MONOTONIC",
             "max_frame": wire.MAX_FRAME,
             "curve": self.curve_keys is not None,
+            **(self.service.info() if self.service is not None else {}),
         }
 
     def status_line(self) -> str:
@@ -459,7 +465,11 @@ class Delegate:
 
     def _serve(self) -> None:
         try:
-            if self.workers == 1:
+            if self.service is not None:
+                from testbed.service import serve_queued
+
+                serve_queued(self)
+            elif self.workers == 1:
                 self._serve_direct()
             else:
                 self._serve_pool()
@@ -682,6 +692,11 @@ def load_offload(root: str) -> OffloadExecutor:
 def main_delegate(args: Any) -> int:
     """``testbed delegate``: serve until SIGINT/SIGTERM or ``--max-calls``."""
     offload = load_offload(args.offload_root) if getattr(args, "offload_root", None) else None
+    service = None
+    if getattr(args, "service_us", None) is not None or getattr(args, "record", None):
+        from testbed.service import Service
+
+        service = Service(args.service_us or 0.0, args.service, args.service_dist, args.seed)
     delegate = Delegate(
         args.listen,
         workers=args.workers,
@@ -689,6 +704,7 @@ def main_delegate(args: Any) -> int:
         offload=offload,
         max_calls=getattr(args, "max_calls", None),
         curve_keys=getattr(args, "curve_keys", None),
+        service=service,
     )
     quiet = getattr(args, "quiet", False)
 
@@ -716,6 +732,8 @@ def main_delegate(args: Any) -> int:
         delegate._close()
         for s, h in old.items():
             signal.signal(s, h)
+        if service is not None and args.record:
+            service.write(args.record, delegate.welcome_info())
     if not quiet:
         for line in delegate.accounting_lines():
             print(line, file=sys.stderr)
