@@ -228,7 +228,12 @@ def f_c_of_N(st: Station, N: int) -> np.ndarray:
 
 
 def think_time(
-    C: float, g: ArrayLike, n: ArrayLike, b: ArrayLike, gamma: float, g_prime: ArrayLike | None = None
+    C: float,
+    g: ArrayLike,
+    n: ArrayLike,
+    b: ArrayLike,
+    gamma: float,
+    g_prime: ArrayLike | None = None,
 ) -> float:
     """Mean time a program spends between two forwarded calls (the ``Z`` of its callers)."""
     calls = float(np.sum(np.asarray(b, dtype=float) * np.asarray(n, dtype=float)))

@@ -30,7 +30,10 @@ def main(argv: list[str]) -> int:
         if how not in ("sleep", "spin") or dist not in ("exp", "fixed") or think_us < 0:
             raise ValueError
     except (ValueError, IndexError):
-        print("usage: caller.py START_NS END_NS THINK_US sleep|spin exp|fixed SEED OUT", file=sys.stderr)
+        print(
+            "usage: caller.py START_NS END_NS THINK_US sleep|spin exp|fixed SEED OUT",
+            file=sys.stderr,
+        )
         return 2
     mono = time.monotonic_ns
     rng = random.Random(seed)
@@ -39,7 +42,9 @@ def main(argv: list[str]) -> int:
     stamps = array("q")
     now = mono()
     if now > start + LATE_NS:
-        print(f"caller: started {(now - start) / 1e6:.0f} ms after the common start", file=sys.stderr)
+        print(
+            f"caller: started {(now - start) / 1e6:.0f} ms after the common start", file=sys.stderr
+        )
         return 3
     if start > now:
         time.sleep((start - now) / 1e9)

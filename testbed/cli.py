@@ -243,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="exp",
         help="service time per call: exponential with mean S (default) or exactly S",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the service-time draws (default 0)"
-    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the service-time draws (default 0)")
     p.add_argument(
         "--record",
         metavar="DIR",

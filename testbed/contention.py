@@ -186,10 +186,12 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
         shutil.rmtree(cell)
     (cell / "callers").mkdir(parents=True)
     caller_py = str(Path(__file__).with_name("caller.py"))
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall0 = time.monotonic()
     dele, ep = _start_delegate(sweep, w, cell)
     procs: list[subprocess.Popen] = []
     try:
-        lead_ns = int((1.0 + 0.12 * n) * 1e9)  # time for N relays to start
+        lead_ns = int((1.0 + 0.25 * n) * 1e9)  # time for N relays to start
         t0 = time.monotonic_ns() + lead_ns
         t1 = t0 + int(sweep.duration_s * 1e9)
         for i in range(n):
@@ -222,6 +224,8 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
                 p.kill()
                 p.wait()
         _stop(dele)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     late = [e for e in errors if e[1] == 3]
     if late:
         raise TestbedError(
@@ -245,7 +249,9 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
         "start_ns": t0,
         "end_ns": t1,
         "window_ns": [tw, t1],
-        "machine_cpu_busy": busy / total,
+        "machine_cpu_busy": busy / total,  # the whole machine, other users included
+        "own_cpu_s": own_cpu,  # delegate + relays + callers, start to stop of the cell
+        "cell_wall_s": time.monotonic() - wall0,
         "cpus": os.cpu_count(),
         "host": host_metadata(),
     }

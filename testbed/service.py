@@ -246,7 +246,9 @@ def serve_queued(d: Delegate) -> None:
         while True:
             if d._stop_requested and deadline is None:
                 deadline = mono() + 200_000_000
-            if deadline is not None and (mono() > deadline or (calls.empty() and not svc.in_system)):
+            if deadline is not None and (
+                mono() > deadline or (calls.empty() and not svc.in_system)
+            ):
                 break
             for sock, _ in poller.poll(POLL_MS):
                 if sock is pull:
