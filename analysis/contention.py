@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from analysis import queueing  # noqa: E402
 from analysis.queueing import Station  # noqa: E402
-from testbed.contention import CELL_JSON, SWEEP_JSON  # noqa: E402
+from testbed.contention import CELL_JSON, SWEEP_JSON, split_sweeps  # noqa: E402
 from testbed.errors import TestbedError  # noqa: E402
 
 #: The target of issue 13: mean response predicted within this fraction.
@@ -45,12 +45,7 @@ def is_sweep(path: str | Path) -> bool:
     return (Path(path) / SWEEP_JSON).is_file()
 
 
-def split(paths) -> tuple[list[Path], list[Path]]:
-    """(other paths, contention sweep directories) of a command line's paths."""
-    others, sweeps = [], []
-    for p in map(Path, paths):
-        (sweeps if is_sweep(p) else others).append(p)
-    return others, sweeps
+split = split_sweeps
 
 
 def load_sweep(path: str | Path) -> pd.DataFrame:

@@ -1,8 +1,10 @@
 """One caller of the contention load generator (run as a script, stdlib only).
 
-    python3 -S -I caller.py START_NS END_NS THINK_US sleep|spin exp|fixed SEED OUT
+    python3 -S -I caller.py GO THINK_US sleep|spin exp|fixed SEED OUT
 
-Waits until START_NS (CLOCK_MONOTONIC), then until END_NS alternates a think
+Creates ``OUT.ready``, waits for the file GO to hold ``START_NS END_NS``
+(written by ``testbed contention`` once every caller is ready), sleeps until
+START_NS (CLOCK_MONOTONIC), then until END_NS alternates a think
 phase (mean THINK_US: ``sleep``, or ``spin`` computing; ``exp`` exponential
 or ``fixed``) with one ``getppid`` system call, the call ``testbed
 contention`` forwards.  Writes OUT: one ``<q t0, <q t1`` pair (ns before and
@@ -21,17 +23,31 @@ from array import array
 
 #: How late (ns) a caller may reach the common start before it gives up.
 LATE_NS = 50_000_000
+#: How long (s) a caller waits for the go file.
+GO_WAIT_S = 600
+
+
+def _wait_go(path: str) -> tuple[int, int] | None:
+    deadline = time.monotonic() + GO_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                a, b = f.read().split()
+            return int(a), int(b)
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    return None
 
 
 def main(argv: list[str]) -> int:
     try:
-        start, end, think_us = int(argv[0]), int(argv[1]), float(argv[2])
-        how, dist, seed, out = argv[3], argv[4], int(argv[5]), argv[6]
+        go, think_us = argv[0], float(argv[1])
+        how, dist, seed, out = argv[2], argv[3], int(argv[4]), argv[5]
         if how not in ("sleep", "spin") or dist not in ("exp", "fixed") or think_us < 0:
             raise ValueError
     except (ValueError, IndexError):
         print(
-            "usage: caller.py START_NS END_NS THINK_US sleep|spin exp|fixed SEED OUT",
+            "usage: caller.py GO THINK_US sleep|spin exp|fixed SEED OUT",
             file=sys.stderr,
         )
         return 2
@@ -40,6 +56,13 @@ def main(argv: list[str]) -> int:
     mean_s = think_us / 1e6
     call = os.getppid
     stamps = array("q")
+    with open(out + ".ready", "w"):
+        pass
+    window = _wait_go(go)
+    if window is None:
+        print(f"caller: no start signal in {go} within {GO_WAIT_S} s", file=sys.stderr)
+        return 3
+    start, end = window
     now = mono()
     if now > start + LATE_NS:
         print(

@@ -84,8 +84,20 @@ class Sweep:
         if not self.duration_s > 0 or not 0 <= self.warmup_s < self.duration_s:
             raise TestbedError("need duration > 0 s and 0 <= warm-up < duration")
 
+    def cell_duration_s(self, n: int) -> float:
+        """N = 1 cells run 3x longer: the model's parameters come from them alone."""
+        return 3 * self.duration_s if n == 1 else self.duration_s
+
     def cells(self) -> list[tuple[int, int]]:
         return [(w, n) for w in self.workers for n in self.callers]
+
+
+def split_sweeps(paths) -> tuple[list[Path], list[Path]]:
+    """(other paths, sweep directories holding ``contention.json``) of a command line."""
+    others, sweeps = [], []
+    for p in map(Path, paths):
+        (sweeps if (p / SWEEP_JSON).is_file() else others).append(p)
+    return others, sweeps
 
 
 def cell_name(w: int, n: int) -> str:
@@ -180,6 +192,54 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
+#: Callers starting at once (each start imports the relay: CPU-heavy on a small machine).
+START_BATCH = 4
+
+
+def start_timeout_s(n: int) -> float:
+    """How long N callers may take to start (each is a relay + a traced program)."""
+    return 20.0 + 2.0 * n
+
+
+def _launch_all(cmds: list[list[str]], where: Path, timeout_s: float) -> list[subprocess.Popen]:
+    """Start the callers, at most START_BATCH starting at once; return when all are ready.
+
+    A caller is ready when it wrote its ``.ready`` file (its relay runs and it
+    is traced).  Fails with one clear line if the machine cannot start them all.
+    """
+    n = len(cmds)
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            ready = len(list(where.glob("*.ready")))
+            if ready == n:
+                return procs
+            while len(procs) < n and len(procs) - ready < START_BATCH:
+                procs.append(subprocess.Popen(cmds[len(procs)], env=_env(),
+                                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+            if dead:
+                p = procs[dead[0]]
+                err = p.stderr.read().decode(errors="replace").strip().splitlines()
+                raise TestbedError(
+                    f"this machine could not start {n} callers: caller {dead[0]} exited with "
+                    f"status {p.returncode}" + (f" ({err[-1]})" if err else "")
+                )
+            if time.monotonic() > deadline:
+                raise TestbedError(
+                    f"only {ready} of {n} callers started within {timeout_s:.0f} s; "
+                    f"this machine cannot start {n} callers at once"
+                )
+            time.sleep(0.02)
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        raise
+
+
 def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
     """Run one cell (W workers, N callers); write and return its cell.json."""
     if cell.exists():
@@ -190,19 +250,21 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
     wall0 = time.monotonic()
     dele, ep = _start_delegate(sweep, w, cell)
     procs: list[subprocess.Popen] = []
+    go = cell / "callers" / "go"
     try:
-        lead_ns = int((1.0 + 0.25 * n) * 1e9)  # time for N relays to start
-        t0 = time.monotonic_ns() + lead_ns
-        t1 = t0 + int(sweep.duration_s * 1e9)
+        cmds = []
         for i in range(n):
             out = cell / "callers" / f"c{i:03d}.cycles"
-            cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", ep,
+            cmds.append([sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", ep,
                    "--forward", FORWARD, "-o", str(cell / "callers" / f"c{i:03d}"), "--",
-                   sys.executable, "-S", "-I", caller_py, str(t0), str(t1), repr(sweep.think_us),
-                   sweep.think, sweep.think_dist, str(sweep.seed * 1000 + i), str(out)]  # fmt: skip
-            procs.append(
-                subprocess.Popen(cmd, env=_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            )
+                   sys.executable, "-S", "-I", caller_py, str(go), repr(sweep.think_us),
+                   sweep.think, sweep.think_dist, str(sweep.seed * 1000 + i), str(out)])  # fmt: skip
+        procs = _launch_all(cmds, cell / "callers", start_timeout_s(n))
+        t0 = time.monotonic_ns() + 300_000_000
+        t1 = t0 + int(sweep.cell_duration_s(n) * 1e9)
+        tmp = go.with_suffix(".tmp")
+        tmp.write_text(f"{t0} {t1}\n")
+        tmp.replace(go)  # atomic: a caller reads both numbers or none
         tw = t0 + int(sweep.warmup_s * 1e9)
         _sleep_until(tw)
         cpu_a = _cpu_sample()
@@ -219,6 +281,8 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
                 last = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
                 errors.append((i, p.returncode, last[0] if last else ""))
     finally:
+        if not go.exists():  # failed before the start: release the waiting callers
+            go.write_text("0 0\n")
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -229,12 +293,14 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
     late = [e for e in errors if e[1] == 3]
     if late:
         raise TestbedError(
-            f"{len(late)} of {n} callers could not start within {lead_ns / 1e9:.1f} s; "
-            f"this machine cannot start {n} callers at once ({late[0][2]})"
+            f"{len(late)} of {n} callers missed the common start; this machine cannot "
+            f"start {n} callers at once ({late[0][2]})"
         )
     if errors:
         i, rc, text = errors[0]
         raise TestbedError(f"caller {i} of {cell.name} failed with status {rc}: {text}")
+    for f in (cell / "callers").glob("*.ready"):
+        f.unlink()
     for i in range(n):
         src = cell / "callers" / f"c{i:03d}.cycles"
         src.replace(cell / "callers" / f"c{i:03d}" / CYCLES_BIN)
@@ -330,7 +396,7 @@ def run_sweep(sweep: Sweep, outdir: Path, out: TextIO = sys.stderr) -> list[dict
             print(f"contention: [{k}/{len(cells)}] {cell.name}: done before, skipped", file=out)
         else:
             print(f"contention: [{k}/{len(cells)}] {cell.name}: running "
-                  f"{sweep.duration_s:g} s ...", file=out, flush=True)  # fmt: skip
+                  f"{sweep.cell_duration_s(n):g} s ...", file=out, flush=True)  # fmt: skip
             meta = run_cell(sweep, w, n, cell)
         s = meta["summary"]
         dd = s.get("delegate", {})

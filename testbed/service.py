@@ -19,7 +19,10 @@ S, what makes the closed model exact) or ``fixed``.  ``--record DIR`` writes
 on exit ``DIR/delegate.json`` (summary: busy time, utilisation, mean wait,
 time-average queue length) and ``DIR/queue.bin`` (one ``QUEUE_DTYPE`` record
 per call: receipt, start and end of service, worker, queue length found on
-arrival).  All times CLOCK_MONOTONIC ns.
+arrival).  All times CLOCK_MONOTONIC ns.  *Service* is the whole time a
+worker is busy with a call: from taking it off the queue until its reply is
+handed back (the drawn service time plus decoding and encoding, ~0.1 ms in
+Python); *wait* is receipt to that start.
 
 Changelog of ``RECORD_VERSION``:
   1 - delegate.json + queue.bin (2026-12).
@@ -86,6 +89,7 @@ class Service:
         self.dropped = 0
         self.in_system = 0  # receiver increments, workers decrement (under _lock)
         self.max_in_system = 0
+        self.pending: dict[int, tuple[int, int] | None] = {}
 
     def info(self) -> dict[str, Any]:
         return {"service_us": self.service_us, "service": self.kind, "service_dist": self.dist}
@@ -108,21 +112,27 @@ class Service:
             self.in_system -= 1
 
     def serve(self, t_recv: int, found: int, worker: int) -> None:
-        """Spend one call's service time in the calling worker; record it."""
-        mono = time.monotonic_ns
-        t_start = mono()
+        """Spend one call's service time in the calling worker (a CALL, not HELLO/BYE)."""
+        self.pending[worker] = (t_recv, found)
         d = self.draw_ns()
         if d:
             if self.kind == "sleep":
                 time.sleep(d / 1e9)
             else:
-                end = t_start + d
+                mono = time.monotonic_ns
+                end = mono() + d
                 while mono() < end:
                     os.sched_yield()
-        t_end = mono()
+
+    def done(self, worker: int, t_start: int, t_end: int) -> None:
+        """Record the call ``worker`` served: busy from ``t_start`` to ``t_end``."""
+        p = self.pending[worker]
+        if p is None:
+            return  # not a call (HELLO, BYE, an error reply)
+        self.pending[worker] = None
         with self._lock:
             if len(self.rows) < MAX_RECORDS:
-                self.rows.append((t_recv, t_start, t_end, worker, found))
+                self.rows.append((p[0], t_start, t_end, worker, p[1]))
             else:
                 self.dropped += 1
 
@@ -213,6 +223,7 @@ def serve_queued(d: Delegate) -> None:
     done = threading.Event()
 
     def worker(i: int) -> None:
+        svc.pending[i] = None
         handler = _Handler(d)
         d._handlers.append(handler)
         push = ctx.socket(zmq.PUSH)
@@ -227,10 +238,12 @@ def serve_queued(d: Delegate) -> None:
                         return
                     continue
                 env, payload, t_recv, found = item
+                t_start = time.monotonic_ns()
                 handler.service_slot = (t_recv, found, i)
                 reply = handler.handle(env[0], payload, t_recv)
-                svc.departed()
                 push.send_multipart([*env, reply])
+                svc.done(i, t_start, time.monotonic_ns())
+                svc.departed()
         finally:
             push.close()
 
