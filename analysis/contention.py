@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from analysis import queueing  # noqa: E402
 from analysis.queueing import Station  # noqa: E402
-from testbed.contention import CELL_JSON, SWEEP_JSON, split_sweeps  # noqa: E402
+from testbed.contention import CELL_JSON, SWEEP_JSON, cell_summary, split_sweeps  # noqa: E402
 from testbed.errors import TestbedError  # noqa: E402
 
 #: The target of issue 13: mean response predicted within this fraction.
@@ -56,7 +56,8 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     rows = []
     for cj in sorted(p.glob(f"*/{CELL_JSON}")):
         m = json.loads(cj.read_text())
-        s, d = m["summary"], m["summary"].get("delegate", {})
+        s = cell_summary(cj.parent, m)  # derived afresh from the raw records
+        d = s.get("delegate", {})
         rows.append(
             {
                 "sweep": str(p),

@@ -180,6 +180,10 @@ def _add_contention(sub) -> None:
     p.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS",
                    help="start of each cell left out of the measurement (default 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="seed of think and service draws")
+    p.add_argument("--nodes", type=int, default=0, metavar="K",
+                   help="spread the callers over K network-namespace nodes, the delegate in "
+                   "its own node (real TCP over veth; needs root); default 0: processes "
+                   "on this machine over loopback")  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="results directory")
     p.set_defaults(func=cmd_contention)
 

@@ -71,6 +71,7 @@ class Sweep:
     duration_s: float = 10.0
     warmup_s: float = 1.0
     seed: int = 1
+    nodes: int = 0  # 0: callers are processes on this machine (loopback); K: K netns nodes
 
     def __post_init__(self) -> None:
         if not self.callers or min(self.callers) < 1:
@@ -81,6 +82,8 @@ class Sweep:
             raise TestbedError(f"service time must be > 0 µs, not {self.service_us}")
         if not self.think_us >= 0:
             raise TestbedError(f"think time must be >= 0 µs, not {self.think_us}")
+        if not 0 <= self.nodes <= 200:
+            raise TestbedError(f"nodes must be 0 (this machine) to 200, not {self.nodes}")
         if not self.duration_s > 0 or not 0 <= self.warmup_s < self.duration_s:
             raise TestbedError("need duration > 0 s and 0 <= warm-up < duration")
 
@@ -160,14 +163,25 @@ def _sleep_until(t_ns: int) -> None:
         time.sleep(left / 1e9)
 
 
-def _start_delegate(sweep: Sweep, w: int, cell: Path) -> tuple[subprocess.Popen, str]:
+def _start_delegate(sweep: Sweep, w: int, cell: Path, topo=None) -> tuple[subprocess.Popen, str]:
+    """The cell's delegate: on loopback, or in the topology's ``dlg`` node."""
     from testbed.experiment import ping
 
-    ep = f"tcp://127.0.0.1:{_free_port()}"
+    host = topo.addr("dlg") if topo is not None else "127.0.0.1"
+    ep = f"tcp://{host}:{_free_port()}"
     cmd = [sys.executable, "-m", "testbed", "delegate", "--quiet", "--listen", ep,
            "--workers", str(w), "--service-us", repr(sweep.service_us),
            "--service", sweep.service, "--service-dist", sweep.service_dist,
            "--seed", str(sweep.seed), "--record", str(cell / "delegate")]  # fmt: skip
+    if topo is not None:
+        proc = topo.popen("dlg", cmd, env=_env(), stdin=subprocess.DEVNULL)
+        probe = [sys.executable, "-c", "import sys; from testbed.experiment import ping; "
+                 "ping(sys.argv[1], 15.0)", ep]  # fmt: skip
+        res = topo.run("c0", probe, env=_env(), timeout=30, capture_output=True)
+        if res.returncode != 0:
+            _stop(proc)
+            raise TestbedError(f"delegate at {ep} did not answer from node c0")
+        return proc, ep
     proc = subprocess.Popen(cmd, env=_env(), stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while True:
@@ -240,15 +254,19 @@ def _launch_all(cmds: list[list[str]], where: Path, timeout_s: float) -> list[su
         raise
 
 
-def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
-    """Run one cell (W workers, N callers); write and return its cell.json."""
+def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, Any]:
+    """Run one cell (W workers, N callers); write and return its cell.json.
+
+    With ``topo`` (a :class:`testbed.netns.Topology` with nodes ``c0..`` and
+    ``dlg``) the delegate runs in ``dlg`` and caller i in node ``c<i mod K>``.
+    """
     if cell.exists():
         shutil.rmtree(cell)
     (cell / "callers").mkdir(parents=True)
     caller_py = str(Path(__file__).with_name("caller.py"))
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall0 = time.monotonic()
-    dele, ep = _start_delegate(sweep, w, cell)
+    dele, ep = _start_delegate(sweep, w, cell, topo)
     procs: list[subprocess.Popen] = []
     go = cell / "callers" / "go"
     try:
@@ -259,6 +277,8 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
                    "--forward", FORWARD, "-o", str(cell / "callers" / f"c{i:03d}"), "--",
                    sys.executable, "-S", "-I", caller_py, str(go), repr(sweep.think_us),
                    sweep.think, sweep.think_dist, str(sweep.seed * 1000 + i), str(out)])  # fmt: skip
+            if topo is not None:
+                cmds[-1] = topo.exec_argv(f"c{i % sweep.nodes}", cmds[-1])
         procs = _launch_all(cmds, cell / "callers", start_timeout_s(n))
         t0 = time.monotonic_ns() + 300_000_000
         t1 = t0 + int(sweep.cell_duration_s(n) * 1e9)
@@ -319,6 +339,11 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path) -> dict[str, Any]:
         "own_cpu_s": own_cpu,  # delegate + relays + callers, start to stop of the cell
         "cell_wall_s": time.monotonic() - wall0,
         "cpus": os.cpu_count(),
+        "placement": (
+            f"{sweep.nodes} netns nodes, delegate in its own"
+            if topo is not None
+            else "processes on this machine, loopback"
+        ),  # fmt: skip
         "host": host_metadata(),
     }
     meta["summary"] = cell_summary(cell, meta)
@@ -387,6 +412,19 @@ def run_sweep(sweep: Sweep, outdir: Path, out: TextIO = sys.stderr) -> list[dict
         if same != {k: v for k, v in params.items() if k not in ("callers", "workers")}:
             raise TestbedError(f"{outdir} holds a sweep with other parameters; use another -o")
     sj.write_text(json.dumps(params | {"host": host_metadata()}, indent=1) + "\n")
+    topo = None
+    if sweep.nodes:
+        from testbed.netns import Topology
+
+        topo = Topology([f"c{i}" for i in range(sweep.nodes)] + ["dlg"]).up()
+    try:
+        return _run_cells(sweep, outdir, out, topo)
+    finally:
+        if topo is not None:
+            topo.close()
+
+
+def _run_cells(sweep: Sweep, outdir: Path, out: TextIO, topo) -> list[dict[str, Any]]:
     cells = sweep.cells()
     metas = []
     for k, (w, n) in enumerate(cells, 1):
@@ -397,7 +435,7 @@ def run_sweep(sweep: Sweep, outdir: Path, out: TextIO = sys.stderr) -> list[dict
         else:
             print(f"contention: [{k}/{len(cells)}] {cell.name}: running "
                   f"{sweep.cell_duration_s(n):g} s ...", file=out, flush=True)  # fmt: skip
-            meta = run_cell(sweep, w, n, cell)
+            meta = run_cell(sweep, w, n, cell, topo)
         s = meta["summary"]
         dd = s.get("delegate", {})
         print(f"contention: [{k}/{len(cells)}] {cell.name}: X {s.get('X_per_s', 0):.0f}/s, "
@@ -432,6 +470,7 @@ def main_contention(args: Any) -> int:
         duration_s=args.duration,
         warmup_s=args.warmup,
         seed=args.seed,
+        nodes=args.nodes,
     )
     outdir = Path(args.output)
     run_sweep(sweep, outdir)

@@ -167,11 +167,12 @@ class Service:
 
 
 def summarize(rec: np.ndarray, workers: int, t0: int | None = None, t1: int | None = None):
-    """Busy time, utilisation, waits and queue length of records in ``[t0, t1)``.
+    """Busy time, utilisation, waits and queue length over the window ``[t0, t1)``.
 
-    Calls are those received in the window; utilisation is their busy time
-    over ``workers`` x window.  ``queue_mean`` is the time-average number of
-    calls waiting (Little: total wait / window).
+    Waits and service times are those of the calls *received* in the window;
+    busy time and utilisation are exact: every call's service clipped to the
+    window, over ``workers`` x window.  ``queue_mean`` is the time-average
+    number of calls waiting (Little: total wait of the window's calls / window).
     """
     if rec.size == 0:
         return {"calls": 0}
@@ -183,12 +184,14 @@ def summarize(rec: np.ndarray, workers: int, t0: int | None = None, t1: int | No
         return {"calls": 0, "window_s": span / 1e9}
     wait = (sel["t_start"] - sel["t_recv"]).astype(float)
     svc = (sel["t_end"] - sel["t_start"]).astype(float)
+    busy = np.clip(np.minimum(rec["t_end"], t1) - np.maximum(rec["t_start"], t0), 0, None)
     return {
         "calls": int(sel.size),
         "window_s": span / 1e9,
-        "busy_s": float(svc.sum()) / 1e9,
-        "utilisation": float(svc.sum()) / (workers * span),
+        "busy_s": float(busy.sum()) / 1e9,
+        "utilisation": float(busy.sum()) / (workers * span),
         "service_mean_us": float(svc.mean()) / 1e3,
+        "service_cv2": float(svc.var() / svc.mean() ** 2) if svc.mean() > 0 else float("nan"),
         "wait_mean_us": float(wait.mean()) / 1e3,
         "wait_p99_us": float(np.percentile(wait, 99)) / 1e3,
         "queue_mean": float(wait.sum()) / span,
@@ -237,6 +240,8 @@ def serve_queued(d: Delegate) -> None:
                     if done.is_set():
                         return
                     continue
+                if done.is_set():  # stopping: what is still queued is dropped
+                    return
                 env, payload, t_recv, found = item
                 t_start = time.monotonic_ns()
                 handler.service_slot = (t_recv, found, i)
@@ -254,6 +259,8 @@ def serve_queued(d: Delegate) -> None:
     poller.register(router, zmq.POLLIN)
     poller.register(pull, zmq.POLLIN)
     mono = time.monotonic_ns
+    rx = _Handler(d)  # accounting of malformed envelopes
+    d._handlers.append(rx)
     deadline = None
     try:
         while True:
@@ -283,7 +290,7 @@ def serve_queued(d: Delegate) -> None:
                 elif len(frames) == 3 and frames[1] == b"":
                     env, payload = (ident, b""), frames[2]
                 else:
-                    bad = _Handler(d).bad_envelope(ident, frames[1:], t_recv)
+                    bad = rx.bad_envelope(ident, frames[1:], t_recv)
                     router.send_multipart([ident, bad])
                     continue
                 calls.put((env, payload, t_recv, svc.arrived()))

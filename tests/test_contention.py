@@ -166,3 +166,30 @@ def test_the_threads_of_a_stopped_queued_delegate_end():
     before = threading.active_count()
     d.stop()
     assert d._stopped.is_set() and threading.active_count() < before
+
+
+def test_sweep_over_namespace_nodes_reaches_the_delegate_over_tcp(tmp_path):
+    """Callers on two netns nodes, the delegate on a third: real TCP over veth."""
+    from testbed import netns
+
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path / "sweep"
+    proc = run_testbed("contention", "--callers", "2", "--workers", "2", "--service-us", "300",
+                       "--think-us", "1000", "--duration", "1", "--warmup", "0.2",
+                       "--nodes", "2", "-o", str(out), text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cell = out / "W2-N2"
+    meta = json.loads((cell / CELL_JSON).read_text())
+    assert meta["placement"].startswith("2 netns nodes")
+    endpoints = set()
+    for i in range(2):
+        run = rundir.load(cell / "callers" / f"c{i:03d}")
+        assert run.meta["calls"]["faults"] == 0 and run.meta["calls"]["count"] > 0
+        endpoints.add(run.meta["endpoint"])
+        assert run.meta["delegate"]["host"]  # the WELCOME came back over the veth link
+    (ep,) = endpoints
+    assert not ep.startswith("tcp://127.")  # the namespace address, not loopback
+    _, rec = service.load_record(cell / "delegate")
+    assert rec.size == sum(len(c) for c in load_cycles(cell))
