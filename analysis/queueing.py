@@ -15,7 +15,10 @@ the multi-server rate ``mu(j) = min(j, W) / S``::
     R_q(n)  = sum_{j=1..n} j / mu(j) * p(j-1 | n-1)
     X(n)    = n / (Z + D + R_q(n))
     p(j|n)  = X(n) / mu(j) * p(j-1 | n-1),   j = 1..n
-    p(0|n)  = 1 - sum_{j>=1} p(j|n)
+    p(0|n)  = p(0 | n-1) * (Z + D) * X(n) / n
+
+(the last from the product form; the textbook ``1 - sum_{j>=1} p(j|n)``
+cancels catastrophically for many servers and many callers).
 
 ``R(n) = D + R_q(n)`` is the response time a caller sees per call; the
 queueing delay at the delegate is ``R_q - S``.
@@ -132,7 +135,9 @@ def mva_load_dependent(N: int, think: float, mu: ArrayLike) -> tuple[np.ndarray,
         X[n - 1] = n / (think + Rq[n - 1])
         cur = np.zeros(N + 1)
         cur[1 : n + 1] = X[n - 1] / mu[:n] * prev[:n]
-        cur[0] = max(0.0, 1.0 - cur[1 : n + 1].sum())
+        # p(0|n) = p(0|n-1) Z' X(n) / n (ratio of normalising constants), not
+        # 1 - sum p(j|n): the subtraction cancels catastrophically for many servers
+        cur[0] = prev[0] * think * X[n - 1] / n
         p[n - 1] = cur
         Q[n - 1] = X[n - 1] * Rq[n - 1]
         prev = cur

@@ -75,3 +75,16 @@ def test_contended_speedup_uses_the_model_and_falls_with_N():
     # more servers never hurt
     sr4 = queueing.S_r_contended(C, g, n, b, 4.0, D=D, S=S, W=4, N=64)
     assert np.all(sr4 >= sr - 1e-12) and sr4[-1] > sr[-1]
+
+
+@pytest.mark.parametrize("W", [16, 64])
+def test_marginals_stay_normalised_for_many_servers_and_callers(W):
+    """The textbook p(0|n) = 1 - sum p(j|n) cancels here (sums reached 1.016)."""
+    st = Station(Z=8.0, D=0.5, S=4.0, W=W)
+    res = queueing.mva(st, 2000)
+    np.testing.assert_allclose(res.p.sum(axis=1), 1.0, atol=1e-12)
+    b = queueing.bounds(st, res.N)
+    assert np.all(b["R_hi"] * (1 + 1e-12) >= res.R)
+    assert res.X[-1] == pytest.approx(W / st.S, rel=1e-9)
+    X, R, _ = queueing.ctmc(st, 6) if W == 16 else (res.X[5], res.R[5], None)
+    assert res.X[5] == pytest.approx(X, rel=1e-9) and res.R[5] == pytest.approx(R, rel=1e-9)
