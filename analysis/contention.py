@@ -61,6 +61,9 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
         rows.append(
             {
                 "sweep": str(p),
+                "name": cj.parent.name,
+                "reference": bool(m.get("reference", False)),
+                "start_ns": m.get("start_ns", 0),
                 "W": m["W"],
                 "N": m["N"],
                 "calls": s.get("calls", 0),
@@ -87,33 +90,58 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
         )
     if not rows:
         raise TestbedError(f"{p}: no finished cells")
-    return pd.DataFrame(rows).sort_values(["W", "N"], ignore_index=True)
+    return pd.DataFrame(rows).sort_values(["W", "N", "start_ns"], ignore_index=True)
+
+
+def _station(ones: pd.DataFrame, w: int) -> Station:
+    """A Station from single-caller cells, pooled (weights: calls)."""
+    wt = ones["calls"].to_numpy(dtype=float)
+
+    def avg(col: str) -> float:
+        return float(np.average(ones[col].to_numpy(dtype=float), weights=wt))
+
+    # D: everything of a lone caller's response that is not service, the
+    # delegate's dispatch (receipt to a worker, ~0.1 ms) included
+    D = max(avg("R_mean") - avg("S"), 0.0)
+    return Station(Z=avg("Z"), D=D, S=avg("S"), W=int(w))
 
 
 def fit(cells: pd.DataFrame) -> dict[int, Station]:
-    """A Station per W from that W's N = 1 cell (single-caller measurements only)."""
+    """A Station per W from all that W's N = 1 cells, pooled (single-caller measurements only)."""
     out = {}
     for w, g in cells.groupby("W"):
-        one = g[g["N"] == 1]
-        if one.empty:
+        ones = g[g["N"] == 1]
+        if ones.empty:
             raise TestbedError(f"W={w}: no N = 1 cell to take the model's parameters from")
-        r = one.iloc[0]
-        # D: everything of a lone caller's response that is not service, the
-        # delegate's dispatch (receipt to a worker, ~0.1 ms) included
-        D = max(float(r["R_mean"] - r["S"]), 0.0)
-        out[int(w)] = Station(Z=float(r["Z"]), D=D, S=float(r["S"]), W=int(w))
+        out[int(w)] = _station(ones, int(w))
     return out
 
 
+def adjacent(cells: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
+    """The N = 1 cells of ``row``'s W that ran right before and right after it."""
+    ones = cells[(cells["W"] == row["W"]) & (cells["N"] == 1)]
+    before = ones[ones["start_ns"] < row["start_ns"]].nlargest(1, "start_ns")
+    after = ones[ones["start_ns"] > row["start_ns"]].nsmallest(1, "start_ns")
+    return pd.concat([before, after])
+
+
 def predict(cells: pd.DataFrame, stations: dict[int, Station]) -> pd.DataFrame:
-    """``cells`` with predicted X, R, wait, U, bounds, N* and relative errors."""
-    df = cells.copy()
-    cols = {
-        k: [] for k in ("X_pred", "R_pred", "wait_pred", "U_pred", "X_hi", "R_lo", "R_hi", "N_star")
-    }
+    """Predicted X, R, wait, U, bounds, N* and relative errors for every non-reference cell.
+
+    Each N > 1 cell is predicted from the single-caller cells run right
+    before and after it (``fit`` = their names) when the sweep has reference
+    cells, else from ``stations`` (all N = 1 cells pooled); ``R_err_pooled``
+    is the error with the pooled fit, for comparison.  N = 1 rows are fits.
+    """
+    df = cells[~cells["reference"]].copy() if "reference" in cells else cells.copy()
+    keys = ("X_pred", "R_pred", "wait_pred", "U_pred", "X_hi", "R_lo", "R_hi", "N_star",
+            "R_pred_pooled", "fit")  # fmt: skip
+    cols: dict[str, list] = {k: [] for k in keys}
     for _, r in df.iterrows():
-        st = stations[int(r["W"])]
         n = int(r["N"])
+        pooled = stations[int(r["W"])]
+        adj = adjacent(cells, r) if n > 1 and "start_ns" in cells else pd.DataFrame()
+        st = _station(adj, int(r["W"])) if len(adj) else pooled
         res = queueing.mva(st, n)
         b = queueing.bounds(st, n)
         cols["X_pred"].append(res.X[-1])
@@ -124,9 +152,12 @@ def predict(cells: pd.DataFrame, stations: dict[int, Station]) -> pd.DataFrame:
         cols["R_lo"].append(float(b["R_lo"]))
         cols["R_hi"].append(float(b["R_hi"]))
         cols["N_star"].append(queueing.saturation(st))
+        cols["R_pred_pooled"].append(queueing.mva(pooled, n).R[-1])
+        cols["fit"].append("+".join(adj["name"]) if len(adj) else "all N = 1 pooled")
     for k, v in cols.items():
         df[k] = v
     df["R_err"] = df["R_pred"] / df["R_mean"] - 1.0
+    df["R_err_pooled"] = df["R_pred_pooled"] / df["R_mean"] - 1.0
     df["X_err"] = df["X_pred"] / df["X"] - 1.0
     df["fitted"] = df["N"] == 1
     df["within_2x_sat"] = df["N"] <= 2 * df["N_star"]
@@ -223,17 +254,24 @@ def _pick_profile(name: str = "gzip"):
 
 def error_table(df: pd.DataFrame) -> pd.DataFrame:
     t = df[["W", "N", "N_star", "calls", "X", "X_pred", "X_err", "R_mean", "R_pred", "R_err",
+            "R_err_pooled",
             "R_p50", "R_p99", "wait", "wait_pred", "U", "U_pred", "D", "machine_cpu", "own_cpu",
-            "fitted"]].copy()  # fmt: skip
+            "fitted", "fit"]].copy()  # fmt: skip
     for c in ("R_mean", "R_pred", "R_p50", "R_p99", "wait", "wait_pred", "D"):
         t[c] = t[c] * 1e3
-    for c in ("X_err", "R_err"):
+    for c in ("X_err", "R_err", "R_err_pooled"):
         t[c] = t[c] * 100
     return t.rename(
         columns={
             c: f"{c} (ms)" for c in ("R_mean", "R_pred", "R_p50", "R_p99", "wait", "wait_pred", "D")
         }  # fmt: skip
-        | {"X_err": "X err %", "R_err": "R err %", "X": "X (/s)", "X_pred": "X_pred (/s)"}
+        | {
+            "X_err": "X err %",
+            "R_err": "R err %",
+            "R_err_pooled": "R err % (pooled fit)",
+            "X": "X (/s)",
+            "X_pred": "X_pred (/s)",
+        }
     )
 
 
@@ -301,8 +339,12 @@ def write_report(sweeps, outdir: str | Path) -> Path:
         parts.append(f"## Sweep `{sw}`\n")
         parts.append(
             f"Service {r0['service']} S = {r0['service_us']:g} µs at the delegate, think "
-            f"{r0['think']} Z = {r0['think_us']:g} µs, host {r0['host']}. Model parameters per "
-            "W from the N = 1 cell only (fit); every N > 1 row is a prediction.\n"
+            f"{r0['think']} Z = {r0['think_us']:g} µs, host {r0['host']}. The model's "
+            "parameters come from single-caller (N = 1) cells only; every N > 1 row is a "
+            "prediction. Below: the parameters pooled over all N = 1 cells of a W (the "
+            "curves in the figures). Each N > 1 row of the error table is predicted from "
+            "the N = 1 cells run right before and after it (column `fit`; the machine's "
+            "load drifts), `R err % (pooled fit)` from the pooled parameters.\n"
         )
         fit_rows = pd.DataFrame(
             [

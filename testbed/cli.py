@@ -184,6 +184,9 @@ def _add_contention(sub) -> None:
                    help="spread the callers over K network-namespace nodes, the delegate in "
                    "its own node (real TCP over veth; needs root); default 0: processes "
                    "on this machine over loopback")  # fmt: skip
+    p.add_argument("--no-references", action="store_true",
+                   help="no single-caller reference cell before each N > 1 cell (faster; "
+                   "predictions then all use the first N = 1 cell)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="results directory")
     p.set_defaults(func=cmd_contention)
 

@@ -72,6 +72,7 @@ class Sweep:
     warmup_s: float = 1.0
     seed: int = 1
     nodes: int = 0  # 0: callers are processes on this machine (loopback); K: K netns nodes
+    references: bool = True  # a single-caller reference cell before each N > 1 cell
 
     def __post_init__(self) -> None:
         if not self.callers or min(self.callers) < 1:
@@ -87,12 +88,33 @@ class Sweep:
         if not self.duration_s > 0 or not 0 <= self.warmup_s < self.duration_s:
             raise TestbedError("need duration > 0 s and 0 <= warm-up < duration")
 
-    def cell_duration_s(self, n: int) -> float:
-        """N = 1 cells run 3x longer: the model's parameters come from them alone."""
-        return 3 * self.duration_s if n == 1 else self.duration_s
+    def cell_duration_s(self, n: int, reference: bool = False) -> float:
+        """The first N = 1 cell of a W runs 3x longer: the model's parameters come from it
+        (and from the reference cells)."""
+        return 3 * self.duration_s if n == 1 and not reference else self.duration_s
 
-    def cells(self) -> list[tuple[int, int]]:
-        return [(w, n) for w in self.workers for n in self.callers]
+    def cells(self) -> list[tuple[int, int, str]]:
+        """``(W, N, name)`` in the order they run.
+
+        With ``references``, a single-caller cell ``W<w>-N1-r<j>`` runs right
+        before every N > 1 cell and once after the last, so every prediction
+        can be fitted on N = 1 measured minutes apart from it, not an hour
+        (the machine's load drifts; MEASURING.md: interleave).
+        """
+        out = []
+        for w in self.workers:
+            out.append((w, 1, cell_name(w, 1)))
+            j = 0
+            for n in self.callers:
+                if n == 1:
+                    continue
+                if self.references:
+                    out.append((w, 1, f"{cell_name(w, 1)}-r{j}"))
+                    j += 1
+                out.append((w, n, cell_name(w, n)))
+            if self.references and j:
+                out.append((w, 1, f"{cell_name(w, 1)}-r{j}"))
+        return out
 
 
 def split_sweeps(paths) -> tuple[list[Path], list[Path]]:
@@ -207,7 +229,19 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 #: Callers starting at once (each start imports the relay: CPU-heavy on a small machine).
-START_BATCH = 4
+START_BATCH = 2
+
+
+def _err_file(where: Path, i: int) -> Path:
+    return where / f"c{i:03d}.err"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_bytes().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def start_timeout_s(n: int) -> float:
@@ -230,15 +264,18 @@ def _launch_all(cmds: list[list[str]], where: Path, timeout_s: float) -> list[su
             if ready == n:
                 return procs
             while len(procs) < n and len(procs) - ready < START_BATCH:
-                procs.append(subprocess.Popen(cmds[len(procs)], env=_env(),
-                                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+                # stderr to a file, never a pipe: a caller outliving its relay would
+                # hold a pipe open and block whoever reads it
+                with open(_err_file(where, len(procs)), "wb") as err_f:
+                    procs.append(subprocess.Popen(cmds[len(procs)], env=_env(),
+                                                  stdin=subprocess.DEVNULL, stderr=err_f))  # fmt: skip
             dead = [i for i, p in enumerate(procs) if p.poll() is not None]
             if dead:
                 p = procs[dead[0]]
-                err = p.stderr.read().decode(errors="replace").strip().splitlines()
+                err = _last_line(_err_file(where, dead[0]))
                 raise TestbedError(
                     f"this machine could not start {n} callers: caller {dead[0]} exited with "
-                    f"status {p.returncode}" + (f" ({err[-1]})" if err else "")
+                    f"status {p.returncode}" + (f" ({err})" if err else "")
                 )
             if time.monotonic() > deadline:
                 raise TestbedError(
@@ -281,7 +318,7 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, A
                 cmds[-1] = topo.exec_argv(f"c{i % sweep.nodes}", cmds[-1])
         procs = _launch_all(cmds, cell / "callers", start_timeout_s(n))
         t0 = time.monotonic_ns() + 300_000_000
-        t1 = t0 + int(sweep.cell_duration_s(n) * 1e9)
+        t1 = t0 + int(sweep.cell_duration_s(n, cell.name != cell_name(w, n)) * 1e9)
         tmp = go.with_suffix(".tmp")
         tmp.write_text(f"{t0} {t1}\n")
         tmp.replace(go)  # atomic: a caller reads both numbers or none
@@ -293,13 +330,12 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, A
         errors = []
         for i, p in enumerate(procs):
             try:
-                _, err = p.communicate(timeout=max(30.0, 0.5 * n))
+                p.wait(timeout=max(30.0, 0.5 * n))
             except subprocess.TimeoutExpired:
                 p.kill()
-                _, err = p.communicate()
+                p.wait()
             if p.returncode != 0:
-                last = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
-                errors.append((i, p.returncode, last[0] if last else ""))
+                errors.append((i, p.returncode, _last_line(_err_file(cell / "callers", i))))
     finally:
         if not go.exists():  # failed before the start: release the waiting callers
             go.write_text("0 0\n")
@@ -319,8 +355,9 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, A
     if errors:
         i, rc, text = errors[0]
         raise TestbedError(f"caller {i} of {cell.name} failed with status {rc}: {text}")
-    for f in (cell / "callers").glob("*.ready"):
-        f.unlink()
+    for f in (*(cell / "callers").glob("*.ready"), *(cell / "callers").glob("*.err")):
+        if f.suffix == ".ready" or f.stat().st_size == 0:
+            f.unlink()
     for i in range(n):
         src = cell / "callers" / f"c{i:03d}.cycles"
         src.replace(cell / "callers" / f"c{i:03d}" / CYCLES_BIN)
@@ -331,6 +368,7 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, A
         "kind": "contention-cell",
         "W": w,
         "N": n,
+        "reference": cell.name != cell_name(w, n),
         **{k: v for k, v in asdict(sweep).items() if k not in ("callers", "workers")},
         "start_ns": t0,
         "end_ns": t1,
@@ -427,14 +465,15 @@ def run_sweep(sweep: Sweep, outdir: Path, out: TextIO = sys.stderr) -> list[dict
 def _run_cells(sweep: Sweep, outdir: Path, out: TextIO, topo) -> list[dict[str, Any]]:
     cells = sweep.cells()
     metas = []
-    for k, (w, n) in enumerate(cells, 1):
-        cell = outdir / cell_name(w, n)
+    for k, (w, n, name) in enumerate(cells, 1):
+        cell = outdir / name
         if (cell / CELL_JSON).exists():
             meta = json.loads((cell / CELL_JSON).read_text())
             print(f"contention: [{k}/{len(cells)}] {cell.name}: done before, skipped", file=out)
         else:
             print(f"contention: [{k}/{len(cells)}] {cell.name}: running "
-                  f"{sweep.cell_duration_s(n):g} s ...", file=out, flush=True)  # fmt: skip
+                  f"{sweep.cell_duration_s(n, name != cell_name(w, n)):g} s ...", file=out,
+                  flush=True)  # fmt: skip
             meta = run_cell(sweep, w, n, cell, topo)
         s = meta["summary"]
         dd = s.get("delegate", {})
@@ -471,6 +510,7 @@ def main_contention(args: Any) -> int:
         warmup_s=args.warmup,
         seed=args.seed,
         nodes=args.nodes,
+        references=not args.no_references,
     )
     outdir = Path(args.output)
     run_sweep(sweep, outdir)

@@ -109,7 +109,13 @@ def test_short_sweep_runs_end_to_end_and_is_analysed(tmp_path):
                        "--think-us", "2000", "--duration", "1.5", "--warmup", "0.3",
                        "-o", str(out), text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "[2/2] W1-N4" in proc.stderr
+    # order: the fit cell, a single-caller reference, the N = 4 cell, a reference
+    for k, name in enumerate(("W1-N1", "W1-N1-r0", "W1-N4", "W1-N1-r1"), 1):
+        assert f"[{k}/4] {name}: X " in proc.stderr
+    starts = [json.loads((out / c / CELL_JSON).read_text())["start_ns"]
+              for c in ("W1-N1", "W1-N1-r0", "W1-N4", "W1-N1-r1")]  # fmt: skip
+    assert starts == sorted(starts)
+    assert json.loads((out / "W1-N1-r0" / CELL_JSON).read_text())["reference"] is True
     for n in (1, 4):
         cell = out / f"W1-N{n}"
         meta = json.loads((cell / CELL_JSON).read_text())
@@ -144,12 +150,18 @@ def test_short_sweep_runs_end_to_end_and_is_analysed(tmp_path):
     assert "Prediction error per (N, W)" in text
     for f in ("contention_response.png", "contention_throughput.png", "contention_speedup.png"):
         assert (tmp_path / "report" / "figures" / f).stat().st_size > 0
-    df = contention.predict(contention.load_sweep(out), contention.fit(contention.load_sweep(out)))
-    assert sorted(df["N"]) == [1, 4]
+    cells = contention.load_sweep(out)
+    df = contention.predict(cells, contention.fit(cells))
+    assert sorted(df["N"]) == [1, 4]  # reference cells feed the fit, not the table
+    ones = cells[cells["N"] == 1]
+    pooled_r = np.average(ones["R_mean"], weights=ones["calls"])
     one = df[df["N"] == 1].iloc[0]
-    assert one["R_pred"] == pytest.approx(one["R_mean"], rel=1e-9)  # N = 1 is the fit
+    assert one["R_pred"] == pytest.approx(pooled_r, rel=1e-9)  # N = 1 is the fit
     four = df[df["N"] == 4].iloc[0]
-    assert four["R_pred"] > one["R_pred"] and four["wait_pred"] > 0
+    assert four["fit"] == "W1-N1-r0+W1-N1-r1"  # predicted from the cells around it
+    refs = cells[cells["name"].isin(["W1-N1-r0", "W1-N1-r1"])]
+    assert four["R_pred"] > np.average(refs["R_mean"], weights=refs["calls"])
+    assert four["wait_pred"] > 0
 
 
 def test_analyze_says_which_cell_is_missing_its_fit(tmp_path):
