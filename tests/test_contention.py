@@ -205,3 +205,28 @@ def test_sweep_over_namespace_nodes_reaches_the_delegate_over_tcp(tmp_path):
     assert not ep.startswith("tcp://127.")  # the namespace address, not loopback
     _, rec = service.load_record(cell / "delegate")
     assert rec.size == sum(len(c) for c in load_cycles(cell))
+
+
+def test_queued_delegate_answers_malformed_input_and_keeps_serving():
+    svc = service.Service(100, kind="sleep", dist="fixed")
+    d = Delegate("tcp://127.0.0.1:*", workers=1, service=svc).start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(d.bound_endpoint)
+        s.send(b"\xc1 not msgpack")
+        assert s.poll(10_000)
+        assert wire.decode(s.recv())[0] == wire.ERROR
+        s.send_multipart([b"a", b"b", b"c"])  # not [identity, payload]
+        assert s.poll(10_000)
+        assert wire.decode(s.recv())[0] == wire.ERROR
+        s.send(wire.encode_call(wire.Call(7, 1, 110, (0,) * 6, (), "cost")))
+        assert s.poll(10_000)
+        kind, res = wire.decode(s.recv())
+        assert kind == wire.RESULT and res.call_id == 7
+    finally:
+        s.close()
+        ctx.term()
+        d.stop()
+    assert svc.records().size == 1  # only the call was served and recorded
