@@ -7,8 +7,8 @@ Creates ``OUT.ready``, waits for the file GO to hold ``START_NS END_NS``
 START_NS (CLOCK_MONOTONIC), then until END_NS alternates a think
 phase (mean THINK_US: ``sleep``, or ``spin`` computing; ``exp`` exponential
 or ``fixed``) with one ``getppid`` system call, the call ``testbed
-contention`` forwards.  Writes OUT: one ``<q t0, <q t1`` pair (ns before and
-after the call) per call.  Exits 3 if it reached START_NS late (the machine
+contention`` forwards.  Writes OUT: one ``<q t0, <q t1, <q z`` triple per
+call (ns before and after the call, and the think time drawn before it).  Exits 3 if it reached START_NS late (the machine
 could not start all callers in time), 2 on bad arguments.
 
 Kept tiny on purpose: no imports beyond the standard library, nothing that
@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
         t1 = mono()
         stamps.append(t0)
         stamps.append(t1)
+        stamps.append(int(z * 1e9))
     with open(out, "wb") as f:
         stamps.tofile(f)
     return 0

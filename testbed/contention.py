@@ -17,7 +17,7 @@ Output (``-o DIR``)::
     DIR/W<w>-N<n>/callers/c<i>/          one run directory per caller (+ cycles.bin)
 
 ``cycles.bin`` holds the caller's own ``(t0, t1)`` ns pair around each call
-(CLOCK_MONOTONIC of this machine).  Cells already present are skipped
+(CLOCK_MONOTONIC of this machine) and the think time ``z`` drawn before it.  Cells already present are skipped
 (resumable).  :func:`cell_summary` derives X, R (p50, mean, p99), the
 delegate's queueing delay and utilisation over the measurement window (the
 run minus a warm-up); ``analysis.contention`` fits the model on N = 1 and
@@ -25,6 +25,7 @@ predicts the rest.
 
 Changelog of ``CONTENTION_VERSION``:
   1 - contention.json, cell.json, per-caller run dirs + cycles.bin (2026-12).
+  2 - cycles.bin holds (t0, t1, z); queue.bin the drawn service time (2026-12).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import numpy as np
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 
-CONTENTION_VERSION = 1
+CONTENTION_VERSION = 2
 CYCLES_BIN = "cycles.bin"
 CELL_JSON = "cell.json"
 SWEEP_JSON = "contention.json"
@@ -390,12 +391,12 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, A
 
 
 def load_cycles(cell: Path) -> list[np.ndarray]:
-    """Per caller, an ``(calls, 2)`` array of ``(t0, t1)`` ns."""
+    """Per caller, an ``(calls, 3)`` array of ``(t0, t1, z)`` ns."""
     out = []
     for d in sorted((cell / "callers").iterdir()):
         f = d / CYCLES_BIN
         if d.is_dir() and f.exists():
-            out.append(np.fromfile(f, dtype="<i8").reshape(-1, 2))
+            out.append(np.fromfile(f, dtype="<i8").reshape(-1, 3))
     return out
 
 
@@ -411,15 +412,17 @@ def cell_summary(cell: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
     a, b = meta["window_ns"]
     cyc = load_cycles(cell)
-    r, think = [], []
+    r, think, over = [], [], []
     for c in cyc:
         sel = (c[:, 0] >= a) & (c[:, 0] < b)
         r.append(c[sel, 1] - c[sel, 0])
         idx = np.nonzero(sel)[0]
         idx = idx[idx + 1 < len(c)]
         think.append(c[idx + 1, 0] - c[idx, 1])
+        over.append(c[idx + 1, 0] - c[idx, 1] - c[idx + 1, 2])
     R = np.concatenate(r).astype(float) if r else np.zeros(0)
     Zs = np.concatenate(think).astype(float) if think else np.zeros(0)
+    Zo = np.concatenate(over).astype(float) if over else np.zeros(0)
     dmeta, rec = load_record(cell / "delegate")
     d = summarize(rec, meta["W"], a, b)
     out: dict[str, Any] = {"calls": int(R.size), "callers_reporting": len(cyc)}
@@ -431,6 +434,8 @@ def cell_summary(cell: Path, meta: dict[str, Any]) -> dict[str, Any]:
             "R_p99_us": float(np.percentile(R, 99)) / 1e3,
             "R_sem_us": float(R.std(ddof=1) / np.sqrt(R.size)) / 1e3 if R.size > 1 else 0.0,
             "think_mean_us": float(Zs.mean()) / 1e3 if Zs.size else float("nan"),
+            # think beyond the drawn time (sleep overshoot, the loop): see service.summarize
+            "think_overhead_us": float(Zo.mean()) / 1e3 if Zo.size else float("nan"),
         }
     out["delegate"] = d
     if R.size and d.get("calls"):

@@ -130,6 +130,8 @@ def test_short_sweep_runs_end_to_end_and_is_analysed(tmp_path):
             forwarded += len(c)
         dmeta, rec = service.load_record(cell / "delegate")
         assert rec.size == forwarded  # the delegate served each forwarded call once
+        assert np.all(rec["t_end"] - rec["t_start"] >= rec["drawn"])  # served at least the draw
+        assert abs(rec["drawn"].mean() / 500e3 - 1) < 0.5  # exponential draws, mean 500 µs
         assert dmeta["delegate"]["workers"] == 1 and dmeta["service"] == "sleep"
         s = meta["summary"]
         if n == 1:
@@ -154,9 +156,16 @@ def test_short_sweep_runs_end_to_end_and_is_analysed(tmp_path):
     df = contention.predict(cells, contention.fit(cells))
     assert sorted(df["N"]) == [1, 4]  # reference cells feed the fit, not the table
     ones = cells[cells["N"] == 1]
-    pooled_r = np.average(ones["R_mean"], weights=ones["calls"])
+    st = contention.fit(cells)[1]
+    # S: the configured mean + the measured overhead beyond the drawn times (control
+    # variate); D: the single callers' response minus their realised service
+    s_fit, d_fit = st.S, st.D
+    assert s_fit == pytest.approx(500e-6 + np.average(ones["S_over"], weights=ones["calls"]))
+    pooled = np.average(ones["R_mean"] - ones["S"], weights=ones["calls"])
+    assert d_fit == pytest.approx(max(pooled, 0.0))
+    assert 0 < st.S - 500e-6 < 5e-3 and st.Z > 2000e-6
     one = df[df["N"] == 1].iloc[0]
-    assert one["R_pred"] == pytest.approx(pooled_r, rel=1e-9)  # N = 1 is the fit
+    assert one["R_pred"] == pytest.approx(st.D + st.S, rel=1e-9)  # N = 1 is the fit
     four = df[df["N"] == 4].iloc[0]
     assert four["fit"] == "W1-N1-r0+W1-N1-r1"  # predicted from the cells around it
     refs = cells[cells["name"].isin(["W1-N1-r0", "W1-N1-r1"])]
