@@ -20,8 +20,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis import contention
-from testbed.contention import Sweep, run_sweep
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's packages
+
+from analysis import contention  # noqa: E402
+from testbed.contention import Sweep, run_sweep  # noqa: E402
 
 PLAN = {1: (1, 2, 3, 4, 6, 8, 12), 2: (1, 2, 4, 6, 8, 10, 12, 16, 24),
         4: (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 48)}  # fmt: skip
