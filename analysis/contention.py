@@ -7,13 +7,13 @@ Stages, in order:
     the delegate's queueing delay, utilisation and service time, the fixed
     cost ``D = R - wait - service``, the machine's CPU use.
 ``fit(cells)``
-    one :class:`analysis.queueing.Station` per W from its **N = 1 cell only**:
-    ``Z`` = the caller's measured think time, ``S`` = the delegate's measured
-    mean service time, ``D`` = the measured fixed network/relay cost.
+    one :class:`analysis.queueing.Station` per W from its **N = 1 cells only**
+    (see :func:`_station`); ``predict`` fits each N > 1 cell on the N = 1
+    reference cells run right before and after it.
 ``predict(cells, stations)``
-    exact MVA at every N; relative errors; bounds; N*.  Rows with N = 1 are the
-    fit (error 0 by construction for R up to the wait term) and are marked
-    ``fitted``; every other row is a prediction.
+    exact MVA at every N; relative errors; bounds; N*.  Rows with N = 1 are
+    fits (marked ``fitted``; their small error is the control-variate S against
+    the realised one); every other row is a prediction.
 figures, ``write_report(sweeps, outdir)``
     ``contention.md`` with the error table, figures and ``tables/contention.csv``.
 """
