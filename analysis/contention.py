@@ -293,10 +293,25 @@ def verdict(df: pd.DataFrame) -> list[str]:
     if len(pred):
         worst = pred.loc[pred["R_err"].abs().idxmax()]
         ok = bool((pred["R_err"].abs() <= TARGET).all())
+        wp = pred.loc[pred["R_err_pooled"].abs().idxmax()]
+        ok_p = bool((pred["R_err_pooled"].abs() <= TARGET).all())
         lines.append(
             f"Mean response time, predictions for 1 < N <= 2 N*: {len(pred)} cells, "
             f"worst error {worst['R_err'] * 100:+.1f} % at W = {worst['W']}, N = {worst['N']} "
-            f"— target |error| <= {TARGET * 100:.0f} % {'met' if ok else 'NOT met'}."
+            f"(fit: the N = 1 cells around each) — target |error| <= {TARGET * 100:.0f} % "
+            f"{'met' if ok else 'NOT met'}; with all N = 1 cells pooled: worst "
+            f"{wp['R_err_pooled'] * 100:+.1f} % at W = {wp['W']}, N = {wp['N']} — "
+            f"{'met' if ok_p else 'NOT met'}."
+        )
+    qd = df[~df["fitted"] & df["within_2x_sat"] & (df["wait"] > 0.5e-3)]
+    if len(qd):
+        werr = qd["wait_pred"] / qd["wait"] - 1
+        lines.append(
+            f"Queueing delay at the delegate (receipt to start of service, from its own "
+            f"record), in those cells where it exceeds 0.5 ms: predicted within "
+            f"{werr.abs().max() * 100:.0f} % (median |error| {werr.abs().median() * 100:.0f} %, "
+            f"{len(qd)} cells); the rest of the response-time error is D, the part "
+            f"outside the delegate."
         )
     big = df.loc[df["N"].idxmax()]
     lines.append(
