@@ -20,6 +20,9 @@ Threading (one of two layouts, chosen by ``workers``):
     stamped in the worker that takes the frame off its socket, so the proxy
     hop counts as *wire*, not as *residence*.  The injected delay spins with
     ``os.sched_yield`` so the workers' spins overlap despite the GIL.
+``--service-us S`` (any ``workers``)
+    One FIFO queue shared by the workers, each call served for a drawn time
+    and recorded (:mod:`testbed.service`, ``docs/contention.md``).
 
 Shutdown (SIGINT/SIGTERM, ``--max-calls``, :meth:`Delegate.stop`): the reply
 being computed is sent, messages already queued are answered (bounded: 0.2 s),
