@@ -8,7 +8,7 @@ every frame with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``):
 * BYE    -> BYE with the accounting of that client
 * anything malformed -> ERROR to that client; the delegate keeps serving.
 
-Threading (one of two layouts, chosen by ``workers``):
+Threading (one of three layouts, chosen by ``workers`` and ``--service-us``):
 
 ``workers == 1`` (the measured path)
     One thread serves the ROUTER directly: receive, stamp ``t_recv``, decode,
