@@ -118,6 +118,10 @@ class Sweep:
         return out
 
 
+class CellFailed(TestbedError):
+    """A cell that may succeed when run again (its delegate died, not our input)."""
+
+
 def split_sweeps(paths) -> tuple[list[Path], list[Path]]:
     """(other paths, sweep directories holding ``contention.json``) of a command line."""
     others, sweeps = [], []
@@ -219,14 +223,18 @@ def _start_delegate(sweep: Sweep, w: int, cell: Path, topo=None) -> tuple[subpro
                 raise TestbedError(f"delegate at {ep} did not answer") from None
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
+    """Stop ``proc``; return how it ended if not by our signal ("" if it did)."""
+    if proc.poll() is not None:
+        return f"it had already exited with status {proc.returncode}"
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return "it did not stop within 30 s and was killed"
+    return "" if proc.returncode == 0 else f"it exited with status {proc.returncode}"
 
 
 #: Callers starting at once (each start imports the relay: CPU-heavy on a small machine).
@@ -344,7 +352,9 @@ def run_cell(sweep: Sweep, w: int, n: int, cell: Path, topo=None) -> dict[str, A
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        _stop(dele)
+        how = _stop(dele)
+    if not (cell / "delegate" / "delegate.json").exists():
+        raise CellFailed(f"{cell.name}: the delegate wrote no record ({how or 'no reason given'})")
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     own_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     late = [e for e in errors if e[1] == 3]
@@ -479,7 +489,11 @@ def _run_cells(sweep: Sweep, outdir: Path, out: TextIO, topo) -> list[dict[str, 
             print(f"contention: [{k}/{len(cells)}] {cell.name}: running "
                   f"{sweep.cell_duration_s(n, name != cell_name(w, n)):g} s ...", file=out,
                   flush=True)  # fmt: skip
-            meta = run_cell(sweep, w, n, cell, topo)
+            try:
+                meta = run_cell(sweep, w, n, cell, topo)
+            except CellFailed as exc:
+                print(f"contention: [{k}/{len(cells)}] {exc}; running it again", file=out)
+                meta = run_cell(sweep, w, n, cell, topo)
         s = meta["summary"]
         dd = s.get("delegate", {})
         print(f"contention: [{k}/{len(cells)}] {cell.name}: X {s.get('X_per_s', 0):.0f}/s, "
