@@ -286,6 +286,18 @@ def error_table(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per W: the predictions for 1 < N <= 2 N*, their worst and median |R error|."""
+    rows = []
+    for w, g in df[~df["fitted"] & df["within_2x_sat"]].groupby("W"):
+        e, ep = g["R_err"].abs() * 100, g["R_err_pooled"].abs() * 100
+        rows.append({"W": w, "N*": g["N_star"].mean(), "cells (1 < N <= 2 N*)": len(g),
+                     "N": ",".join(str(n) for n in g["N"]), "max abs R err %": e.max(),
+                     "median abs R err %": e.median(), "within 10 %": int((e <= 10).sum()),
+                     "max abs R err % (pooled fit)": ep.max()})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def verdict(df: pd.DataFrame) -> list[str]:
     """Plain sentences: the target, the largest N, where the machine took over."""
     lines = []
@@ -387,7 +399,8 @@ def write_report(sweeps, outdir: str | Path) -> Path:
         )
         parts.append(markdown_table(fit_rows))
         parts += ["", *[f"- {line}" for line in verdict(df)], ""]
-        parts.append("### Prediction error per (N, W)\n")
+        parts.append(markdown_table(summary_table(df)))
+        parts.append("\n### Prediction error per (N, W)\n")
         parts.append(markdown_table(error_table(df)))
         parts.append(f"\n![R(N)](figures/{tag}_response.png)\n")
         parts.append(f"![X(N)](figures/{tag}_throughput.png)\n")
