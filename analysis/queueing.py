@@ -103,7 +103,7 @@ class MVA:
     @property
     def wait(self) -> np.ndarray:
         """Mean queueing delay at the delegate (receipt to start of service)."""
-        return self.R_q - self.S
+        return np.maximum(self.R_q - self.S, 0.0)  # no rounding noise below zero
 
 
 def _check_N(N: int) -> int:
