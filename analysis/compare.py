@@ -125,6 +125,8 @@ def load_runs(paths) -> tuple[list[Profile], list[DelegatedRun]]:
     profiles, runs = [], []
     for p in paths:
         run = rundir.load(p)
+        if not run.complete:
+            continue  # its relay never finished (no wall time): `testbed analyze` warns
         if run.kind == "profile":
             profiles.append(from_run(run))
         elif run.kind == "delegated":

@@ -10,6 +10,8 @@ into the module that does the job (imported lazily so ``--help`` is fast and
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,14 +30,58 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or value != value:
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return value
+
+
+#: Longest timeout (s) and injected delay (us) the options accept.
+MAX_SECONDS = 24 * 3600.0
+MAX_DELAY_US = 10e6
+
+
+def timeout_seconds(text: str) -> float:
+    """A finite timeout > 0 s (0 would make every forwarded call a fault)."""
+    value = _finite(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 and <= {MAX_SECONDS:g} seconds")
+    return value
+
+
+def delay_us(text: str) -> float:
+    value = non_negative_float(text)
+    if value > MAX_DELAY_US:
+        raise argparse.ArgumentTypeError(f"{text!r} must be <= {MAX_DELAY_US:g} us")
+    return value
+
+
+def new_dir(text: str) -> str:
+    """An output directory: must not be an existing non-directory."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
 
 
 def endpoint(text: str) -> str:
@@ -51,6 +97,18 @@ def endpoint(text: str) -> str:
         host, sep, port = rest.rpartition(":")
         if not sep or not host or not (port.isdigit() or port == "*"):
             raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT")
+        if port != "*" and not 0 <= int(port) <= 65535:  # libzmq would wrap it silently
+            raise argparse.ArgumentTypeError(f"{text!r}: port must be 0-65535")
+    return text
+
+
+def connect_endpoint(text: str) -> str:
+    """An endpoint to connect to: as :func:`endpoint`, and a TCP port is 1-65535."""
+    text = endpoint(text)
+    if text.startswith("tcp://"):
+        port = text.rpartition(":")[2]
+        if port == "*" or int(port) == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: connect needs a port 1-65535")
     return text
 
 
@@ -143,6 +201,12 @@ def cmd_contention(args: argparse.Namespace) -> int:
     return main_contention(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from testbed.keys import main_keys
+
+    return main_keys(args)
+
+
 def cmd_vm(args: argparse.Namespace) -> int:
     from testbed.vm import main_vm
 
@@ -163,9 +227,9 @@ def _add_contention(sub) -> None:
     )
     p.add_argument("--callers", default="1,2,4,8", metavar="N,N,...", help="caller counts")
     p.add_argument("--workers", default="1", metavar="W,W,...", help="delegate worker counts")
-    p.add_argument("--service-us", type=float, required=True, metavar="S",
+    p.add_argument("--service-us", type=_finite, required=True, metavar="S",
                    help="mean service time per call at the delegate (µs)")  # fmt: skip
-    p.add_argument("--think-us", type=float, required=True, metavar="Z",
+    p.add_argument("--think-us", type=_finite, required=True, metavar="Z",
                    help="mean think time between a caller's calls (µs)")  # fmt: skip
     p.add_argument("--service", choices=("sleep", "spin"), default="sleep",
                    help="delegate service: sleep (default, leaves the CPUs free) or spin")  # fmt: skip
@@ -175,9 +239,9 @@ def _add_contention(sub) -> None:
                    help="think phase: sleep (default) or spin (compute)")  # fmt: skip
     p.add_argument("--think-dist", choices=("exp", "fixed"), default="exp",
                    help="think time distribution (default exp)")  # fmt: skip
-    p.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--duration", type=_finite, default=10.0, metavar="SECONDS",
                    help="how long all callers run together per cell (default 10)")  # fmt: skip
-    p.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--warmup", type=_finite, default=1.0, metavar="SECONDS",
                    help="start of each cell left out of the measurement (default 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="seed of think and service draws")
     p.add_argument("--nodes", type=int, default=0, metavar="K",
@@ -226,14 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--delay-us",
-        type=non_negative_float,
+        type=delay_us,
         default=0.0,
         metavar="D",
         help="spin D microseconds per call to emulate a slower link (default 0)",
     )
     p.add_argument(
         "--service-us",
-        type=non_negative_float,
+        type=delay_us,
         metavar="S",
         help="serve calls through one FIFO queue shared by the workers, each call taking "
         "S microseconds of service (mean; see --service-dist); see docs/contention.md",
@@ -269,8 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--curve-keys",
         metavar="DIR",
-        help="require ZeroMQ CURVE: DIR/server.key_secret and the allowed relays' "
-        "public keys in DIR/authorized/*.key (see testbed.delegate.make_curve_keys)",
+        help="require ZeroMQ CURVE: DIR/server.key_secret (mode 0600) and the allowed "
+        "relays' public keys in DIR/authorized/*.key (make them with: testbed keys new DIR)",
+    )
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: bind and read the keys, then serve as this unprivileged "
+        "user (no supplementary groups, no capabilities, no_new_privs)",
     )
     p.add_argument(
         "--quiet",
@@ -295,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--delegate",
-        type=endpoint,
+        type=connect_endpoint,
         required=True,
         metavar="ENDPOINT",
         help="delegate endpoint, e.g. tcp://10.0.0.2:5555",
@@ -327,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=2.0,
         metavar="SECONDS",
         help="per-call timeout before a call is released locally (default 2)",
@@ -342,18 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--curve-keys",
         metavar="DIR",
         help="CURVE-authenticate to a delegate started with --curve-keys "
-        "(DIR holds server.key and client.key_secret)",
+        "(DIR holds server.key and client.key_secret, mode 0600: testbed keys new)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=3.0,
         metavar="SECONDS",
         help="give up if the delegate does not answer the handshake (default 3)",
     )
-    p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RUNDIR",
+        help="run directory (default runs/run-TIME)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to run, unmodified, after --",
+    )
     p.set_defaults(func=cmd_run)
 
     # --- profile --------------------------------------------------------
@@ -364,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
         "wall/user/sys time, C and p.",
     )
     p.add_argument(
-        "-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)"
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RUNDIR",
+        help="run directory (default runs/profile-TIME)",
     )
     p.add_argument(
         "--method",
@@ -374,14 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--native-runs",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also time N untraced runs (native t_nd for testbed analyze; only for "
         "commands that can be repeated, default 0)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to profile natively, after --",
+    )
     p.set_defaults(func=cmd_profile)
 
     # --- bench ----------------------------------------------------------
@@ -394,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--delegate",
-        type=endpoint,
+        type=connect_endpoint,
         metavar="ENDPOINT",
         help="delegate to use (default: start one on loopback)",
     )
@@ -464,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
+        type=new_dir,
         metavar="REPORTDIR",
         default="report",
         help="report directory (default ./report)",
@@ -483,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local delegate, compress a generated file natively and with "
         "read,write forwarded, and print the measured f_c and slowdown.",
     )
-    p.add_argument("-o", "--output", metavar="DIR", help="where the run directories go")
+    p.add_argument(
+        "-o", "--output", type=new_dir, metavar="DIR", help="where the run directories go"
+    )
     p.add_argument(
         "--size-mb",
         type=positive_int,
@@ -492,6 +585,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the generated input (default 4)",
     )
     p.set_defaults(func=cmd_demo)
+
+    # --- keys -----------------------------------------------------------
+    p = sub.add_parser(
+        "keys",
+        help="make ZeroMQ CURVE keys for delegates and relays",
+        description="Make the CURVE key pairs of a delegate and its relays (docs/security.md).",
+    )
+    keys_sub = p.add_subparsers(dest="keys_action", metavar="ACTION")
+    keys_sub.required = True
+    q = keys_sub.add_parser(
+        "new",
+        help="create the missing keys in DIR (never overwrites one)",
+        description="Create DIR (0700) with the delegate's key pair (server.key, "
+        "server.key_secret) and relay key pairs whose public keys are authorized in "
+        "DIR/authorized/. Secret files are 0600. Existing keys are kept, so it is safe to "
+        "rerun with more relays.",
+        epilog="examples:\n"
+        "  testbed keys new keys    # one relay pair in keys/ itself: both sides on one machine\n"
+        "  testbed keys new keys --relay node1 --relay node2   # keys/relays/node1/ ... per node\n"
+        "then: testbed delegate --listen tcp://10.0.0.2:5555 --curve-keys keys\n"
+        "      testbed run --delegate tcp://10.0.0.2:5555 --curve-keys keys/relays/node1 ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("directory", metavar="DIR", help="keys directory (created 0700)")
+    q.add_argument(
+        "--relay",
+        action="append",
+        metavar="NAME",
+        help="a relay key pair in DIR/relays/NAME/ (repeatable, or comma-separated)",
+    )
+    p.set_defaults(func=cmd_keys)
 
     # --- lab / provision / experiment / vm ------------------------------
     p = sub.add_parser(
@@ -575,7 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("plan", metavar="PLAN", help="plan file (YAML or JSON)")
     p.add_argument(
-        "-o", "--output", metavar="RESULTS", help="results directory (default results/<plan name>)"
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RESULTS",
+        help="results directory (default results/<plan name>)",
     )
     p.add_argument(
         "--host-label",
@@ -587,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=ENDPOINT",
         help="use these delegates instead of the plan's (repeatable)",
+    )
+    p.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="CURVE keys of this relay (server.key, client.key_secret) for every delegate "
+        "that is not 'local'",
     )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
     p.set_defaults(func=cmd_experiment)
@@ -606,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=600.0,
         metavar="S",
         help="kill the guest after S seconds (default 600)",

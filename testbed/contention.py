@@ -80,10 +80,10 @@ class Sweep:
             raise TestbedError("callers must be whole numbers >= 1")
         if not self.workers or min(self.workers) < 1:
             raise TestbedError(f"workers must be >= 1 (got {min(self.workers or (0,))})")
-        if not self.service_us > 0:
-            raise TestbedError(f"service time must be > 0 µs, not {self.service_us}")
-        if not self.think_us >= 0:
-            raise TestbedError(f"think time must be >= 0 µs, not {self.think_us}")
+        if not 0 < self.service_us <= 10e6:
+            raise TestbedError(f"service time must be > 0 and <= 10 s, not {self.service_us} µs")
+        if not 0 <= self.think_us <= 60e6:
+            raise TestbedError(f"think time must be >= 0 and <= 60 s, not {self.think_us} µs")
         if not 0 <= self.nodes <= 200:
             raise TestbedError(f"nodes must be 0 (this machine) to 200, not {self.nodes}")
         if not self.duration_s > 0 or not 0 <= self.warmup_s < self.duration_s:

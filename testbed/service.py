@@ -220,7 +220,7 @@ def load_record(directory: str | os.PathLike) -> tuple[dict[str, Any], np.ndarra
 
 def serve_queued(d: Delegate) -> None:
     """Serve ``d``'s ROUTER through one FIFO queue shared by ``d.workers`` workers."""
-    from testbed.delegate import SNDMORE, _Handler
+    from testbed.delegate import MAX_PARTS, SNDMORE, SRCFD, _Handler
 
     svc: Service = d.service
     ctx, router = d._ctx, d._router
@@ -267,6 +267,7 @@ def serve_queued(d: Delegate) -> None:
     mono = time.monotonic_ns
     rx = _Handler(d)  # accounting of malformed envelopes
     d._handlers.append(rx)
+    guard = d._guard.delivered if d._guard is not None else None
     deadline = None
     try:
         while True:
@@ -286,19 +287,34 @@ def serve_queued(d: Delegate) -> None:
                     except zmq.ZMQError:
                         pass
                     continue
-                frames = router.recv_multipart()
+                ident = router.recv()
+                frame = router.recv(copy=False)  # libzmq delivers whole messages
                 t_recv = mono()
-                ident = frames[0]
-                if ident == d._ctl_id or deadline is not None:
+                if ident == d._ctl_id:
                     continue
-                if len(frames) == 2:
-                    env, payload = (ident,), frames[1]
-                elif len(frames) == 3 and frames[1] == b"":
-                    env, payload = (ident, b""), frames[2]
-                else:
-                    bad = rx.bad_envelope(ident, frames[1:], t_recv)
-                    router.send_multipart([ident, bad])
-                    continue
+                if guard is not None:
+                    try:
+                        guard(frame.get(SRCFD))
+                    except zmq.ZMQError:
+                        pass  # an inproc peer: no connection to guard
+                env, payload, parts, nbytes = (ident,), frame.bytes, 1, len(frame)
+                if frame.more:  # [identity, "", payload] (REQ) or malformed: bounded parts
+                    frames = [frame.bytes]
+                    while frame.more:
+                        frame = router.recv(copy=False)
+                        parts += 1
+                        nbytes += len(frame)
+                        if parts <= MAX_PARTS:
+                            frames.append(frame.bytes)
+                    if parts == 2 and frames[0] == b"":
+                        env, payload = (ident, b""), frames[1]
+                    else:
+                        router.send_multipart(
+                            [ident, rx.bad_envelope(ident, parts, nbytes, t_recv)]
+                        )
+                        continue
+                if deadline is not None:
+                    continue  # stopping: no new calls
                 calls.put((env, payload, t_recv, svc.arrived()))
     finally:
         done.set()

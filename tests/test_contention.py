@@ -239,3 +239,23 @@ def test_queued_delegate_answers_malformed_input_and_keeps_serving():
         ctx.term()
         d.stop()
     assert svc.records().size == 1  # only the call was served and recorded
+
+
+def test_contention_help_documents_every_option():
+    import argparse
+
+    from testbed.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["contention"]
+    text = " ".join(run_testbed("contention", "--help").stdout.decode().split())
+    for action in parser._actions:
+        assert action.help and len(action.help.split()) >= 2, action.dest
+        for flag in action.option_strings:
+            assert flag in text
+
+
+def test_non_finite_times_are_refused():
+    proc = run_testbed("contention", "-o", "/nonexistent/x", "--service-us", "inf",
+                       "--think-us", "1", text=True)  # fmt: skip
+    assert proc.returncode == 2 and "finite" in proc.stderr and "Traceback" not in proc.stderr

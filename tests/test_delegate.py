@@ -209,11 +209,23 @@ def test_bad_frames_get_errors_while_a_good_client_keeps_being_served(dproc, ctx
         (b"GET / HTTP/1.0\r\n\r\n", wire.E_MALFORMED, None),
         (valid_call[:-3], wire.E_MALFORMED, None),  # truncated
         (valid_call[:1], wire.E_MALFORMED, None),
-        (pack([2, "call", 5, 1, 1, [0] * 6, [], "cost"]), wire.E_VERSION, None),
-        (pack([1, "call", 5, 1, 1, [0] * 5, [], "cost"]), wire.E_MALFORMED, 5),  # arity of args
-        (pack([1, "call", 6, 1, 9999, [0] * 6, [], "cost"]), wire.E_MALFORMED, 6),  # nr range
-        (pack([1, "call", 8, 1, 1, [0] * 6, [[9, b"x"]], "cost"]), wire.E_MALFORMED, 8),
-        (pack([1, "teleport", {}]), wire.E_UNSUPPORTED, None),
+        (pack([wire.WIRE_VERSION + 1, "call", 5, 1, 1, [0] * 6, [], "cost"]), wire.E_VERSION, None),
+        (
+            pack([wire.WIRE_VERSION, "call", 5, 1, 1, [0] * 5, [], "cost"]),
+            wire.E_MALFORMED,
+            5,
+        ),  # arity of args
+        (
+            pack([wire.WIRE_VERSION, "call", 6, 1, 9999, [0] * 6, [], "cost"]),
+            wire.E_MALFORMED,
+            6,
+        ),  # nr range
+        (
+            pack([wire.WIRE_VERSION, "call", 8, 1, 1, [0] * 6, [[9, b"x"]], "cost"]),
+            wire.E_MALFORMED,
+            8,
+        ),
+        (pack([wire.WIRE_VERSION, "teleport", {}]), wire.E_UNSUPPORTED, None),
         (wire.encode_result(wire.Result(1, 0, 0, 1, 2, 3, 4, ())), wire.E_UNSUPPORTED, None),
         (wire.encode_call(wire.Call(9, 1, 1, (0,) * 6, (), "offload")), wire.E_UNSUPPORTED, 9),
         (b"x" * (wire.MAX_FRAME + 1), wire.E_TOO_LARGE, None),
@@ -463,13 +475,14 @@ def test_offload_extension_point_and_internal_errors(ctx):
 
 
 def test_curve_admits_only_authorized_relays(ctx, tmp_path):
-    from testbed.delegate import curve_client, make_curve_keys
+    from testbed.keys import generate, make_curve_keys
+    from testbed.keys import setup_client as curve_client
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))
     other = tmp_path / "other"  # a relay with keys the delegate does not know
-    other.mkdir()
-    zmq.auth.create_certificates(str(other), "client")
+    generate(other)
+    (other / "server.key").unlink()
     (other / "server.key").write_bytes((keys / "server.key").read_bytes())
     with Delegate("tcp://127.0.0.1:*", curve_keys=str(keys)) as d:
         assert "CURVE" in d.status_line()
@@ -497,12 +510,12 @@ def test_curve_admits_only_authorized_relays(ctx, tmp_path):
 
 
 def test_curve_without_keys_is_a_user_error(tmp_path):
-    with pytest.raises(_TestbedError, match="cannot read CURVE certificate"):
+    with pytest.raises(_TestbedError, match="server.key_secret: no such file"):
         Delegate("tcp://127.0.0.1:*", curve_keys=str(tmp_path)).bind()
 
 
 def test_curve_bind_failure_is_an_error_not_a_hang(tmp_path):
-    from testbed.delegate import make_curve_keys
+    from testbed.keys import make_curve_keys
 
     make_curve_keys(str(tmp_path))
     with socket.socket() as s:
