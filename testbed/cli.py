@@ -38,6 +38,21 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def cpu_list(text: str) -> frozenset[int]:
+    """A CPU list such as 0,2-3 of CPUs this machine has."""
+    import os
+
+    from testbed.cpus import parse_cpus
+
+    try:
+        cpus = parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if max(cpus) >= (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"CPUs {text!r}: this machine has {os.cpu_count()}")
+    return cpus
+
+
 def endpoint(text: str) -> str:
     """A ZeroMQ endpoint: tcp://HOST:PORT or ipc://PATH (HOST:PORT gets tcp://)."""
     if "://" not in text:
@@ -279,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         metavar="SECONDS",
         help="give up if the delegate does not answer the handshake (default 3)",
+    )
+    p.add_argument(
+        "--pin-program",
+        type=cpu_list,
+        metavar="CPUS",
+        help="run the program on these CPUs (e.g. 0 or 0,2-3); pin the relay with taskset",
     )
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
