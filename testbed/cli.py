@@ -152,6 +152,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return main_experiment(args)
 
 
+def cmd_gamma(args: argparse.Namespace) -> int:
+    from testbed.gain import main_gamma
+
+    return main_gamma(args)
+
+
 def cmd_vm(args: argparse.Namespace) -> int:
     from testbed.vm import main_vm
 
@@ -539,6 +545,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
     p.set_defaults(func=cmd_experiment)
+    p = sub.add_parser(
+        "gamma",
+        help="the gain benchmark sweep (paper Figs. 12-13)",
+        description="Run the gain benchmark natively and forwarded at each gain, interleaved, "
+        "and write the report with Figs. 12-13 and the model accuracy table (docs/analysis.md).",
+    )
+    p.add_argument("--gammas", default="1,2,4,8,16", metavar="LIST",
+                   help="gains, integers (default 1,2,4,8,16)")  # fmt: skip
+    p.add_argument("--repetitions", type=positive_int, default=3, metavar="N",
+                   help="repetitions of every cell (default 3)")  # fmt: skip
+    p.add_argument("--phases", type=positive_int, default=10, metavar="P",
+                   help="computation + syscall phases per run (default 10)")  # fmt: skip
+    p.add_argument("--samples", type=positive_int, default=100_000_000, metavar="N",
+                   help="Monte Carlo points per phase at γ = 1 (default 1e8, ~2.5 s in all)")  # fmt: skip
+    p.add_argument("--forward", action="append", metavar="SET",
+                   help="forwarded set or policy (repeatable; default min-freq:20%%, "
+                   "max-freq:20%%, read,write)")  # fmt: skip
+    p.add_argument("--backend", choices=("seccomp", "kmod"), default="seccomp",
+                   help="interposition backend (default seccomp)")  # fmt: skip
+    p.add_argument("--pin", action="store_true",
+                   help="program, relay and delegate on separate CPUs (needs >= 2)")  # fmt: skip
+    p.add_argument("--delegate", action="append", metavar="NAME=ENDPOINT",
+                   help="forward to this delegate instead of a local one (repeatable)")  # fmt: skip
+    p.add_argument("-o", "--output", default="results/gamma", metavar="RESULTS",
+                   help="results directory (default results/gamma; resumable)")  # fmt: skip
+    p.add_argument("--report", default="report-gamma", metavar="REPORTDIR",
+                   help="report directory (default report-gamma; '' for none)")  # fmt: skip
+    p.add_argument("--host-label", metavar="NAME", help="subdirectory for this host's runs")
+    p.add_argument("--check", action="store_true", help="print the plan and exit")
+    p.set_defaults(func=cmd_gamma)
     p = sub.add_parser(
         "vm",
         help="run a command in a QEMU guest with Debian's kernel",

@@ -151,3 +151,66 @@ def parse_gammas(text: str) -> list[int]:
             raise TestbedError(f"gamma list {text!r}: {value} appears twice")
         out.append(value)
     return out
+
+
+# ---------------------------------------------------------------- testbed gamma
+
+#: The forwarded sets of the sweep: the paper's two policies and a read,write set.
+DEFAULT_SETS = ("min-freq:20%", "max-freq:20%", "read,write")
+
+
+def sweep_plan(
+    gammas: list[int],
+    repetitions: int = 3,
+    phases: int = DEFAULT_PHASES,
+    samples: int = DEFAULT_SAMPLES,
+    sets: tuple[str, ...] | list[str] = DEFAULT_SETS,
+    backend: str = "seccomp",
+    pin: bool = False,
+    name: str = "gamma",
+) -> dict:
+    """The plan (a mapping for ``testbed.experiment.parse_plan``) of the gain sweep."""
+    forward = [s if ":" not in s else {"policy": s} for s in sets]
+    return {
+        "name": name,
+        "repetitions": repetitions,
+        "backend": backend,
+        "pin": pin,
+        "workloads": [
+            {"name": "gain", "gamma": list(gammas), "phases": phases, "samples": samples}
+        ],  # fmt: skip
+        "forward": forward,
+        "delegates": ["local"],
+    }
+
+
+def main_gamma(args) -> int:
+    """``testbed gamma``: the whole gain sweep, then the report (Figs. 12-13)."""
+    import json
+    import socket
+
+    from testbed import experiment
+
+    gammas = parse_gammas(args.gammas)
+    data = sweep_plan(gammas, args.repetitions, args.phases, args.samples,
+                      args.forward or DEFAULT_SETS, args.backend, args.pin)  # fmt: skip
+    plan = experiment.parse_plan(data, "gamma", "testbed gamma", args.delegate or None)
+    results = Path(args.output).absolute()
+    host = experiment._label(args.host_label or socket.gethostname())
+    if args.check:
+        print(json.dumps(plan.to_json(), indent=2))
+        print(f"plan {plan.name}: valid, {len(experiment.cells(plan))} runs")
+        return 0
+    counts = experiment.run_plan(plan, results, host)
+    print(f"gamma sweep: ran={counts['ran']} skipped={counts['skipped']} "
+          f"failed={counts['failed']} results={results}")  # fmt: skip
+    if args.report:
+        from analysis.report import write_report
+
+        report = write_report([results], args.report)
+        head = report.read_text().split("\n## ", 1)[0].splitlines()
+        for line in head:
+            if line.startswith(("**Model accuracy", "- ")):
+                print(line.replace("**", ""))
+        print(f"report: {report}")
+    return 1 if counts["failed"] else 0
