@@ -15,8 +15,8 @@ and ``t_d = C/gamma + (t_nd - C) + F (+ k)`` (``model.t_d_from_native``) with
 
 Native time: the median of the measured native runs of the same workload on
 the same host.  A run of the gain benchmark at gain gamma is predicted from
-the gamma = 1 natives only: ``C`` = their median user time, ``t_nd - C`` the
-rest.  Without measured natives the fallbacks of :func:`compare.native_times`
+the gamma = 1 natives only: ``C`` = the median of wall x user/(user + sys),
+``t_nd - C`` the rest.  Without measured natives the fallbacks of :func:`compare.native_times`
 apply, and the row is flagged.
 
 Cross-validation schemes (training set for a test run; gain runs train on
@@ -110,10 +110,17 @@ class NativeRef:
 
 
 def native_refs(natives: list[NativeRun]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{key: (wall times, computation times)}`` of the measured native runs.
+
+    Computation ``C`` of one run = wall x user/(user + sys): the wall time split
+    as the CPU time is.  (User time alone is not C on a shared machine: waiting
+    for a CPU stretches the computation's wall time, and shrinks with it.)
+    """
     acc: dict[str, list[tuple[float, float]]] = {}
     for n in natives:
         if int(n.meta.get("exit_status") or 0) == 0:
-            acc.setdefault(n.key, []).append((n.wall, n.user))
+            cpu = n.user + float(n.meta.get("sys_s") or 0.0)
+            acc.setdefault(n.key, []).append((n.wall, n.wall * n.user / cpu if cpu > 0 else 0.0))
     return {k: (np.array([a for a, _ in v]), np.array([b for _, b in v])) for k, v in acc.items()}
 
 
@@ -128,7 +135,8 @@ def reference(r: DelegatedRun, refs: dict, fallback: dict, hosts_of: dict) -> Na
         if g is None:
             return NativeRef(t_nd, 0.0, f"measured native ({len(w)} runs)", spread)
         C = float(np.median(u))
-        return NativeRef(t_nd, C, f"gamma=1 native ({len(w)} runs), C = user time", spread)
+        return NativeRef(t_nd, C, f"gamma=1 native ({len(w)} runs), C = wall·user/(user+sys)",
+                         spread)  # fmt: skip
     other = sorted(h for h in hosts_of.get(key.split(" @ ")[0], ()) if h != r.host)
     flag = f"natives only from host(s) {', '.join(other)}: not used; " if other else ""
     if g is not None:
@@ -561,7 +569,7 @@ def analyse(
         "`size` 2·(α·N + β·bytes); `whole_run` the slope of wall times over 2·N; `+fixed` adds "
         "the median residual of the training runs (a per-run term). t_d = C/γ + (t_nd − C) + "
         "forwarding (+ k), t_nd = median of measured native runs of the same workload on the "
-        "same host (gain runs: the γ = 1 natives, C = their user time). Schemes: `policy` fits "
+        "same host (gain runs: the γ = 1 natives, C = wall·user/(user+sys)). Schemes: `policy` fits "
         "on the other policies' runs, `workload` on the other workloads', `repetition` on the "
         "previous repetition's; gain runs train on γ = 1 only.",
         "",
@@ -573,6 +581,8 @@ def analyse(
         "(launch), and how far per-syscall and size-aware predictions move from pooled:",
         "",
         markdown_table(terms),
+        "Per-syscall f_c(s) (mean with t CI; `tables/fc_per_syscall.csv`): see the CSV.",
+        "",
         "Per run (headline scheme; relay CPU share = relay CPU seconds per second of the run):",
         "",
         markdown_table(
@@ -607,6 +617,30 @@ def analyse(
             markdown_table(fig13),
         ]
     tables = {"model_accuracy": acc, "model_accuracy_all_schemes": pred,
+              "fc_per_syscall": per_syscall_fc(runs),
               "model_accuracy_summary": summ, "error_terms": terms,
               "gain_speedup": fig13, "gain_profile": fig12}  # fmt: skip
     return Section(tables, headline, body, fig12, fig13)
+
+
+def per_syscall_fc(runs: list[DelegatedRun], level: float = 0.95) -> pd.DataFrame:
+    """Per mechanism and syscall: calls, mean f_c(s) with its t CI, median (s)."""
+    from testbed.syscalls import name_of
+
+    rows = []
+    by: dict[tuple[str, int], list[np.ndarray]] = {}
+    for r in runs:
+        calls = np.asarray(r.calls)
+        if not len(calls):
+            continue
+        for nr in np.unique(calls["nr"]):
+            f, _ = fit.fc_samples(calls[calls["nr"] == nr], str(r.meta.get("mode") or "cost"))
+            by.setdefault((r.mechanism, int(nr)), []).append(f)
+    for (mech, nr), parts in sorted(by.items()):
+        f = np.concatenate(parts)
+        m = fit.mean_ci(f, level)
+        rows.append({"mechanism": mech, "syscall": name_of(nr), "nr": nr, "calls": len(f),
+                     "f_c_mean_s": m.value, "f_c_mean_lo_s": m.lo, "f_c_mean_hi_s": m.hi,
+                     "f_c_median_s": float(np.median(f)) if len(f) else np.nan})  # fmt: skip
+    return pd.DataFrame(rows, columns=["mechanism", "syscall", "nr", "calls", "f_c_mean_s",
+                                       "f_c_mean_lo_s", "f_c_mean_hi_s", "f_c_median_s"])  # fmt: skip

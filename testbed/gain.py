@@ -13,8 +13,8 @@ instructions, ``-nostdlib -static``), compiled on first use into a cache
 directory, so it makes exactly the calls of its design: ``strace -c`` of it
 equals :func:`expected_counts` (tested).  Where no C compiler is installed
 the same benchmark runs as a Python script (``gainbench.py``, the same
-mix), whose interpreter start-up adds its own calls (openat, read, mmap, ...)
-on top of the design and whose computation is :data:`PY_SAMPLE_DIVISOR`
+mix; glibc makes its fstat a newfstatat), whose interpreter start-up adds its
+own calls (openat, read, mmap, ...) on top of the design and whose computation is :data:`PY_SAMPLE_DIVISOR`
 times smaller per sample; profiles and runs measure whatever runs, so the
 model still applies, only the counts are no longer the design's alone.
 """
@@ -62,11 +62,17 @@ _CFLAGS = ["-O2", "-static", "-nostdlib", "-fno-stack-protector", "-fno-builtin"
            "-fno-pie", "-no-pie", "-fno-asynchronous-unwind-tables"]  # fmt: skip
 
 
-def expected_counts(phases: int = DEFAULT_PHASES) -> dict[str, int]:
-    """The design: ``{syscall: n}`` of one run with ``phases`` phases (any gamma)."""
+def expected_counts(phases: int = DEFAULT_PHASES, exit_group: bool = False) -> dict[str, int]:
+    """The design: ``{syscall: n}`` of one run with ``phases`` phases (any gamma).
+
+    ``exit_group``: count the final exit_group too (``testbed profile`` and a
+    forwarded run see it; ``strace -c`` does not list it).
+    """
     out = {name: k * phases for name, k in MIX.items()}
     for name, k in ONCE.items():
         out[name] = out.get(name, 0) + k
+    if exit_group:
+        out["exit_group"] = 1
     return out
 
 
