@@ -87,6 +87,18 @@ WORKLOADS: dict[str, list[str]] = {
     "sha256sum": ["sha256sum", "{input}"],
     "wc": ["wc", "{input}"],
     "tar": ["tar", "-cf", "-", "--mtime=@0", "-C", "{dir}", "input.txt"],
+    # load the text into a table (pwrite/pread/fdatasync heavy), one line of output
+    "sqlite3": [
+        "sqlite3",
+        "-cmd",
+        "DROP TABLE IF EXISTS t",
+        "-cmd",
+        "CREATE TABLE t(line TEXT)",
+        "-cmd",
+        ".import {input} t",
+        "{dir}/workload.db",
+        "SELECT count(*), sum(length(line)) FROM t",
+    ],  # fmt: skip
 }
 DEFAULT_SIZE_MB = 4.0
 INPUT_MTIME = 1_000_000_000  # fixed mtime of generated inputs
