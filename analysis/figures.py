@@ -395,8 +395,8 @@ def fig13_gain_speedup(sp: pd.DataFrame) -> Figure:
     for ax, (fam, host, mech) in zip(axes, keys, strict=False):
         d = sp[(sp["family"] == fam) & (sp["host"] == host) & (sp["mechanism"] == mech)]
         gam = np.array(sorted(d["gamma"].unique()), dtype=float)
-        ax.plot(gam, [float(d[d["gamma"] == g]["S_n"].iloc[0]) for g in gam], "k--", lw=1,
-                label="naive S_n")  # fmt: skip
+        ax.plot(gam, [float(d[d["gamma"] == g]["S_n"].iloc[0]) for g in gam], "k--", lw=1.2,
+                label="naive S_n", zorder=5)  # fmt: skip
         for i, (label, g) in enumerate(d.groupby("set", sort=False)):
             g = g.sort_values("gamma")
             color = f"C{i}"
