@@ -9,6 +9,9 @@ of delegated runs of the same mechanism and used on a *test* run::
     whole_run     F = f_c' 2N                  f_c' = slope of whole-run wall times
     <p>+fixed     the above plus k, the median residual of <p> on the training runs
                   (a per-run cost such as launch and filter install)
+    <p>@paired    t_nd = the native run made just before this run (same workload,
+                  same gamma: ``testbed experiment`` interleaves them), so drift of
+                  the machine hits both; not a prediction from gamma = 1
 
 and ``t_d = C/gamma + (t_nd - C) + F (+ k)`` (``model.t_d_from_native``) with
 ``N``, ``N(s)``, ``B`` the test run's own forwarded calls and bytes.
@@ -40,7 +43,7 @@ from analysis import model as M
 from analysis.compare import DelegatedRun, NativeRun, Profile, profile_key
 
 BASE = ("pooled", "per_syscall", "size", "whole_run")
-PREDICTORS = (*BASE, *(f"{p}+fixed" for p in BASE))
+PREDICTORS = (*BASE, *(f"{p}+fixed" for p in BASE), *(f"{p}@paired" for p in BASE))
 SCHEMES = ("policy", "workload", "repetition")
 #: f_c(s) of a syscall seen fewer times in training falls back to the pooled mean
 #: (a mean of a handful of heavy-tailed samples predicts worse than the pool).
@@ -213,7 +216,9 @@ def _forwarding(p: str, s: RunStats, f: Fitted) -> float:
     raise ValueError(p)
 
 
-def _predict(p: str, s: RunStats, ref: NativeRef, f: Fitted) -> float:
+def _predict(p: str, s: RunStats, ref: NativeRef, f: Fitted, paired: float = np.nan) -> float:
+    if p.endswith("@paired"):
+        return float(M.t_d_from_native(paired, 0.0, 1.0, _forwarding(p[:-7], s, f)))
     base, _, fixed = p.partition("+")
     k = f.fixed.get(base, np.nan) if fixed else 0.0
     gamma = _gamma(s.run) or 1
@@ -259,6 +264,14 @@ def _shared(r: DelegatedRun) -> object:
     return "–" if v is None else ("yes" if v else "no")
 
 
+def _paired(r: DelegatedRun, native_wall: dict) -> float:
+    """Wall time of the native run made just before ``r`` (experiment.json native_run)."""
+    rel = r.cell.get("native_run")
+    if not rel:
+        return np.nan
+    return float(native_wall.get((r.path.parent / str(rel)).resolve(), np.nan))
+
+
 def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: dict) -> pd.DataFrame:
     """One row per (scheme, test run) with every predictor's prediction and error."""
     refs = native_refs(natives)
@@ -267,6 +280,8 @@ def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: di
         hosts_of.setdefault(n.workload, set()).add(n.host)
     stats = [run_stats(r) for r in runs]
     base = {id(s): reference(s.run, refs, fallback, hosts_of) for s in stats}
+    native_wall = {n.path.resolve(): n.wall for n in natives}
+    paired = {id(s): _paired(s.run, native_wall) for s in stats}
     rows = []
     cache: dict[tuple, Fitted | None] = {}
     for scheme in SCHEMES:
@@ -292,6 +307,7 @@ def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: di
                 "t_nd": ref.t_nd,
                 "C": ref.C,
                 "t_nd_source": ref.source,
+                "paired_native_s": paired[id(s)],
                 "native_spread": ref.spread,
                 "train_runs": len(train),
                 "f_c_pooled_s": f.pooled if f else np.nan,
@@ -301,7 +317,7 @@ def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: di
                 "flag": ref.flag + ("" if f else f"nothing to train on ({scheme}); "),
             }
             for p in PREDICTORS:
-                pred = _predict(p, s, ref, f) if f else np.nan
+                pred = _predict(p, s, ref, f, paired[id(s)]) if f else np.nan
                 row[f"pred_{p}"] = pred
                 row[f"err_{p}"] = (pred - r.wall) / r.wall if r.wall > 0 else np.nan
             rows.append(row)
@@ -332,16 +348,17 @@ def summary(pred: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best(pred: pd.DataFrame, scheme: str) -> tuple[str, float, float, int]:
+def best(pred: pd.DataFrame, scheme: str, paired: bool = True) -> tuple[str, float, float, int]:
     """(predictor, mean |error|, max |error|, runs) of the best predictor of ``scheme``.
 
-    Only predictors available on every run the scheme predicts compete."""
+    Only predictors available on every run the scheme predicts compete;
+    ``paired=False`` leaves out the ``@paired`` ones (predictions from gamma = 1)."""
     d = pred[pred["scheme"] == scheme]
     d = d[d["pred_pooled"].notna()]
     if not len(d):
         return ("", np.nan, np.nan, 0)
     cands = []
-    for p in PREDICTORS:
+    for p in PREDICTORS if paired else [p for p in PREDICTORS if "@" not in p]:
         e = d[f"err_{p}"]
         if e.notna().all():
             cands.append((float(e.abs().mean()), float(e.abs().max()), p))
@@ -365,7 +382,8 @@ def model_accuracy(pred: pd.DataFrame, scheme: str, predictor: str) -> pd.DataFr
     d["rel_error"] = d[f"err_{predictor}"] if predictor else np.nan
     lead = ["workload", "policy", "gamma", "measured", *[f"pred_{p}" for p in PREDICTORS],
             "best_predictor", "predicted", "rel_error", "relay_cpu_share", "delegate_cpu_share",
-            "relay_shares_program_cpus", "t_nd", "C", "t_nd_source", "native_spread",
+            "relay_shares_program_cpus", "t_nd", "C", "t_nd_source", "paired_native_s",
+            "native_spread",
             "mechanism", "host", "repetition", "run", "forwarded_calls", "train_runs",
             "f_c_pooled_s", *[f"err_{p}" for p in PREDICTORS], "scheme", "flag"]  # fmt: skip
     return d[lead].reset_index(drop=True)
@@ -545,14 +563,22 @@ def analyse(
             f"best predictor `{name}`, each run predicted with parameters fitted on other runs "
             f"(cross-validation by {scheme}; `tables/model_accuracy.csv`).",
         ]
-        for cls, g in summ[(summ["scheme"] == scheme) & (summ["predictor"] == name)].groupby(
-            "class", sort=False
-        ):
-            r = g.iloc[0]
-            headline.append(
-                f"- {cls}: mean |error| {_pct(r.mean_abs_error)}, max {_pct(r.max_abs_error)}, "
-                f"bias {r.mean_error:+.1%} ({int(r.runs)} runs)"
-            )
+        name1, mean1, mx1, _ = best(pred, scheme, paired=False)
+        for label, pname in ((name, name), (f"{name1} (from γ = 1 / median natives)", name1)):
+            if label != name and name1 == name:
+                continue
+            if label != name:
+                headline.append(
+                    f"Best predictor not using the paired natives: `{name1}`, mean |error| "
+                    f"{_pct(mean1)}, max {_pct(mx1)}."
+                )
+            sel = summ[(summ["scheme"] == scheme) & (summ["predictor"] == pname)]
+            for cls, g in sel.groupby("class", sort=False):
+                r = g.iloc[0]
+                headline.append(
+                    f"- `{pname}`, {cls}: mean |error| {_pct(r.mean_abs_error)}, max "
+                    f"{_pct(r.max_abs_error)}, bias {r.mean_error:+.1%} ({int(r.runs)} runs)"
+                )
         if flagged:
             headline.append(f"- {flagged} row(s) flagged (see the `flag` column)")
         if uses_intercept:
@@ -567,7 +593,9 @@ def analyse(
         "",
         "Predictors: `pooled` 2·f_c·N with the mean per-call f_c; `per_syscall` 2·Σ f_c(s)·N(s); "
         "`size` 2·(α·N + β·bytes); `whole_run` the slope of wall times over 2·N; `+fixed` adds "
-        "the median residual of the training runs (a per-run term). t_d = C/γ + (t_nd − C) + "
+        "the median residual of the training runs (a per-run term); `@paired` uses the native "
+        "run made just before as t_nd (same γ: drift shared, not a γ = 1 prediction). "
+        "t_d = C/γ + (t_nd − C) + "
         "forwarding (+ k), t_nd = median of measured native runs of the same workload on the "
         "same host (gain runs: the γ = 1 natives, C = wall·user/(user+sys)). Schemes: `policy` fits "
         "on the other policies' runs, `workload` on the other workloads', `repetition` on the "
