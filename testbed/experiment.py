@@ -635,9 +635,9 @@ class Runner:
         """The native run just before ``cell``: a run directory native/<run_id>/ (kind native)."""
         w = cell.workload
         ref = self.native_run(w)
-        final = self.base / "native" / cell.run_id
-        if (final / "experiment.json").exists():
-            return json.loads((final / "experiment.json").read_text())
+        final = (
+            self.base / "native" / cell.run_id
+        )  # redone with the cell, so it stays "just before"
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
