@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_short_sweep_gives_figs_12_13_and_model_accuracy(tmp_path):
     res, rep = tmp_path / "res", tmp_path / "rep"
     r = run_testbed("gamma", "--gammas", "1,4", "--repetitions", "2", "--phases", "3",
                     "--samples", "2000000", "--forward", "write", "--forward", "max-freq:20%",
-                    "-o", str(res), "--report", str(rep), "--host-label", "here",
+                    "-o", str(res), "--report", str(rep), "--host-label", "here", "--pin",
                     text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Model accuracy: mean |error|" in r.stdout
@@ -93,7 +94,12 @@ def test_short_sweep_gives_figs_12_13_and_model_accuracy(tmp_path):
     for d in forwarded:
         cell = json.loads((d / "experiment.json").read_text())
         assert cell["output_matches_native"] and cell["gamma"] in (1, 4)
-        assert cell["cpu"]["relay_cpu_s"] > 0 and cell["cpu"]["delegate_cpu_s"] is not None
+        cpu = cell["cpu"]
+        assert cpu["relay_cpu_s"] > 0 and cpu["delegate_cpu_s"] is not None
+        if len(os.sched_getaffinity(0)) >= 2:  # pinned apart: program alone on its CPU
+            assert cpu["program_cpus"] and cpu["relay_cpus"] and cpu["delegate_cpus"]
+            assert cpu["relay_shares_program_cpus"] is False
+            assert cpu["delegate_shares_program_cpus"] is False
         nat = json.loads((host / cell["native_run"] / "run.json").read_text())
         assert nat["kind"] == "native" and nat["wall_s"] > 0
     # Fig. 12's data: the γ = 1 profile, exactly the design
@@ -116,3 +122,24 @@ def test_short_sweep_gives_figs_12_13_and_model_accuracy(tmp_path):
         assert (rep / "figures" / f"{name}.png").exists()
     text = (rep / "report.md").read_text()
     assert text.index("**Model accuracy") < text.index("## Profiles")
+
+
+def test_placement_pins_apart_only_with_two_cpus():
+    from testbed.cpus import parse_cpus, placement
+
+    assert placement(True, {0}).program is None and "only 1 CPU" in placement(True, {0}).note
+    two = placement(True, {2, 5})
+    assert (two.program, two.relay, two.delegate) == ({2}, {5}, {5})
+    four = placement(True, {0, 1, 2, 3})
+    assert (four.program, four.relay, four.delegate) == ({0}, {1}, {2})
+    assert placement(False, {0, 1}).program is None
+    assert parse_cpus("0,2-3") == {0, 2, 3}
+    with pytest.raises(ValueError):
+        parse_cpus("0,a")
+
+
+def test_run_rejects_a_cpu_the_machine_lacks():
+    r = run_testbed("run", "--delegate", "tcp://127.0.0.1:1", "--forward", "write",
+                    "--pin-program", "4096", "--", "true", text=True)  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "--pin-program: CPUs '4096': this machine has" in lines[-1]
