@@ -127,6 +127,17 @@ def native_refs(natives: list[NativeRun]) -> dict[str, tuple[np.ndarray, np.ndar
     return {k: (np.array([a for a, _ in v]), np.array([b for _, b in v])) for k, v in acc.items()}
 
 
+def wall_per_cpu(natives: list[NativeRun]) -> dict[str, float]:
+    """Median wall / (user + sys) of the natives of each key: ~1 for a CPU-bound
+    program on an idle machine, more when other processes took its CPU."""
+    acc: dict[str, list[float]] = {}
+    for n in natives:
+        cpu = n.user + float(n.meta.get("sys_s") or 0.0)
+        if cpu > 0:
+            acc.setdefault(n.key, []).append(n.wall / cpu)
+    return {k: float(np.median(v)) for k, v in acc.items()}
+
+
 def reference(r: DelegatedRun, refs: dict, fallback: dict, hosts_of: dict) -> NativeRef:
     """The native time (and C) a run is predicted from; flagged when not measured here."""
     g = _gamma(r)
@@ -281,6 +292,7 @@ def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: di
     stats = [run_stats(r) for r in runs]
     base = {id(s): reference(s.run, refs, fallback, hosts_of) for s in stats}
     native_wall = {n.path.resolve(): n.wall for n in natives}
+    stretch = wall_per_cpu(natives)
     paired = {id(s): _paired(s.run, native_wall) for s in stats}
     rows = []
     cache: dict[tuple, Fitted | None] = {}
@@ -309,6 +321,7 @@ def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: di
                 "t_nd_source": ref.source,
                 "paired_native_s": paired[id(s)],
                 "native_spread": ref.spread,
+                "native_wall_per_cpu": stretch.get(r.key, np.nan),
                 "train_runs": len(train),
                 "f_c_pooled_s": f.pooled if f else np.nan,
                 "relay_cpu_share": cpu_share(r, "relay"),
@@ -383,7 +396,7 @@ def model_accuracy(pred: pd.DataFrame, scheme: str, predictor: str) -> pd.DataFr
     lead = ["workload", "policy", "gamma", "measured", *[f"pred_{p}" for p in PREDICTORS],
             "best_predictor", "predicted", "rel_error", "relay_cpu_share", "delegate_cpu_share",
             "relay_shares_program_cpus", "t_nd", "C", "t_nd_source", "paired_native_s",
-            "native_spread",
+            "native_spread", "native_wall_per_cpu",
             "mechanism", "host", "repetition", "run", "forwarded_calls", "train_runs",
             "f_c_pooled_s", *[f"err_{p}" for p in PREDICTORS], "scheme", "flag"]  # fmt: skip
     return d[lead].reset_index(drop=True)
@@ -392,7 +405,8 @@ def model_accuracy(pred: pd.DataFrame, scheme: str, predictor: str) -> pd.DataFr
 def error_terms(acc: pd.DataFrame) -> pd.DataFrame:
     """Per class, the size of each candidate error term next to the error itself.
 
-    noise: spread of the native runs; interference: relay CPU share and the
+    noise: spread of the native runs (and their wall/CPU ratio: other processes
+    taking the CPU); interference: relay CPU share and the
     correlation of the error with it; launch: the fixed per-run term relative
     to t_d; per-syscall and size: how far those predictors move from pooled.
     """
@@ -417,6 +431,7 @@ def error_terms(acc: pd.DataFrame) -> pd.DataFrame:
             "mean_abs_error": float(g["rel_error"].abs().mean()),
             "mean_error (bias)": float(g["rel_error"].mean()),
             "noise: native spread (max-min)/median": float(g["native_spread"].mean()),
+            "contention: native wall/CPU": float(g["native_wall_per_cpu"].mean()),
             "interference: relay CPU share": float(share.mean()),
             "corr(error, relay share)": corr,
             "launch: |fixed term|/t_d": float(((g["pred_pooled+fixed"] - g["pred_pooled"]).abs()
