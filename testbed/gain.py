@@ -103,16 +103,21 @@ def build(cache: Path | None = None) -> Path | None:
         return None
     flags = [*_CFLAGS, *_defines()]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    cache = cache or cache_dir()
-    exe = cache / f"gainbench-{key}"
-    if exe.exists():
-        return exe
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".gainbench-", dir=cache)
-        os.close(fd)
-    except OSError as exc:
-        raise TestbedError(f"cannot write the gain benchmark to {cache}: {exc.strerror}") from None
+    dirs = [cache] if cache else [cache_dir(), Path(tempfile.gettempdir()) / "testbed-cache"]
+    for d in dirs:  # a read-only home (e.g. a VM guest on the host's root) falls back to /tmp
+        if (d / f"gainbench-{key}").exists():
+            return d / f"gainbench-{key}"
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".gainbench-", dir=d)
+            os.close(fd)
+            break
+        except OSError as exc:
+            err = f"cannot write the gain benchmark to {d}: {exc.strerror}"
+    else:
+        raise TestbedError(err)
+    exe = d / f"gainbench-{key}"
     proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
