@@ -519,7 +519,11 @@ def gain_speedups(
                              "S_n": float(M.S_n(p, g)),
                              "S_r": float(M.S_r(C, gv, n, b, g, f_c)),
                              "f_c_s": f_c})  # fmt: skip
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["S_r_rel_error"] = out["S_r"] / out["measured"] - 1.0
+        out["S_n_rel_error"] = out["S_n"] / out["measured"] - 1.0
+    return out
 
 
 def gain_profile_frame(profiles: list[Profile]) -> pd.DataFrame:
@@ -648,6 +652,17 @@ def analyse(
             else acc
         ),  # fmt: skip
     ]
+    fwd13 = fig13[fig13["set"] != "native"] if len(fig13) else fig13
+    if len(fwd13):
+        for lo, hi, label in ((1, 8, "γ ≤ 8"), (9, 10**9, "γ > 8")):
+            sel = fwd13[(fwd13["gamma"] >= lo) & (fwd13["gamma"] <= hi)]
+            if len(sel):
+                headline.insert(len(headline) - 1, (
+                    f"- Fig. 13 (median speedup per set and γ, {label}, {len(sel)} points): "
+                    f"refined S_r mean |error| {_pct(sel['S_r_rel_error'].abs().mean())}, max "
+                    f"{_pct(sel['S_r_rel_error'].abs().max())}; naive S_n mean |error| "
+                    f"{_pct(sel['S_n_rel_error'].abs().mean())}"
+                ))  # fmt: skip
     if len(fig13):
         body += [
             "## Gain benchmark (Figs. 12-13)",
