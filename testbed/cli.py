@@ -158,6 +158,12 @@ def cmd_gamma(args: argparse.Namespace) -> int:
     return main_gamma(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from testbed.keys import main_keys
+
+    return main_keys(args)
+
+
 def cmd_vm(args: argparse.Namespace) -> int:
     from testbed.vm import main_vm
 
@@ -219,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--curve-keys",
         metavar="DIR",
-        help="require ZeroMQ CURVE: DIR/server.key_secret and the allowed relays' "
-        "public keys in DIR/authorized/*.key (see testbed.delegate.make_curve_keys)",
+        help="require ZeroMQ CURVE: DIR/server.key_secret (mode 0600) and the allowed "
+        "relays' public keys in DIR/authorized/*.key (make them with: testbed keys new DIR)",
+    )
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: bind and read the keys, then serve as this unprivileged "
+        "user (no supplementary groups, no capabilities, no_new_privs)",
     )
     p.add_argument(
         "--quiet",
@@ -292,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--curve-keys",
         metavar="DIR",
         help="CURVE-authenticate to a delegate started with --curve-keys "
-        "(DIR holds server.key and client.key_secret)",
+        "(DIR holds server.key and client.key_secret, mode 0600: testbed keys new)",
     )
     p.add_argument(
         "--connect-timeout",
@@ -449,6 +461,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    # --- keys -----------------------------------------------------------
+    p = sub.add_parser(
+        "keys",
+        help="make ZeroMQ CURVE keys for delegates and relays",
+        description="Make the CURVE key pairs of a delegate and its relays (docs/security.md).",
+    )
+    keys_sub = p.add_subparsers(dest="keys_action", metavar="ACTION")
+    keys_sub.required = True
+    q = keys_sub.add_parser(
+        "new",
+        help="create the missing keys in DIR (never overwrites one)",
+        description="Create DIR (0700) with the delegate's key pair (server.key, "
+        "server.key_secret) and relay key pairs whose public keys are authorized in "
+        "DIR/authorized/. Secret files are 0600. Existing keys are kept, so it is safe to "
+        "rerun with more relays.",
+        epilog="examples:\n"
+        "  testbed keys new keys    # one relay pair in keys/ itself: both sides on one machine\n"
+        "  testbed keys new keys --relay node1 --relay node2   # keys/relays/node1/ ... per node\n"
+        "then: testbed delegate --listen tcp://10.0.0.2:5555 --curve-keys keys\n"
+        "      testbed run --delegate tcp://10.0.0.2:5555 --curve-keys keys/relays/node1 ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("directory", metavar="DIR", help="keys directory (created 0700)")
+    q.add_argument(
+        "--relay",
+        action="append",
+        metavar="NAME",
+        help="a relay key pair in DIR/relays/NAME/ (repeatable, or comma-separated)",
+    )
+    p.set_defaults(func=cmd_keys)
+
     # --- lab / provision / experiment / vm ------------------------------
     p = sub.add_parser(
         "lab",
@@ -542,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=ENDPOINT",
         help="use these delegates instead of the plan's (repeatable)",
+    )
+    p.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="CURVE keys of this relay (server.key, client.key_secret) for every delegate "
+        "that is not 'local'",
     )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
     p.set_defaults(func=cmd_experiment)

@@ -25,7 +25,8 @@ Shutdown (SIGINT/SIGTERM, ``--max-calls``, :meth:`Delegate.stop`): the reply
 being computed is sent, messages already queued are answered (bounded: 0.2 s),
 then the sockets close with a 100 ms linger and the process exits 0.
 ``--curve-keys DIR`` makes the ROUTER a CURVE server admitting only the relay
-keys in ``DIR/authorized`` (see :func:`make_curve_keys`, :func:`curve_client`).
+keys in ``DIR/authorized`` (:mod:`testbed.keys`); ``--user NAME`` drops root
+after binding and reading the keys (:mod:`testbed.privileges`).
 
 Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
 mode is delegated to an :class:`OffloadExecutor` (the extension point: pass
@@ -48,8 +49,9 @@ from typing import Any, Protocol
 
 import zmq
 
-from testbed import wire
+from testbed import keys, wire
 from testbed.errors import TestbedError
+from testbed.privileges import drop_privileges
 
 #: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger
 #: frame (it never reaches us).  Frames between ``wire.MAX_FRAME`` and this cap
@@ -367,7 +369,7 @@ class Delegate:
         router.setsockopt(zmq.RCVHWM, 1000)  # per peer; beyond it TCP pushes back on the peer
         if self.curve_keys is not None:
             try:
-                self._auth = _curve_server(ctx, router, self.curve_keys)
+                self._auth = keys.setup_server(ctx, router, self.curve_keys)
             except TestbedError:
                 router.close(0)
                 ctx.term()
@@ -596,73 +598,6 @@ class Delegate:
             sock.close(CLOSE_LINGER_MS)
 
 
-# ---------------------------------------------------------------- CURVE
-#
-# A keys directory (``make_curve_keys(DIR)`` creates one) holds ZeroMQ
-# certificates as written by ``zmq.auth.create_certificates``:
-#
-#   DIR/server.key, DIR/server.key_secret   the delegate's key pair
-#   DIR/client.key, DIR/client.key_secret   a relay's key pair (copy to compute nodes)
-#   DIR/authorized/*.key                    public keys of the relays allowed in
-#
-# The delegate (``--curve-keys DIR``) needs server.key_secret and authorized/;
-# a relay needs server.key and its own client.key_secret (``curve_client``).
-
-
-def make_curve_keys(directory: str) -> None:
-    """Create a server and a client key pair and authorize the client."""
-    import shutil
-
-    import zmq.auth
-
-    os.makedirs(os.path.join(directory, "authorized"), exist_ok=True)
-    zmq.auth.create_certificates(directory, "server")
-    pub, _ = zmq.auth.create_certificates(directory, "client")
-    shutil.copy(pub, os.path.join(directory, "authorized", "client.key"))
-
-
-def _load_cert(path: str, secret: bool) -> tuple[bytes, bytes | None]:
-    import zmq.auth
-
-    try:
-        public, secret_key = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise TestbedError(f"cannot read CURVE certificate {path}: {exc}") from None
-    if secret and secret_key is None:
-        raise TestbedError(f"{path} holds no secret key")
-    return public, secret_key
-
-
-def _curve_server(ctx: zmq.Context, sock: zmq.Socket, directory: str):  # -> ThreadAuthenticator
-    """Make ``sock`` a CURVE server admitting only the keys in DIR/authorized."""
-    from zmq.auth.thread import ThreadAuthenticator
-
-    public, secret = _load_cert(os.path.join(directory, "server.key_secret"), secret=True)
-    authorized = os.path.join(directory, "authorized")
-    if not os.path.isdir(authorized) or not any(f.endswith(".key") for f in os.listdir(authorized)):
-        raise TestbedError(f"no authorized client keys in {authorized} (*.key)")
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve(domain="*", location=authorized)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True
-    return auth
-
-
-def curve_client(sock: zmq.Socket, directory: str) -> None:
-    """Set up a relay's DEALER for a delegate started with ``--curve-keys``.
-
-    Reads DIR/server.key (the delegate's public key) and DIR/client.key_secret.
-    Call before ``connect``.
-    """
-    server_public, _ = _load_cert(os.path.join(directory, "server.key"), secret=False)
-    public, secret = _load_cert(os.path.join(directory, "client.key_secret"), secret=True)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_serverkey = server_public
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -699,8 +634,13 @@ def main_delegate(args: Any) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         delegate.bind()
+        if getattr(args, "user", None):
+            drop_privileges(args.user)  # after bind and keys, before the first message
         if not quiet:
             print(delegate.status_line(), file=sys.stderr, flush=True)
+            warning = keys.exposure_warning(delegate.bound_endpoint, delegate.curve_keys)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         if not delegate._stop_requested:
             # Serve in a thread; the main thread only waits.  Python runs signal
             # handlers in the main thread between bytecodes: had the main thread

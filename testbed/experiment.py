@@ -478,11 +478,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ping(endpoint: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -> dict[str, Any]:
     """HELLO -> WELCOME with the delegate at ``endpoint``; its WELCOME map or a TestbedError."""
     from testbed.relay import connect
 
-    ctx, sock, welcome = connect(endpoint, timeout_s=timeout_s, info={"role": "experiment"})
+    ctx, sock, welcome = connect(
+        endpoint, timeout_s=timeout_s, info={"role": "experiment"}, curve_keys=curve_keys
+    )
     sock.close(0)
     return welcome
 
@@ -572,6 +574,7 @@ class Runner:
         self.plan, self.results, self.host, self.work, self.out = plan, results, host, work, out
         self.base = results / host
         self.endpoints: dict[str, str] = {}
+        self.curve_keys: str | None = None  # for every delegate but "local"
         self.native: dict[str, dict[str, Any]] = {}
         self.profiles: dict[str, Path] = {}
         self.place = cpus.placement(plan.pin)
@@ -739,6 +742,8 @@ class Runner:
             "--delegate",
             self.endpoints[cell.delegate.name],
         ]
+        if self.curve_keys and cell.delegate.endpoint != "local":
+            cmd += ["--curve-keys", self.curve_keys]
         if cell.forward.policy:
             cmd += ["--policy", cell.forward.policy, "--profile", str(self.profile_for(w))]
         else:
@@ -879,6 +884,7 @@ def run_plan(
     results: Path,
     host: str,
     out=sys.stderr,
+    curve_keys: str | None = None,
 ) -> dict[str, int]:
     """Run every unfinished cell of ``plan``; returns counts ran/skipped/failed."""
     check_results_dir(plan, results)
@@ -887,6 +893,7 @@ def run_plan(
     all_cells = cells(plan)
     work = Path(tempfile.mkdtemp(prefix="testbed-experiment-"))
     runner = Runner(plan, results, host, work, out)
+    runner.curve_keys = curve_keys
     todo = [c for c in all_cells if not runner.done(c)]
     skipped = len(all_cells) - len(todo)
     runner.say(
@@ -910,7 +917,7 @@ def run_plan(
                         runner.delegate_pids[d.name] = local.proc.pid
                     continue
                 try:
-                    ping(d.endpoint, timeout_s=5.0)
+                    ping(d.endpoint, timeout_s=5.0, curve_keys=curve_keys)
                 except TestbedError as exc:
                     raise TestbedError(f"delegate {d.name}: {exc}") from None
                 runner.endpoints[d.name] = d.endpoint
@@ -930,7 +937,10 @@ def main_experiment(args: argparse.Namespace) -> int:
         return 0
     results = Path(args.output or Path("results") / plan.name).absolute()
     host = _label(args.host_label or socket.gethostname())
-    counts = run_plan(plan, results, host)
+    curve = getattr(args, "curve_keys", None)
+    counts = run_plan(
+        plan, results, host, curve_keys=str(Path(curve).absolute()) if curve else None
+    )
     print(
         f"experiment {plan.name}: ran={counts['ran']} skipped={counts['skipped']} "
         f"failed={counts['failed']} results={results}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import zmq
 
-from testbed import cpus, rundir, syscalls, wire
+from testbed import cpus, keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import Backend, CallerGone, Trap, make_backend
@@ -50,7 +50,7 @@ def connect(
 ) -> tuple[zmq.Context, zmq.Socket, dict]:
     """Open a DEALER to ``endpoint`` and complete the HELLO/WELCOME handshake.
 
-    With ``curve_keys`` (a directory made by ``testbed.delegate.make_curve_keys``)
+    With ``curve_keys`` (a directory made by ``testbed keys new``, see :mod:`testbed.keys`)
     the connection is CURVE-authenticated and encrypted.
     """
     ctx = ctx or zmq.Context.instance()
@@ -59,10 +59,8 @@ def connect(
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     if curve_keys:
-        from testbed.delegate import curve_client
-
         try:
-            curve_client(sock, curve_keys)
+            keys.setup_client(sock, curve_keys)
         except TestbedError:
             sock.close()
             raise

@@ -463,13 +463,14 @@ def test_offload_extension_point_and_internal_errors(ctx):
 
 
 def test_curve_admits_only_authorized_relays(ctx, tmp_path):
-    from testbed.delegate import curve_client, make_curve_keys
+    from testbed.keys import generate, make_curve_keys
+    from testbed.keys import setup_client as curve_client
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))
     other = tmp_path / "other"  # a relay with keys the delegate does not know
-    other.mkdir()
-    zmq.auth.create_certificates(str(other), "client")
+    generate(other)
+    (other / "server.key").unlink()
     (other / "server.key").write_bytes((keys / "server.key").read_bytes())
     with Delegate("tcp://127.0.0.1:*", curve_keys=str(keys)) as d:
         assert "CURVE" in d.status_line()
@@ -497,12 +498,12 @@ def test_curve_admits_only_authorized_relays(ctx, tmp_path):
 
 
 def test_curve_without_keys_is_a_user_error(tmp_path):
-    with pytest.raises(_TestbedError, match="cannot read CURVE certificate"):
+    with pytest.raises(_TestbedError, match="server.key_secret: no such file"):
         Delegate("tcp://127.0.0.1:*", curve_keys=str(tmp_path)).bind()
 
 
 def test_curve_bind_failure_is_an_error_not_a_hang(tmp_path):
-    from testbed.delegate import make_curve_keys
+    from testbed.keys import make_curve_keys
 
     make_curve_keys(str(tmp_path))
     with socket.socket() as s:

@@ -85,6 +85,14 @@ def test_up_status_down_leaves_nothing(labdir):
     assert ssh.returncode == 0, ssh.stderr
     assert "10.213.49.1/24" in ssh.stdout
 
+    # the node runs this checkout (sshd sets PYTHONPATH), whatever the Python has installed
+    which = subprocess.run(
+        ["ssh", "-F", str(labdir / "ssh_config"), "node1",
+         f"{sys.executable} -c 'import testbed; print(testbed.__file__)'"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert which.stdout.strip() == str(lab.PROJECT_DIR / "testbed" / "__init__.py"), which.stderr
+
     # the inventory names it, as the single (delegate) node
     hosts = (labdir / "inventory" / "hosts.ini").read_text()
     assert "[delegate_nodes]\nnode1 ansible_host=10.213.49.1" in hosts
@@ -98,8 +106,20 @@ def test_up_status_down_leaves_nothing(labdir):
     assert again.returncode == 2 and "already up" in again.stderr
     assert node["netns"] in _netns()
 
+    # the lab's delegate service user (as site.yml would create it) is the lab's to remove
+    user = lab.service_user(state)
+    assert (
+        "delegate_user: " + json.dumps(user)
+        in (labdir / "inventory" / "group_vars" / "all" / "lab.yml").read_text()
+    )
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "--user-group", user], check=True)  # fmt: skip
+
     down = tb("lab", "down", "--dir", str(labdir), check=True)
     assert f"deleted namespace {node['netns']}" in down.stdout
+    assert f"removed user {user}" in down.stdout
+    assert subprocess.run(["getent", "passwd", user]).returncode == 2
+    assert subprocess.run(["getent", "group", user]).returncode == 2
     assert node["netns"] not in _netns()
     assert not Path(f"/sys/class/net/{state['bridge']}").exists()
     assert not labdir.exists()

@@ -3,10 +3,14 @@
 One lab (node1, node2 = compute_nodes; node3 = delegate_nodes) is shared by
 the tests of this module, in file order:
 
-  site.yml succeeds on all three and again with changed=0 (kmod: seccomp-only)
-  -> the delegate answers on node3 -> experiment.yml: node1 and node2 forward a
-  real workload to node3 and the run directories come back complete ->
-  bad plans and hosts fail clearly -> teardown.yml -> lab down leaves nothing.
+  site.yml succeeds on all three and again with changed=0 (kmod: seccomp-only;
+  CURVE keys made on the controller and distributed, secrets 0600; the
+  delegate serves as the lab's unprivileged service user) -> the delegate
+  answers node1's distributed keys and refuses no keys and wrong keys ->
+  experiment.yml: node1 and node2 forward a real workload to node3 over CURVE
+  and the run directories come back complete -> bad plans and hosts fail
+  clearly -> teardown.yml (service user and relay keys gone) -> lab down
+  leaves nothing.
 
 The kmod role's real build-and-load runs against a QEMU guest (testbed.vm).
 """
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -25,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from testbed import lab, rundir
+from testbed.errors import TestbedError as _TestbedError
 
 SUBNET = "10.213.48.0/24"
 NODE3 = "10.213.48.3"
@@ -94,6 +101,25 @@ def _delegate_child_pid(d: Path) -> int:
     return int((d / "state" / "node3" / "delegate" / "child.pid").read_text())
 
 
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def _thread_creds(pid: int) -> set[tuple[str, str, str]]:
+    """(Uid, Gid, CapEff) of every thread of ``pid``, as /proc shows them."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        f = dict(ln.split(":", 1) for ln in (task / "status").read_text().splitlines() if ":" in ln)
+        out.add((f["Uid"].split()[0] + "/" + f["Uid"].split()[3], f["Gid"].split()[0],
+                 f["CapEff"].strip()))  # fmt: skip
+    return out
+
+
+def _ssh(d: Path, node: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["ssh", "-F", str(d / "ssh_config"), node, command],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
 @needs_lab
 @pytest.mark.netns
 @pytest.mark.slow
@@ -110,6 +136,48 @@ def test_site_succeeds_then_changes_nothing(lab3):
         assert f"mktrace is not built on {node} and runs there use --backend seccomp" in proc.stdout
     assert "seccomp-only: kernel" in proc.stdout
 
+    # CURVE keys: made on the controller, private, one relay pair per node
+    d = lab3["dir"]
+    user = lab.service_user(lab3["state"])
+    assert f"(supervised, user {user}, CURVE) answers at tcp://{NODE3}:5555" in proc.stdout
+    keys_dir = d / "curve-keys"
+    assert _mode(keys_dir) == 0o700
+    assert sorted(p.name for p in (keys_dir / "relays").iterdir()) == ["node1", "node2", "node3"]
+    for p in keys_dir.rglob("*.key_secret"):
+        assert _mode(p) == 0o600, p
+    # node3: the delegate's directory belongs to the service user, secrets 0600
+    pw = pwd.getpwnam(user)
+    curve = d / "state" / "node3" / "delegate" / "curve"
+    assert (curve.stat().st_uid, _mode(curve)) == (pw.pw_uid, 0o700)
+    assert sorted(p.name for p in curve.iterdir()) == [
+        "authorized", "client.key", "client.key_secret", "server.key", "server.key_secret"
+    ]  # fmt: skip
+    for name in ("server.key_secret", "client.key_secret"):
+        assert ((curve / name).stat().st_uid, _mode(curve / name)) == (pw.pw_uid, 0o600)
+    assert sorted(p.name for p in (curve / "authorized").iterdir()) == [
+        "node1.key", "node2.key", "node3.key"
+    ]  # fmt: skip
+    # compute nodes: the delegate's public key and their own pair, nothing else
+    for node in ("node1", "node2"):
+        rk = d / "state" / node / "curve"
+        assert _mode(rk) == 0o700
+        assert sorted(p.name for p in rk.iterdir()) == [
+            "client.key",
+            "client.key_secret",
+            "server.key",
+        ]
+        assert _mode(rk / "client.key_secret") == 0o600
+        assert (rk / "client.key_secret").read_bytes() == (
+            keys_dir / "relays" / node / "client.key_secret"
+        ).read_bytes()
+    # the delegate serves as the service user: every thread, no capabilities
+    child = _delegate_child_pid(d)
+    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+    assert b"--user" in argv and b"--curve-keys" in argv
+    assert _thread_creds(child) == {
+        (f"{pw.pw_uid}/{pw.pw_uid}", str(pw.pw_gid), "0000000000000000")
+    }
+
     again, summary2 = provision(lab3["inventory"], "site.yml", lab3["tmp"])
     assert again.returncode == 0, again.stderr
     assert {h: c["changed"] for h, c in summary2["hosts"].items()} == {
@@ -121,14 +189,38 @@ def test_site_succeeds_then_changes_nothing(lab3):
 
 @needs_lab
 @pytest.mark.netns
-def test_delegate_answers_on_node3(lab3):
+def test_delegate_answers_distributed_keys_and_refuses_others(lab3, tmp_path):
     from testbed.experiment import ping
+    from testbed.keys import generate
 
-    welcome = ping(f"tcp://{NODE3}:5555", timeout_s=10)
-    child = _delegate_child_pid(lab3["dir"])
-    assert welcome["pid"] == child
+    d = lab3["dir"]
+    endpoint = f"tcp://{NODE3}:5555"
+    welcome = ping(endpoint, timeout_s=10, curve_keys=str(d / "state" / "node1" / "curve"))
+    child = _delegate_child_pid(d)
+    assert welcome["pid"] == child and welcome["curve"] is True
     node3 = next(n for n in lab3["state"]["nodes"] if n["name"] == "node3")
     assert child in lab._ns_pids(node3["netns"]), "the delegate must live in node3's namespace"
+
+    # from compute node node1, over SSH: its distributed keys work, no keys are refused
+    run = (
+        f"{sys.executable} -m testbed run --delegate {endpoint} --forward write --connect-timeout 2"
+    )
+    ok = _ssh(d, "node1", f"{run} --curve-keys {d}/state/node1/curve -o {tmp_path}/ok -- echo hi")
+    assert ok.returncode == 0 and ok.stdout == "hi\n", ok.stderr
+    assert rundir.load(tmp_path / "ok").meta["delegate"]["pid"] == child
+    plain = _ssh(d, "node1", f"{run} -o {tmp_path}/plain -- echo hi")
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == [
+        f"testbed: error: no delegate answering at {endpoint} within 2 s "
+        "(does it need --curve-keys?)"
+    ]
+    assert not (tmp_path / "plain").exists()
+    # a relay with keys of its own making is refused too
+    generate(tmp_path / "mine")
+    (tmp_path / "mine" / "server.key").unlink()
+    shutil.copy(d / "curve-keys" / "server.key", tmp_path / "mine" / "server.key")
+    with pytest.raises(_TestbedError, match="no delegate answering"):
+        ping(endpoint, timeout_s=2, curve_keys=str(tmp_path / "mine"))
 
 
 @needs_lab
@@ -149,7 +241,8 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         "-e", f"experiment_plan={plan}", "-e", f"experiment_results_dir={results}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert sorted(summary["hosts"]) == ["node1", "node2"]
+    assert sorted(summary["hosts"]) == ["node1", "node2", "node3"]
+    assert summary["hosts"]["node3"]["changed"] == 0  # only its settings were read
     child = _delegate_child_pid(lab3["dir"])
     runs = []
     for node in ("node1", "node2"):
@@ -159,6 +252,7 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         calls = run.calls()
         assert run.meta["exit_status"] == 0
         assert run.meta["endpoint"] == f"tcp://{NODE3}:5555"
+        assert run.meta["curve"] is True, "forwarded over CURVE with the node's relay keys"
         assert run.meta["delegate"]["pid"] == child, "answered by node3's delegate service"
         assert sorted(run.meta["forwarded"]) == ["read", "write"]
         assert len(calls) > 0 and (calls["d_recv"] > 0).all() and (calls["t_reply"] > 0).all()
@@ -250,6 +344,9 @@ def test_teardown_then_lab_down_leaves_nothing(lab3):
     assert proc.returncode == 0, proc.stderr
     assert not (d / "state" / "node3" / "delegate").exists()
     assert not (d / "state" / "node1" / "experiment").exists()
+    assert not (d / "state" / "node1" / "curve").exists(), "relay keys removed"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(lab.service_user(state))  # the service user is gone
     with socket.socket() as s:
         s.settimeout(2)
         assert s.connect_ex((NODE3, 5555)) != 0, "the delegate must be stopped"

@@ -221,7 +221,7 @@ def test_policy_errors_are_one_line(delegate, tmp_path):
 
 def test_curve_authenticated_delegate(tmp_path):
     from testbed.bench import LocalDelegate
-    from testbed.delegate import make_curve_keys
+    from testbed.keys import make_curve_keys
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))

@@ -19,15 +19,16 @@ import time
 import zmq
 
 from testbed import wire
+from testbed.errors import TestbedError
 
 
 def ping_once(ctx, endpoint, timeout_ms, curve_dir):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if curve_dir:
-        from testbed.delegate import curve_client
+        from testbed.keys import setup_client
 
-        curve_client(sock, curve_dir)
+        setup_client(sock, curve_dir)
     try:
         sock.connect(endpoint)
         sock.send(
@@ -58,7 +59,10 @@ def main():
             left = deadline - time.monotonic()
             if left <= 0:
                 sys.exit(f"delegate at {endpoint} did not answer HELLO within {timeout:g} s")
-            welcome = ping_once(ctx, endpoint, int(min(1.0, left) * 1000), curve_dir)
+            try:
+                welcome = ping_once(ctx, endpoint, int(min(1.0, left) * 1000), curve_dir)
+            except TestbedError as exc:  # unreadable or unsafe keys: one line
+                sys.exit(f"{endpoint}: {exc}")
             if welcome is not None:
                 print(json.dumps(welcome, default=str))
                 return 0
