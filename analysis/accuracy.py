@@ -41,6 +41,8 @@ import pandas as pd
 from analysis import fit
 from analysis import model as M
 from analysis.compare import DelegatedRun, NativeRun, Profile, profile_key
+from testbed.errors import TestbedError
+from testbed.rundir import F_FAULT_MASK, derived
 
 BASE = ("pooled", "per_syscall", "size", "whole_run")
 PREDICTORS = (*BASE, *(f"{p}+fixed" for p in BASE), *(f"{p}@paired" for p in BASE))
@@ -75,8 +77,6 @@ def run_stats(r: DelegatedRun) -> RunStats:
     total = int(len(calls)) or r.forwarded_calls
     bytes_total = float(calls["bytes_in"].sum() + calls["bytes_out"].sum()) if len(calls) else 0.0
     f, x = fit.fc_samples(calls, str(r.meta.get("mode") or "cost"))
-    from testbed.rundir import F_FAULT_MASK, derived
-
     f_by_nr: dict[int, tuple[int, float]] = {}
     if len(calls):
         d = derived(calls)
@@ -202,7 +202,7 @@ def _fit(train: list[RunStats], base: dict[int, NativeRef]) -> Fitted | None:
     if obs:
         try:
             whole = fit.whole_run(pd.DataFrame(obs).drop_duplicates()).f_c.value
-        except Exception:  # noqa: BLE001 - not identifiable: the predictor is absent
+        except (TestbedError, np.linalg.LinAlgError):  # not identifiable: no such predictor
             whole = np.nan
     f = Fitted(pooled, per_nr, alpha, beta, whole, {})
     for p in BASE:
