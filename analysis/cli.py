@@ -111,7 +111,11 @@ def main_analyze(args: argparse.Namespace) -> int:
     from testbed import rundir
 
     for p in expand_rundirs(args.rundirs):
-        rundir.load(p)  # a missing or malformed run directory fails before any import
+        run = rundir.load(p)  # a missing or malformed run directory fails before any import
+        if not run.complete:
+            print(f"testbed: warning: {p} is incomplete (its relay did not finish; "
+                  f"{run.calls().size} call records kept): left out of the fit and the "
+                  "report", file=sys.stderr)  # fmt: skip
     from analysis.report import write_report
 
     report = write_report(args.rundirs, args.output, policy=policy)

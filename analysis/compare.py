@@ -201,6 +201,8 @@ def load_all(paths) -> tuple[list[Profile], list[DelegatedRun], list[NativeRun]]
     profiles, runs, natives = [], [], []
     for p in paths:
         run = rundir.load(p)
+        if not run.complete:
+            continue  # its relay never finished (no wall time): `testbed analyze` warns
         cell = read_cell(run.path)
         if run.kind in ("delegated", "native"):
             for k in ("wall_s", "command"):

@@ -10,6 +10,8 @@ into the module that does the job (imported lazily so ``--help`` is fast and
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,20 +30,35 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or value != value:
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return value
 
 
 def cpu_list(text: str) -> frozenset[int]:
     """A CPU list such as 0,2-3 of CPUs this machine has."""
-    import os
-
     from testbed.cpus import parse_cpus
 
     try:
@@ -51,6 +68,33 @@ def cpu_list(text: str) -> frozenset[int]:
     if max(cpus) >= (os.cpu_count() or 1):
         raise argparse.ArgumentTypeError(f"CPUs {text!r}: this machine has {os.cpu_count()}")
     return cpus
+
+
+#: Longest timeout (s) and injected delay (us) the options accept.
+MAX_SECONDS = 24 * 3600.0
+MAX_DELAY_US = 10e6
+
+
+def timeout_seconds(text: str) -> float:
+    """A finite timeout > 0 s (0 would make every forwarded call a fault)."""
+    value = _finite(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 and <= {MAX_SECONDS:g} seconds")
+    return value
+
+
+def delay_us(text: str) -> float:
+    value = non_negative_float(text)
+    if value > MAX_DELAY_US:
+        raise argparse.ArgumentTypeError(f"{text!r} must be <= {MAX_DELAY_US:g} us")
+    return value
+
+
+def new_dir(text: str) -> str:
+    """An output directory: must not be an existing non-directory."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
 
 
 def endpoint(text: str) -> str:
@@ -66,6 +110,18 @@ def endpoint(text: str) -> str:
         host, sep, port = rest.rpartition(":")
         if not sep or not host or not (port.isdigit() or port == "*"):
             raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT")
+        if port != "*" and not 0 <= int(port) <= 65535:  # libzmq would wrap it silently
+            raise argparse.ArgumentTypeError(f"{text!r}: port must be 0-65535")
+    return text
+
+
+def connect_endpoint(text: str) -> str:
+    """An endpoint to connect to: as :func:`endpoint`, and a TCP port is 1-65535."""
+    text = endpoint(text)
+    if text.startswith("tcp://"):
+        port = text.rpartition(":")[2]
+        if port == "*" or int(port) == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: connect needs a port 1-65535")
     return text
 
 
@@ -208,13 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--delay-us",
-        type=non_negative_float,
+        type=delay_us,
         default=0.0,
         metavar="D",
         help="spin D microseconds per call to emulate a slower link (default 0)",
     )
     p.add_argument(
-        "--offload-root", metavar="DIR", help="enable offload mode: execute file I/O beneath DIR"
+        "--offload-root",
+        metavar="DIR",
+        help="enable offload mode: execute relays' file I/O beneath DIR (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-max-fds",
+        type=positive_int,
+        metavar="N",
+        help="offload mode: open remote fds allowed per client (default 1024)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow offload mode on a non-loopback endpoint without --curve-keys",
     )
     p.add_argument(
         "--max-calls",
@@ -230,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--user",
+        "--offload-user",
+        dest="user",
         metavar="NAME",
         help="started as root: bind and read the keys, then serve as this unprivileged "
-        "user (no supplementary groups, no capabilities, no_new_privs)",
+        "user (no supplementary groups, no capabilities, no_new_privs); in offload mode "
+        "files are created as NAME",
     )
     p.add_argument(
         "--quiet",
@@ -257,12 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--delegate",
-        type=endpoint,
+        type=connect_endpoint,
         required=True,
         metavar="ENDPOINT",
         help="delegate endpoint, e.g. tcp://10.0.0.2:5555",
     )
-    sel = p.add_mutually_exclusive_group(required=True)
+    sel = p.add_mutually_exclusive_group()
     sel.add_argument(
         "--forward",
         type=syscall_set,
@@ -279,7 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=("cost", "offload"),
         default="cost",
-        help="cost: acknowledge then run locally (default); offload: delegate executes",
+        help="cost: acknowledge then run locally (default); offload: file I/O under "
+        "--offload-path executes at the delegate (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-path",
+        action="append",
+        metavar="PREFIX",
+        help="offload mode: paths at or under PREFIX (and fds opened from them) are executed "
+        "beneath the delegate's --offload-root; repeatable",
     )
     p.add_argument(
         "--backend",
@@ -289,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=2.0,
         metavar="SECONDS",
         help="per-call timeout before a call is released locally (default 2)",
@@ -308,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--connect-timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=3.0,
         metavar="SECONDS",
         help="give up if the delegate does not answer the handshake (default 3)",
@@ -319,9 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CPUS",
         help="run the program on these CPUs (e.g. 0 or 0,2-3); pin the relay with taskset",
     )
-    p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory (default runs/run-TIME)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RUNDIR",
+        help="run directory (default runs/run-TIME)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to run, unmodified, after --",
+    )
     p.set_defaults(func=cmd_run)
 
     # --- profile --------------------------------------------------------
@@ -332,7 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
         "wall/user/sys time, C and p.",
     )
     p.add_argument(
-        "-o", "--output", metavar="RUNDIR", help="run directory (default runs/profile-TIME)"
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RUNDIR",
+        help="run directory (default runs/profile-TIME)",
     )
     p.add_argument(
         "--method",
@@ -342,14 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--native-runs",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also time N untraced runs (native t_nd for testbed analyze; only for "
         "commands that can be repeated, default 0)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to profile natively, after --",
+    )
     p.set_defaults(func=cmd_profile)
 
     # --- bench ----------------------------------------------------------
@@ -362,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--delegate",
-        type=endpoint,
+        type=connect_endpoint,
         metavar="ENDPOINT",
         help="delegate to use (default: start one on loopback)",
     )
@@ -432,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
+        type=new_dir,
         metavar="REPORTDIR",
         default="report",
         help="report directory (default ./report)",
@@ -451,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local delegate, compress a generated file natively and with "
         "read,write forwarded, and print the measured f_c and slowdown.",
     )
-    p.add_argument("-o", "--output", metavar="DIR", help="where the run directories go")
+    p.add_argument(
+        "-o", "--output", type=new_dir, metavar="DIR", help="where the run directories go"
+    )
     p.add_argument(
         "--size-mb",
         type=positive_int,
@@ -573,7 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("plan", metavar="PLAN", help="plan file (YAML or JSON)")
     p.add_argument(
-        "-o", "--output", metavar="RESULTS", help="results directory (default results/<plan name>)"
+        "-o",
+        "--output",
+        type=new_dir,
+        metavar="RESULTS",
+        help="results directory (default results/<plan name>)",
     )
     p.add_argument(
         "--host-label",
@@ -640,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=600.0,
         metavar="S",
         help="kill the guest after S seconds (default 600)",

@@ -29,40 +29,66 @@ keys in ``DIR/authorized`` (:mod:`testbed.keys`); ``--user NAME`` drops root
 after binding and reading the keys (:mod:`testbed.privileges`).
 
 Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
-mode is delegated to an :class:`OffloadExecutor` (the extension point: pass
-one to :class:`Delegate`, or provide ``testbed.offload.make_executor(root)``
-for ``--offload-root``).
+mode is delegated to an :class:`OffloadExecutor` (``testbed.offload``, built
+for ``--offload-root DIR``; see ``docs/offload.md``).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import os
+import resource
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
 
 from testbed import keys, wire
+from testbed.connguard import ConnectionGuard
 from testbed.errors import TestbedError
 from testbed.privileges import drop_privileges
 
 #: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger
 #: frame (it never reaches us).  Frames between ``wire.MAX_FRAME`` and this cap
 #: are received and answered with ERROR ``too-large``.
-HARD_MAX_FRAME = 2 * wire.MAX_FRAME
+HARD_MAX_FRAME = wire.MAX_FRAME + (64 << 10)
+
+#: Whole messages queued per peer, each way (ZMQ_RCVHWM / ZMQ_SNDHWM).  libzmq
+#: counts messages, not bytes: a peer's receive queue holds at most
+#: RECV_HWM * HARD_MAX_FRAME bytes; beyond it TCP pushes back on the peer.  A
+#: reply is a RESULT (~80 bytes in cost mode) or an ERROR (< 300 bytes:
+#: ``wire.MAX_ERROR_TEXT``), so a peer that never reads costs at most
+#: SEND_HWM small replies; further replies to it are dropped (ROUTER policy).
+RECV_HWM = 8
+SEND_HWM = 256
+
+#: Bytes a connection may send without completing a message (an unterminated
+#: multipart message) before it is cut (``testbed.connguard``): above the
+#: legitimate backlog of RECV_HWM whole messages plus the kernel's buffer.
+MAX_BACKLOG = RECV_HWM * HARD_MAX_FRAME + (16 << 20)
+
+#: Parts of one message the serving loop keeps ([identity, "", payload] at
+#: most); further parts are read and dropped, and the message is answered
+#: with ERROR ``malformed``.
+MAX_PARTS = 3
+
+#: Open connections accepted (further ones are shut down at once); lowered to
+#: fit under ``RLIMIT_NOFILE`` (see :func:`connection_cap`).
+MAX_CONNECTIONS = 4096
 
 #: Linger (ms) when closing sockets on shutdown: long enough for the replies
 #: already handed to libzmq to leave, bounded so shutdown never hangs.
 CLOSE_LINGER_MS = 100
 
-#: Bound on remembered clients (least recently seen dropped beyond it).
+#: Bound on remembered clients (least recently seen dropped beyond it, O(1)).
 MAX_CLIENTS = 65536
 
 #: Worker receive timeout (ms) in the multi-worker layout: how often an idle
@@ -73,6 +99,19 @@ WORKER_POLL_MS = 50
 DRAIN_NS = 200_000_000
 
 SNDMORE = int(zmq.SNDMORE)  # plain int: enum flags are slow on the hot path
+SRCFD = int(zmq.SRCFD)
+
+
+def connection_cap(workers: int) -> int:
+    """Connections to accept: MAX_CONNECTIONS, less if RLIMIT_NOFILE is lower.
+
+    Each connection costs one fd; each worker socket and libzmq's own
+    machinery a few more (reserved here).
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft - 64 - 3 * workers))
 
 
 class OffloadExecutor(Protocol):
@@ -145,17 +184,19 @@ class _Handler:
 
     def __init__(self, delegate: Delegate):
         self.d = delegate
-        self.clients: dict[bytes, _Client] = {}
+        self.clients: OrderedDict[bytes, _Client] = OrderedDict()  # least recently seen first
         self.delay_ns = delegate.delay_ns
         self.yield_gil = delegate.workers > 1
 
     def _client(self, ident: bytes, t_ns: int) -> _Client:
-        client = self.clients.get(ident)
+        clients = self.clients
+        client = clients.get(ident)
         if client is None:
-            if len(self.clients) >= MAX_CLIENTS:
-                oldest = min(self.clients, key=lambda k: self.clients[k].last_ns)
-                del self.clients[oldest]
-            client = self.clients[ident] = _Client(t_ns)
+            if len(clients) >= MAX_CLIENTS:
+                clients.popitem(last=False)  # least recently seen, O(1)
+            client = clients[ident] = _Client(t_ns)
+        else:
+            clients.move_to_end(ident)
         return client
 
     def handle(self, ident: bytes, payload: bytes, t_recv: int) -> bytes:
@@ -184,13 +225,13 @@ class _Handler:
             text = f"internal error: {exc.__class__.__name__}: {exc}"[:200]
             return wire.encode_error(wire.E_INTERNAL, text, getattr(msg, "call_id", None))
 
-    def bad_envelope(self, ident: bytes, frames: list[bytes], t_recv: int) -> bytes:
+    def bad_envelope(self, ident: bytes, parts: int, nbytes: int, t_recv: int) -> bytes:
         """The ERROR for a message that is not ``[identity, ("",) payload]``."""
         client = self._client(ident, t_recv)
-        client.bytes_in += sum(len(f) for f in frames)
+        client.bytes_in += nbytes
         client.last_ns = t_recv
         client.errors += 1
-        msg = f"expected one frame after the routing envelope, got {len(frames)}"
+        msg = f"expected one frame after the routing envelope, got {parts}"
         return wire.encode_error(wire.E_MALFORMED, msg)
 
     def _call(self, client: _Client, ident: bytes, call: wire.Call, t_recv: int) -> bytes:
@@ -239,8 +280,8 @@ class Delegate:
     ):
         if workers < 1:
             raise TestbedError(f"workers must be >= 1, not {workers}")
-        if delay_us < 0 or delay_us != delay_us:
-            raise TestbedError(f"delay must be >= 0 µs, not {delay_us}")
+        if not 0 <= delay_us < float("inf"):  # refuses NaN and inf
+            raise TestbedError(f"delay must be a finite number >= 0 µs, not {delay_us}")
         self.listen = listen
         self.workers = int(workers)
         self.delay_us = float(delay_us)
@@ -252,6 +293,8 @@ class Delegate:
         self._auth = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
+        self._guard: ConnectionGuard | None = None
+        self._pool_socks: list[zmq.Socket] = []
         self._endpoint: str | None = None
         self._handlers: list[_Handler] = []
         self._answered = itertools.count(1)
@@ -362,34 +405,51 @@ class Delegate:
             return self._endpoint
         _check_endpoint(self.listen)
         ctx = zmq.Context()
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
-        router.setsockopt(zmq.SNDHWM, 100_000)  # replies are small; beyond it ROUTER drops
-        router.setsockopt(zmq.RCVHWM, 1000)  # per peer; beyond it TCP pushes back on the peer
-        if self.curve_keys is not None:
-            try:
-                self._auth = keys.setup_server(ctx, router, self.curve_keys)
-            except TestbedError:
-                router.close(0)
-                ctx.term()
-                raise
+        self._ctx = ctx
         try:
-            if self.workers == 1:  # first, so LAST_ENDPOINT names the listening one
-                router.bind(self._ctl_endpoint)
-            router.bind(self.listen)
-        except zmq.ZMQError as exc:
-            router.close(0)
-            if self._auth is not None:
-                self._auth.stop()
-                self._auth = None
-            ctx.term()
-            raise TestbedError(
-                f"cannot listen on {self.listen}: {zmq.strerror(exc.errno)}"
-            ) from None
-        self._ctx, self._router = ctx, router
-        self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            router = self._router = ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
+            router.setsockopt(zmq.SNDHWM, SEND_HWM)  # per peer; beyond it ROUTER drops replies
+            router.setsockopt(zmq.RCVHWM, RECV_HWM)  # per peer; beyond it TCP pushes back
+            if self.curve_keys is not None:
+                self._auth = keys.setup_server(ctx, router, self.curve_keys)
+            try:
+                if self.workers == 1:  # first, so LAST_ENDPOINT names the listening one
+                    router.bind(self._ctl_endpoint)
+                router.bind(self.listen)
+            except zmq.ZMQError as exc:
+                raise TestbedError(
+                    f"cannot listen on {self.listen}: {zmq.strerror(exc.errno)}"
+                ) from None
+            endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self._start_guard()
+            if self.workers > 1:
+                self._setup_pool()
+        except BaseException as exc:
+            self._close()
+            if isinstance(exc, zmq.ZMQError):
+                raise TestbedError(self._setup_error(exc)) from None
+            raise
+        self._endpoint = endpoint
         return self._endpoint
+
+    def _start_guard(self) -> None:
+        # the pool's C proxy hides which connection a message came from, so
+        # the backlog bound needs the direct layout (see testbed.connguard)
+        backlog = MAX_BACKLOG if self.workers == 1 else None
+        self._guard = ConnectionGuard(
+            self._ctx, self._router, connection_cap(self.workers), backlog
+        )
+        self._guard.start()
+
+    def _setup_error(self, exc: zmq.ZMQError) -> str:
+        """One line for a failure to create the delegate's sockets."""
+        what = f"cannot start the delegate with {self.workers} workers: {zmq.strerror(exc.errno)}"
+        if exc.errno == errno.EMFILE:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            what += f" (ulimit -n is {soft}; use fewer --workers or raise it)"
+        return what
 
     def start(self) -> Delegate:
         """Bind and serve in a background thread; returns self."""
@@ -472,7 +532,17 @@ class Delegate:
                 self.on_stop()
 
     def _close(self) -> None:
-        """Close the sockets (bounded linger) and the context; idempotent."""
+        """Close the sockets (bounded linger) and the context; idempotent.
+
+        ``Context.destroy`` closes any socket still open, so a failure half-way
+        through setup can never leave ``term()`` waiting forever.
+        """
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        for s in self._pool_socks:
+            s.close(0)
+        self._pool_socks.clear()
         if self._router is not None:
             self._router.close(CLOSE_LINGER_MS)
             self._router = None
@@ -481,7 +551,7 @@ class Delegate:
             self._auth = None
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
-            ctx.term()
+            ctx.destroy(linger=CLOSE_LINGER_MS)
 
     def _serve_direct(self) -> None:
         """``workers == 1``: serve the ROUTER in this thread, no inproc hop."""
@@ -501,6 +571,7 @@ class Delegate:
         mono = time.monotonic_ns
         handle = handler.handle
         ctl = self._ctl_id
+        guard = self._guard.delivered if self._guard is not None and sock is self._router else None
         deadline = None
         while True:
             if self._stop_requested:  # drain what is queued, bounded in count and time
@@ -517,22 +588,18 @@ class Delegate:
                 continue  # worker receive timeout: look at the stop flag
             frame = sock.recv(copy=False)  # the rest of a message is there already
             t_recv = mono()
+            if ident == ctl:  # a wake-up from request_stop (inproc, never multipart)
+                continue
+            if guard is not None:
+                try:
+                    guard(frame.get(SRCFD))
+                except zmq.ZMQError:
+                    pass  # an inproc peer: no connection to guard
             if not frame.more:  # [identity, payload]: a DEALER client (the relay)
-                if ident == ctl:
-                    continue
                 reply = handle(ident, frame.bytes, t_recv)
                 env = (ident,)
             else:
-                frames = [frame.bytes]
-                while frame.more:
-                    frame = sock.recv(copy=False)
-                    frames.append(frame.bytes)
-                if len(frames) == 2 and frames[0] == b"":  # [identity, "", payload]: REQ
-                    reply = handle(ident, frames[1], t_recv)
-                    env = (ident, b"")
-                else:
-                    reply = handler.bad_envelope(ident, frames, t_recv)
-                    env = (ident,)
+                reply, env = self._multipart(sock, handler, ident, frame, t_recv)
             try:
                 for part in env:
                     send(part, SNDMORE)
@@ -540,18 +607,52 @@ class Delegate:
             except zmq.ZMQError:
                 pass  # peer vanished or its queue is full: ROUTER drops, nothing to do
 
-    def _serve_pool(self) -> None:
-        """``workers > 1``: C proxy ROUTER <-> inproc DEALER <-> N worker threads."""
+    @staticmethod
+    def _multipart(
+        sock: zmq.Socket, handler: _Handler, ident: bytes, frame: zmq.Frame, t_recv: int
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        """Reply to a message of several parts; keeps at most MAX_PARTS of them."""
+        frames = [frame.bytes]
+        parts, nbytes = 1, len(frame)
+        while frame.more:  # libzmq delivers whole messages: every part is here already
+            frame = sock.recv(copy=False)
+            parts += 1
+            nbytes += len(frame)
+            if parts <= MAX_PARTS:
+                frames.append(frame.bytes)
+        if parts == 2 and frames[0] == b"":  # [identity, "", payload]: a REQ client
+            return handler.handle(ident, frames[1], t_recv), (ident, b"")
+        return handler.bad_envelope(ident, parts, nbytes, t_recv), (ident,)
+
+    def _setup_pool(self) -> None:
+        """``workers > 1``: create every socket before serving (errors surface in bind)."""
         ctx = self._ctx
         backend_ep = f"inproc://tb-delegate-{id(self):x}-workers"
         proxy_ctl_ep = f"inproc://tb-delegate-{id(self):x}-proxyctl"
+        socks = self._pool_socks
         backend = ctx.socket(zmq.DEALER)
+        socks.append(backend)
         backend.setsockopt(zmq.LINGER, 0)
+        backend.setsockopt(zmq.SNDHWM, RECV_HWM * self.workers)
+        backend.setsockopt(zmq.RCVHWM, SEND_HWM)
         backend.bind(backend_ep)
         proxy_ctl = ctx.socket(zmq.PAIR)
+        socks.append(proxy_ctl)
         proxy_ctl.bind(proxy_ctl_ep)
         steer = ctx.socket(zmq.PAIR)
+        socks.append(steer)
         steer.connect(proxy_ctl_ep)
+        for _ in range(self.workers):
+            sock = ctx.socket(zmq.DEALER)
+            socks.append(sock)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, WORKER_POLL_MS)
+            sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+            sock.connect(backend_ep)
+
+    def _serve_pool(self) -> None:
+        """``workers > 1``: C proxy ROUTER <-> inproc DEALER <-> N worker threads."""
+        backend, proxy_ctl, steer, *worker_socks = self._pool_socks
         frontend = self._router
 
         def run_proxy() -> None:
@@ -562,13 +663,9 @@ class Delegate:
 
         proxy = threading.Thread(target=run_proxy, name="tb-delegate-proxy", daemon=True)
         workers = []
-        for i in range(self.workers):
+        for i, sock in enumerate(worker_socks):
             handler = _Handler(self)
             self._handlers.append(handler)
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVTIMEO, WORKER_POLL_MS)
-            sock.connect(backend_ep)
             t = threading.Thread(
                 target=self._worker, args=(sock, handler), name=f"tb-delegate-w{i}", daemon=True
             )
@@ -588,8 +685,7 @@ class Delegate:
             proxy.join(5.0)
             for s in (steer, proxy_ctl, backend):
                 s.close(0)
-            self._router.close(CLOSE_LINGER_MS)
-            self._router = None
+            self._pool_socks.clear()
 
     def _worker(self, sock: zmq.Socket, handler: _Handler) -> None:
         try:
@@ -601,22 +697,11 @@ class Delegate:
 # ---------------------------------------------------------------- CLI
 
 
-def load_offload(root: str) -> OffloadExecutor:
-    """The offload executor for ``--offload-root`` (``testbed.offload``)."""
-    if not os.path.isdir(root):
-        raise TestbedError(f"offload root {root!r} is not a directory")
-    try:
-        from testbed.offload import make_executor  # type: ignore[import-not-found]
-    except ImportError:
-        raise TestbedError(
-            "offload mode is not available in this build (no testbed.offload module)"
-        ) from None
-    return make_executor(root)
-
-
 def main_delegate(args: Any) -> int:
     """``testbed delegate``: serve until SIGINT/SIGTERM or ``--max-calls``."""
-    offload = load_offload(args.offload_root) if getattr(args, "offload_root", None) else None
+    from testbed.offload import executor_from_args
+
+    offload = executor_from_args(args)
     delegate = Delegate(
         args.listen,
         workers=args.workers,
@@ -650,8 +735,11 @@ def main_delegate(args: Any) -> int:
             while not delegate._stopped.wait(0.25):
                 pass
             delegate._thread.join(5)
-            if delegate._error is not None:
-                raise delegate._error
+            err = delegate._error
+            if isinstance(err, zmq.ZMQError | RuntimeError | OSError):  # e.g. no more threads
+                raise TestbedError(f"delegate stopped: {err}") from None
+            if err is not None:
+                raise err
     finally:
         delegate._close()
         for s, h in old.items():

@@ -25,6 +25,7 @@ A plan::
     name: gzip-lab                 # optional (default: the file name)
     repetitions: 2                 # default 1
     mode: cost                     # cost | offload (default cost)
+    offload_path: /gpfs            # offload mode only: the offloaded prefix (docs/offload.md)
     backend: seccomp               # seccomp | kmod (default seccomp)
     timeout_s: 600                 # per run (default 600)
     workloads:                     # catalogue names, or maps with options
@@ -112,6 +113,7 @@ PLAN_KEYS = {
     "forward",
     "delegates",
     "pin",
+    "offload_path",
 }
 _WORDS = [
     "forward",
@@ -174,25 +176,30 @@ class Plan:
     forward: list[Forward]
     delegates: list[DelegateSpec]
     pin: bool = False
+    offload_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "repetitions": self.repetitions,
-            "mode": self.mode,
-            "backend": self.backend,
-            "timeout_s": self.timeout_s,
-            "workloads": [
-                {"name": w.name, "argv": list(w.argv), "size_mb": w.size_mb, "seed": w.seed}
-                | ({"gamma": w.gamma} if w.gamma is not None else {})
-                for w in self.workloads
-            ],
-            "forward": [
-                {"label": f.label, "syscalls": list(f.names), "policy": f.policy}
-                for f in self.forward
-            ],
-            "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
-        } | ({"pin": True} if self.pin else {})
+        return (
+            {
+                "name": self.name,
+                "repetitions": self.repetitions,
+                "mode": self.mode,
+                "backend": self.backend,
+                "timeout_s": self.timeout_s,
+                "workloads": [
+                    {"name": w.name, "argv": list(w.argv), "size_mb": w.size_mb, "seed": w.seed}
+                    | ({"gamma": w.gamma} if w.gamma is not None else {})
+                    for w in self.workloads
+                ],
+                "forward": [
+                    {"label": f.label, "syscalls": list(f.names), "policy": f.policy}
+                    for f in self.forward
+                ],
+                "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
+            }
+            | ({"pin": True} if self.pin else {})
+            | ({"offload_path": self.offload_path} if self.offload_path else {})
+        )
 
 
 @dataclass(frozen=True)
@@ -390,7 +397,11 @@ def parse_plan(
     pin = data.get("pin", False)
     if not isinstance(pin, bool):
         raise PlanError(f"{where}: pin must be true or false")
-    forward = [_forward(f, where) for f in _list(data, "forward", where)]
+    offload_path = _offload_path(data, mode, where)
+    if offload_path:  # offload mode traps the file-I/O calls itself
+        forward = [Forward("offload")]
+    else:
+        forward = [_forward(f, where) for f in _list(data, "forward", where)]
     if delegates:
         specs = []
         for text in delegates:
@@ -406,7 +417,22 @@ def parse_plan(
         if len(set(labels)) != len(labels):
             raise PlanError(f"{where}: two {kind} entries have the same name ({', '.join(labels)})")
     plan_name = _label(str(data.get("name") or name))
-    return Plan(plan_name, reps, mode, backend, timeout, workloads, forward, specs, pin)
+    return Plan(
+        plan_name, reps, mode, backend, timeout, workloads, forward, specs, pin, offload_path
+    )
+
+
+def _offload_path(data: dict, mode: str, where: str) -> str | None:
+    path = data.get("offload_path")
+    if mode != "offload":
+        if path is not None:
+            raise PlanError(f"{where}: offload_path is only used with mode: offload")
+        return None
+    if "forward" in data:
+        raise PlanError(f"{where}: mode offload traps the file-I/O calls itself; drop 'forward'")
+    if not isinstance(path, str) or not path.startswith("/") or os.path.normpath(path) == "/":
+        raise PlanError(f"{where}: mode offload needs offload_path: an absolute prefix (not /)")
+    return os.path.normpath(path)
 
 
 def load_plan(path: str | os.PathLike, delegates: list[str] | None = None) -> Plan:
@@ -464,6 +490,13 @@ def _argv(w: Workload, input_path: Path) -> list[str]:
     ]
 
 
+def _testbed_env() -> dict[str, str]:
+    """Environment for ``python -m testbed`` children run in another cwd: the same package."""
+    top = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=top + (os.pathsep + old if old else ""))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -492,15 +525,21 @@ def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -
 class LocalDelegate:
     """A delegate on loopback for the duration of a plan (always stopped)."""
 
-    def __init__(self, cpus: frozenset[int] | None = None) -> None:
+    def __init__(
+        self, offload_root: Path | None = None, cpus: frozenset[int] | None = None
+    ) -> None:
         self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
         self.proc: subprocess.Popen | None = None
+        self.offload_root = offload_root
         self.cpus = cpus
 
     def __enter__(self) -> LocalDelegate:
         cmd = [sys.executable, "-m", "testbed", "delegate", "--listen", self.endpoint, "--quiet"]
+        if self.offload_root is not None:
+            self.offload_root.mkdir(parents=True, exist_ok=True)
+            cmd += ["--offload-root", str(self.offload_root)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     preexec_fn=_pinner(self.cpus), env=_self_env())  # fmt: skip
+                                     preexec_fn=_pinner(self.cpus), env=_testbed_env())  # fmt: skip
         try:
             deadline = time.monotonic() + 15
             while True:
@@ -550,13 +589,6 @@ def _wait4(pid: int, timeout_s: float) -> tuple[int, int, Any]:
     return result
 
 
-def _self_env() -> dict[str, str]:
-    """Environment in which ``python -m testbed`` is this very testbed (whatever the cwd)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
-
-
 def _pinner(cpus: frozenset[int] | None):
     """A preexec_fn that pins the new process (all its future threads) to ``cpus``."""
     if cpus is None:
@@ -579,6 +611,7 @@ class Runner:
         self.profiles: dict[str, Path] = {}
         self.place = cpus.placement(plan.pin)
         self.delegate_pids: dict[str, int] = {}  # local delegates: CPU time read from /proc
+        self.staged: set[str] = set()
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -619,6 +652,32 @@ class Runner:
             "output_bytes": out.stat().st_size,
             "output_sha256": _sha256(out),
         }
+
+    def offload_input(self, w: Workload, delegate: DelegateSpec) -> Path:
+        """The workload's input copied (``cp -p``, offloaded) into the offloaded tree."""
+        endpoint = self.endpoints[delegate.name]
+        keys = (
+            ["--curve-keys", self.curve_keys]
+            if self.curve_keys and delegate.endpoint != "local"
+            else []
+        )
+        local = self.input_for(w)
+        remote = Path(self.plan.offload_path, self.plan.name, local.parent.name, local.name)
+        key = f"{endpoint} {remote}"
+        if key in self.staged:
+            return remote
+        cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
+               "--mode", "offload", "--offload-path", str(self.plan.offload_path),
+               "--backend", self.plan.backend, *keys, "-o", str(self.work / "stage-run"), "--",
+               "sh", "-c", 'mkdir -p "$(dirname "$2")" && cp -p "$1" "$2"', "sh",
+               str(local), str(remote)]  # fmt: skip
+        shutil.rmtree(self.work / "stage-run", ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.plan.timeout_s)
+        if proc.returncode != 0:
+            raise TestbedError(f"staging the input of {w.name} at the delegate failed: "
+                               f"{_tail(proc.stderr)}")  # fmt: skip
+        self.staged.add(key)
+        return remote
 
     def native_run(self, w: Workload) -> dict[str, Any]:
         """The reference native run of ``w`` (output checksum), cached in native/<workload>.json."""
@@ -706,7 +765,7 @@ class Runner:
             stderr=subprocess.PIPE,
             text=True,
             cwd=self.work,
-            env=_self_env(),
+            env=_testbed_env(),
         )
         if proc.returncode != 0 or not (path / rundir.RUN_JSON).exists():
             raise TestbedError(f"native profile of {w.name} failed: {_tail(proc.stderr)}")
@@ -720,10 +779,9 @@ class Runner:
         if not (d / "experiment.json").exists():
             return False
         try:
-            rundir.load(d)
+            return rundir.load(d).complete
         except TestbedError:
             return False
-        return True
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         final = self.base / cell.run_id
@@ -733,7 +791,10 @@ class Runner:
         w = cell.workload
         native = self.native_run(w)
         paired = self.paired_native(cell)  # native, forwarded, native, forwarded ...
-        argv = _argv(w, self.input_for(w))
+        if self.plan.offload_path:
+            argv = _argv(w, self.offload_input(w, cell.delegate))
+        else:
+            argv = _argv(w, self.input_for(w))
         cmd = [
             sys.executable,
             "-m",
@@ -744,7 +805,9 @@ class Runner:
         ]
         if self.curve_keys and cell.delegate.endpoint != "local":
             cmd += ["--curve-keys", self.curve_keys]
-        if cell.forward.policy:
+        if self.plan.offload_path:
+            cmd += ["--offload-path", self.plan.offload_path]
+        elif cell.forward.policy:
             cmd += ["--policy", cell.forward.policy, "--profile", str(self.profile_for(w))]
         else:
             cmd += ["--forward", ",".join(cell.forward.names)]
@@ -767,8 +830,8 @@ class Runner:
             with open(out, "wb") as f:
                 proc = subprocess.run(
                     [*cmd, "--", *argv], stdout=f, stderr=subprocess.PIPE, text=True, cwd=self.work,
-                    timeout=self.plan.timeout_s, preexec_fn=_pinner(self.place.relay),
-                    env=_self_env(),
+                    env=_testbed_env(), preexec_fn=_pinner(self.place.relay),
+                    timeout=self.plan.timeout_s,
                 )  # fmt: skip
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"timed out after {self.plan.timeout_s:g} s"}
@@ -776,6 +839,8 @@ class Runner:
         d1 = cpus.proc_cpu_s(dpid) if dpid else None
         try:
             run = rundir.load(partial)
+            if not run.complete:  # the relay died: run.json was never completed
+                raise TestbedError("incomplete run directory")
         except TestbedError:
             return {
                 "status": "failed",
@@ -906,7 +971,8 @@ def run_plan(
         if not todo:
             return {"ran": 0, "skipped": skipped, "failed": 0}
         needs_local = any(c.delegate.endpoint == "local" for c in todo)
-        local = LocalDelegate(runner.place.delegate) if needs_local else None
+        root = work / "offload-root" if plan.offload_path else None
+        local = LocalDelegate(root, runner.place.delegate) if needs_local else None
         if local is not None:
             local.__enter__()
         try:

@@ -10,6 +10,12 @@ Many calls can be in flight at once, one per calling thread.
 Every forwarded call gets a record with the relay timestamps ``t_trap``,
 ``t_send``, ``t_reply``, ``t_resume`` and the delegate's ``d_recv``,
 ``d_exec_start``, ``d_exec_end``, ``d_send`` (see ``testbed.rundir``).
+
+Every trapped call is answered exactly once, whatever fails: a caller whose
+memory cannot be read (``/proc/TID/mem`` refused, e.g. a program that made
+itself non-dumpable) is released locally unsent (``F_UNREADABLE``), a reply
+the wire module refuses is a delegate error for that call, and an exception
+in the loop releases every call in flight before the relay gives up.
 """
 
 from __future__ import annotations
@@ -77,8 +83,12 @@ def connect(
             break
         try:
             kind, payload = wire.decode(sock.recv())
-        except wire.WireError:
-            continue
+        except wire.WireError as exc:
+            if exc.code != wire.E_VERSION:
+                continue
+            sock.close()
+            raise DelegateUnreachable(f"delegate at {endpoint} answered in another wire "
+                                      f"protocol version: {exc}") from None  # fmt: skip
         if kind == wire.WELCOME:
             return ctx, sock, payload
         if kind == wire.ERROR:
@@ -154,6 +164,7 @@ class RunStats:
     timeouts: int = 0
     peer_errors: int = 0
     not_sent: int = 0
+    unreadable: int = 0
     caller_gone: int = 0
     late_replies: int = 0
     peer_lost_at: list[float] = field(default_factory=list)
@@ -176,20 +187,43 @@ class Relay:
         self.sock = sock
         self.recorder = recorder
         self.mode = mode
-        self.timeout_ns = int(timeout_s * 1e9)
+        self.timeout_ns = int(check_timeout("timeout", timeout_s) * 1e9)
         self.marshal = Marshaller(backend)
         self.stats = RunStats()
         self.inflight: dict[int, tuple[Trap, int, int]] = {}  # call_id -> (trap, t_send, bytes_in)
         self.peer_down = False
         self._next_probe = 0
         self._next_id = 1
+        self._last_released: Trap | None = None
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------ calls
     def on_trap(self, trap: Trap) -> None:
+        """Forward one trapped call; whatever fails, the call is answered once."""
+        try:
+            self._forward(trap)
+        except Exception as exc:  # a bug must not leave a program blocked in its call
+            if not self._answered_or_inflight(trap):
+                self._warn_once("internal", f"relay failed on a {trap.nr} call: {exc!r:.200}")
+                self._release(trap, rundir.F_NOT_SENT, 0, 0, 0)
+
+    def _answered_or_inflight(self, trap: Trap) -> bool:
+        return self._last_released is trap or any(e[0] is trap for e in self.inflight.values())
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            print(f"testbed: warning: {text}", file=sys.stderr, flush=True)
+
+    def _forward(self, trap: Trap) -> None:
         try:
             bufs, nbytes = self.marshal.buffers(trap)
-        except CallerGone:
-            self.stats.caller_gone += 1
+        except CallerGone as exc:
+            # gone, or its memory is unreadable: answer anyway (a gone caller
+            # makes resume fail, and the record says F_CALLER_GONE instead)
+            self._warn_once("unreadable", f"cannot read the memory of thread {trap.tid} ({exc}); "
+                            "such calls run locally without being forwarded and count as faults")  # fmt: skip
+            self._release(trap, rundir.F_UNREADABLE, 0, 0, 0)
             return
         # The bytes only size the message in cost mode; offload mode acts on them,
         # so there the notification must still be valid after reading (TOCTOU).
@@ -215,7 +249,12 @@ class Relay:
         try:
             kind, payload = wire.decode(frame)
         except wire.WireError as exc:
-            print(f"testbed: warning: malformed frame from delegate: {exc}", file=sys.stderr)
+            entry = self.inflight.pop(exc.call_id, None) if exc.call_id else None
+            self._warn_once("malformed", f"malformed frame from the delegate: {exc}")
+            if entry is not None:  # e.g. a result out of range: an error for that call
+                trap, t_send, nbytes = entry
+                self.stats.peer_errors += 1
+                self._release(trap, rundir.F_PEER_ERROR, nbytes, t_send, t_reply)
             return
         if kind == wire.WELCOME:
             self.peer_down = False
@@ -249,15 +288,25 @@ class Relay:
         stamps: tuple[int, int, int, int] = (0, 0, 0, 0),
         ret: int = 0,
     ) -> None:
+        self._last_released = trap
         if not self.backend.resume_continue(trap):
-            flags |= rundir.F_CALLER_GONE
+            flags = (flags & ~rundir.F_UNREADABLE) | rundir.F_CALLER_GONE
             self.stats.caller_gone += 1
         t_resume = time.monotonic_ns()
         if flags & rundir.F_NOT_SENT:
             self.stats.not_sent += 1
+        if flags & rundir.F_UNREADABLE:
+            self.stats.unreadable += 1
         self.stats.forwarded += 1
         self.recorder.add(trap.tid, trap.nr, flags, ret, nbytes, 0,
                           trap.t_trap, t_send, t_reply, t_resume, *stamps)  # fmt: skip
+
+    def release_all(self) -> None:
+        """Release every call in flight locally (the relay is giving up)."""
+        while self.inflight:
+            _id, (trap, t_send, nbytes) = self.inflight.popitem()
+            self.stats.timeouts += 1
+            self._release(trap, rundir.F_TIMEOUT, nbytes, t_send, 0)
 
     def expire(self, now: int) -> None:
         """Release calls whose timeout passed (oldest first: dict keeps send order)."""
@@ -340,6 +389,7 @@ class Relay:
                 now = time.monotonic_ns()
                 self.expire(now)
                 self.probe(now)
+                self.recorder.tick(now)
                 if status is not None and not self.inflight and self.backend.finished():
                     break
                 if linger_deadline is not None and time.monotonic() > linger_deadline:
@@ -350,6 +400,7 @@ class Relay:
             if blocking:
                 _stop_watchdog()
             os.close(pidfd)
+            self.release_all()  # only non-empty if the loop raised
         return status, rusage, t_exit
 
 
@@ -384,11 +435,15 @@ def _stop_watchdog() -> None:
 
 
 def _resolve_forward(args) -> frozenset[int]:
+    if getattr(args, "offload_path", None):
+        raise TestbedError("--offload-path is only used with --mode offload")
     if args.forward is not None:
         if args.profile:
             raise TestbedError("--profile is only used with --policy")
         return args.forward
     if not args.profile:
+        if args.policy is None:
+            raise TestbedError("one of --forward or --policy is required (cost mode)")
         raise TestbedError("--policy needs --profile RUNDIR (a native profile to choose from)")
     from testbed.policy import resolve_policy
 
@@ -404,36 +459,74 @@ def _fmt_us(v: float) -> str:
     return "n/a" if v != v else f"{v:.1f} µs"
 
 
+#: Longest per-call or handshake timeout accepted (s): beyond it a call that
+#: never gets an answer blocks its program for longer than any run we measure.
+MAX_TIMEOUT_S = 24 * 3600.0
+
+
+def check_timeout(name: str, seconds: float) -> float:
+    """A timeout in (0, MAX_TIMEOUT_S] seconds, or one clear TestbedError."""
+    if not (0 < seconds <= MAX_TIMEOUT_S):  # also refuses NaN
+        raise TestbedError(f"{name} must be > 0 and <= {MAX_TIMEOUT_S:g} seconds, not {seconds:g}")
+    return seconds
+
+
 def main_run(args) -> int:
-    forwarded = _resolve_forward(args)
-    if args.mode != "cost":
-        raise TestbedError("offload mode is not implemented yet; use --mode cost")
+    check_timeout("--timeout", args.timeout)
+    check_timeout("--connect-timeout", args.connect_timeout)
+    if args.mode == "offload":
+        from testbed.offload.client import check_run_args
+
+        forwarded = check_run_args(args)
+    else:
+        forwarded = _resolve_forward(args)
     backend = make_backend(args.backend, forwarded)  # fails early if unsupported here
     ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
                                  curve_keys=args.curve_keys,
                                  info={"mode": args.mode, "backend": args.backend})  # fmt: skip
     try:
+        if args.mode == "offload" and "offload" not in str(welcome.get("mode", "")):
+            raise TestbedError(f"the delegate at {args.delegate} does not offload "
+                               "(start it with --offload-root DIR)")  # fmt: skip
         out = rundir.create(args.output)
     except TestbedError:
         sock.close()
         raise
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
+    if args.mode == "offload":
+        from testbed.offload.client import OffloadRelay
+
+        relay = OffloadRelay(backend, sock, recorder, args.offload_path,
+                             timeout_s=args.timeout, busy_poll=args.busy_poll)  # fmt: skip
+    else:
+        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
+                      busy_poll=args.busy_poll)  # fmt: skip
     started = time.time()
+    # run.json exists from the start, marked incomplete: a relay killed mid-run
+    # leaves a loadable run directory (records flushed at least every second)
+    meta = _run_meta(args, forwarded, welcome, backend, relay, started, None, None, 0)
+    rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
+    status = rusage = child = None
+    t_exit = 0
+    program_cpus = None
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(args.program)
         if getattr(args, "pin_program", None):
             os.sched_setaffinity(child.pid, args.pin_program)
         program_cpus = cpus.affinity(child.pid)
-        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
-                      busy_poll=args.busy_poll)  # fmt: skip
         restore = _forward_signals(child.pid)
         try:
             status, rusage, t_exit = relay.serve(child.pid)
+            if args.mode == "offload":
+                relay.finish()
         finally:
             restore()
         child.returncode = _exit_code(status) if status is not None else 1
     finally:
+        if child is not None and status is None:  # the relay failed: do not leave it running
+            child.kill()
+            child.wait()
         recorder.close()
         backend.close()
         sock.close()
@@ -445,10 +538,13 @@ def main_run(args) -> int:
                    "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
                    "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
                    "cpu_count": os.cpu_count()}  # fmt: skip
-    rundir.write_meta(out, meta)
+    rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
     meta["summary"] = summary
+    meta["complete"] = True
+    if args.mode == "offload":
+        meta["offload"] = relay.meta()
     rundir.write_meta(out, meta)
     if launch_error:
         raise TestbedError(launch_error)
@@ -487,10 +583,11 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
             "count": relay.recorder.count,
             "file": rundir.CALLS_BIN,
             "record_bytes": rundir.CALL_DTYPE.itemsize,
-            "faults": st.timeouts + st.peer_errors + st.not_sent,
+            "faults": st.timeouts + st.peer_errors + st.not_sent + st.unreadable,
             "timeouts": st.timeouts,
             "peer_errors": st.peer_errors,
             "not_sent": st.not_sent,
+            "unreadable": st.unreadable,
             "caller_gone": st.caller_gone,
             "late_replies": st.late_replies,
         },
@@ -529,5 +626,7 @@ def _print_summary(args, meta: dict, s: dict, out: Path) -> None:
               f"f_c ≈ {_fmt_us(s['f_c_us'])}", file=sys.stderr)  # fmt: skip
     if c["faults"]:
         print(f"testbed: FAULTS: {c['timeouts']} timed out, {c['not_sent']} released unsent, "
-              f"{c['peer_errors']} delegate errors (calls ran locally)", file=sys.stderr)  # fmt: skip
+              f"{c['peer_errors']} delegate errors, {c['unreadable']} with unreadable memory "
+              + ("(calls failed with EIO)" if args.mode == "offload" else "(calls ran locally)"),
+              file=sys.stderr)  # fmt: skip
     print(f"testbed: run directory {out}", file=sys.stderr)

@@ -12,6 +12,10 @@ This module is the only one that writes or reads that layout.
 
 Changelog of ``RUNDIR_VERSION``:
   1 - run.json + calls.bin + syscalls.csv (2026-11).
+  2 - crash-consistent: ``run.json`` is written when the run starts with
+      ``"complete": false`` and rewritten with ``"complete": true`` at the
+      end; ``calls.bin`` is flushed at least every ``FLUSH_NS``; flag 16
+      (``F_UNREADABLE``).  Version 1 directories still load (complete) (2026-12).
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ import numpy as np
 
 from testbed.errors import TestbedError
 
-RUNDIR_VERSION = 1
+RUNDIR_VERSION = 2
+#: Versions ``load`` accepts (1 differs only by never being incomplete).
+READABLE_VERSIONS = (1, 2)
+
+#: Buffered call records reach the file at least this often (ns).
+FLUSH_NS = 1_000_000_000
 
 RUN_JSON = "run.json"
 CALLS_BIN = "calls.bin"
@@ -40,7 +49,8 @@ F_TIMEOUT = 1  # no reply within the per-call timeout: released locally
 F_PEER_ERROR = 2  # the delegate answered with an error frame
 F_CALLER_GONE = 4  # the caller died / notification no longer valid
 F_NOT_SENT = 8  # released without being sent (e.g. delegate already lost)
-F_FAULT_MASK = F_TIMEOUT | F_PEER_ERROR | F_NOT_SENT
+F_UNREADABLE = 16  # the caller's memory could not be read: released locally, not sent
+F_FAULT_MASK = F_TIMEOUT | F_PEER_ERROR | F_NOT_SENT | F_UNREADABLE
 
 #: One record per forwarded call.  t_* are relay clock, d_* delegate clock, ns
 #: since an arbitrary epoch (CLOCK_MONOTONIC); 0 means "not reached".
@@ -71,14 +81,20 @@ class RunDirError(TestbedError):
 
 
 class CallRecorder:
-    """Appends call records to ``calls.bin`` in chunks (bounded memory)."""
+    """Appends call records to ``calls.bin`` in chunks (bounded memory).
+
+    Records reach the file every ``chunk`` records and, through
+    :meth:`tick`, at least every ``FLUSH_NS``: a relay killed mid-run loses at
+    most the last second of records, and the file always holds whole records.
+    """
 
     def __init__(self, path: Path, chunk: int = 4096):
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
         self._buf: list[bytes] = []
         self._chunk = chunk
         self.count = 0
         self._pack = _CALL_STRUCT.pack
+        self._next_flush = time.monotonic_ns() + FLUSH_NS
 
     def add(
         self,
@@ -108,9 +124,16 @@ class CallRecorder:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered records with one write(2) (whole records only)."""
         if self._buf:
             self._f.write(b"".join(self._buf))
             self._buf.clear()
+
+    def tick(self, now_ns: int) -> None:
+        """Flush if ``FLUSH_NS`` passed since the last periodic flush."""
+        if now_ns >= self._next_flush:
+            self._next_flush = now_ns + FLUSH_NS
+            self.flush()
 
     def close(self) -> None:
         self.flush()
@@ -128,6 +151,8 @@ def create(path: str | os.PathLike | None, prefix: str = "run") -> Path:
             p = Path(f"{base}-{i}")
     else:
         p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"{p} exists and is not a directory (give a new or empty directory)")
     if p.exists() and any(p.iterdir()):
         raise RunDirError(f"run directory {p} exists and is not empty")
     try:
@@ -170,15 +195,26 @@ class Run:
     def kind(self) -> str:
         return self.meta.get("kind", "delegated")
 
+    @property
+    def complete(self) -> bool:
+        """False for a run whose writer never finished (killed relay, crash)."""
+        return self.meta.get("complete", True) is not False
+
     def calls(self) -> np.ndarray:
         """The per-call records as a (memory-mapped) structured array."""
         p = self.path / CALLS_BIN
         if not p.exists() or p.stat().st_size == 0:
             return np.zeros(0, dtype=CALL_DTYPE)
         size = p.stat().st_size
+        whole = size // CALL_DTYPE.itemsize
         if size % CALL_DTYPE.itemsize:
-            raise RunDirError(f"{p} is truncated ({size} bytes is not a whole number of records)")
-        return np.memmap(p, dtype=CALL_DTYPE, mode="r")
+            if self.complete:
+                raise RunDirError(
+                    f"{p} is truncated ({size} bytes is not a whole number of records)"
+                )
+            if whole == 0:  # an incomplete run: its records up to the last whole one
+                return np.zeros(0, dtype=CALL_DTYPE)
+        return np.memmap(p, dtype=CALL_DTYPE, mode="r", shape=(whole,))
 
 
 def load(path: str | os.PathLike) -> Run:
@@ -197,7 +233,7 @@ def load(path: str | os.PathLike) -> Run:
     if not isinstance(meta, dict):
         raise RunDirError(f"{meta_path}: not a JSON object")
     version = meta.get("rundir_version")
-    if version != RUNDIR_VERSION:
+    if version not in READABLE_VERSIONS:
         raise RunDirError(
             f"{p}: run directory version {version!r} not supported (this is {RUNDIR_VERSION})"
         )
@@ -290,6 +326,7 @@ def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[
     run_rtt, run_ovh, run_res, run_wire = _Hist(), _Hist(), _Hist(), _Hist()
     for part in iter_chunks(calls):
         d = derived(part)
+        d["overhead"] = d["overhead"] - d["exec"]  # offload: not the delegate's work (0 in cost)
         faulty = (part["flags"] & F_FAULT_MASK) != 0
         ok = ~faulty
         run_rtt.add(d["rtt"][ok])

@@ -6,6 +6,10 @@ items are the protocol version and the message type.  Documented in
 
 Changelog of ``WIRE_VERSION``:
   1 - hello/welcome, call/result, error, bye (2026-11).
+  2 - ranges agree with the run directory's signed 64-bit records: ``ret`` is
+      -2**63 .. 2**63-1 and the four delegate timestamps 0 .. 2**63-1 (v1
+      allowed up to 2**64-1, which a relay could not record); an ``error``
+      message is at most ``MAX_ERROR_TEXT`` characters (2026-12).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 #: Largest frame either side accepts (input buffers are capped well below).
 MAX_FRAME = 4 << 20
@@ -34,6 +38,18 @@ E_UNSUPPORTED = "unsupported"
 E_INTERNAL = "internal"
 
 U64 = (1 << 64) - 1
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+
+#: Longest text an ERROR frame carries (longer text is cut by ``encode_error``
+#: and refused by ``decode``), so an error reply is small whatever provoked it.
+MAX_ERROR_TEXT = 200
+
+
+def short(value: Any, limit: int = 40) -> str:
+    """A bounded printable form of a value taken from a peer (never echo it whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class WireError(Exception):
@@ -156,7 +172,8 @@ def encode_result(res: Result) -> bytes:
 
 
 def encode_error(code: str, message: str, call_id: int | None = None) -> bytes:
-    return _packb([WIRE_VERSION, ERROR, call_id, code, message])
+    """An ERROR frame; ``message`` is cut to ``MAX_ERROR_TEXT`` characters."""
+    return _packb([WIRE_VERSION, ERROR, call_id, code[:32], message[:MAX_ERROR_TEXT]])
 
 
 # ---------------------------------------------------------------- decoders
@@ -180,11 +197,17 @@ def decode(frame: bytes) -> tuple[str, Any]:
             raise WireError(E_MALFORMED, f"{kind} frame must be [version, {kind!r}, map]")
         return kind, msg[2]
     if kind == ERROR:
-        if len(msg) != 5 or not isinstance(msg[3], str) or not isinstance(msg[4], str):
+        if (
+            len(msg) != 5
+            or not isinstance(msg[3], str)
+            or not isinstance(msg[4], str)
+            or len(msg[3]) > 32
+            or len(msg[4]) > MAX_ERROR_TEXT
+        ):
             raise WireError(E_MALFORMED, "error frame must be [version, 'error', id, code, msg]")
         call_id = msg[2] if _is_int(msg[2], 0, U64) else None
         return ERROR, WireError(msg[3], msg[4], call_id)
-    raise WireError(E_UNSUPPORTED, f"unknown message type {kind!r}")
+    raise WireError(E_UNSUPPORTED, f"unknown message type {short(kind)}")
 
 
 def _decode_call(msg: list) -> Call:
@@ -219,7 +242,7 @@ def _decode_call_checked(msg: list) -> Call:
     if not isinstance(args, list) or len(args) != 6 or not all(_is_int(a, 0, U64) for a in args):
         raise WireError(E_MALFORMED, "call args must be six unsigned 64-bit integers", call_id)
     if mode not in ("cost", "offload"):
-        raise WireError(E_MALFORMED, f"call mode {mode!r} is not cost or offload", call_id)
+        raise WireError(E_MALFORMED, f"call mode {short(mode)} is not cost or offload", call_id)
     return Call(call_id, tid, nr, tuple(args), _check_bufs(bufs, call_id), mode)
 
 
@@ -230,12 +253,14 @@ def _decode_result(msg: list) -> Result:
             type(call_id) is int
             and call_id >= 0
             and type(ret) is int
+            and I64_MIN <= ret <= I64_MAX
             and type(errno) is int
             and 0 <= errno <= 4095
             and type(stamps) is list
             and len(stamps) == 4
             and all(type(t) is int for t in stamps)
             and min(stamps) >= 0
+            and max(stamps) <= I64_MAX
         ):
             outs = _check_bufs(outbufs, call_id) if outbufs != [] else ()
             return Result(call_id, ret, errno, stamps[0], stamps[1], stamps[2], stamps[3], outs)
@@ -246,12 +271,12 @@ def _decode_result_checked(msg: list) -> Result:
     if len(msg) != 7 or not _is_int(msg[2], 0, U64):
         raise WireError(E_MALFORMED, "result frame must have 7 items and an integer id")
     _, _, call_id, ret, errno, stamps, outbufs = msg
-    if not _is_int(ret, -(1 << 63), U64) or not _is_int(errno, 0, 4095):
+    if not _is_int(ret, I64_MIN, I64_MAX) or not _is_int(errno, 0, 4095):
         raise WireError(E_MALFORMED, "result ret/errno out of range", call_id)
     if (
         not isinstance(stamps, list)
         or len(stamps) != 4
-        or not all(_is_int(t, 0, U64) for t in stamps)
+        or not all(_is_int(t, 0, I64_MAX) for t in stamps)
     ):
-        raise WireError(E_MALFORMED, "result timestamps must be four integers", call_id)
+        raise WireError(E_MALFORMED, "result timestamps must be four integers 0..2**63-1", call_id)
     return Result(call_id, ret, errno, *stamps, _check_bufs(outbufs, call_id))

@@ -1,4 +1,9 @@
-"""Shared fixtures: real delegates, real programs, independent syscall counts."""
+"""Shared fixtures: real delegates, real programs, independent syscall counts.
+
+With ``CI=true`` a skipped test fails instead (``pytest_runtest_makereport``
+below): CI must prove that every test ran, so a missing tool, missing root or
+a module that did not build is a CI failure, not a silent skip.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,29 @@ from testbed.bench import LocalDelegate
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def _fail_skip_in_ci(rep) -> None:
+    if _ci() and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped under CI=true, which forbids skips: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
 
 
 def tb_argv(*args: str) -> list[str]:

@@ -209,11 +209,23 @@ def test_bad_frames_get_errors_while_a_good_client_keeps_being_served(dproc, ctx
         (b"GET / HTTP/1.0\r\n\r\n", wire.E_MALFORMED, None),
         (valid_call[:-3], wire.E_MALFORMED, None),  # truncated
         (valid_call[:1], wire.E_MALFORMED, None),
-        (pack([2, "call", 5, 1, 1, [0] * 6, [], "cost"]), wire.E_VERSION, None),
-        (pack([1, "call", 5, 1, 1, [0] * 5, [], "cost"]), wire.E_MALFORMED, 5),  # arity of args
-        (pack([1, "call", 6, 1, 9999, [0] * 6, [], "cost"]), wire.E_MALFORMED, 6),  # nr range
-        (pack([1, "call", 8, 1, 1, [0] * 6, [[9, b"x"]], "cost"]), wire.E_MALFORMED, 8),
-        (pack([1, "teleport", {}]), wire.E_UNSUPPORTED, None),
+        (pack([wire.WIRE_VERSION + 1, "call", 5, 1, 1, [0] * 6, [], "cost"]), wire.E_VERSION, None),
+        (
+            pack([wire.WIRE_VERSION, "call", 5, 1, 1, [0] * 5, [], "cost"]),
+            wire.E_MALFORMED,
+            5,
+        ),  # arity of args
+        (
+            pack([wire.WIRE_VERSION, "call", 6, 1, 9999, [0] * 6, [], "cost"]),
+            wire.E_MALFORMED,
+            6,
+        ),  # nr range
+        (
+            pack([wire.WIRE_VERSION, "call", 8, 1, 1, [0] * 6, [[9, b"x"]], "cost"]),
+            wire.E_MALFORMED,
+            8,
+        ),
+        (pack([wire.WIRE_VERSION, "teleport", {}]), wire.E_UNSUPPORTED, None),
         (wire.encode_result(wire.Result(1, 0, 0, 1, 2, 3, 4, ())), wire.E_UNSUPPORTED, None),
         (wire.encode_call(wire.Call(9, 1, 1, (0,) * 6, (), "offload")), wire.E_UNSUPPORTED, 9),
         (b"x" * (wire.MAX_FRAME + 1), wire.E_TOO_LARGE, None),

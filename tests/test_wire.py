@@ -1,4 +1,4 @@
-"""The wire protocol v1 (testbed/wire.py): round trips and every rejection path."""
+"""The wire protocol (testbed/wire.py): round trips and every rejection path."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_every_frame_starts_with_version_and_type():
 # ---------------------------------------------------------------- rejections
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, -1])
+@pytest.mark.parametrize("version", [0, 1, 3, 99, -1])
 def test_unknown_version_is_rejected_with_version_code(version):
     err = rejects(pack(call_frame(version=version)), wire.E_VERSION)
     assert str(version) in str(err)
@@ -276,9 +276,39 @@ def test_result_out_of_range(over):
 
 
 def test_result_extreme_values_accepted():
-    kind, res = wire.decode(pack(result_frame(ret=-(1 << 63), errno=4095, stamps=[0, 0, U64, U64])))
+    top = (1 << 63) - 1  # the run directory's signed 64-bit fields hold every accepted value
+    kind, res = wire.decode(pack(result_frame(ret=-(1 << 63), errno=4095, stamps=[0, 0, top, top])))
     assert kind == wire.RESULT
-    assert (res.ret, res.errno, res.t_send) == (-(1 << 63), 4095, U64)
+    assert (res.ret, res.errno, res.t_send) == (-(1 << 63), 4095, top)
+    kind, res = wire.decode(pack(result_frame(ret=top)))
+    assert res.ret == top
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"ret": 1 << 63}, {"ret": U64}, {"stamps": [0, 0, 0, 1 << 63]}, {"stamps": [U64, 1, 2, 3]}],
+    ids=["ret=2**63", "ret=2**64-1", "t_send=2**63", "t_recv=2**64-1"],
+)
+def test_result_beyond_signed_64_bit_is_refused_with_its_call_id(over):
+    # v1 accepted these and the relay crashed recording them (issue 11, defect 5)
+    err = rejects(pack(result_frame(**over)), wire.E_MALFORMED)
+    assert err.call_id == 7
+
+
+def test_error_text_is_bounded_both_ways():
+    frame = wire.encode_error(wire.E_MALFORMED, "x" * 100_000, 3)
+    assert len(frame) < wire.MAX_ERROR_TEXT + 64
+    kind, err = wire.decode(frame)
+    assert (kind, err.call_id, len(str(err))) == (wire.ERROR, 3, wire.MAX_ERROR_TEXT)
+    rejects(pack([wire.WIRE_VERSION, "error", 1, "malformed", "y" * 1000]), wire.E_MALFORMED)
+
+
+@pytest.mark.parametrize("field", ["type", "mode"])
+def test_rejections_never_echo_a_big_peer_string(field):
+    big = "\u20ac" * 1_000_000  # 3 MB of UTF-8, 6 MB as repr escapes
+    frame = pack(call_frame(mode=big) if field == "mode" else [wire.WIRE_VERSION, big, {}])
+    err = rejects(frame, wire.E_MALFORMED if field == "mode" else wire.E_UNSUPPORTED)
+    assert len(str(err)) < 100
 
 
 def test_map_keys_must_be_strings_or_bytes():

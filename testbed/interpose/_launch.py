@@ -14,9 +14,18 @@ starts quickly.  Protocol with the relay:
    needed, so no forwarded call can deadlock the hand-off.
 
 If the program cannot be executed the launcher writes one line to the status
-fd and exits 127.  Usage (internal)::
+fd and exits 127.
 
-    python -m testbed.interpose._launch STATUS_FD NR,NR,... PROGRAM [ARGS...]
+The launcher never outlives its relay: before anything else it asks for
+``SIGKILL`` when its parent dies (``PR_SET_PDEATHSIG``) and then checks that
+its parent is still the relay (``getppid() == RELAY_PID``), which closes the
+race with a relay that died before the ``prctl``.  Without this, a relay
+killed between starting the launcher and answering its ``execve`` leaves the
+launcher blocked forever on its own listener.  The setting survives the
+program's ``execve``: a program whose relay dies is killed too (its forwarded
+calls could only fail from then on; see docs/seccomp.md).  Usage (internal)::
+
+    python -m testbed.interpose._launch STATUS_FD RELAY_PID NR,NR,... PROGRAM [ARGS...]
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import sys
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+SIGKILL = 9
 NR_SECCOMP = 317
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
@@ -100,11 +111,26 @@ def install(nrs: frozenset[int] | set[int]) -> int:
     raise OSError(err, "seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER)")
 
 
+def die_with_parent(relay_pid: int) -> bool:
+    """SIGKILL this process when its parent dies; False if the relay is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    return os.getppid() == relay_pid  # checked after the prctl: no window left
+
+
 def main(argv: list[str]) -> int:
     status_fd = int(argv[0])
-    nrs = frozenset(int(t) for t in argv[1].split(",") if t)
-    program = argv[2:]
+    relay_pid = int(argv[1])
+    nrs = frozenset(int(t) for t in argv[2].split(",") if t)
+    program = argv[3:]
     os.set_inheritable(status_fd, False)  # closed by execve in the program
+    try:
+        if not die_with_parent(relay_pid):
+            return 125  # the relay died before we started: nobody would serve the filter
+    except OSError as exc:
+        os.write(status_fd, f"cannot set the parent-death signal: {exc}\n".encode())
+        return 126
     try:
         install(nrs)
     except OSError as exc:

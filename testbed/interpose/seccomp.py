@@ -133,7 +133,8 @@ class SeccompBackend:
             raise BackendError(f"program not found: {argv[0]}")
         r, w = os.pipe()
         nrs = ",".join(str(n) for n in sorted(self.forwarded))
-        cmd = [sys.executable, "-m", "testbed.interpose._launch", str(w), nrs, *argv]
+        cmd = [sys.executable, "-m", "testbed.interpose._launch", str(w), str(os.getpid()), nrs,
+               *argv]  # fmt: skip
         self.child = subprocess.Popen(cmd, pass_fds=(w,), env=env)
         os.close(w)
         self._status_r = r
@@ -243,7 +244,7 @@ class SeccompBackend:
             except OSError as exc:
                 if exc.errno not in (E.EIO, E.EFAULT):
                     self._forget_mem(tid)
-                    raise CallerGone(tid) from None
+                    raise CallerGone(f"/proc/{tid}/mem: {exc.strerror}") from None
                 data = b""  # bad pointer, or an fd of a pre-exec address space
             if data or attempt:
                 return data  # b"" on retry: bad pointer, the real call fails with EFAULT
@@ -257,8 +258,8 @@ class SeccompBackend:
                 self._forget_mem(old)
         try:
             fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            raise CallerGone(tid) from None
+        except OSError as exc:  # gone (ENOENT/ESRCH) or refused (EACCES: not dumpable)
+            raise CallerGone(f"/proc/{tid}/mem: {exc.strerror}") from None
         self._mem_fds[tid] = fd
         return fd
 
