@@ -21,6 +21,7 @@ in the loop releases every call in flight before the relay gives up.
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import signal
 import struct
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import zmq
 
-from testbed import keys, rundir, syscalls, wire
+from testbed import cpus, keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import Backend, CallerGone, Trap, make_backend
@@ -434,11 +435,15 @@ def _stop_watchdog() -> None:
 
 
 def _resolve_forward(args) -> frozenset[int]:
+    if getattr(args, "offload_path", None):
+        raise TestbedError("--offload-path is only used with --mode offload")
     if args.forward is not None:
         if args.profile:
             raise TestbedError("--profile is only used with --policy")
         return args.forward
     if not args.profile:
+        if args.policy is None:
+            raise TestbedError("one of --forward or --policy is required (cost mode)")
         raise TestbedError("--policy needs --profile RUNDIR (a native profile to choose from)")
     from testbed.policy import resolve_policy
 
@@ -469,21 +474,33 @@ def check_timeout(name: str, seconds: float) -> float:
 def main_run(args) -> int:
     check_timeout("--timeout", args.timeout)
     check_timeout("--connect-timeout", args.connect_timeout)
-    forwarded = _resolve_forward(args)
-    if args.mode != "cost":
-        raise TestbedError("offload mode is not implemented yet; use --mode cost")
+    if args.mode == "offload":
+        from testbed.offload.client import check_run_args
+
+        forwarded = check_run_args(args)
+    else:
+        forwarded = _resolve_forward(args)
     backend = make_backend(args.backend, forwarded)  # fails early if unsupported here
     ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
                                  curve_keys=args.curve_keys,
                                  info={"mode": args.mode, "backend": args.backend})  # fmt: skip
     try:
+        if args.mode == "offload" and "offload" not in str(welcome.get("mode", "")):
+            raise TestbedError(f"the delegate at {args.delegate} does not offload "
+                               "(start it with --offload-root DIR)")  # fmt: skip
         out = rundir.create(args.output)
     except TestbedError:
         sock.close()
         raise
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
-    relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
-                  busy_poll=args.busy_poll)  # fmt: skip
+    if args.mode == "offload":
+        from testbed.offload.client import OffloadRelay
+
+        relay = OffloadRelay(backend, sock, recorder, args.offload_path,
+                             timeout_s=args.timeout, busy_poll=args.busy_poll)  # fmt: skip
+    else:
+        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
+                      busy_poll=args.busy_poll)  # fmt: skip
     started = time.time()
     # run.json exists from the start, marked incomplete: a relay killed mid-run
     # leaves a loadable run directory (records flushed at least every second)
@@ -491,11 +508,18 @@ def main_run(args) -> int:
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
     status = rusage = child = None
     t_exit = 0
+    program_cpus = None
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(args.program)
+        if getattr(args, "pin_program", None):
+            os.sched_setaffinity(child.pid, args.pin_program)
+        program_cpus = cpus.affinity(child.pid)
         restore = _forward_signals(child.pid)
         try:
             status, rusage, t_exit = relay.serve(child.pid)
+            if args.mode == "offload":
+                relay.finish()
         finally:
             restore()
         child.returncode = _exit_code(status) if status is not None else 1
@@ -507,12 +531,20 @@ def main_run(args) -> int:
         backend.close()
         sock.close()
     launch_error = getattr(backend, "launch_error", lambda: None)()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
+    # the relay's own CPU time (all its threads, ZeroMQ's included) while the program ran
+    meta["cpu"] = {"relay_user_s": cpu1.ru_utime - cpu0.ru_utime,
+                   "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
+                   "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
+                   "cpu_count": os.cpu_count()}  # fmt: skip
     rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
     meta["summary"] = summary
     meta["complete"] = True
+    if args.mode == "offload":
+        meta["offload"] = relay.meta()
     rundir.write_meta(out, meta)
     if launch_error:
         raise TestbedError(launch_error)
@@ -595,5 +627,6 @@ def _print_summary(args, meta: dict, s: dict, out: Path) -> None:
     if c["faults"]:
         print(f"testbed: FAULTS: {c['timeouts']} timed out, {c['not_sent']} released unsent, "
               f"{c['peer_errors']} delegate errors, {c['unreadable']} with unreadable memory "
-              "(calls ran locally)", file=sys.stderr)  # fmt: skip
+              + ("(calls failed with EIO)" if args.mode == "offload" else "(calls ran locally)"),
+              file=sys.stderr)  # fmt: skip
     print(f"testbed: run directory {out}", file=sys.stderr)
