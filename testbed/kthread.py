@@ -158,7 +158,8 @@ def main_run_kthread(args: Any) -> int:
         dev.set_syscalls(forwarded)
         cfg = dev.get_config()
         delegate_cpu = dev.status().delegate_cpu
-        cpus = K.compute_cpus("auto", delegate_cpu)
+        pinned = getattr(args, "pin_program", None)
+        cpus = set(pinned) if pinned else K.compute_cpus("auto", delegate_cpu)
         out = rundir.create(args.output)
     except BaseException:
         dev.close()
