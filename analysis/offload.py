@@ -7,11 +7,13 @@ come from :func:`analysis.fit.fc_samples` (``f_c = (overhead - exec)/2`` as
 :func:`testbed.rundir.derived` defines it, bytes moved = ``bytes_in +
 bytes_out``); nothing here derives them a second time.
 
-*Same workload*: runs are grouped by workload name (``run.json`` ``workload``,
-else the program's basename), since an offload run names the offloaded prefix
-where a native or cost run names a local directory.  Its native (local I/O)
-time is the median of the runs' ``native`` wall times, else of the native
-times :func:`~analysis.compare.native_times` found for their command lines.
+*Same workload*: runs are grouped by workload name (a ``testbed experiment``
+cell's ``experiment.json``, else ``run.json`` ``workload``, else the program's
+basename), since an offload run names the offloaded prefix where a native or
+cost run names a local directory.  Its native (local I/O) time is the median
+of the runs' native wall times (``run.json`` ``native``, else the cell's
+``native_wall_s``), else of those :func:`~analysis.compare.native_times` found
+for their command lines.
 
 *Many clients*: offload runs answered by the same delegate process (WELCOME
 host and pid) whose spans on the delegate's clock (first ``d_recv`` to last
@@ -39,6 +41,27 @@ __all__ = ["OffloadSection", "run_rows", "side_by_side", "many_clients", "figure
 MB = 1e6
 
 
+def _cell(r: DelegatedRun) -> dict:
+    """``experiment.json`` of a ``testbed experiment`` cell (workload name, native time)."""
+    p = r.path / "experiment.json"
+    try:
+        d = json.loads(p.read_text()) if p.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def workload_of(r: DelegatedRun) -> str:
+    return str(_cell(r).get("workload") or r.workload)
+
+
+def native_of(r: DelegatedRun) -> float | None:
+    if r.native_wall is not None:
+        return r.native_wall
+    v = _cell(r).get("native_wall_s")
+    return float(v) if isinstance(v, int | float) else None
+
+
 def mode_of(r: DelegatedRun) -> str:
     return str(r.meta.get("mode") or "cost")
 
@@ -61,32 +84,33 @@ def _span(calls: np.ndarray) -> tuple[float, float]:
 def _native_by_workload(runs: list[DelegatedRun], native: dict) -> dict[str, float]:
     acc: dict[str, list[float]] = {}
     for r in runs:
-        if r.native_wall is not None:
-            acc.setdefault(r.workload, []).append(r.native_wall)
+        if native_of(r) is not None:
+            acc.setdefault(workload_of(r), []).append(native_of(r))
     for r in runs:
-        if r.workload not in acc and r.key in native:
-            acc.setdefault(r.workload, []).append(native[r.key][0])
+        if workload_of(r) not in acc and r.key in native:
+            acc.setdefault(workload_of(r), []).append(native[r.key][0])
     return {w: float(np.median(v)) for w, v in acc.items()}
 
 
 def run_rows(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
     """One row per delegated run of a workload that has an offload run."""
     t_nd = _native_by_workload(runs, native)
-    offloaded = {r.workload for r in runs if mode_of(r) == "offload"}
+    offloaded = {workload_of(r) for r in runs if mode_of(r) == "offload"}
     rows = []
     for r in runs:
-        if r.workload not in offloaded:
+        w = workload_of(r)
+        if w not in offloaded:
             continue
         fc, size = fit.fc_samples(r.calls, mode_of(r))
         ok = (r.calls["flags"] & F_FAULT_MASK) == 0
         exec_ns = derived(r.calls)["exec"][ok] if len(r.calls) else np.zeros(0)
         moved = int(r.calls["bytes_in"].sum()) + int(r.calls["bytes_out"].sum())
         t0, t1 = _span(r.calls)
-        nat = t_nd.get(r.workload, np.nan)
+        nat = t_nd.get(w, np.nan)
         rows.append(
             {
                 "run": r.path.name,
-                "workload": r.workload,
+                "workload": w,
                 "mode": mode_of(r),
                 "mechanism": r.mechanism,
                 "wall_s": r.wall,
@@ -107,7 +131,7 @@ def run_rows(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
 def side_by_side(runs: list[DelegatedRun], native: dict, level: float = 0.95) -> pd.DataFrame:
     """Per workload: native (local I/O), each cost-mode mechanism, each offload mechanism."""
     t_nd = _native_by_workload(runs, native)
-    offloaded = sorted({r.workload for r in runs if mode_of(r) == "offload"})
+    offloaded = sorted({workload_of(r) for r in runs if mode_of(r) == "offload"})
     rows = []
     for w in offloaded:
         nat = t_nd.get(w, np.nan)
@@ -115,7 +139,7 @@ def side_by_side(runs: list[DelegatedRun], native: dict, level: float = 0.95) ->
                      "wall_median_s": nat, "slowdown": 1.0 if np.isfinite(nat) else np.nan})  # fmt: skip
         groups: dict[tuple[str, str], list[DelegatedRun]] = {}
         for r in runs:
-            if r.workload == w:
+            if workload_of(r) == w:
                 groups.setdefault((mode_of(r), r.mechanism), []).append(r)
         for (mode, mech), rs in sorted(groups.items()):
             walls = np.array([r.wall for r in rs])

@@ -137,3 +137,44 @@ def test_three_compute_nodes_offload_to_one_delegate_concurrently(tmp_path):
 
 def os_listdir(p: Path) -> list[str]:
     return sorted(x.name for x in p.iterdir())
+
+
+def test_analyze_compares_local_io_cost_forwarding_and_offload(tmp_path):
+    # The same workloads as two experiment plans (cost-mode forwarding of the
+    # file I/O calls, then offload), each cell checked against its native run
+    # by SHA-256; `testbed analyze` puts native, cost and offload side by side.
+    common = "workloads:\n  - {name: cat, size_mb: 2}\n  - {name: gzip, size_mb: 1}\ndelegates: [local]\n"
+    plans = {
+        "cost": "name: cmp-cost\nforward: [read,write,openat]\n" + common,
+        "offload": "name: cmp-offload\nmode: offload\noffload_path: /tb-cmp-offload\n" + common,
+    }
+    results = []
+    for mode, text in plans.items():
+        plan = tmp_path / f"{mode}.yml"
+        plan.write_text(text)
+        results.append(tmp_path / f"results-{mode}")
+        res = run_testbed("experiment", str(plan), "-o", str(results[-1]), "--host-label", "here",
+                          timeout=600)  # fmt: skip
+        assert res.returncode == 0, res.stderr.decode()
+        assert b"failed=0" in res.stdout
+    out = tmp_path / "report"
+    res = run_testbed("analyze", *map(str, results), "-o", str(out), timeout=300)
+    assert res.returncode == 0, res.stderr.decode()
+    side = pd.read_csv(out / "tables" / "offload_side_by_side.csv")
+    for w, size in (("cat", 2_000_000), ("gzip", 1_000_000)):
+        rows = side[side["workload"] == w].set_index("how")
+        assert list(rows.index) == ["native (local I/O)", "cost: seccomp/loopback",
+                                    "offload: seccomp/loopback/offload"]  # fmt: skip
+        nat, cost, off = (rows.iloc[i] for i in range(3))
+        assert nat["slowdown"] == 1.0 and nat["wall_median_s"] > 0
+        assert cost["slowdown"] > 0 and off["slowdown"] > 0
+        assert cost["exec_median_s"] == 0  # cost mode: nothing executes at the delegate
+        assert off["exec_median_s"] > 0
+        # offload moves the input to the compute node (bytes_out of the reads);
+        # cost mode only marshals the write buffers (the reads' buffers are outputs)
+        assert off["bytes_moved_per_run"] >= size
+        assert np.isfinite(off["alpha_s"]) and np.isfinite(off["beta_ns_per_byte"])
+    md = (out / "report.md").read_text()
+    assert "## Offload: local I/O, cost-mode forwarding and offload" in md
+    assert "### Many clients" not in md  # the cells ran one after another
+    assert not Path("/tb-cmp-offload").exists()
