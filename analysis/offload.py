@@ -129,7 +129,8 @@ def run_rows(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
 
 
 def side_by_side(runs: list[DelegatedRun], native: dict, level: float = 0.95) -> pd.DataFrame:
-    """Per workload: native (local I/O), each cost-mode mechanism, each offload mechanism."""
+    """Per workload: native (local I/O), each cost-mode mechanism and forwarded set
+    (or policy), each offload mechanism."""
     t_nd = _native_by_workload(runs, native)
     offloaded = sorted({workload_of(r) for r in runs if mode_of(r) == "offload"})
     rows = []
@@ -137,11 +138,12 @@ def side_by_side(runs: list[DelegatedRun], native: dict, level: float = 0.95) ->
         nat = t_nd.get(w, np.nan)
         rows.append({"workload": w, "how": "native (local I/O)", "runs": np.nan,
                      "wall_median_s": nat, "slowdown": 1.0 if np.isfinite(nat) else np.nan})  # fmt: skip
-        groups: dict[tuple[str, str], list[DelegatedRun]] = {}
+        groups: dict[tuple[str, str, str], list[DelegatedRun]] = {}
         for r in runs:
-            if workload_of(r) == w:
-                groups.setdefault((mode_of(r), r.mechanism), []).append(r)
-        for (mode, mech), rs in sorted(groups.items()):
+            if workload_of(r) == w:  # cost runs: one row per forwarded set or policy
+                what = "" if mode_of(r) == "offload" else f" [{r.group}]"
+                groups.setdefault((mode_of(r), r.mechanism, what), []).append(r)
+        for (mode, mech, what), rs in sorted(groups.items()):
             walls = np.array([r.wall for r in rs])
             fcs = [fit.fc_samples(r.calls, mode) for r in rs]
             fc = np.concatenate([f for f, _ in fcs])
@@ -162,7 +164,7 @@ def side_by_side(runs: list[DelegatedRun], native: dict, level: float = 0.95) ->
             rows.append(
                 {
                     "workload": w,
-                    "how": f"{mode}: {mech}",
+                    "how": f"{mode}: {mech}{what}",
                     "runs": len(rs),
                     "wall_median_s": float(np.median(walls)),
                     "wall_min_s": float(walls.min()),
@@ -298,7 +300,7 @@ def section(
         "## Offload: local I/O, cost-mode forwarding and offload",
         "",
         "Each workload with an offload run, its native (local I/O) time and every mode and "
-        "mechanism it ran with. slowdown = median wall / native. Per call: f_c = "
+        "mechanism it ran with (cost mode: per forwarded set or policy, in brackets). slowdown = median wall / native. Per call: f_c = "
         "(overhead − exec)/2 (`testbed.rundir.derived`; exec, the delegate's execution "
         "time, is 0 in cost mode), median with a 95% order-statistic CI; exec median; "
         "size-aware `f_c = α + β·bytes` with bytes = bytes_in + bytes_out actually moved "

@@ -145,7 +145,7 @@ def test_analyze_compares_local_io_cost_forwarding_and_offload(tmp_path):
     # by SHA-256; `testbed analyze` puts native, cost and offload side by side.
     common = "workloads:\n  - {name: cat, size_mb: 2}\n  - {name: gzip, size_mb: 1}\ndelegates: [local]\n"
     plans = {
-        "cost": "name: cmp-cost\nforward: [read,write,openat]\n" + common,
+        "cost": "name: cmp-cost\nforward: ['read,write,openat']\n" + common,
         "offload": "name: cmp-offload\nmode: offload\noffload_path: /tb-cmp-offload\n" + common,
     }
     results = []
@@ -163,7 +163,7 @@ def test_analyze_compares_local_io_cost_forwarding_and_offload(tmp_path):
     side = pd.read_csv(out / "tables" / "offload_side_by_side.csv")
     for w, size in (("cat", 2_000_000), ("gzip", 1_000_000)):
         rows = side[side["workload"] == w].set_index("how")
-        assert list(rows.index) == ["native (local I/O)", "cost: seccomp/loopback",
+        assert list(rows.index) == ["native (local I/O)", "cost: seccomp/loopback [openat,read,write]",
                                     "offload: seccomp/loopback/offload"]  # fmt: skip
         nat, cost, off = (rows.iloc[i] for i in range(3))
         assert nat["slowdown"] == 1.0 and nat["wall_median_s"] > 0
