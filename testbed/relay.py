@@ -21,6 +21,7 @@ in the loop releases every call in flight before the relay gives up.
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import signal
 import struct
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import zmq
 
-from testbed import keys, rundir, syscalls, wire
+from testbed import cpus, keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import Backend, CallerGone, Trap, make_backend
@@ -507,8 +508,13 @@ def main_run(args) -> int:
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
     status = rusage = child = None
     t_exit = 0
+    program_cpus = None
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(args.program)
+        if getattr(args, "pin_program", None):
+            os.sched_setaffinity(child.pid, args.pin_program)
+        program_cpus = cpus.affinity(child.pid)
         restore = _forward_signals(child.pid)
         try:
             status, rusage, t_exit = relay.serve(child.pid)
@@ -525,7 +531,13 @@ def main_run(args) -> int:
         backend.close()
         sock.close()
     launch_error = getattr(backend, "launch_error", lambda: None)()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
+    # the relay's own CPU time (all its threads, ZeroMQ's included) while the program ran
+    meta["cpu"] = {"relay_user_s": cpu1.ru_utime - cpu0.ru_utime,
+                   "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
+                   "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
+                   "cpu_count": os.cpu_count()}  # fmt: skip
     rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
