@@ -17,7 +17,8 @@ The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
 ``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
 endpoint, ``remote`` otherwise, and ``same-node`` for the kernel thread
 backend (the paper's mktrace baseline); ``+Dus`` is the delegate's injected
-delay.  Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
+delay; ``/offload`` marks offload-mode runs (analysis/offload.py).
+Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def mechanism(meta: dict) -> str:
     label = f"{backend}/{where}"
     if delay:
         label += f"+{float(delay):g}us"
+    if meta.get("mode") == "offload":  # executes at the delegate: never pooled with cost mode
+        label += "/offload"
     return label
 
 

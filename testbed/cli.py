@@ -352,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="offload mode: open remote fds allowed per client (default 1024)",
     )
     p.add_argument(
+        "--offload-idle-timeout",
+        type=timeout_seconds,
+        metavar="S",
+        help="offload mode: close the remote fds of a client not heard from for S seconds "
+        "(a relay killed without BYE; default 3600; docs/offload.md)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow offload mode on a non-loopback endpoint without --curve-keys",

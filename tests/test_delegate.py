@@ -304,6 +304,30 @@ def test_sigterm_finishes_the_call_in_flight(dproc, ctx):
     assert rc == 0 and "stopped after 1 calls" in err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_repeated_signals_during_shutdown_never_kill_or_trace(dproc, ctx, sig):
+    # A service manager (or an impatient ^C) may signal again while the delegate
+    # is already closing and printing its summary.  Hammer it with signals from
+    # the first one until it has exited: every window of the shutdown is hit.
+    d = dproc()
+    c = Client(ctx, d.endpoint)
+    assert c.call(1)[0] == wire.RESULT
+    deadline = time.monotonic() + 20
+    sent = 0
+    while d.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            d.proc.send_signal(sig)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.0005)
+    _, err = d.proc.communicate(timeout=10)
+    assert sent >= 2, "the delegate exited before a second signal could be sent"
+    assert d.proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "stopped after 1 calls from 1 clients" in err
+
+
 def test_sigint_also_stops_cleanly(dproc):
     d = dproc()
     rc, err, _ = d.terminate(signal.SIGINT)
