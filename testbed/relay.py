@@ -21,6 +21,7 @@ in the loop releases every call in flight before the relay gives up.
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import signal
 import struct
@@ -39,6 +40,11 @@ from testbed.syscalls import ArgKind
 
 _IOVEC = struct.Struct("<QQ")
 PROBE_INTERVAL_NS = 1_000_000_000
+#: ``testbed bench --breakdown`` sets this in the environment of ``testbed run``:
+#: the relay then also stamps, per call, when the send returned, when the reply
+#: was decoded and when the record was written, and saves them (int64 triples in
+#: record order) to this file at the end (see :mod:`testbed.breakdown`).
+STAGE_TRACE_ENV = "TESTBED_STAGE_TRACE"
 _POLLIN = int(zmq.POLLIN)  # plain int: IntFlag arithmetic is slow on the hot path
 
 
@@ -195,6 +201,11 @@ class Relay:
         self._next_id = 1
         self._last_released: Trap | None = None
         self._warned: set[str] = set()
+        #: per-call (t_sent, t_decoded, t_recorded) when tracing stages (None: off)
+        self.stages: list[tuple[int, int, int]] | None = None
+        self.cpu_s: float | None = None  # the relay's own CPU (all threads) while serving
+        self._t_sent: dict[int, int] = {}
+        self._t_decoded = 0
 
     # ------------------------------------------------------------ calls
     def on_trap(self, trap: Trap) -> None:
@@ -242,6 +253,8 @@ class Relay:
             self._release(trap, rundir.F_NOT_SENT, nbytes, 0, 0)
             return
         self.inflight[call_id] = (trap, t_send, nbytes)
+        if self.stages is not None:
+            self._t_sent[trap.id] = time.monotonic_ns()
 
     def on_frame(self, frame: bytes) -> None:
         t_reply = time.monotonic_ns()
@@ -255,6 +268,8 @@ class Relay:
                 self.stats.peer_errors += 1
                 self._release(trap, rundir.F_PEER_ERROR, nbytes, t_send, t_reply)
             return
+        if self.stages is not None:
+            self._t_decoded = time.monotonic_ns()
         if kind == wire.WELCOME:
             self.peer_down = False
             return
@@ -299,6 +314,10 @@ class Relay:
         self.stats.forwarded += 1
         self.recorder.add(trap.tid, trap.nr, flags, ret, nbytes, 0,
                           trap.t_trap, t_send, t_reply, t_resume, *stamps)  # fmt: skip
+        if self.stages is not None:
+            t_sent = self._t_sent.pop(trap.id, 0)
+            self.stages.append((t_sent, self._t_decoded, time.monotonic_ns()))
+            self._t_decoded = 0
 
     def release_all(self) -> None:
         """Release every call in flight locally (the relay is giving up)."""
@@ -445,6 +464,12 @@ def _resolve_forward(args) -> frozenset[int]:
     return resolve_policy(args.policy, args.profile)
 
 
+def _own_cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads (ZeroMQ's I/O thread too)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
@@ -484,6 +509,9 @@ def main_run(args) -> int:
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
     relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
                   busy_poll=args.busy_poll)  # fmt: skip
+    trace = os.environ.get(STAGE_TRACE_ENV)
+    if trace:
+        relay.stages = []
     started = time.time()
     # run.json exists from the start, marked incomplete: a relay killed mid-run
     # leaves a loadable run directory (records flushed at least every second)
@@ -494,10 +522,12 @@ def main_run(args) -> int:
     try:
         child = backend.launch(args.program)
         restore = _forward_signals(child.pid)
+        cpu0 = _own_cpu_s()
         try:
             status, rusage, t_exit = relay.serve(child.pid)
         finally:
             restore()
+            relay.cpu_s = _own_cpu_s() - cpu0
         child.returncode = _exit_code(status) if status is not None else 1
     finally:
         if child is not None and status is None:  # the relay failed: do not leave it running
@@ -506,6 +536,10 @@ def main_run(args) -> int:
         recorder.close()
         backend.close()
         sock.close()
+    if trace:
+        import numpy as np
+
+        np.asarray(relay.stages, dtype=np.int64).reshape(-1, 3).tofile(trace)
     launch_error = getattr(backend, "launch_error", lambda: None)()
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
     rundir.write_meta(out, {**meta, "complete": False})
@@ -544,6 +578,7 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
         "endpoint": args.delegate,
         "timeout_s": args.timeout,
         "busy_poll": args.busy_poll,
+        "relay_cpu_s": relay.cpu_s,
         "curve": bool(args.curve_keys),
         "delegate": welcome,
         "host": host_metadata(),
