@@ -212,13 +212,17 @@ class SeccompBackend:
                 return None  # the caller was interrupted / died before we took it
             raise
         t = time.monotonic_ns()
-        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        v = _NOTIF.unpack(buf)
+        nr = v[3]
         if nr in EXEC_NRS:
-            self._forget_mem(pid)  # a new address space follows
-        if self._launching or (nr in EXEC_NRS and nr not in self.forwarded):
-            self._internal(nid, pid, nr)
+            self._forget_mem(v[1])  # a new address space follows
+            if nr not in self.forwarded:
+                self._internal(v[0], v[1], nr)
+                return None
+        if self._launching:
+            self._internal(v[0], v[1], nr)
             return None
-        return Trap(nid, pid, nr, tuple(args), t)
+        return Trap(v[0], v[1], nr, v[6:12], t)
 
     def _internal(self, nid: int, pid: int, nr: int) -> None:
         """Calls the relay serves without forwarding: the launcher's, and execs."""
