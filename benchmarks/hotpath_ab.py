@@ -83,9 +83,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as t:
             for r in range(a.rounds):
                 for busy in (False, True):
-                    for k in ("AB" if r % 2 == 0 else "BA"):
+                    for k in "AB" if r % 2 == 0 else "BA":
                         proc, ep = dels[k]
-                        res[(k, busy)].append(one_run(trees[k], ep, proc.pid, exe, a.calls, busy, Path(t)))
+                        res[(k, busy)].append(
+                            one_run(trees[k], ep, proc.pid, exe, a.calls, busy, Path(t))
+                        )
     finally:
         for proc, _ in dels.values():
             proc.terminate()
@@ -99,8 +101,10 @@ def main() -> None:
             A = np.array([x[key] for x in res[("A", busy)]])
             B = np.array([x[key] for x in res[("B", busy)]])
             ratio = A / B
-            print(f"  {mode:12s} {label:22s} A {np.median(A):8.2f}  B {np.median(B):8.2f}  "
-                  f"A/B {np.median(ratio):.2f} [{ratio.min():.2f} .. {ratio.max():.2f}]")
+            print(
+                f"  {mode:12s} {label:22s} A {np.median(A):8.2f}  B {np.median(B):8.2f}  "
+                f"A/B {np.median(ratio):.2f} [{ratio.min():.2f} .. {ratio.max():.2f}]"
+            )
 
 
 if __name__ == "__main__":

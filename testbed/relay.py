@@ -111,8 +111,23 @@ class Marshaller:
     def __init__(self, backend: Backend):
         self.backend = backend
         self._specs = {nr: syscalls.arg_specs(nr) for nr in syscalls.NAME_BY_NR}
+        # calls whose only input is one sized buffer (write, pwrite64, sendto, ...):
+        # (buffer argument, size argument), read without walking the specs
+        self._one_buf = {
+            nr: (specs[0].arg, specs[0].size_arg)
+            for nr, specs in self._specs.items()
+            if len(specs) == 1 and specs[0].kind is ArgKind.IN_BUF
+        }
 
     def buffers(self, trap: Trap) -> tuple[tuple[tuple[int, bytes], ...], int]:
+        one = self._one_buf.get(trap.nr)
+        if one is not None:
+            args = trap.args
+            addr = args[one[0]]
+            if not addr:
+                return (), 0
+            data = self.backend.read_memory(trap.tid, addr, min(args[one[1]], syscalls.MAX_BUFFER))
+            return ((one[0], data),), len(data)
         specs = self._specs.get(trap.nr, ())
         if not specs:
             return (), 0
@@ -246,7 +261,7 @@ class Relay:
             return
         call_id = self._next_id
         self._next_id += 1
-        frame = wire.encode_call(wire.Call(call_id, trap.tid, trap.nr, trap.args, bufs, self.mode))
+        frame = wire.encode_call_fields(call_id, trap.tid, trap.nr, trap.args, bufs, self.mode)
         t_send = time.monotonic_ns()
         try:
             self.sock.send(frame, zmq.NOBLOCK)

@@ -163,14 +163,27 @@ def encode_bye(info: dict) -> bytes:
 
 def encode_call(call: Call) -> bytes:
     """A CALL frame (fixed-width layout when the values fit it, else general msgpack)."""
-    call_id, tid, nr, args, bufs, mode = call
+    return encode_call_fields(*call)
+
+
+def encode_call_fields(
+    call_id: int,
+    tid: int,
+    nr: int,
+    args: tuple[int, ...],
+    bufs: tuple[tuple[int, bytes], ...],
+    mode: str,
+) -> bytes:
+    """:func:`encode_call` without building a :class:`Call` first (the relay's hot path)."""
     nb = len(bufs)
     if nb <= 1 and len(args) == 6:
         if nb:
             arg, data = bufs[0]
             if type(data) is bytes and type(arg) is int and 0 <= arg <= 5:
                 mark = 0x91
-                tail = _BUF_HEAD.pack(0x92, arg, 0xC6, len(data)) + data + _MODE_BYTES.get(mode, b"")
+                tail = (
+                    _BUF_HEAD.pack(0x92, arg, 0xC6, len(data)) + data + _MODE_BYTES.get(mode, b"")
+                )
             else:
                 mark = 0
         else:
@@ -183,18 +196,7 @@ def encode_call(call: Call) -> bytes:
                                        mark) + tail)  # fmt: skip
         except struct.error:
             pass  # out of the fixed layout's ranges: the general encoding says the same
-    return _packb(
-        [
-            WIRE_VERSION,
-            CALL,
-            call.call_id,
-            call.tid,
-            call.nr,
-            call.args,
-            call.bufs,
-            call.mode,
-        ]
-    )
+    return _packb([WIRE_VERSION, CALL, call_id, tid, nr, args, bufs, mode])
 
 
 def encode_result(res: Result) -> bytes:

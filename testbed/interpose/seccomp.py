@@ -240,6 +240,13 @@ class SeccompBackend:
         if length <= 0:
             return b""
         fd = self._mem_fds.get(tid)
+        if fd is not None:  # the common case: one pread on the cached fd
+            try:
+                data = os.pread(fd, length, addr)
+                if data:
+                    return data
+            except OSError:
+                pass  # decided below, with a reopen where it may help
         if fd is None:
             fd = self._open_mem(tid)
         for attempt in (0, 1):
