@@ -251,7 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="spin D microseconds per call to emulate a slower link (default 0)",
     )
     p.add_argument(
-        "--offload-root", metavar="DIR", help="enable offload mode: execute file I/O beneath DIR"
+        "--offload-root",
+        metavar="DIR",
+        help="enable offload mode: execute relays' file I/O beneath DIR (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-max-fds",
+        type=positive_int,
+        metavar="N",
+        help="offload mode: open remote fds allowed per client (default 1024)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow offload mode on a non-loopback endpoint without --curve-keys",
     )
     p.add_argument(
         "--max-calls",
@@ -267,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--user",
+        "--offload-user",
+        dest="user",
         metavar="NAME",
         help="started as root: bind and read the keys, then serve as this unprivileged "
-        "user (no supplementary groups, no capabilities, no_new_privs)",
+        "user (no supplementary groups, no capabilities, no_new_privs); in offload mode "
+        "files are created as NAME",
     )
     p.add_argument(
         "--quiet",
@@ -299,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help="delegate endpoint, e.g. tcp://10.0.0.2:5555",
     )
-    sel = p.add_mutually_exclusive_group(required=True)
+    sel = p.add_mutually_exclusive_group()
     sel.add_argument(
         "--forward",
         type=syscall_set,
@@ -316,7 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=("cost", "offload"),
         default="cost",
-        help="cost: acknowledge then run locally (default); offload: delegate executes",
+        help="cost: acknowledge then run locally (default); offload: file I/O under "
+        "--offload-path executes at the delegate (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-path",
+        action="append",
+        metavar="PREFIX",
+        help="offload mode: paths at or under PREFIX (and fds opened from them) are executed "
+        "beneath the delegate's --offload-root; repeatable",
     )
     p.add_argument(
         "--backend",
@@ -358,7 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default runs/run-TIME)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to run, unmodified, after --",
+    )
     p.set_defaults(func=cmd_run)
 
     # --- profile --------------------------------------------------------
@@ -390,7 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
         "commands that can be repeated, default 0)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS...]",
+        help="the program to profile natively, after --",
+    )
     p.set_defaults(func=cmd_profile)
 
     # --- bench ----------------------------------------------------------

@@ -29,9 +29,8 @@ keys in ``DIR/authorized`` (:mod:`testbed.keys`); ``--user NAME`` drops root
 after binding and reading the keys (:mod:`testbed.privileges`).
 
 Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
-mode is delegated to an :class:`OffloadExecutor` (the extension point: pass
-one to :class:`Delegate`, or provide ``testbed.offload.make_executor(root)``
-for ``--offload-root``).
+mode is delegated to an :class:`OffloadExecutor` (``testbed.offload``, built
+for ``--offload-root DIR``; see ``docs/offload.md``).
 """
 
 from __future__ import annotations
@@ -698,22 +697,11 @@ class Delegate:
 # ---------------------------------------------------------------- CLI
 
 
-def load_offload(root: str) -> OffloadExecutor:
-    """The offload executor for ``--offload-root`` (``testbed.offload``)."""
-    if not os.path.isdir(root):
-        raise TestbedError(f"offload root {root!r} is not a directory")
-    try:
-        from testbed.offload import make_executor  # type: ignore[import-not-found]
-    except ImportError:
-        raise TestbedError(
-            "offload mode is not available in this build (no testbed.offload module)"
-        ) from None
-    return make_executor(root)
-
-
 def main_delegate(args: Any) -> int:
     """``testbed delegate``: serve until SIGINT/SIGTERM or ``--max-calls``."""
-    offload = load_offload(args.offload_root) if getattr(args, "offload_root", None) else None
+    from testbed.offload import executor_from_args
+
+    offload = executor_from_args(args)
     delegate = Delegate(
         args.listen,
         workers=args.workers,

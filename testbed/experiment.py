@@ -21,6 +21,7 @@ A plan::
     name: gzip-lab                 # optional (default: the file name)
     repetitions: 2                 # default 1
     mode: cost                     # cost | offload (default cost)
+    offload_path: /gpfs            # offload mode only: the offloaded prefix (docs/offload.md)
     backend: seccomp               # seccomp | kmod (default seccomp)
     timeout_s: 600                 # per run (default 600)
     workloads:                     # catalogue names, or maps with options
@@ -85,6 +86,7 @@ PLAN_KEYS = {
     "workloads",
     "forward",
     "delegates",
+    "offload_path",
 }
 _WORDS = [
     "forward",
@@ -145,6 +147,7 @@ class Plan:
     workloads: list[Workload]
     forward: list[Forward]
     delegates: list[DelegateSpec]
+    offload_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,7 +165,7 @@ class Plan:
                 for f in self.forward
             ],
             "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
-        }
+        } | ({"offload_path": self.offload_path} if self.offload_path else {})
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,11 @@ def parse_plan(
     if backend not in ("seccomp", "kmod"):
         raise PlanError(f"{where}: backend {backend!r} is not seccomp or kmod")
     workloads = [_workload(w, where) for w in _list(data, "workloads", where)]
-    forward = [_forward(f, where) for f in _list(data, "forward", where)]
+    offload_path = _offload_path(data, mode, where)
+    if offload_path:  # offload mode traps the file-I/O calls itself
+        forward = [Forward("offload")]
+    else:
+        forward = [_forward(f, where) for f in _list(data, "forward", where)]
     if delegates:
         specs = []
         for text in delegates:
@@ -334,7 +341,20 @@ def parse_plan(
         if len(set(labels)) != len(labels):
             raise PlanError(f"{where}: two {kind} entries have the same name ({', '.join(labels)})")
     plan_name = _label(str(data.get("name") or name))
-    return Plan(plan_name, reps, mode, backend, timeout, workloads, forward, specs)
+    return Plan(plan_name, reps, mode, backend, timeout, workloads, forward, specs, offload_path)
+
+
+def _offload_path(data: dict, mode: str, where: str) -> str | None:
+    path = data.get("offload_path")
+    if mode != "offload":
+        if path is not None:
+            raise PlanError(f"{where}: offload_path is only used with mode: offload")
+        return None
+    if "forward" in data:
+        raise PlanError(f"{where}: mode offload traps the file-I/O calls itself; drop 'forward'")
+    if not isinstance(path, str) or not path.startswith("/") or os.path.normpath(path) == "/":
+        raise PlanError(f"{where}: mode offload needs offload_path: an absolute prefix (not /)")
+    return os.path.normpath(path)
 
 
 def load_plan(path: str | os.PathLike, delegates: list[str] | None = None) -> Plan:
@@ -390,6 +410,13 @@ def _argv(w: Workload, input_path: Path) -> list[str]:
     ]
 
 
+def _testbed_env() -> dict[str, str]:
+    """Environment for ``python -m testbed`` children run in another cwd: the same package."""
+    top = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=top + (os.pathsep + old if old else ""))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -418,12 +445,16 @@ def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -
 class LocalDelegate:
     """A delegate on loopback for the duration of a plan (always stopped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload_root: Path | None = None) -> None:
         self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
         self.proc: subprocess.Popen | None = None
+        self.offload_root = offload_root
 
     def __enter__(self) -> LocalDelegate:
         cmd = [sys.executable, "-m", "testbed", "delegate", "--listen", self.endpoint, "--quiet"]
+        if self.offload_root is not None:
+            self.offload_root.mkdir(parents=True, exist_ok=True)
+            cmd += ["--offload-root", str(self.offload_root)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 15
@@ -465,6 +496,7 @@ class Runner:
         self.curve_keys: str | None = None  # for every delegate but "local"
         self.native: dict[str, dict[str, Any]] = {}
         self.profiles: dict[str, Path] = {}
+        self.staged: set[str] = set()
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -475,6 +507,32 @@ class Runner:
         path = d / "input.txt"
         generate_input(path, w.size_mb, w.seed)
         return path
+
+    def offload_input(self, w: Workload, delegate: DelegateSpec) -> Path:
+        """The workload's input copied (``cp -p``, offloaded) into the offloaded tree."""
+        endpoint = self.endpoints[delegate.name]
+        keys = (
+            ["--curve-keys", self.curve_keys]
+            if self.curve_keys and delegate.endpoint != "local"
+            else []
+        )
+        local = self.input_for(w)
+        remote = Path(self.plan.offload_path, self.plan.name, local.parent.name, local.name)
+        key = f"{endpoint} {remote}"
+        if key in self.staged:
+            return remote
+        cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
+               "--mode", "offload", "--offload-path", str(self.plan.offload_path),
+               "--backend", self.plan.backend, *keys, "-o", str(self.work / "stage-run"), "--",
+               "sh", "-c", 'mkdir -p "$(dirname "$2")" && cp -p "$1" "$2"', "sh",
+               str(local), str(remote)]  # fmt: skip
+        shutil.rmtree(self.work / "stage-run", ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.plan.timeout_s)
+        if proc.returncode != 0:
+            raise TestbedError(f"staging the input of {w.name} at the delegate failed: "
+                               f"{_tail(proc.stderr)}")  # fmt: skip
+        self.staged.add(key)
+        return remote
 
     def native_run(self, w: Workload) -> dict[str, Any]:
         """Run ``w`` natively once (cached in native/<workload>.json)."""
@@ -520,7 +578,12 @@ class Runner:
             *_argv(w, self.input_for(w)),
         ]
         proc = subprocess.run(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.work
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.work,
+            env=_testbed_env(),
         )
         if proc.returncode != 0 or not (path / rundir.RUN_JSON).exists():
             raise TestbedError(f"native profile of {w.name} failed: {_tail(proc.stderr)}")
@@ -542,7 +605,10 @@ class Runner:
         shutil.rmtree(partial, ignore_errors=True)
         w = cell.workload
         native = self.native_run(w)
-        argv = _argv(w, self.input_for(w))
+        if self.plan.offload_path:
+            argv = _argv(w, self.offload_input(w, cell.delegate))
+        else:
+            argv = _argv(w, self.input_for(w))
         cmd = [
             sys.executable,
             "-m",
@@ -553,7 +619,9 @@ class Runner:
         ]
         if self.curve_keys and cell.delegate.endpoint != "local":
             cmd += ["--curve-keys", self.curve_keys]
-        if cell.forward.policy:
+        if self.plan.offload_path:
+            cmd += ["--offload-path", self.plan.offload_path]
+        elif cell.forward.policy:
             cmd += ["--policy", cell.forward.policy, "--profile", str(self.profile_for(w))]
         else:
             cmd += ["--forward", ",".join(cell.forward.names)]
@@ -572,6 +640,7 @@ class Runner:
             with open(out, "wb") as f:
                 proc = subprocess.run(
                     [*cmd, "--", *argv], stdout=f, stderr=subprocess.PIPE, text=True, cwd=self.work,
+                    env=_testbed_env(),
                     timeout=self.plan.timeout_s,
                 )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -700,7 +769,8 @@ def run_plan(
         if not todo:
             return {"ran": 0, "skipped": skipped, "failed": 0}
         needs_local = any(c.delegate.endpoint == "local" for c in todo)
-        local = LocalDelegate() if needs_local else None
+        root = work / "offload-root" if plan.offload_path else None
+        local = LocalDelegate(root) if needs_local else None
         if local is not None:
             local.__enter__()
         try:

@@ -484,11 +484,15 @@ def _stop_watchdog() -> None:
 
 
 def _resolve_forward(args) -> frozenset[int]:
+    if getattr(args, "offload_path", None):
+        raise TestbedError("--offload-path is only used with --mode offload")
     if args.forward is not None:
         if args.profile:
             raise TestbedError("--profile is only used with --policy")
         return args.forward
     if not args.profile:
+        if args.policy is None:
+            raise TestbedError("one of --forward or --policy is required (cost mode)")
         raise TestbedError("--policy needs --profile RUNDIR (a native profile to choose from)")
     from testbed.policy import resolve_policy
 
@@ -525,21 +529,33 @@ def check_timeout(name: str, seconds: float) -> float:
 def main_run(args) -> int:
     check_timeout("--timeout", args.timeout)
     check_timeout("--connect-timeout", args.connect_timeout)
-    forwarded = _resolve_forward(args)
-    if args.mode != "cost":
-        raise TestbedError("offload mode is not implemented yet; use --mode cost")
+    if args.mode == "offload":
+        from testbed.offload.client import check_run_args
+
+        forwarded = check_run_args(args)
+    else:
+        forwarded = _resolve_forward(args)
     backend = make_backend(args.backend, forwarded)  # fails early if unsupported here
     ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
                                  curve_keys=args.curve_keys,
                                  info={"mode": args.mode, "backend": args.backend})  # fmt: skip
     try:
+        if args.mode == "offload" and "offload" not in str(welcome.get("mode", "")):
+            raise TestbedError(f"the delegate at {args.delegate} does not offload "
+                               "(start it with --offload-root DIR)")  # fmt: skip
         out = rundir.create(args.output)
     except TestbedError:
         sock.close()
         raise
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
-    relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
-                  busy_poll=args.busy_poll)  # fmt: skip
+    if args.mode == "offload":
+        from testbed.offload.client import OffloadRelay
+
+        relay = OffloadRelay(backend, sock, recorder, args.offload_path,
+                             timeout_s=args.timeout, busy_poll=args.busy_poll)  # fmt: skip
+    else:
+        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
+                      busy_poll=args.busy_poll)  # fmt: skip
     trace = os.environ.get(STAGE_TRACE_ENV)
     if trace:
         relay.stages = []
@@ -556,6 +572,8 @@ def main_run(args) -> int:
         cpu0 = _own_cpu_s()
         try:
             status, rusage, t_exit = relay.serve(child.pid)
+            if args.mode == "offload":
+                relay.finish()
         finally:
             restore()
             relay.cpu_s = _own_cpu_s() - cpu0
@@ -578,6 +596,8 @@ def main_run(args) -> int:
     rundir.write_syscalls(out, rows)
     meta["summary"] = summary
     meta["complete"] = True
+    if args.mode == "offload":
+        meta["offload"] = relay.meta()
     rundir.write_meta(out, meta)
     if launch_error:
         raise TestbedError(launch_error)
@@ -661,5 +681,6 @@ def _print_summary(args, meta: dict, s: dict, out: Path) -> None:
     if c["faults"]:
         print(f"testbed: FAULTS: {c['timeouts']} timed out, {c['not_sent']} released unsent, "
               f"{c['peer_errors']} delegate errors, {c['unreadable']} with unreadable memory "
-              "(calls ran locally)", file=sys.stderr)  # fmt: skip
+              + ("(calls failed with EIO)" if args.mode == "offload" else "(calls ran locally)"),
+              file=sys.stderr)  # fmt: skip
     print(f"testbed: run directory {out}", file=sys.stderr)

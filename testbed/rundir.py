@@ -326,6 +326,7 @@ def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[
     run_rtt, run_ovh, run_res, run_wire = _Hist(), _Hist(), _Hist(), _Hist()
     for part in iter_chunks(calls):
         d = derived(part)
+        d["overhead"] = d["overhead"] - d["exec"]  # offload: not the delegate's work (0 in cost)
         faulty = (part["flags"] & F_FAULT_MASK) != 0
         ok = ~faulty
         run_rtt.add(d["rtt"][ok])

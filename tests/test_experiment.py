@@ -68,6 +68,11 @@ def _write(path: Path, text: str) -> Path:
          "program 'no-such-program-xyz'"),
         ("workloads: [gzip\n", "not valid YAML"),
         ("workloads: [gzip]\nforward: [read]\ndelegates: [local]\nrepeats: 3\n", "unknown key(s) repeats"),
+        ("mode: offload\nworkloads: [gzip]\ndelegates: [local]\n", "needs offload_path"),
+        ("mode: offload\noffload_path: /x\nworkloads: [gzip]\nforward: [read]\ndelegates: [local]\n",
+         "drop 'forward'"),
+        ("offload_path: /x\nworkloads: [gzip]\nforward: [read]\ndelegates: [local]\n",
+         "only used with mode: offload"),
     ],
 )  # fmt: skip
 def test_bad_plan_is_one_clear_error_and_starts_nothing(tmp_path, body, message):
@@ -213,3 +218,28 @@ def test_results_of_another_plan_are_never_resumed(tmp_path):
     # the same plan with its delegate moved elsewhere is the same experiment
     moved = experiment.load_plan(first, ["local=tcp://127.0.0.1:9"])
     experiment.check_results_dir(moved, results)
+
+
+def test_offload_plan_stages_input_at_the_delegate_and_matches_native(tmp_path):
+    plan = _write(
+        tmp_path / "plan.yml",
+        "name: offload-smoke\nmode: offload\noffload_path: /tb-plan-offload\n"
+        "workloads:\n  - {name: gzip, size_mb: 0.5}\n  - {name: tar, size_mb: 0.5}\n"
+        "delegates: [local]\n",
+    )
+    results = tmp_path / "results"
+    before = _delegates()
+    proc = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
+    assert proc.returncode == 0, proc.stderr
+    assert "ran=2 skipped=0 failed=0" in proc.stdout
+    assert not _delegates() - before
+    for name in ("gzip", "tar"):
+        p = results / "here" / f"{name}.offload.local.r1"
+        run = rundir.load(p)
+        cell = json.loads((p / "experiment.json").read_text())
+        assert cell["output_matches_native"] is True and cell["mode"] == "offload"
+        assert run.meta["mode"] == "offload" and run.meta["offload"]["eio"] == 0
+        calls = run.calls()
+        reads = calls[calls["nr"] == 0]
+        assert int(reads["bytes_out"].sum()) >= 500_000  # the input was read at the delegate
+    assert not Path("/tb-plan-offload").exists()  # nothing under the prefix locally

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -176,9 +177,21 @@ def test_program_not_found_is_one_line(delegate, tmp_path):
 
 @pytest.mark.parametrize("verb", ["delegate", "run", "bench", "demo", "profile", "analyze"])
 def test_help_is_clear(verb):
+    """Every option of the verb is in its --help with a sentence saying what it does."""
+    from testbed.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[verb]
     res = run_testbed(verb, "--help")
     assert res.returncode == 0
-    assert len(res.stdout.decode().splitlines()) > 5
+    text = " ".join(res.stdout.decode().split())
+    assert parser.description and " ".join(parser.description.split())[:60] in text
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS:
+            continue
+        assert action.help and len(action.help.split()) >= 2, f"{verb} {action.dest}: no help text"
+        for flag in action.option_strings:
+            assert flag in text, f"{verb}: {flag} missing from --help"
 
 
 def test_sync_wakeup_used_where_available(delegate, tmp_path):
