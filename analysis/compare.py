@@ -23,7 +23,7 @@ delay.  Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
 from __future__ import annotations
 
 import ipaddress
-import os
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,41 @@ from testbed.errors import TestbedError
 PAPER_MKTRACE_FC_S = 40e-6
 
 
+def read_cell(path: Path) -> dict:
+    """The experiment cell of a run directory (``experiment.json``), or {} outside experiments."""
+    try:
+        cell = json.loads((Path(path) / "experiment.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise TestbedError(f"{path}/experiment.json: unreadable ({exc})") from None
+    return cell if isinstance(cell, dict) else {}
+
+
+def identity(meta: dict, cell: dict) -> str:
+    """A workload's identity: the experiment cell's workload name, else the run's
+    ``workload``, else the full command line (never argv[0] alone: two different
+    ``sh -c`` scripts are two workloads)."""
+    if cell.get("workload"):
+        return str(cell["workload"])
+    if meta.get("workload"):
+        return str(meta["workload"])
+    return " ".join(map(str, meta.get("command") or [])) or "?"
+
+
+def host_of(meta: dict, cell: dict) -> str:
+    """Where a run was measured: the experiment's host label, else run.json's host name."""
+    if cell.get("host"):
+        return str(cell["host"])
+    return str((meta.get("host") or {}).get("hostname") or "")
+
+
+def run_key(meta: dict, cell: dict) -> str:
+    """``identity @ host``: runs are compared only with natives of the same workload and host."""
+    host = host_of(meta, cell)
+    return f"{identity(meta, cell)} @ {host}" if host else identity(meta, cell)
+
+
 @dataclass
 class DelegatedRun:
     """A delegated run directory, with the numbers the comparisons need."""
@@ -47,17 +82,29 @@ class DelegatedRun:
     path: Path
     meta: dict
     calls: np.ndarray = field(repr=False)
+    cell: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
-        return " ".join(map(str, self.meta.get("command") or []))
+        return run_key(self.meta, self.cell)
 
     @property
     def workload(self) -> str:
-        if self.meta.get("workload"):
-            return str(self.meta["workload"])
-        cmd = self.meta.get("command") or ["?"]
-        return os.path.basename(str(cmd[0]))
+        return identity(self.meta, self.cell)
+
+    @property
+    def host(self) -> str:
+        return host_of(self.meta, self.cell)
+
+    @property
+    def gamma(self) -> int | None:
+        g = self.cell.get("gamma", self.meta.get("gamma"))
+        return int(g) if g is not None else None
+
+    @property
+    def repetition(self) -> int | None:
+        r = self.cell.get("repetition")
+        return int(r) if r is not None else None
 
     @property
     def wall(self) -> float:
@@ -77,8 +124,8 @@ class DelegatedRun:
     @property
     def group(self) -> str:
         """Policy label for cross-validation: the policy, else the forwarded set."""
-        if self.meta.get("policy"):
-            return str(self.meta["policy"])
+        if self.cell.get("policy") or self.meta.get("policy"):
+            return str(self.cell.get("policy") or self.meta["policy"])
         return ",".join(sorted(self.forwarded)) or "(none)"
 
     @property
@@ -120,26 +167,74 @@ def mechanism(meta: dict) -> str:
     return label
 
 
-def load_runs(paths) -> tuple[list[Profile], list[DelegatedRun]]:
-    """Load run directories, split into profiles and delegated runs."""
-    profiles, runs = [], []
+@dataclass
+class NativeRun:
+    """A measured native run (``kind = "native"``, written by ``testbed experiment``)."""
+
+    path: Path
+    meta: dict
+    cell: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return run_key(self.meta, self.cell)
+
+    @property
+    def workload(self) -> str:
+        return identity(self.meta, self.cell)
+
+    @property
+    def host(self) -> str:
+        return host_of(self.meta, self.cell)
+
+    @property
+    def wall(self) -> float:
+        return float(self.meta["wall_s"])
+
+    @property
+    def user(self) -> float:
+        return float(self.meta.get("user_s") or 0.0)
+
+
+def load_all(paths) -> tuple[list[Profile], list[DelegatedRun], list[NativeRun]]:
+    """Load run directories, split into profiles, delegated runs and native runs."""
+    profiles, runs, natives = [], [], []
     for p in paths:
         run = rundir.load(p)
         if not run.complete:
             continue  # its relay never finished (no wall time): `testbed analyze` warns
-        if run.kind == "profile":
-            profiles.append(from_run(run))
-        elif run.kind == "delegated":
+        cell = read_cell(run.path)
+        if run.kind in ("delegated", "native"):
             for k in ("wall_s", "command"):
                 if run.meta.get(k) is None:
                     raise TestbedError(
                         f"{run.path}: run.json has no {k!r} (malformed run directory)"
                     )
-            runs.append(DelegatedRun(run.path, run.meta, run.calls()))
+        if run.kind == "profile":
+            prof = from_run(run)
+            if cell:
+                prof.meta = {**prof.meta, "experiment": cell}
+                if cell.get("workload"):
+                    prof.name = str(cell["workload"])
+            profiles.append(prof)
+        elif run.kind == "delegated":
+            runs.append(DelegatedRun(run.path, run.meta, run.calls(), cell))
+        elif run.kind == "native":
+            natives.append(NativeRun(run.path, run.meta, cell))
         else:
             raise TestbedError(f"{run.path}: unknown run kind {run.kind!r}")
     _unique_names(profiles)
+    return profiles, runs, natives
+
+
+def load_runs(paths) -> tuple[list[Profile], list[DelegatedRun]]:
+    """Load run directories, split into profiles and delegated runs (natives dropped)."""
+    profiles, runs, _ = load_all(paths)
     return profiles, runs
+
+
+def profile_key(p: Profile) -> str:
+    return run_key(p.meta, p.meta.get("experiment") or {})
 
 
 def _unique_names(profiles: list[Profile]) -> None:
@@ -175,19 +270,28 @@ def runs_frame(runs: list[DelegatedRun]) -> pd.DataFrame:
 
 
 def native_times(
-    profiles: list[Profile], runs: list[DelegatedRun], intercepts: dict[str, float] | None = None
+    profiles: list[Profile],
+    runs: list[DelegatedRun],
+    intercepts: dict[str, float] | None = None,
+    natives: list[NativeRun] | None = None,
 ) -> dict[str, tuple[float, str]]:
-    """``{command: (t_nd seconds, source)}`` following the module's order.
+    """``{workload key: (t_nd seconds, source)}`` following the module's order.
 
-    ``intercepts`` come from :func:`whole_run_intercepts`.
+    ``intercepts`` come from :func:`whole_run_intercepts`; ``natives`` (measured
+    native runs of ``testbed experiment``) come first: their median wall time.
     """
     out: dict[str, tuple[float, str]] = {}
+    meas: dict[str, list[float]] = {}
+    for nr in natives or []:
+        meas.setdefault(nr.key, []).append(nr.wall)
+    for k, v in meas.items():
+        out[k] = (float(np.median(v)), f"measured native runs (median of {len(v)})")
     by_key: dict[str, list[float]] = {}
     for r in runs:
         if r.native_wall is not None:
             by_key.setdefault(r.key, []).append(r.native_wall)
     for k, v in by_key.items():
-        out[k] = (float(np.median(v)), "run.json native")
+        out.setdefault(k, (float(np.median(v)), "run.json native"))
     zero: dict[str, list[float]] = {}
     for r in runs:
         if r.forwarded_calls == 0 and r.key not in out:
@@ -195,15 +299,15 @@ def native_times(
     for k, v in zero.items():
         out[k] = (float(np.median(v)), "run with nothing forwarded")
     for p in profiles:
-        nat = p.meta.get("native")
-        if p.key not in out and isinstance(nat, dict) and nat.get("wall_s") is not None:
-            out[p.key] = (float(nat["wall_s"]), "profile native runs (untraced)")
+        nat, pk = p.meta.get("native"), profile_key(p)
+        if pk not in out and isinstance(nat, dict) and nat.get("wall_s") is not None:
+            out[pk] = (float(nat["wall_s"]), "profile native runs (untraced)")
     for k, v in (intercepts or {}).items():
         if k not in out:
             out[k] = (v, "whole-run fit intercept")
     for p in profiles:
-        if p.key not in out:
-            out[p.key] = (p.wall, "profile wall (traced)")
+        if profile_key(p) not in out:
+            out[profile_key(p)] = (p.wall, "profile wall (traced)")
     return out
 
 
@@ -242,7 +346,7 @@ def whole_run_obs(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
     """Observations for :func:`analysis.fit.whole_run`; workloads with one x only are dropped."""
     rows = [{"workload": r.key, "t_d": r.wall, "x": 2.0 * r.forwarded_calls} for r in runs]
     for key in {r.key for r in runs}:
-        if key in native and native[key][1] == "run.json native":
+        if key in native and native[key][1].startswith(("run.json native", "measured native")):
             rows.append({"workload": key, "t_d": native[key][0], "x": 0.0})
     obs = pd.DataFrame(rows, columns=["workload", "t_d", "x"])
     keep = obs.groupby("workload")["x"].transform("nunique") >= 2
@@ -289,7 +393,7 @@ def predicted_vs_measured(
     running: ``profile_forwarded_calls`` = the profile's ``sum b(s) n(s)`` for
     the run's forwarded set, and ``profile_predicted_t_d_s`` from it.
     """
-    by_key = {p.key: p for p in profiles or []}
+    by_key = {profile_key(p): p for p in profiles or []}
     rows = []
     for r in runs:
         t_nd, src = native.get(r.key, (np.nan, "none"))

@@ -10,6 +10,8 @@ Paper figures regenerated from our data:
   fig8_gamma_proportion S_r over gamma x forwarded proportion, 10 us    (Fig. 8)
   fig9_policies_fc      S_r vs f_c, gamma = 10, 20%, three policies     (Fig. 9 a-c)
   fig11_runtimes         measured run time, native vs each forwarded set (Fig. 11)
+  fig12_gain_profile     the gain benchmark's syscall profile            (Fig. 12)
+  fig13_gain_speedup     speedup vs gamma: measured (CI), naive, refined (Fig. 13)
 New ones:
   fig_measured_vs_predicted   predicted vs measured t_d per run
   fig_fc_mechanisms           per-call f_c distribution per mechanism
@@ -358,4 +360,58 @@ def fig11_runtimes(runs: pd.DataFrame, native: dict[str, float] | None = None) -
     ax.set_title("Measured run time: native vs forwarding policies (γ = 1)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, title="forwarded", title_fontsize=7)
+    return fig
+
+
+def fig12_gain_profile(prof: pd.DataFrame) -> Figure:
+    """Invocations per syscall type of the gain benchmark (log), share in % on each bar."""
+    names = list(dict.fromkeys(prof["workload"])) if len(prof) else []
+    fig, axes = _subplots(max(len(names), 1), w=6.0, h=3.6)
+    if not names:
+        axes[0].text(0.5, 0.5, "no gamma = 1 profile of the gain benchmark",
+                          ha="center", va="center", transform=axes[0].transAxes)  # fmt: skip
+    for ax, name in zip(axes, names, strict=False):
+        d = prof[prof["workload"] == name]
+        x = np.arange(len(d))
+        ax.bar(x, d["n"], color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_xticks(x, d["syscall"], rotation=45, ha="right", fontsize=8)
+        for xi, (k, sh) in enumerate(zip(d["n"], d["share"], strict=True)):
+            ax.text(xi, k, f"{sh:.1%}", ha="center", va="bottom", fontsize=7)
+        ax.set_ylabel("invocations n(s) (log)")
+        ax.set_title(f"Syscall profile of {name} (Fig. 12)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    return fig
+
+
+def fig13_gain_speedup(sp: pd.DataFrame) -> Figure:
+    """Speedup vs gamma per forwarded set: measured (median, CI bars), naive S_n, refined S_r."""
+    keys = list(dict.fromkeys(zip(sp["family"], sp["host"], sp["mechanism"], strict=True))) \
+        if len(sp) else []  # fmt: skip
+    fig, axes = _subplots(max(len(keys), 1), w=6.2, h=4.4)
+    if not keys:
+        axes[0].text(0.5, 0.5, "no gain-benchmark runs with gamma = 1 natives",
+                          ha="center", va="center", transform=axes[0].transAxes)  # fmt: skip
+    for ax, (fam, host, mech) in zip(axes, keys, strict=False):
+        d = sp[(sp["family"] == fam) & (sp["host"] == host) & (sp["mechanism"] == mech)]
+        gam = np.array(sorted(d["gamma"].unique()), dtype=float)
+        ax.plot(gam, [float(d[d["gamma"] == g]["S_n"].iloc[0]) for g in gam], "k--", lw=1.2,
+                label="naive S_n", zorder=5)  # fmt: skip
+        for i, (label, g) in enumerate(d.groupby("set", sort=False)):
+            g = g.sort_values("gamma")
+            color = f"C{i}"
+            err = [g["measured"] - g["measured_lo"], g["measured_hi"] - g["measured"]]
+            ax.errorbar(g["gamma"], g["measured"], yerr=err, fmt="o", color=color, ms=4,
+                        capsize=3, label=f"{label}: measured")  # fmt: skip
+            if label != "native":
+                ax.plot(g["gamma"], g["S_r"], "-", color=color, lw=1.2,
+                        label=f"{label}: refined S_r")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xticks(gam, [f"{g:g}" for g in gam])
+        ax.set_xlabel("gain γ")
+        ax.set_ylabel("speedup t_nd(γ=1) / t(γ)")
+        ax.set_title(f"{fam} on {host}, {mech} (Fig. 13)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     return fig

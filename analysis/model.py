@@ -13,6 +13,20 @@ invocations, invocation count n(s) and forwarding indicator b(s)::
     t_d      = C / gamma + t_remote + t_local
     S_r      = t_nd / t_d
 
+Predicting a measured run (``analysis.accuracy``) from a measured native time
+``t_nd`` of which ``C`` is computation (eq. 9 with ``sum g = t_nd - C``)::
+
+    t_d = C / gamma + (t_nd - C) + F + k
+
+where the forwarding time ``F`` is one of
+
+    F = 2 f_c sum_s n(s)                        pooled per-call mean f_c
+    F = 2 sum_s f_c(s) n(s)                     per-syscall f_c(s)
+    F = 2 (alpha sum_s n(s) + beta bytes)       size-aware f_c = alpha + beta bytes
+
+(``n(s)`` the forwarded calls, ``bytes`` their marshalled bytes) and ``k`` a
+fixed per-run term (0, or fitted on other runs).
+
 Units: times in seconds (floats), ``f_c`` in seconds per one-way forwarding.
 
 Shapes: per-syscall arrays (``g``, ``n``, ``g_prime``) have the syscall axis
@@ -36,6 +50,9 @@ __all__ = [
     "S_r",
     "grid",
     "p_of",
+    "forwarding_time",
+    "forwarding_time_sized",
+    "t_d_from_native",
 ]
 
 
@@ -131,3 +148,32 @@ def p_of(C: ArrayLike, g: ArrayLike) -> np.ndarray:
     """The system-call proportion ``sum g / t_nd`` the naive model uses."""
     g = np.asarray(g, dtype=float)
     return g.sum(axis=-1) / t_nd(C, g)
+
+
+def forwarding_time(n: ArrayLike, f_c: ArrayLike) -> np.ndarray:
+    """``2 sum_s f_c(s) n(s)``: ``f_c`` a scalar (pooled) or per syscall (last axis)."""
+    n = np.asarray(n, dtype=float)
+    return 2.0 * (np.asarray(f_c, dtype=float) * n).sum(axis=-1)
+
+
+def forwarding_time_sized(
+    n_total: ArrayLike, bytes_total: ArrayLike, alpha: ArrayLike, beta: ArrayLike
+) -> np.ndarray:
+    """``2 (alpha N + beta B)``: the size-aware cost summed over N calls of B bytes in all."""
+    return 2.0 * (
+        np.asarray(alpha, dtype=float) * np.asarray(n_total, dtype=float)
+        + np.asarray(beta, dtype=float) * np.asarray(bytes_total, dtype=float)
+    )
+
+
+def t_d_from_native(
+    t_nd: ArrayLike, C: ArrayLike, gamma: ArrayLike, forwarding: ArrayLike, fixed: ArrayLike = 0.0
+) -> np.ndarray:
+    """``C/gamma + (t_nd - C) + forwarding + fixed``: eq. 9 with ``sum g = t_nd - C``."""
+    C = np.asarray(C, dtype=float)
+    return (
+        C / np.asarray(gamma, dtype=float)
+        + (np.asarray(t_nd, dtype=float) - C)
+        + np.asarray(forwarding, dtype=float)
+        + np.asarray(fixed, dtype=float)
+    )

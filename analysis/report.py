@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import compare, figures
+from analysis import accuracy, compare, figures
 from analysis.paths import expand_rundirs
 from analysis.profiles import profiles_frame, shipped_profiles, table1
 from testbed.errors import TestbedError
@@ -91,7 +91,7 @@ def write_report(
     paths = expand_rundirs(paths)
     if not paths:
         raise TestbedError("no run directories given")
-    profiles, runs = compare.load_runs(paths)
+    profiles, runs, natives = compare.load_all(paths)
     from testbed.policy import parse_policy
 
     parse_policy(policy)  # fail early on a bad policy
@@ -105,8 +105,11 @@ def write_report(
         model_profiles = shipped_profiles()
         profile_note = "the profiles shipped in analysis/data/profiles (no profile was given)"
 
-    native = compare.native_times(profiles, runs)
-    native = compare.native_times(profiles, runs, compare.whole_run_intercepts(runs, native))
+    native = compare.native_times(profiles, runs, natives=natives)
+    native = compare.native_times(
+        profiles, runs, compare.whole_run_intercepts(runs, native), natives=natives
+    )
+    acc = accuracy.analyse(profiles, runs, natives, native, markdown_table)
     mech = compare.fit_mechanisms(runs, native) if runs else pd.DataFrame()
     fc_by_mech = dict(zip(mech.get("mechanism", []), mech.get("f_c_mean_s", []), strict=True))
     pvm = (
@@ -124,6 +127,7 @@ def write_report(
         "cross_validation": cv,
         "same_node_vs_remote": mtab,
         "table1": table1(),
+        **acc.tables,
     }
     for name, df in tables.items():
         df.to_csv(tabdir / f"{name}.csv", index=False)
@@ -156,9 +160,14 @@ def write_report(
             figures.fig_measured_vs_predicted(pvm))  # fmt: skip
         samples = {m: compare.pooled_samples(rs)[0] for m, rs in compare.by_mechanism(runs).items()}
         fig("fc_per_mechanism", "Per-call f_c per mechanism", figures.fig_fc_mechanisms(samples))
+    if len(acc.fig12) or len(acc.fig13):
+        fig("fig12_gain_profile", "Fig. 12: syscall profile of the gain benchmark",
+            figures.fig12_gain_profile(acc.fig12))  # fmt: skip
+        fig("fig13_gain_speedup", "Fig. 13: gain benchmark speedup vs γ",
+            figures.fig13_gain_speedup(acc.fig13))  # fmt: skip
 
     metas = [_run_meta(p.path, p.meta) for p in profiles] + [
-        _run_meta(r.path, r.meta) for r in runs
+        _run_meta(r.path, r.meta) for r in [*runs, *natives]
     ]
     (out / "runs.json").write_text(json.dumps(metas, indent=2, default=str) + "\n")
 
@@ -167,11 +176,12 @@ def write_report(
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(paths)} run "
         f"director{'y' if len(paths) == 1 else 'ies'}: {len(profiles)} profile(s), "
-        f"{len(runs)} delegated run(s). Model figures use {profile_note}. Times in "
+        f"{len(runs)} delegated run(s), {len(natives)} measured native run(s). Model figures use {profile_note}. Times in "
         "seconds unless a column says µs; f_c is the one-way forwarding cost "
         "(per-call f_c = overhead/2). Full-precision tables: `tables/*.csv`; run "
         "metadata: `runs.json` and the last section.",
         "",
+        *acc.headline,
         "## Profiles",
         "",
         "p = Σg / t_nd (the naive model's p), p_sys = sys/(user+sys) (the paper's Table I "
@@ -211,6 +221,7 @@ def write_report(
             f"Mean |relative error| {err.mean():.2%}, max {err.max():.2%} over {len(pvm)} runs.",
             "",
         ]
+    md += acc.body + [""]
     md += [
         "## Cross-validation across policies",
         "",

@@ -10,6 +10,7 @@ a delegate.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ def delegated_run(
     path: str | Path,
     command: list[str],
     forwarded: dict[str, int],
-    f_c: float,
+    f_c: float | dict[str, float],
     t_nd: float,
     *,
     beta: float = 0.0,
@@ -36,10 +37,14 @@ def delegated_run(
     policy: str | None = None,
     native: bool = True,
     seed: int = 0,
+    hostname: str | None = None,
+    cell: dict | None = None,
 ) -> Path:
     """Write one synthetic delegated run; ``forwarded`` maps names to call counts.
 
-    ``f_c`` is alpha (s, one way); ``beta`` is s per marshalled byte.
+    ``f_c`` is alpha (s, one way), or a map name -> alpha (per-syscall truths);
+    ``beta`` is s per marshalled byte.  ``hostname`` overrides the host stamp;
+    ``cell`` is written as ``experiment.json`` (as ``testbed experiment`` does).
     """
     rng = np.random.default_rng(seed)
     out = rundir.create(path)
@@ -49,7 +54,8 @@ def delegated_run(
     for name, n in forwarded.items():
         nr = lookup(name)
         size = rng.integers(0, max_bytes + 1, n) if max_bytes else np.zeros(n, dtype=int)
-        ovh = 2.0 * (f_c + beta * size) * rng.lognormal(0.0, call_noise, n)
+        alpha = f_c[name] if isinstance(f_c, dict) else f_c
+        ovh = 2.0 * (alpha + beta * size) * rng.lognormal(0.0, call_noise, n)
         ovh_ns = np.maximum(np.round(ovh * 1e9).astype(np.int64), 4)
         for b, o in zip(size, ovh_ns, strict=True):
             q = o // 4
@@ -87,7 +93,7 @@ def delegated_run(
         "forwarded_nrs": sorted(lookup(x) for x in forwarded),
         "endpoint": endpoint,
         "delegate": {"delay_us": delay_us},
-        "host": host_metadata(),
+        "host": _host(hostname),
         "calls": {"count": rec.count, "faults": 0},
     }
     if policy:
@@ -96,4 +102,41 @@ def delegated_run(
         meta["native"] = {"wall_s": t_nd}
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
+    if cell is not None:
+        (out / "experiment.json").write_text(json.dumps(cell, indent=2) + "\n")
+    return out
+
+
+def _host(hostname: str | None) -> dict:
+    host = host_metadata()
+    if hostname is not None:
+        host["hostname"] = hostname
+    return host
+
+
+def native_run(
+    path: str | Path,
+    command: list[str],
+    wall_s: float,
+    user_s: float | None = None,
+    sys_s: float = 0.0,
+    *,
+    hostname: str | None = None,
+    cell: dict | None = None,
+) -> Path:
+    """Write one native run directory (``kind = "native"``, as ``testbed experiment`` does)."""
+    out = rundir.create(path)
+    meta = {
+        "kind": "native",
+        "synthetic": True,
+        "command": list(command),
+        "exit_status": 0,
+        "wall_s": wall_s,
+        "user_s": wall_s * 0.9 if user_s is None else user_s,
+        "sys_s": sys_s,
+        "host": _host(hostname),
+    }
+    rundir.write_meta(out, meta)
+    if cell is not None:
+        (out / "experiment.json").write_text(json.dumps(cell, indent=2) + "\n")
     return out

@@ -6,8 +6,8 @@
 Each side runs its own delegate (``python3 -m testbed delegate`` from its tree)
 and its own relay (``testbed run --forward write`` of the timed write loop), in
 interleaved rounds A B A B ..., sleeping and ``--busy-poll``.  Per round: the
-program-measured p50, the relay's CPU per call (``run.json`` ``relay_cpu_s``)
-and the delegate's (``/proc/PID/task/*/schedstat``).  Prints B/A ratios per
+program-measured p50, the relay's CPU per call
+(``run.json`` ``cpu``) and the delegate's (``/proc/PID/task/*/schedstat``).  Prints B/A ratios per
 round as median [min .. max].  Make the base tree with e.g.
 ``mkdir /tmp/base && git archive COMMIT | tar -x -C /tmp/base``.
 """
@@ -64,7 +64,7 @@ def one_run(tree: Path, ep: str, dpid: int, exe: Path, n: int, busy: bool, tmp: 
     lat = np.fromfile(out, dtype="<u4") / 1e3
     return {
         "p50": float(np.median(lat)),
-        "relay_cpu": meta["relay_cpu_s"] * 1e6 / count,
+        "relay_cpu": (meta["cpu"]["relay_user_s"] + meta["cpu"]["relay_sys_s"]) * 1e6 / count,
         "delegate_cpu": (d1 - d0) / 1e3 / count,
     }
 

@@ -22,7 +22,8 @@ stages telescope to the round trip the program measured:
              with SYNC_WAKE_UP the caller often runs before NOTIF_SEND returns)
   record     NOTIF_SEND returned -> record written (after the resume: off the path)
 
-CPU per forwarded call: the relay's own (``run.json`` ``relay_cpu_s``) and the
+CPU per forwarded call: the relay's own (``run.json`` ``cpu``: from the
+program's launch to its exit, so the launch is included) and the
 delegate's (``/proc/PID/task/*/schedstat`` before and after each run).
 """
 
@@ -121,7 +122,8 @@ def forwarded_stages(
         "record": t_rec - r["t_resume"],
     }
     count = run.meta["calls"]["count"]
-    relay_cpu = run.meta.get("relay_cpu_s")
+    cpu = run.meta.get("cpu") or {}
+    relay_cpu = cpu.get("relay_user_s", 0.0) + cpu.get("relay_sys_s", 0.0) if cpu else None
     return {
         "lat": lat,
         "stages": stages,

@@ -57,6 +57,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def cpu_list(text: str) -> frozenset[int]:
+    """A CPU list such as 0,2-3 of CPUs this machine has."""
+    from testbed.cpus import parse_cpus
+
+    try:
+        cpus = parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if max(cpus) >= (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"CPUs {text!r}: this machine has {os.cpu_count()}")
+    return cpus
+
+
 #: Longest timeout (s) and injected delay (us) the options accept.
 MAX_SECONDS = 24 * 3600.0
 MAX_DELAY_US = 10e6
@@ -193,6 +206,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from testbed.experiment import main_experiment
 
     return main_experiment(args)
+
+
+def cmd_gamma(args: argparse.Namespace) -> int:
+    from testbed.gain import main_gamma
+
+    return main_gamma(args)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -373,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         metavar="SECONDS",
         help="give up if the delegate does not answer the handshake (default 3)",
+    )
+    p.add_argument(
+        "--pin-program",
+        type=cpu_list,
+        metavar="CPUS",
+        help="run the program on these CPUs (e.g. 0 or 0,2-3); pin the relay with taskset",
     )
     p.add_argument(
         "-o",
@@ -688,6 +713,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
     p.set_defaults(func=cmd_experiment)
+    p = sub.add_parser(
+        "gamma",
+        help="the gain benchmark sweep (paper Figs. 12-13)",
+        description="Run the gain benchmark natively and forwarded at each gain, interleaved, "
+        "and write the report with Figs. 12-13 and the model accuracy table (docs/analysis.md).",
+    )
+    p.add_argument("--gammas", default="1,2,4,8,16", metavar="LIST",
+                   help="gains, integers (default 1,2,4,8,16)")  # fmt: skip
+    p.add_argument("--repetitions", type=positive_int, default=3, metavar="N",
+                   help="repetitions of every cell (default 3)")  # fmt: skip
+    p.add_argument("--phases", type=positive_int, default=10, metavar="P",
+                   help="computation + syscall phases per run (default 10)")  # fmt: skip
+    p.add_argument("--samples", type=positive_int, default=100_000_000, metavar="N",
+                   help="Monte Carlo points per phase at γ = 1 (default 1e8, ~2.5 s in all)")  # fmt: skip
+    p.add_argument("--forward", action="append", metavar="SET",
+                   help="forwarded set or policy (repeatable; default min-freq:20%%, "
+                   "max-freq:20%%, read,write)")  # fmt: skip
+    p.add_argument("--backend", choices=("seccomp", "kmod"), default="seccomp",
+                   help="interposition backend (default seccomp)")  # fmt: skip
+    p.add_argument("--pin", action="store_true",
+                   help="program, relay and delegate on separate CPUs (needs >= 2)")  # fmt: skip
+    p.add_argument("--delegate", action="append", metavar="NAME=ENDPOINT",
+                   help="forward to this delegate instead of a local one (repeatable)")  # fmt: skip
+    p.add_argument("-o", "--output", default="results/gamma", metavar="RESULTS",
+                   help="results directory (default results/gamma; resumable)")  # fmt: skip
+    p.add_argument("--report", default="report-gamma", metavar="REPORTDIR",
+                   help="report directory (default report-gamma; '' for none)")  # fmt: skip
+    p.add_argument("--host-label", metavar="NAME", help="subdirectory for this host's runs")
+    p.add_argument("--check", action="store_true", help="print the plan and exit")
+    p.set_defaults(func=cmd_gamma)
     p = sub.add_parser(
         "vm",
         help="run a command in a QEMU guest with Debian's kernel",

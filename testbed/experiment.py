@@ -14,7 +14,11 @@ produce the same layout::
         profile-<workload>/              native profile (only for policy cells)
         <workload>.<forward>.<delegate>.r<N>/
           run.json calls.bin syscalls.csv   the run directory (docs/rundir.md)
-          experiment.json                the cell, output checksum vs native
+          experiment.json                the cell, output checksum vs native,
+                                         relay/delegate CPU time, CPUs used
+        native/<workload>.<forward>.<delegate>.r<N>/
+          run.json experiment.json       the native run made just before that cell
+                                         (kind "native": wall/user/sys time)
 
 A plan::
 
@@ -28,6 +32,7 @@ A plan::
       - gzip
       - {name: xz, size_mb: 2}
       - {name: words, command: [wc, -w, "{input}"], size_mb: 1}
+      - {name: gain, gamma: [1, 4], phases: 10, samples: 100000000}
     forward:                       # syscall sets or policies
       - read,write
       - [write]
@@ -35,6 +40,13 @@ A plan::
     delegates:                     # "local" starts one on loopback for the plan
       - local
       - {name: node3, endpoint: "tcp://10.213.47.3:5555"}
+    pin: false                     # true: program, relay (and a local delegate)
+                                   # on separate CPUs where there are >= 2
+
+Every forwarded cell is preceded by a native run of the same workload
+(native, forwarded, native, forwarded ...), so drift hits both alike.
+The workload ``gain`` is the gain benchmark (testbed/gain.py); a list of
+``gamma`` values makes one workload ``gain-g<GAMMA>`` per value.
 
 Everything is validated before anything starts: an unknown workload, syscall
 or policy, a missing program or an unreachable delegate is one clear error and
@@ -55,13 +67,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed import rundir, syscalls
+from testbed import cpus, gain, rundir, syscalls
 from testbed.errors import TestbedError
+from testbed.hostinfo import host_metadata
 
 #: Built-in workloads: argv templates ({input} is a generated text file of
 #: ``size_mb`` MB, {dir} its directory); stdout is captured and compared with
@@ -74,6 +88,18 @@ WORKLOADS: dict[str, list[str]] = {
     "sha256sum": ["sha256sum", "{input}"],
     "wc": ["wc", "{input}"],
     "tar": ["tar", "-cf", "-", "--mtime=@0", "-C", "{dir}", "input.txt"],
+    # load the text into a table (pwrite/pread/fdatasync heavy), one line of output
+    "sqlite3": [
+        "sqlite3",
+        "-cmd",
+        "DROP TABLE IF EXISTS t",
+        "-cmd",
+        "CREATE TABLE t(line TEXT)",
+        "-cmd",
+        ".import {input} t",
+        "{dir}/workload.db",
+        "SELECT count(*), sum(length(line)) FROM t",
+    ],  # fmt: skip
 }
 DEFAULT_SIZE_MB = 4.0
 INPUT_MTIME = 1_000_000_000  # fixed mtime of generated inputs
@@ -86,6 +112,7 @@ PLAN_KEYS = {
     "workloads",
     "forward",
     "delegates",
+    "pin",
     "offload_path",
 }
 _WORDS = [
@@ -122,6 +149,7 @@ class Workload:
     argv: tuple[str, ...]
     size_mb: float
     seed: int
+    gamma: int | None = None  # the gain benchmark's gain
 
 
 @dataclass(frozen=True)
@@ -147,25 +175,31 @@ class Plan:
     workloads: list[Workload]
     forward: list[Forward]
     delegates: list[DelegateSpec]
+    pin: bool = False
     offload_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "repetitions": self.repetitions,
-            "mode": self.mode,
-            "backend": self.backend,
-            "timeout_s": self.timeout_s,
-            "workloads": [
-                {"name": w.name, "argv": list(w.argv), "size_mb": w.size_mb, "seed": w.seed}
-                for w in self.workloads
-            ],
-            "forward": [
-                {"label": f.label, "syscalls": list(f.names), "policy": f.policy}
-                for f in self.forward
-            ],
-            "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
-        } | ({"offload_path": self.offload_path} if self.offload_path else {})
+        return (
+            {
+                "name": self.name,
+                "repetitions": self.repetitions,
+                "mode": self.mode,
+                "backend": self.backend,
+                "timeout_s": self.timeout_s,
+                "workloads": [
+                    {"name": w.name, "argv": list(w.argv), "size_mb": w.size_mb, "seed": w.seed}
+                    | ({"gamma": w.gamma} if w.gamma is not None else {})
+                    for w in self.workloads
+                ],
+                "forward": [
+                    {"label": f.label, "syscalls": list(f.names), "policy": f.policy}
+                    for f in self.forward
+                ],
+                "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
+            }
+            | ({"pin": True} if self.pin else {})
+            | ({"offload_path": self.offload_path} if self.offload_path else {})
+        )
 
 
 @dataclass(frozen=True)
@@ -211,6 +245,45 @@ def _read_plan_file(path: Path) -> dict[str, Any]:
     return data
 
 
+GAIN_KEYS = {"name", "gamma", "phases", "samples"}
+
+
+def _gain_workloads(item: dict, where: str) -> list[Workload]:
+    """``{name: gain, gamma: G or [G...], phases, samples}``: one workload per gain."""
+    unknown = set(item) - GAIN_KEYS
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} in workload 'gain'")
+    gammas = item.get("gamma", 1)
+    gammas = gammas if isinstance(gammas, list) else [gammas]
+    try:
+        gammas = [gain.check_gamma(g) for g in gammas]
+    except TestbedError as exc:
+        raise PlanError(f"{where}: workload 'gain': {exc}") from None
+    if not gammas or len(set(gammas)) != len(gammas):
+        raise PlanError(f"{where}: workload 'gain': gamma must be distinct integers")
+    phases, samples = (
+        item.get("phases", gain.DEFAULT_PHASES),
+        item.get("samples", gain.DEFAULT_SAMPLES),
+    )
+    for key, v in (("phases", phases), ("samples", samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10**12:
+            raise PlanError(f"{where}: workload 'gain': {key} must be an integer >= 1")
+    try:
+        gain.build()  # compile now: a broken compiler is a plan error, not a failed run
+    except TestbedError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    argv = ("{gainbench}", "{gamma}", str(phases), str(samples))
+    return [Workload(f"gain-g{g}", argv, 0.0, 0, gamma=g) for g in gammas]
+
+
+def _workloads(item: Any, where: str) -> list[Workload]:
+    if isinstance(item, dict) and item.get("name") == "gain" and "command" not in item:
+        return _gain_workloads(item, where)
+    if item == "gain":
+        return _gain_workloads({"name": "gain"}, where)
+    return [_workload(item, where)]
+
+
 def _workload(item: Any, where: str) -> Workload:
     if isinstance(item, str):
         item = {"name": item}
@@ -226,7 +299,7 @@ def _workload(item: Any, where: str) -> Workload:
     if command is None:
         if name not in WORKLOADS:
             raise PlanError(
-                f"{where}: unknown workload {name!r} (known: {', '.join(sorted(WORKLOADS))}; "
+                f"{where}: unknown workload {name!r} (known: {', '.join(sorted([*WORKLOADS, 'gain']))}; "
                 "or give a 'command')"
             )
         command = WORKLOADS[name]
@@ -320,7 +393,10 @@ def parse_plan(
         raise PlanError(f"{where}: mode {mode!r} is not cost or offload")
     if backend not in ("seccomp", "kmod"):
         raise PlanError(f"{where}: backend {backend!r} is not seccomp or kmod")
-    workloads = [_workload(w, where) for w in _list(data, "workloads", where)]
+    workloads = [x for w in _list(data, "workloads", where) for x in _workloads(w, where)]
+    pin = data.get("pin", False)
+    if not isinstance(pin, bool):
+        raise PlanError(f"{where}: pin must be true or false")
     offload_path = _offload_path(data, mode, where)
     if offload_path:  # offload mode traps the file-I/O calls itself
         forward = [Forward("offload")]
@@ -341,7 +417,9 @@ def parse_plan(
         if len(set(labels)) != len(labels):
             raise PlanError(f"{where}: two {kind} entries have the same name ({', '.join(labels)})")
     plan_name = _label(str(data.get("name") or name))
-    return Plan(plan_name, reps, mode, backend, timeout, workloads, forward, specs, offload_path)
+    return Plan(
+        plan_name, reps, mode, backend, timeout, workloads, forward, specs, pin, offload_path
+    )
 
 
 def _offload_path(data: dict, mode: str, where: str) -> str | None:
@@ -404,6 +482,8 @@ def _generate(path: Path, size_mb: float, seed: int) -> None:
 
 
 def _argv(w: Workload, input_path: Path) -> list[str]:
+    if w.argv and w.argv[0] == "{gainbench}":
+        return gain.command(int(w.gamma or 1), int(w.argv[2]), int(w.argv[3]))
     return [
         a.replace("{input}", str(input_path)).replace("{dir}", str(input_path.parent))
         for a in w.argv
@@ -445,17 +525,21 @@ def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -
 class LocalDelegate:
     """A delegate on loopback for the duration of a plan (always stopped)."""
 
-    def __init__(self, offload_root: Path | None = None) -> None:
+    def __init__(
+        self, offload_root: Path | None = None, cpus: frozenset[int] | None = None
+    ) -> None:
         self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
         self.proc: subprocess.Popen | None = None
         self.offload_root = offload_root
+        self.cpus = cpus
 
     def __enter__(self) -> LocalDelegate:
         cmd = [sys.executable, "-m", "testbed", "delegate", "--listen", self.endpoint, "--quiet"]
         if self.offload_root is not None:
             self.offload_root.mkdir(parents=True, exist_ok=True)
             cmd += ["--offload-root", str(self.offload_root)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     preexec_fn=_pinner(self.cpus), env=_testbed_env())  # fmt: skip
         try:
             deadline = time.monotonic() + 15
             while True:
@@ -483,6 +567,35 @@ class LocalDelegate:
                 self.proc.wait()
 
 
+def _wait4(pid: int, timeout_s: float) -> tuple[int, int, Any]:
+    """``os.wait4`` (status and rusage of the child) with a kill after ``timeout_s``."""
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    try:
+        result = os.wait4(pid, 0)
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise subprocess.TimeoutExpired(str(pid), timeout_s)
+    return result
+
+
+def _pinner(cpus: frozenset[int] | None):
+    """A preexec_fn that pins the new process (all its future threads) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 # ---------------------------------------------------------------- runner
 
 
@@ -496,17 +609,49 @@ class Runner:
         self.curve_keys: str | None = None  # for every delegate but "local"
         self.native: dict[str, dict[str, Any]] = {}
         self.profiles: dict[str, Path] = {}
+        self.place = cpus.placement(plan.pin)
+        self.delegate_pids: dict[str, int] = {}  # local delegates: CPU time read from /proc
         self.staged: set[str] = set()
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     def input_for(self, w: Workload) -> Path:
+        if w.gamma is not None:  # the gain benchmark reads no input
+            return self.work / "input.txt"
         d = self.work / f"{w.name}-{w.size_mb:g}mb-{w.seed}"
         d.mkdir(parents=True, exist_ok=True)
         path = d / "input.txt"
         generate_input(path, w.size_mb, w.seed)
         return path
+
+    def _native(self, w: Workload, out: Path) -> dict[str, Any]:
+        """Run ``w`` natively (pinned like the program of forwarded runs)."""
+        argv = _argv(w, self.input_for(w))
+        started = time.time()
+        with open(out, "wb") as f:
+            t0 = time.monotonic()
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.DEVNULL, cwd=self.work,
+                                    preexec_fn=_pinner(self.place.program))  # fmt: skip
+            try:
+                _pid, status, ru = _wait4(proc.pid, self.plan.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise TestbedError(f"native run of {w.name} timed out") from None
+            wall = time.monotonic() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        return {
+            "workload": w.name,
+            "argv": argv,
+            "exit_status": proc.returncode,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_s": wall,
+            "user_s": ru.ru_utime,
+            "sys_s": ru.ru_stime,
+            "output_bytes": out.stat().st_size,
+            "output_sha256": _sha256(out),
+        }
 
     def offload_input(self, w: Workload, delegate: DelegateSpec) -> Path:
         """The workload's input copied (``cp -p``, offloaded) into the offloaded tree."""
@@ -535,32 +680,69 @@ class Runner:
         return remote
 
     def native_run(self, w: Workload) -> dict[str, Any]:
-        """Run ``w`` natively once (cached in native/<workload>.json)."""
+        """The reference native run of ``w`` (output checksum), cached in native/<workload>.json."""
         path = self.base / "native" / f"{w.name}.json"
         if w.name in self.native:
             return self.native[w.name]
         if path.exists():
             self.native[w.name] = json.loads(path.read_text())
             return self.native[w.name]
-        argv = _argv(w, self.input_for(w))
-        out = self.work / f"{w.name}.native.out"
-        t0 = time.monotonic()
-        with open(out, "wb") as f:
-            proc = subprocess.run(
-                argv, stdout=f, stderr=subprocess.PIPE, cwd=self.work, timeout=self.plan.timeout_s
-            )
-        info = {
-            "workload": w.name,
-            "argv": argv,
-            "exit_status": proc.returncode,
-            "wall_s": time.monotonic() - t0,
-            "output_bytes": out.stat().st_size,
-            "output_sha256": _sha256(out),
-        }
+        info = self._native(w, self.work / f"{w.name}.native.out")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=2) + "\n")
         self.native[w.name] = info
         return info
+
+    def paired_native(self, cell: Cell) -> dict[str, Any]:
+        """The native run just before ``cell``: a run directory native/<run_id>/ (kind native)."""
+        w = cell.workload
+        ref = self.native_run(w)
+        final = (
+            self.base / "native" / cell.run_id
+        )  # redone with the cell, so it stays "just before"
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        info = self._native(w, self.work / f"{w.name}.native.out")
+        meta = {
+            "kind": "native",
+            "command": info["argv"],
+            "command_line": " ".join(info["argv"]),
+            "workload": w.name,
+            **{k: info[k] for k in ("exit_status", "started_at", "wall_s", "user_s", "sys_s")},
+            "cpu": {"program_cpus": sorted(self.place.program) if self.place.program else None,
+                    "cpu_count": os.cpu_count()},
+            "host": host_metadata(),
+        }  # fmt: skip
+        rundir.write_meta(partial, meta)
+        exp = self._cell_json(cell) | {
+            "kind": "native",
+            "paired_with": cell.run_id,
+            "exit_status": info["exit_status"],
+            "wall_s": info["wall_s"],
+            "output_sha256": info["output_sha256"],
+            "output_matches_native": info["output_sha256"] == ref["output_sha256"],
+        }
+        (partial / "experiment.json").write_text(json.dumps(exp, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        return exp
+
+    def _cell_json(self, cell: Cell) -> dict[str, Any]:
+        return {
+            "plan": self.plan.name,
+            "host": self.host,
+            "run_id": cell.run_id,
+            "workload": cell.workload.name,
+            "gamma": cell.workload.gamma,
+            "forward": cell.forward.label,
+            "policy": cell.forward.policy,
+            "delegate": cell.delegate.name,
+            "repetition": cell.rep,
+            "mode": self.plan.mode,
+            "backend": self.plan.backend,
+            "pinning": self.place.as_json(),
+        }
 
     def profile_for(self, w: Workload) -> Path:
         path = self.base / f"profile-{w.name}"
@@ -587,6 +769,9 @@ class Runner:
         )
         if proc.returncode != 0 or not (path / rundir.RUN_JSON).exists():
             raise TestbedError(f"native profile of {w.name} failed: {_tail(proc.stderr)}")
+        info = {"plan": self.plan.name, "host": self.host, "kind": "profile",
+                "workload": w.name, "gamma": w.gamma}  # fmt: skip
+        (path / "experiment.json").write_text(json.dumps(info, indent=2) + "\n")
         return path
 
     def done(self, cell: Cell) -> bool:
@@ -605,6 +790,7 @@ class Runner:
         shutil.rmtree(partial, ignore_errors=True)
         w = cell.workload
         native = self.native_run(w)
+        paired = self.paired_native(cell)  # native, forwarded, native, forwarded ...
         if self.plan.offload_path:
             argv = _argv(w, self.offload_input(w, cell.delegate))
         else:
@@ -634,18 +820,23 @@ class Runner:
             "-o",
             str(partial),
         ]
+        if self.place.program is not None:
+            cmd += ["--pin-program", cpus.format_cpus(self.place.program)]
         out = self.work / f"{w.name}.run.out"
+        dpid = self.delegate_pids.get(cell.delegate.name)
+        d0 = cpus.proc_cpu_s(dpid) if dpid else None
         t0 = time.monotonic()
         try:
             with open(out, "wb") as f:
                 proc = subprocess.run(
                     [*cmd, "--", *argv], stdout=f, stderr=subprocess.PIPE, text=True, cwd=self.work,
-                    env=_testbed_env(),
+                    env=_testbed_env(), preexec_fn=_pinner(self.place.relay),
                     timeout=self.plan.timeout_s,
                 )  # fmt: skip
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"timed out after {self.plan.timeout_s:g} s"}
         elapsed = time.monotonic() - t0
+        d1 = cpus.proc_cpu_s(dpid) if dpid else None
         try:
             run = rundir.load(partial)
             if not run.complete:  # the relay died: run.json was never completed
@@ -656,20 +847,31 @@ class Runner:
                 "error": _tail(proc.stderr) or f"testbed run exit {proc.returncode}",
             }
         sha = _sha256(out)
-        info = {
-            "plan": self.plan.name,
-            "host": self.host,
-            "run_id": cell.run_id,
-            "workload": w.name,
+        cpu = run.meta.get("cpu") or {}
+        relay_cpus = cpu.get("relay_cpus")
+        program_cpus = cpu.get("program_cpus")
+        delegate_cpus = (
+            sorted(self.place.delegate) if self.place.delegate is not None and dpid
+            else cpus.affinity(dpid) if dpid else None
+        )  # fmt: skip
+        info = self._cell_json(cell) | {
             "argv": argv,
-            "forward": cell.forward.label,
             "forward_syscalls": list(cell.forward.names) or run.meta.get("forwarded", []),
-            "policy": cell.forward.policy,
-            "delegate": cell.delegate.name,
             "endpoint": self.endpoints[cell.delegate.name],
-            "repetition": cell.rep,
-            "mode": self.plan.mode,
-            "backend": self.plan.backend,
+            "native_run": f"native/{cell.run_id}",
+            "native_paired_wall_s": paired.get("wall_s"),
+            "cpu": {
+                "cpu_count": os.cpu_count(),
+                "program_cpus": program_cpus,
+                "relay_cpus": relay_cpus,
+                "delegate_cpus": delegate_cpus,
+                "relay_cpu_s": (cpu.get("relay_user_s") or 0) + (cpu.get("relay_sys_s") or 0)
+                if cpu
+                else None,
+                "delegate_cpu_s": d1 - d0 if d0 is not None and d1 is not None else None,
+                "relay_shares_program_cpus": cpus.shared(relay_cpus, program_cpus),
+                "delegate_shares_program_cpus": cpus.shared(delegate_cpus, program_cpus),
+            },
             "exit_status": run.meta.get("exit_status", proc.returncode),
             "elapsed_s": elapsed,
             "output_bytes": out.stat().st_size,
@@ -770,13 +972,15 @@ def run_plan(
             return {"ran": 0, "skipped": skipped, "failed": 0}
         needs_local = any(c.delegate.endpoint == "local" for c in todo)
         root = work / "offload-root" if plan.offload_path else None
-        local = LocalDelegate(root) if needs_local else None
+        local = LocalDelegate(root, runner.place.delegate) if needs_local else None
         if local is not None:
             local.__enter__()
         try:
             for d in plan.delegates:
                 if d.endpoint == "local":
                     runner.endpoints[d.name] = local.endpoint if local else "local"
+                    if local is not None and local.proc is not None:
+                        runner.delegate_pids[d.name] = local.proc.pid
                     continue
                 try:
                     ping(d.endpoint, timeout_s=5.0, curve_keys=curve_keys)

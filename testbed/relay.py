@@ -32,7 +32,7 @@ from pathlib import Path
 
 import zmq
 
-from testbed import keys, rundir, syscalls, wire
+from testbed import cpus, keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import Backend, CallerGone, Trap, make_backend
@@ -219,7 +219,6 @@ class Relay:
         self._warned: set[str] = set()
         #: per-call (t_sent, t_decoded, t_recorded) when tracing stages (None: off)
         self.stages: list[tuple[int, int, int]] | None = None
-        self.cpu_s: float | None = None  # the relay's own CPU (all threads) while serving
         self._t_sent: dict[int, int] = {}
         self._t_decoded = 0
 
@@ -499,12 +498,6 @@ def _resolve_forward(args) -> frozenset[int]:
     return resolve_policy(args.policy, args.profile)
 
 
-def _own_cpu_s() -> float:
-    """User + system CPU seconds of this process, all threads (ZeroMQ's I/O thread too)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
@@ -566,17 +559,20 @@ def main_run(args) -> int:
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
     status = rusage = child = None
     t_exit = 0
+    program_cpus = None
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(args.program)
+        if getattr(args, "pin_program", None):
+            os.sched_setaffinity(child.pid, args.pin_program)
+        program_cpus = cpus.affinity(child.pid)
         restore = _forward_signals(child.pid)
-        cpu0 = _own_cpu_s()
         try:
             status, rusage, t_exit = relay.serve(child.pid)
             if args.mode == "offload":
                 relay.finish()
         finally:
             restore()
-            relay.cpu_s = _own_cpu_s() - cpu0
         child.returncode = _exit_code(status) if status is not None else 1
     finally:
         if child is not None and status is None:  # the relay failed: do not leave it running
@@ -590,7 +586,13 @@ def main_run(args) -> int:
 
         np.asarray(relay.stages, dtype=np.int64).reshape(-1, 3).tofile(trace)
     launch_error = getattr(backend, "launch_error", lambda: None)()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
+    # the relay's own CPU time (all its threads, ZeroMQ's included) while the program ran
+    meta["cpu"] = {"relay_user_s": cpu1.ru_utime - cpu0.ru_utime,
+                   "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
+                   "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
+                   "cpu_count": os.cpu_count()}  # fmt: skip
     rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
@@ -629,7 +631,6 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
         "endpoint": args.delegate,
         "timeout_s": args.timeout,
         "busy_poll": args.busy_poll,
-        "relay_cpu_s": relay.cpu_s,
         "curve": bool(args.curve_keys),
         "delegate": welcome,
         "host": host_metadata(),

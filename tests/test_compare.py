@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from testbed import errors
 
 LOOP, REMOTE = 20e-6, 120e-6
 REMOTE_EP = "tcp://10.200.0.2:5555"  # only a label in run.json: nothing is sent anywhere
+HOST = socket.gethostname()  # synthetic runs are stamped with this host
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_mechanism_labels(runs):
 def test_fit_mechanisms_recovers_each_f_c(runs):
     profiles, rs = runs
     native = compare.native_times(profiles, rs)
-    assert native["gzip -k in"] == (0.9, "run.json native")
+    assert native[f"gzip -k in @ {HOST}"] == (0.9, "run.json native")
     fits = compare.fit_mechanisms(rs, native).set_index("mechanism")
     for mech, fc in (
         ("seccomp/loopback", LOOP),
@@ -100,10 +102,10 @@ def test_native_time_fallbacks(tmp_path):
                           run_noise_s=1e-4, seed=k) for k in (100, 900, 2000)]  # fmt: skip
     profiles, rs = compare.load_runs(dirs)
     native = compare.native_times(profiles, rs)
-    assert "tar c" not in native  # no native source at all
+    assert f"tar c @ {HOST}" not in native  # no native source at all
     inter = compare.whole_run_intercepts(rs, native)
     native = compare.native_times(profiles, rs, inter)
-    t, src = native["tar c"]
+    t, src = native[f"tar c @ {HOST}"]
     assert src == "whole-run fit intercept" and t == pytest.approx(2.0, rel=1e-3)
 
 
