@@ -22,6 +22,11 @@ stages telescope to the round trip the program measured:
              with SYNC_WAKE_UP the caller often runs before NOTIF_SEND returns)
   record     NOTIF_SEND returned -> record written (after the resume: off the path)
 
+Each call's stages add up exactly to its round trip; the medians add up to the
+median within the spread.  A stage is wall time on a shared machine: when the
+relay is preempted inside one (busy-polled, often by the ZeroMQ I/O thread its
+send woke), that stage absorbs the next ("send" then holds most of "transport").
+
 CPU per forwarded call: the relay's own (``run.json`` ``cpu``: from the
 program's launch to its exit, so the launch is included) and the
 delegate's (``/proc/PID/task/*/schedstat`` before and after each run).
@@ -213,6 +218,8 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
             "round_trip_p50_us": float(np.median(total)),
             "round_trip_p25_us": float(np.percentile(total, 25)),
             "round_trip_p75_us": float(np.percentile(total, 75)),
+            "round_trip_p10_us": float(np.percentile(total, 10)),
+            "round_trip_p90_us": float(np.percentile(total, 90)),
             "relay_cpu_us": _spread(cpu[tag]["relay"]),
             "delegate_cpu_us": _spread(cpu[tag]["delegate"]),
         }
@@ -263,8 +270,8 @@ def format_breakdown(r: dict, host: dict) -> str:
     for tag, s in (("sleeping", sl), ("busy-poll", bu)):
         lines.append(
             f"    {tag}: stages sum {s['sum_of_medians_us']:.2f} µs, round trip p50 "
-            f"{s['round_trip_p50_us']:.2f} µs (p25..p75 {s['round_trip_p25_us']:.2f}.."
-            f"{s['round_trip_p75_us']:.2f})"
+            f"{s['round_trip_p50_us']:.2f} µs (p10..p90 {s['round_trip_p10_us']:.2f}.."
+            f"{s['round_trip_p90_us']:.2f})"
         )
     lines.append("  CPU per forwarded call, µs (median [min .. max] over rounds):")
     for tag, s in (("sleeping", sl), ("busy-poll", bu)):

@@ -67,9 +67,12 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
         assert set(med) == {"trap", "marshal", "send", "transport", "delegate", "decode",
                             "resume", "record"}  # fmt: skip
         # each call's stages telescope to what the program measured; the sum of
-        # the stage medians lands within the round trip's spread (p25..p75)
-        assert s["round_trip_p25_us"] <= s["sum_of_medians_us"] <= s["round_trip_p75_us"], s
-        assert med["delegate"] > 0 and med["transport"] > 0 and med["record"] > 0
+        # the stage medians lands within the round trip's spread (p10..p90; a
+        # stage left out - send + transport, the network part, is most of it - would not;
+        # busy-polled, the relay is often preempted in send, so the two go together)
+        assert s["round_trip_p10_us"] <= s["sum_of_medians_us"] <= s["round_trip_p90_us"], s
+        assert s["sum_of_medians_us"] - med["send"] - med["transport"] < s["round_trip_p10_us"]
+        assert med["delegate"] > 0 and med["send"] + med["transport"] > 0 and med["record"] > 0
         assert s["relay_cpu_us"]["median"] > 0 and s["delegate_cpu_us"]["median"] > 0
 
 
