@@ -109,8 +109,9 @@ def main_analyze(args: argparse.Namespace) -> int:
     parse_policy(policy)
     from analysis.paths import expand_rundirs
     from testbed import rundir
+    from testbed.contention import split_sweeps
 
-    for p in expand_rundirs(args.rundirs):
+    for p in expand_rundirs(split_sweeps(args.rundirs)[0]):  # sweeps: analysis.contention
         run = rundir.load(p)  # a missing or malformed run directory fails before any import
         if not run.complete:
             print(f"testbed: warning: {p} is incomplete (its relay did not finish; "

@@ -87,7 +87,15 @@ def write_report(
     """Analyse run directories ``paths`` and write the report into ``outdir``.
 
     A path without ``run.json`` stands for all run directories beneath it.
+    Contention sweeps (``testbed contention -o DIR``) get ``contention.md``.
     """
+    from analysis import contention
+
+    paths, sweeps = contention.split(paths)
+    if sweeps:
+        done = contention.write_report(sweeps, outdir)
+        if not paths:
+            return done
     paths = expand_rundirs(paths)
     if not paths:
         raise TestbedError("no run directories given")

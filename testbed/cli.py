@@ -208,6 +208,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return main_experiment(args)
 
 
+def cmd_contention(args: argparse.Namespace) -> int:
+    from testbed.contention import main_contention
+
+    return main_contention(args)
+
+
 def cmd_gamma(args: argparse.Namespace) -> int:
     from testbed.gain import main_gamma
 
@@ -227,6 +233,45 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+
+def _add_contention(sub) -> None:
+    p = sub.add_parser(
+        "contention",
+        help="N callers against one delegate of W workers: X(N), R(N), queueing",
+        description="For each W and N: a delegate with W workers and a per-call service "
+        "time, N traced callers (testbed run + a think/call loop) started together; "
+        "writes a cell per (W, N) with a run directory per caller and the delegate's "
+        "record of its queue.  Analyse with testbed analyze DIR (docs/contention.md).",
+    )
+    p.add_argument("--callers", default="1,2,4,8", metavar="N,N,...", help="caller counts")
+    p.add_argument("--workers", default="1", metavar="W,W,...", help="delegate worker counts")
+    p.add_argument("--service-us", type=_finite, required=True, metavar="S",
+                   help="mean service time per call at the delegate (µs)")  # fmt: skip
+    p.add_argument("--think-us", type=_finite, required=True, metavar="Z",
+                   help="mean think time between a caller's calls (µs)")  # fmt: skip
+    p.add_argument("--service", choices=("sleep", "spin"), default="sleep",
+                   help="delegate service: sleep (default, leaves the CPUs free) or spin")  # fmt: skip
+    p.add_argument("--service-dist", choices=("exp", "fixed"), default="exp",
+                   help="service time distribution (default exp: the model is exact)")  # fmt: skip
+    p.add_argument("--think", choices=("sleep", "spin"), default="sleep",
+                   help="think phase: sleep (default) or spin (compute)")  # fmt: skip
+    p.add_argument("--think-dist", choices=("exp", "fixed"), default="exp",
+                   help="think time distribution (default exp)")  # fmt: skip
+    p.add_argument("--duration", type=_finite, default=10.0, metavar="SECONDS",
+                   help="how long all callers run together per cell (default 10)")  # fmt: skip
+    p.add_argument("--warmup", type=_finite, default=1.0, metavar="SECONDS",
+                   help="start of each cell left out of the measurement (default 1)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1, help="seed of think and service draws")
+    p.add_argument("--nodes", type=int, default=0, metavar="K",
+                   help="spread the callers over K network-namespace nodes, the delegate in "
+                   "its own node (real TCP over veth; needs root); default 0: processes "
+                   "on this machine over loopback")  # fmt: skip
+    p.add_argument("--no-references", action="store_true",
+                   help="no single-caller reference cell before each N > 1 cell (faster; "
+                   "predictions then all use the first N = 1 cell)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="results directory")
+    p.set_defaults(func=cmd_contention)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="D",
         help="spin D microseconds per call to emulate a slower link (default 0)",
+    )
+    p.add_argument(
+        "--service-us",
+        type=delay_us,
+        metavar="S",
+        help="serve calls through one FIFO queue shared by the workers, each call taking "
+        "S microseconds of service (mean; see --service-dist); see docs/contention.md",
+    )
+    p.add_argument(
+        "--service",
+        choices=("sleep", "spin"),
+        default="sleep",
+        help="how a worker spends the service time: sleep (leaves the CPUs free, default) or spin",
+    )
+    p.add_argument(
+        "--service-dist",
+        choices=("exp", "fixed"),
+        default="exp",
+        help="service time per call: exponential with mean S (default) or exactly S",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the service-time draws (default 0)")
+    p.add_argument(
+        "--record",
+        metavar="DIR",
+        help="on exit write the delegate's own record of its queue (per call: receipt, "
+        "start and end of service) to DIR/delegate.json and DIR/queue.bin",
     )
     p.add_argument(
         "--offload-root",
@@ -680,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="FILE", help="also write the per-host summary as JSON")
     p.set_defaults(func=cmd_provision)
+    _add_contention(sub)
     p = sub.add_parser(
         "experiment",
         help="run an experiment matrix (resumable)",

@@ -8,7 +8,7 @@ every frame with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``):
 * BYE    -> BYE with the accounting of that client
 * anything malformed -> ERROR to that client; the delegate keeps serving.
 
-Threading (one of two layouts, chosen by ``workers``):
+Threading (one of three layouts, chosen by ``workers`` and ``--service-us``):
 
 ``workers == 1`` (the measured path)
     One thread serves the ROUTER directly: receive, stamp ``t_recv``, decode,
@@ -20,6 +20,9 @@ Threading (one of two layouts, chosen by ``workers``):
     stamped in the worker that takes the frame off its socket, so the proxy
     hop counts as *wire*, not as *residence*.  The injected delay spins with
     ``os.sched_yield`` so the workers' spins overlap despite the GIL.
+``--service-us S`` (any ``workers``)
+    One FIFO queue shared by the workers, each call served for a drawn time
+    and recorded (:mod:`testbed.service`, ``docs/contention.md``).
 
 Shutdown (SIGINT/SIGTERM, ``--max-calls``, :meth:`Delegate.stop`): the reply
 being computed is sent, messages already queued are answered (bounded: 0.2 s),
@@ -187,6 +190,7 @@ class _Handler:
         self.clients: OrderedDict[bytes, _Client] = OrderedDict()  # least recently seen first
         self.delay_ns = delegate.delay_ns
         self.yield_gil = delegate.workers > 1
+        self.service_slot = None  # (t_recv, found, worker) set by testbed.service
 
     def _client(self, ident: bytes, t_ns: int) -> _Client:
         clients = self.clients
@@ -247,6 +251,8 @@ class _Handler:
         if self.delay_ns:
             # the emulated link delay counts from when the frame was taken off the socket
             _spin_until(t_recv + self.delay_ns, self.yield_gil)
+        if self.service_slot is not None:  # --service-us: queued, then served
+            self.d.service.serve(*self.service_slot)
         if call.mode == "offload":
             t_exec_start = mono()
             ret, err, outbufs = offload.execute(ident, call)
@@ -277,6 +283,7 @@ class Delegate:
         max_calls: int | None = None,
         on_stop: Callable[[], None] | None = None,
         curve_keys: str | None = None,
+        service: Any = None,
     ):
         if workers < 1:
             raise TestbedError(f"workers must be >= 1, not {workers}")
@@ -290,6 +297,7 @@ class Delegate:
         self.max_calls = max_calls
         self.on_stop = on_stop
         self.curve_keys = curve_keys
+        self.service = service  # a testbed.service.Service: one FIFO queue, W servers
         self._auth = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
@@ -339,6 +347,7 @@ class Delegate:
             "clock": "CLOCK_MONOTONIC",
             "max_frame": wire.MAX_FRAME,
             "curve": self.curve_keys is not None,
+            **(self.service.info() if self.service is not None else {}),
         }
 
     def status_line(self) -> str:
@@ -424,7 +433,7 @@ class Delegate:
                 ) from None
             endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._start_guard()
-            if self.workers > 1:
+            if self.workers > 1 and self.service is None:
                 self._setup_pool()
         except BaseException as exc:
             self._close()
@@ -437,7 +446,7 @@ class Delegate:
     def _start_guard(self) -> None:
         # the pool's C proxy hides which connection a message came from, so
         # the backlog bound needs the direct layout (see testbed.connguard)
-        backlog = MAX_BACKLOG if self.workers == 1 else None
+        backlog = MAX_BACKLOG if self.workers == 1 or self.service is not None else None
         self._guard = ConnectionGuard(
             self._ctx, self._router, connection_cap(self.workers), backlog
         )
@@ -521,7 +530,11 @@ class Delegate:
 
     def _serve(self) -> None:
         try:
-            if self.workers == 1:
+            if self.service is not None:
+                from testbed.service import serve_queued
+
+                serve_queued(self)
+            elif self.workers == 1:
                 self._serve_direct()
             else:
                 self._serve_pool()
@@ -702,6 +715,11 @@ def main_delegate(args: Any) -> int:
     from testbed.offload import executor_from_args
 
     offload = executor_from_args(args)
+    service = None
+    if getattr(args, "service_us", None) is not None or getattr(args, "record", None):
+        from testbed.service import Service
+
+        service = Service(args.service_us or 0.0, args.service, args.service_dist, args.seed)
     delegate = Delegate(
         args.listen,
         workers=args.workers,
@@ -709,6 +727,7 @@ def main_delegate(args: Any) -> int:
         offload=offload,
         max_calls=getattr(args, "max_calls", None),
         curve_keys=getattr(args, "curve_keys", None),
+        service=service,
     )
     quiet = getattr(args, "quiet", False)
 
@@ -744,6 +763,8 @@ def main_delegate(args: Any) -> int:
         delegate._close()
         for s, h in old.items():
             signal.signal(s, h)
+        if service is not None and args.record:
+            service.write(args.record, delegate.welcome_info())
     if not quiet:
         for line in delegate.accounting_lines():
             print(line, file=sys.stderr)
