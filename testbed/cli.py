@@ -555,6 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, default=64, metavar="BYTES", help="bytes per write (default 64)"
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="per-stage medians of a forwarded call, relay and delegate CPU per call, and the "
+        "targets against C references (trap-only, raw TCP) in interleaved rounds",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        metavar="R",
+        help="interleaved rounds for --breakdown (default 5; --calls is split among them)",
+    )
     p.set_defaults(func=cmd_bench)
 
     # --- model / analyze -----------------------------------------------

@@ -429,7 +429,13 @@ def test_in_process_two_clients_accounted_separately(ctx):
     assert set(stats) == {b"AAAA".hex(), b"BBBB".hex()}
     sa, sb = stats[b"AAAA".hex()], stats[b"BBBB".hex()]
     assert (sa["calls"], sa["errors"], sb["calls"], sb["errors"]) == (7, 0, 2, 1)
-    assert sb["bytes_in"] > 1000 > sa["bytes_in"]
+
+    def sent(i: int, data: bytes) -> int:  # the frame Client.call sends
+        args = (1, 0x1000, len(data), 0, 0, 0)
+        return len(wire.encode_call(wire.Call(i, os.getpid(), 1, args, ((1, data),), "cost")))
+
+    assert sa["bytes_in"] == sum(sent(i, b"x" * 64) for i in range(7))
+    assert sb["bytes_in"] == sum(sent(i, b"q" * 500) for i in range(2)) + 1  # + the b"\x00"
 
 
 def test_worker_pool_serves_concurrent_clients_and_merges_accounting(ctx):
