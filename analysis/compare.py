@@ -20,7 +20,8 @@ endpoint, ``remote`` otherwise; kthread runs of the mktrace module
 baseline) are ``kmod-kthread/same-node``, ``kmod-kthread-faithful/same-node``
 for the mktrace-faithful variant (``-flushcaller`` when the caller's CPU is
 flushed too); ``+Dus`` is the delegate's injected delay (the kernel thread's
-spin per leg for kthread runs).  Prediction at gamma = 1 with g' = g:
+spin per leg for kthread runs); ``/offload`` marks offload-mode runs
+(analysis/offload.py).  Prediction at gamma = 1 with g' = g:
 ``t_d = t_nd + 2 f_c sum b n``.
 """
 
@@ -170,6 +171,8 @@ def mechanism(meta: dict) -> str:
     label = f"{backend}/{where}"
     if delay:
         label += f"+{float(delay):g}us"
+    if meta.get("mode") == "offload":  # executes at the delegate: never pooled with cost mode
+        label += "/offload"
     return label
 
 

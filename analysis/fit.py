@@ -111,19 +111,22 @@ class SizeFit:
 
 
 def fc_samples(calls: np.ndarray, mode: str = "cost") -> tuple[np.ndarray, np.ndarray]:
-    """Per-call ``f_c = overhead/2`` (s) and marshalled bytes of the usable calls.
+    """Per-call ``f_c`` (s) and bytes moved of the usable calls.
 
-    ``overhead = t_resume - t_trap``, minus the delegate's execution time in
-    offload mode (DESIGN.md section 4; in cost mode the call runs locally
-    after the reply, so nothing is subtracted).  Usable: not a fault
-    (timeout, peer error, not sent) and with a positive overhead.
+    ``f_c = (overhead - exec) / 2`` as :func:`testbed.rundir.derived` defines
+    it (DESIGN.md section 4; ``exec``, the delegate's execution time, is
+    recorded as 0 in cost mode, where the call runs locally after the reply, so
+    ``mode`` changes nothing and is kept for callers).  Bytes moved are
+    ``bytes_in + bytes_out``: in cost mode the marshalled input, in offload
+    mode the data and paths sent plus the data returned (a ``read``'s bytes
+    travel back in ``bytes_out``).  Usable: not a fault (timeout, peer error,
+    not sent) and with a positive ``f_c``.
     """
     if len(calls) == 0:
         return np.zeros(0), np.zeros(0)
-    d = derived(calls)
-    ovh = d["overhead"] - d["exec"] if mode == "offload" else d["overhead"]
-    ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(ovh) & (ovh > 0)
-    fc = ovh[ok] / 2e9
+    fc_ns = derived(calls)["f_c"]
+    ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(fc_ns) & (fc_ns > 0)
+    fc = fc_ns[ok] / 1e9
     size = calls["bytes_in"][ok].astype(float) + calls["bytes_out"][ok].astype(float)
     return fc, size
 

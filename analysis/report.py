@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import accuracy, compare, figures
+from analysis import accuracy, compare, figures, offload
 from analysis.paths import expand_rundirs
 from analysis.profiles import profiles_frame, shipped_profiles, table1
 from testbed.errors import TestbedError
@@ -127,6 +127,11 @@ def write_report(
     )
     cv = compare.cross_validate(runs, native) if runs else pd.DataFrame()
     mtab = compare.mechanism_table(mech, model_profiles, policy, gammas)
+    off = offload.section(runs, native, markdown_table)  # tables, figure and text
+    for name, df in off.tables.items():
+        df.to_csv(tabdir / f"{name}.csv", index=False)
+    if off.figure is not None:
+        figures.save(off.figure, figdir, "offload")
     tables = {
         "profiles": profiles_frame(model_profiles),
         "runs": compare.runs_frame(runs),
@@ -245,6 +250,7 @@ def write_report(
         "mktrace figure is included for reference.",
         "",
         markdown_table(_us(mtab, ["f_c_s", "f_c_lo_s", "f_c_hi_s"])),
+        *off.markdown,
         "## Figures",
         "",
     ]

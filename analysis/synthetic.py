@@ -61,7 +61,7 @@ def delegated_run(
         for b, o in zip(size, ovh_ns, strict=True):
             q = o // 4
             rec.add(1000, nr, 0, 0, int(b), 0, t, t + q, t + 3 * q, t + o,
-                    5_000 + t + q, 5_000 + t + q, 5_000 + t + 2 * q, 5_000 + t + 2 * q)  # fmt: skip
+                    5_000 + t + q, 5_000 + t + 2 * q, 5_000 + t + 2 * q, 5_000 + t + 2 * q)  # fmt: skip
             t += o + 1000
         total_overhead += ovh_ns.sum() / 1e9
         rows.append(

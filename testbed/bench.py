@@ -35,7 +35,8 @@ from testbed.hostinfo import host_metadata
 from testbed.relay import connect
 
 WRITELOOP_C = r"""
-/* writeloop N SIZE OUT: N timed write(2)s of SIZE bytes to /dev/null; latencies (ns, u32) to OUT */
+/* writeloop N SIZE OUT [STAMPS]: N timed write(2)s of SIZE bytes to /dev/null; latencies
+ * (ns, u32) to OUT and, if given, each call's CLOCK_MONOTONIC start (ns, u64) to STAMPS */
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,15 +54,16 @@ static inline uint64_t now_ns(void)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4)
+	if (argc != 4 && argc != 5)
 		return 2;
 	long n = atol(argv[1]);
 	size_t size = (size_t)atol(argv[2]);
 	int fd = open("/dev/null", O_WRONLY);
 	char *buf = calloc(1, size ? size : 1);
 	uint32_t *lat = malloc((size_t)n * sizeof(*lat));
+	uint64_t *start = malloc((size_t)n * sizeof(*start));
 
-	if (fd < 0 || !buf || !lat)
+	if (fd < 0 || !buf || !lat || !start)
 		return 3;
 	for (long i = 0; i < n; i++) {
 		uint64_t t0 = now_ns();
@@ -69,11 +71,17 @@ int main(int argc, char **argv)
 		if (write(fd, buf, size) < 0)
 			return 4;
 		lat[i] = (uint32_t)(now_ns() - t0);
+		start[i] = t0;
 	}
 	FILE *f = fopen(argv[3], "wb");
 
 	if (!f || fwrite(lat, sizeof(*lat), (size_t)n, f) != (size_t)n || fclose(f))
 		return 5;
+	if (argc == 5) {
+		f = fopen(argv[4], "wb");
+		if (!f || fwrite(start, sizeof(*start), (size_t)n, f) != (size_t)n || fclose(f))
+			return 5;
+	}
 	return 0;
 }
 """
@@ -83,20 +91,25 @@ NR_WRITE = 1
 
 def writeloop_binary() -> Path:
     """Compile (once, cached by source hash) the timed write loop."""
+    return compile_c("writeloop", WRITELOOP_C)
+
+
+def compile_c(name: str, source: str) -> Path:
+    """Compile ``source`` with cc (once, cached by source hash); one clear error without cc."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise TestbedError("testbed bench needs a C compiler (apt-get install build-essential)")
-    digest = hashlib.sha256(WRITELOOP_C.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "testbed"
-    exe = cache / f"writeloop-{digest}"
+    exe = cache / f"{name}-{digest}"
     if not exe.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        src = cache / f"writeloop-{digest}.c"
-        src.write_text(WRITELOOP_C)
-        tmp = exe.with_suffix(".tmp")
+        src = cache / f"{name}-{digest}.c"
+        src.write_text(source)
+        tmp = exe.with_suffix(f".tmp{os.getpid()}")
         res = subprocess.run([cc, "-O2", "-o", str(tmp), str(src)], capture_output=True, text=True)
         if res.returncode != 0:
-            raise TestbedError(f"cannot compile the bench program: {res.stderr.strip()}")
+            raise TestbedError(f"cannot compile {name}.c: {res.stderr.strip()[:300]}")
         os.replace(tmp, exe)
     return exe
 
@@ -125,6 +138,11 @@ def measure_native(exe: Path, n: int, size: int, tmp: Path) -> dict:
 
 
 def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
+    lat, sync = trap_only_lat(exe, n, size, tmp)
+    return {**_pcts(lat), "sync_wakeup": sync}
+
+
+def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, bool]:
     """Trap every write and continue it at once: the relay's idle path, no network.
 
     Like the relay with no call in flight, the loop waits inside NOTIF_RECV
@@ -158,12 +176,17 @@ def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
         backend.close()
     if child.returncode != 0:
         raise TestbedError(f"bench program failed under seccomp (status {child.returncode})")
-    res = _pcts(_read_lat(out, n))
-    res["sync_wakeup"] = backend.sync_wakeup
-    return res
+    return _read_lat(out, n), backend.sync_wakeup
 
 
 def measure_raw_zmq(endpoint: str, n: int, size: int, busy_poll: bool = False) -> dict:
+    lat, frame_bytes = raw_zmq_lat(endpoint, n, size, busy_poll)
+    return {**_pcts(lat), "frame_bytes": frame_bytes}
+
+
+def raw_zmq_lat(
+    endpoint: str, n: int, size: int, busy_poll: bool = False
+) -> tuple[np.ndarray, int]:
     """DEALER round trips to the delegate with a CALL frame of the same size.
 
     ``busy_poll`` spins on ``poll(0)`` for the reply, like ``testbed run --busy-poll``.
@@ -187,7 +210,7 @@ def measure_raw_zmq(endpoint: str, n: int, size: int, busy_poll: bool = False) -
                 raise TestbedError(f"delegate at {endpoint} stopped answering")
             sock.recv()
             lat[i] = mono() - t0
-        return {**_pcts(lat), "frame_bytes": len(frame)}
+        return lat, len(frame)
     finally:
         sock.close()
 
@@ -312,6 +335,17 @@ def format_report(r: dict) -> str:
 def main_bench(args) -> int:
     if args.size < 0 or args.size > (1 << 20):
         raise TestbedError("--size must be between 0 and 1048576 bytes")
+    if args.rounds is not None and not args.breakdown:
+        raise TestbedError("--rounds is only used with --breakdown")
+    if args.breakdown:
+        from testbed.breakdown import format_breakdown, run_breakdown
+
+        results = run_breakdown(args.delegate, args.calls, args.size, args.rounds or 5)
+        results["host"] = host_metadata()
+        print(format_breakdown(results, results["host"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     results = run_bench(args.delegate, args.calls, args.size)
     print(format_report(results))
     if args.json:

@@ -359,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="offload mode: open remote fds allowed per client (default 1024)",
     )
     p.add_argument(
+        "--offload-idle-timeout",
+        type=timeout_seconds,
+        metavar="S",
+        help="offload mode: close the remote fds of a client not heard from for S seconds "
+        "(a relay killed without BYE; default 3600; docs/offload.md)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow offload mode on a non-loopback endpoint without --curve-keys",
@@ -577,6 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, default=64, metavar="BYTES", help="bytes per write (default 64)"
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="per-stage medians of a forwarded call, relay and delegate CPU per call, and the "
+        "targets against C references (trap-only, raw TCP) in interleaved rounds",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        metavar="R",
+        help="interleaved rounds for --breakdown (default 5; --calls is split among them)",
+    )
     p.set_defaults(func=cmd_bench)
 
     # --- model / analyze -----------------------------------------------

@@ -761,17 +761,33 @@ def main_delegate(args: Any) -> int:
                 raise err
     finally:
         delegate._close()
-        for s, h in old.items():
-            signal.signal(s, h)
         if service is not None and args.record:
             service.write(args.record, delegate.welcome_info())
-    if not quiet:
-        for line in delegate.accounting_lines():
-            print(line, file=sys.stderr)
-        n_clients = len(delegate.stats())
-        print(
-            f"testbed delegate: stopped after {delegate.answered} calls from {n_clients} clients",
-            file=sys.stderr,
-            flush=True,
-        )
+    try:
+        if not quiet:
+            for line in delegate.accounting_lines():
+                print(line, file=sys.stderr)
+            n_clients = len(delegate.stats())
+            print(
+                f"testbed delegate: stopped after {delegate.answered} calls from {n_clients} clients",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        _after_shutdown(old)
     return 0
+
+
+def _after_shutdown(old: dict[int, Any]) -> None:
+    """Hand SIGINT/SIGTERM back once the delegate has shut down.
+
+    A signal arriving now (a service manager's second SIGTERM, a second ^C) asks
+    for what is already happening, so it must not turn a clean exit into death by
+    signal (exit status -15, summary lost) or a ``KeyboardInterrupt`` traceback
+    during interpreter teardown: where the previous handler was the process
+    default it is replaced by SIG_IGN; a handler an embedding caller installed
+    is restored.
+    """
+    for s, h in old.items():
+        default = h in (signal.SIG_DFL, signal.default_int_handler, None)
+        signal.signal(s, signal.SIG_IGN if default else h)

@@ -40,7 +40,13 @@ from testbed.syscalls import ArgKind
 
 _IOVEC = struct.Struct("<QQ")
 PROBE_INTERVAL_NS = 1_000_000_000
-_POLLIN = int(zmq.POLLIN)  # plain int: IntFlag arithmetic is slow on the hot path
+#: ``testbed bench --breakdown`` sets this in the environment of ``testbed run``:
+#: the relay then also stamps, per call, when the send returned, when the reply
+#: was decoded and when the record was written, and saves them (int64 triples in
+#: record order) to this file at the end (see :mod:`testbed.breakdown`).
+STAGE_TRACE_ENV = "TESTBED_STAGE_TRACE"
+_POLLIN = int(zmq.POLLIN)  # plain ints: IntFlag arithmetic is slow on the hot path
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class DelegateUnreachable(TestbedError):
@@ -105,8 +111,23 @@ class Marshaller:
     def __init__(self, backend: Backend):
         self.backend = backend
         self._specs = {nr: syscalls.arg_specs(nr) for nr in syscalls.NAME_BY_NR}
+        # calls whose only input is one sized buffer (write, pwrite64, sendto, ...):
+        # (buffer argument, size argument), read without walking the specs
+        self._one_buf = {
+            nr: (specs[0].arg, specs[0].size_arg)
+            for nr, specs in self._specs.items()
+            if len(specs) == 1 and specs[0].kind is ArgKind.IN_BUF
+        }
 
     def buffers(self, trap: Trap) -> tuple[tuple[tuple[int, bytes], ...], int]:
+        one = self._one_buf.get(trap.nr)
+        if one is not None:
+            args = trap.args
+            addr = args[one[0]]
+            if not addr:
+                return (), 0
+            data = self.backend.read_memory(trap.tid, addr, min(args[one[1]], syscalls.MAX_BUFFER))
+            return ((one[0], data),), len(data)
         specs = self._specs.get(trap.nr, ())
         if not specs:
             return (), 0
@@ -196,6 +217,10 @@ class Relay:
         self._next_id = 1
         self._last_released: Trap | None = None
         self._warned: set[str] = set()
+        #: per-call (t_sent, t_decoded, t_recorded) when tracing stages (None: off)
+        self.stages: list[tuple[int, int, int]] | None = None
+        self._t_sent: dict[int, int] = {}
+        self._t_decoded = 0
 
     # ------------------------------------------------------------ calls
     def on_trap(self, trap: Trap) -> None:
@@ -235,7 +260,7 @@ class Relay:
             return
         call_id = self._next_id
         self._next_id += 1
-        frame = wire.encode_call(wire.Call(call_id, trap.tid, trap.nr, trap.args, bufs, self.mode))
+        frame = wire.encode_call_fields(call_id, trap.tid, trap.nr, trap.args, bufs, self.mode)
         t_send = time.monotonic_ns()
         try:
             self.sock.send(frame, zmq.NOBLOCK)
@@ -243,6 +268,8 @@ class Relay:
             self._release(trap, rundir.F_NOT_SENT, nbytes, 0, 0)
             return
         self.inflight[call_id] = (trap, t_send, nbytes)
+        if self.stages is not None:
+            self._t_sent[trap.id] = time.monotonic_ns()
 
     def on_frame(self, frame: bytes) -> None:
         t_reply = time.monotonic_ns()
@@ -256,6 +283,8 @@ class Relay:
                 self.stats.peer_errors += 1
                 self._release(trap, rundir.F_PEER_ERROR, nbytes, t_send, t_reply)
             return
+        if self.stages is not None:
+            self._t_decoded = time.monotonic_ns()
         if kind == wire.WELCOME:
             self.peer_down = False
             return
@@ -293,13 +322,20 @@ class Relay:
             flags = (flags & ~rundir.F_UNREADABLE) | rundir.F_CALLER_GONE
             self.stats.caller_gone += 1
         t_resume = time.monotonic_ns()
-        if flags & rundir.F_NOT_SENT:
-            self.stats.not_sent += 1
-        if flags & rundir.F_UNREADABLE:
-            self.stats.unreadable += 1
-        self.stats.forwarded += 1
+        # the caller runs again: what follows is off its path
+        stats = self.stats
+        if flags:
+            if flags & rundir.F_NOT_SENT:
+                stats.not_sent += 1
+            if flags & rundir.F_UNREADABLE:
+                stats.unreadable += 1
+        stats.forwarded += 1
         self.recorder.add(trap.tid, trap.nr, flags, ret, nbytes, 0,
                           trap.t_trap, t_send, t_reply, t_resume, *stamps)  # fmt: skip
+        if self.stages is not None:
+            t_sent = self._t_sent.pop(trap.id, 0)
+            self.stages.append((t_sent, self._t_decoded, time.monotonic_ns()))
+            self._t_decoded = 0
 
     def release_all(self) -> None:
         """Release every call in flight locally (the relay is giving up)."""
@@ -332,13 +368,13 @@ class Relay:
                 pass
 
     def next_timeout_ms(self, now: int) -> int:
-        waits = [1000]
+        wait = 1000
         if self.inflight:
-            _trap, t_send, _n = next(iter(self.inflight.values()))
-            waits.append(max(0, (t_send + self.timeout_ns - now) // 1_000_000 + 1))
+            t_send = next(iter(self.inflight.values()))[1]
+            wait = min(wait, max(0, (t_send + self.timeout_ns - now) // 1_000_000 + 1))
         if self.peer_down:
-            waits.append(max(0, (self._next_probe - now) // 1_000_000 + 1))
-        return int(min(waits))
+            wait = min(wait, max(0, (self._next_probe - now) // 1_000_000 + 1))
+        return int(wait)
 
     # ------------------------------------------------------------ loop
     def serve(self, child_pid: int, linger_s: float = 10.0) -> tuple[int, object, int]:
@@ -348,49 +384,61 @@ class Relay:
         """
         bfd = self.backend.fileno()
         pidfd = os.pidfd_open(child_pid)
+        sock = self.sock
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        poller.register(sock, zmq.POLLIN)
         poller.register(bfd, zmq.POLLIN)
         poller.register(pidfd, zmq.POLLIN)
+        poll = poller.poll
         status = rusage = None
         t_exit = 0
         linger_deadline = None
-        recv = self.sock.recv
+        recv = sock.recv
+        receive = self.backend.receive
+        on_trap, on_frame = self.on_trap, self.on_frame
+        inflight = self.inflight
+        recorder = self.recorder
+        mono = time.monotonic_ns
+        busy_poll = self.busy_poll
         blocking = getattr(self.backend, "blocking_receive", False) and _start_watchdog()
         try:
             while True:
-                if blocking and status is None and not self.inflight:
+                if blocking and status is None and not inflight:
                     # Idle: wait inside NOTIF_RECV (the kernel's synchronous wake-up
                     # applies there, not to poll).  SIGCHLD or the watchdog timer
                     # interrupts it (EINTR -> None) so the exit is seen.
-                    trap = self.backend.receive()
+                    trap = receive()
                     if trap is not None:
-                        self.on_trap(trap)
+                        on_trap(trap)
                         continue
                     timeout_ms = 0
-                elif self.busy_poll and self.inflight:
+                elif busy_poll and inflight:
                     timeout_ms = 0  # spin while a reply is due: no idle wake-up on the way back
                 else:
-                    timeout_ms = self.next_timeout_ms(time.monotonic_ns())
-                events = dict(poller.poll(timeout_ms))
-                if events.get(bfd, 0) & _POLLIN:
-                    trap = self.backend.receive()
-                    if trap is not None:
-                        self.on_trap(trap)
-                if self.sock in events:
-                    # one frame per wake-up: the next poll returns at once if more
-                    # are queued (cheaper than ending a drain loop on zmq.Again)
-                    self.on_frame(recv(zmq.NOBLOCK))
-                if status is None and pidfd in events:
-                    _pid, status, rusage = os.wait4(child_pid, 0)
-                    t_exit = time.monotonic_ns()
-                    poller.unregister(pidfd)
-                    linger_deadline = time.monotonic() + linger_s
-                now = time.monotonic_ns()
-                self.expire(now)
-                self.probe(now)
-                self.recorder.tick(now)
-                if status is not None and not self.inflight and self.backend.finished():
+                    timeout_ms = self.next_timeout_ms(mono())
+                for what, ev in poll(timeout_ms):
+                    if not ev & _POLLIN:
+                        continue
+                    if what is sock:
+                        # one frame per wake-up: the next poll returns at once if more
+                        # are queued (cheaper than ending a drain loop on zmq.Again)
+                        on_frame(recv(_NOBLOCK))
+                    elif what == bfd:
+                        trap = receive()
+                        if trap is not None:
+                            on_trap(trap)
+                    elif what == pidfd and status is None:
+                        _pid, status, rusage = os.wait4(child_pid, 0)
+                        t_exit = mono()
+                        poller.unregister(pidfd)
+                        linger_deadline = time.monotonic() + linger_s
+                now = mono()
+                if inflight:
+                    self.expire(now)
+                if self.peer_down:
+                    self.probe(now)
+                recorder.tick(now)
+                if status is not None and not inflight and self.backend.finished():
                     break
                 if linger_deadline is not None and time.monotonic() > linger_deadline:
                     print("testbed: warning: descendants of the program still run; "
@@ -501,6 +549,9 @@ def main_run(args) -> int:
     else:
         relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
                       busy_poll=args.busy_poll)  # fmt: skip
+    trace = os.environ.get(STAGE_TRACE_ENV)
+    if trace:
+        relay.stages = []
     started = time.time()
     # run.json exists from the start, marked incomplete: a relay killed mid-run
     # leaves a loadable run directory (records flushed at least every second)
@@ -530,6 +581,10 @@ def main_run(args) -> int:
         recorder.close()
         backend.close()
         sock.close()
+    if trace:
+        import numpy as np
+
+        np.asarray(relay.stages, dtype=np.int64).reshape(-1, 3).tofile(trace)
     launch_error = getattr(backend, "launch_error", lambda: None)()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)

@@ -257,8 +257,10 @@ def load(path: str | os.PathLike) -> Run:
 def derived(calls: np.ndarray) -> dict[str, np.ndarray]:
     """Per-call derived quantities of DESIGN.md section 4, in ns (float64).
 
-    ``rtt``, ``residence``, ``wire``, ``exec`` and ``overhead``; ``f_c`` is
-    ``overhead / 2``.  Calls that were never answered have NaN rtt/residence.
+    ``rtt``, ``residence``, ``wire``, ``exec``, ``overhead`` (``t_resume -
+    t_trap``) and ``f_c = (overhead - exec) / 2``: the one-way forwarding cost
+    of the call, without the delegate's execution time (offload mode; ``exec``
+    is 0 in cost mode).  Calls that were never answered have NaN rtt/residence.
     """
     answered = (calls["t_reply"] > 0) & (calls["d_send"] > 0)
     rtt = np.where(answered, calls["t_reply"] - calls["t_send"], np.nan).astype(np.float64)
@@ -271,6 +273,7 @@ def derived(calls: np.ndarray) -> dict[str, np.ndarray]:
         "wire": rtt - residence,
         "exec": exec_ns,
         "overhead": overhead,
+        "f_c": (overhead - exec_ns) / 2,
     }
 
 

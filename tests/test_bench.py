@@ -46,3 +46,37 @@ def test_demo_is_the_main_job(tmp_path):
     fwd_counts = {r["name"]: int(r["n"]) for r in run.syscalls}
     native_counts = {r["name"]: int(r["n"]) for r in profile.syscalls}
     assert fwd_counts == {k: native_counts[k] for k in ("read", "write")}
+
+
+def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
+    out = tmp_path / "breakdown.json"
+    res = run_testbed("bench", "--breakdown", "--calls", "1200", "--rounds", "2", "--size", "64",
+                      "--json", str(out), timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    text = res.stdout.decode()
+    for label in ("trap-only, C (cref/trapcont.c)", "raw C TCP (cref/tcprtt.c)",
+                  "forwarded - raw ZeroMQ, busy-poll", "CPU per forwarded call"):  # fmt: skip
+        assert label in text, label
+    data = json.loads(out.read_text())
+    assert data["rounds"] == 2 and data["calls_per_round"] == 600
+    for key in ("trap_py", "trap_c", "raw_zmq", "fwd", "raw_zmq_busy", "fwd_busy", "tcp_c"):
+        assert data["p50_us"][key]["median"] > 0, key
+    for tag in ("sleep", "busy"):
+        s = data["stages"][tag]
+        med = s["median_us"]
+        assert set(med) == {"trap", "marshal", "send", "transport", "delegate", "decode",
+                            "resume", "record"}  # fmt: skip
+        # each call's stages telescope to what the program measured; the sum of
+        # the stage medians lands within the round trip's spread (p10..p90; a
+        # stage left out - send + transport, the network part, is most of it - would not;
+        # busy-polled, the relay is often preempted in send, so the two go together)
+        assert s["round_trip_p10_us"] <= s["sum_of_medians_us"] <= s["round_trip_p90_us"], s
+        assert s["sum_of_medians_us"] - med["send"] - med["transport"] < s["round_trip_p10_us"]
+        assert med["delegate"] > 0 and med["send"] + med["transport"] > 0 and med["record"] > 0
+        assert s["relay_cpu_us"]["median"] > 0 and s["delegate_cpu_us"]["median"] > 0
+
+
+def test_bench_breakdown_rejects_too_many_rounds():
+    res = run_testbed("bench", "--breakdown", "--calls", "300", "--rounds", "5")
+    assert res.returncode == 2
+    assert "testbed: error: --rounds" in res.stderr.decode()

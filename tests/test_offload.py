@@ -9,6 +9,7 @@ executes beneath ``ROOT``.  Each test works in its own subdirectory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -345,6 +346,82 @@ def test_exit_with_open_remote_fds_leaves_none_at_the_delegate(lab, tmp_path):
         time.sleep(0.05)
     assert _delegate_fds_into(lab.proc.pid, lab.root) == 0
     assert (lab.root / "fds" / "f0").read_bytes() == b"child"
+
+
+HOLDER = textwrap.dedent(
+    """
+    import os, sys, time
+    os.makedirs(sys.argv[1], exist_ok=True)
+    fds = [os.open(f"{sys.argv[1]}/h{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(12)]
+    print("ready", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_relay_sigkilled_leaves_no_remote_fds_after_the_idle_timeout(lab, tmp_path):
+    # A relay killed without BYE cannot tell the delegate; ZeroMQ's ROUTER does
+    # not report the peer's disconnect here.  The delegate's idle reaper closes
+    # its fds within --offload-idle-timeout plus one reaper period, with no other
+    # client calling (nothing else wakes the delegate).
+    root = tmp_path / "root3"
+    root.mkdir()
+    endpoint, proc = _start_delegate(lab.topo, 5603, "--offload-root", str(root), "--insecure",
+                                     "--offload-idle-timeout", "4")  # fmt: skip
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    prefix = lab.prefix / "held"
+    run = lab.topo.popen("compute", tb_argv(
+        "run", "--delegate", endpoint, "--mode", "offload", "--offload-path", str(lab.prefix),
+        "--quiet", "-o", str(tmp_path / "run"), "--", sys.executable, str(script), str(prefix),
+    ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert run.stdout.readline() == b"ready\n"
+        assert "testbed" in Path(f"/proc/{run.pid}/cmdline").read_text()  # the relay itself
+        open_at_ready = _delegate_fds_into(proc.pid, root)
+        os.kill(run.pid, signal.SIGKILL)  # the relay: no BYE is ever sent
+        t_kill = time.monotonic()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # and the program it traced
+        run.communicate(timeout=30)
+    assert open_at_ready == 12
+    deadline = t_kill + 60
+    while _delegate_fds_into(proc.pid, root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _delegate_fds_into(proc.pid, root) == 0, "the killed relay's fds stayed open"
+    assert sorted(os.listdir(root / "held")) == sorted(f"h{i}" for i in range(12))
+    # the delegate lives on and serves the next client
+    res = offload(lab, tmp_path / "run2", ["sh", "-c", f"echo after > {prefix}/after"],
+                  endpoint=endpoint)  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()
+    assert (root / "held" / "after").read_bytes() == b"after\n"
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--offload-idle-timeout", "0"), "must be > 0"),
+        (("--offload-idle-timeout", "nan"), "finite"),
+    ],
+)
+def test_idle_timeout_bad_values_are_one_line_errors(tmp_path, extra, message):
+    argv = tb_argv("delegate", "--listen", "tcp://127.0.0.1:*", "--offload-root", str(tmp_path),
+                   *extra)  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert message in res.stderr.strip().splitlines()[-1]
+
+
+def test_idle_timeout_without_offload_root_is_refused():
+    argv = tb_argv("delegate", "--listen", "tcp://127.0.0.1:*", "--offload-idle-timeout", "5")
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [
+        "testbed: error: --offload-idle-timeout is only used with --offload-root"
+    ]
 
 
 WRITER = textwrap.dedent(

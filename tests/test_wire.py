@@ -319,3 +319,34 @@ def test_map_keys_must_be_strings_or_bytes():
 def test_wire_error_keeps_code_and_call_id():
     err = wire.WireError(wire.E_TOO_LARGE, "big", 12)
     assert (err.code, err.call_id, str(err)) == (wire.E_TOO_LARGE, 12, "big")
+
+
+def test_fixed_width_frames_are_plain_msgpack_and_decode_like_the_general_path():
+    import msgpack
+
+    calls = [
+        wire.Call(1, 123, 1, (3, 1 << 40, 64, 0, 0, 0), ((1, b"x" * 64),), "cost"),
+        wire.Call(wire.U64, (1 << 31) - 1, 4095, (wire.U64,) * 6, ((5, b""),), "offload"),
+        wire.Call(0, 0, 0, (0,) * 6, (), "cost"),
+    ]
+    for call in calls:
+        frame = wire.encode_call(call)
+        assert frame.startswith(b"\x98\x02\xa4call\xcf")  # the fixed-width layout
+        general = msgpack.packb([2, "call", call.call_id, call.tid, call.nr, list(call.args),
+                                 [list(b) for b in call.bufs], call.mode], use_bin_type=True)  # fmt: skip
+        assert msgpack.unpackb(frame) == msgpack.unpackb(general)
+        assert wire.decode(frame) == wire.decode(general) == (wire.CALL, call)
+    res = wire.Result(7, -5, 4095, 1, 2, 3, wire.I64_MAX, ())
+    frame = wire.encode_result(res)
+    assert len(frame) == 68 and wire.decode(frame) == (wire.RESULT, res)
+    assert msgpack.unpackb(frame) == [2, "result", 7, -5, 4095, [1, 2, 3, wire.I64_MAX], []]
+    # a fixed-width frame with a value out of range is refused like any other
+    over = frame[:-9] + b"\xff" * 8 + frame[-1:]
+    assert msgpack.unpackb(over)[5][3] > wire.I64_MAX
+    with pytest.raises(wire.WireError, match="timestamps"):
+        wire.decode(over)
+    # out of the fixed layout's ranges: the general encoding, same refusal as before
+    neg = wire.encode_call(wire.Call(1, -1, 1, (0,) * 6, (), "cost"))
+    assert not neg.startswith(b"\x98\x02\xa4call\xcf")
+    with pytest.raises(wire.WireError, match="tid/nr"):
+        wire.decode(neg)

@@ -54,6 +54,9 @@ USER_NOTIF_FLAG_CONTINUE = 1
 _NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
 _RESP = struct.Struct("<QqiI")  # id, val, error, flags
 _U64 = struct.Struct("<Q")
+_ioctl = fcntl.ioctl  # module-level names: no attribute look-ups on the hot path
+_mono = time.monotonic_ns
+_unpack_notif = _NOTIF.unpack
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -206,19 +209,23 @@ class SeccompBackend:
         buf = self._recv_buf
         buf[:] = self._zero
         try:
-            fcntl.ioctl(self.fd, IOCTL_NOTIF_RECV, buf, True)
+            _ioctl(self.fd, IOCTL_NOTIF_RECV, buf, True)
         except OSError as exc:
             if exc.errno in (E.ENOENT, E.EINTR, E.EAGAIN):
                 return None  # the caller was interrupted / died before we took it
             raise
-        t = time.monotonic_ns()
-        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        t = _mono()
+        v = _unpack_notif(buf)
+        nr = v[3]
         if nr in EXEC_NRS:
-            self._forget_mem(pid)  # a new address space follows
-        if self._launching or (nr in EXEC_NRS and nr not in self.forwarded):
-            self._internal(nid, pid, nr)
+            self._forget_mem(v[1])  # a new address space follows
+            if nr not in self.forwarded:
+                self._internal(v[0], v[1], nr)
+                return None
+        if self._launching:
+            self._internal(v[0], v[1], nr)
             return None
-        return Trap(nid, pid, nr, tuple(args), t)
+        return Trap(v[0], v[1], nr, v[6:12], t)
 
     def _internal(self, nid: int, pid: int, nr: int) -> None:
         """Calls the relay serves without forwarding: the launcher's, and execs."""
@@ -236,6 +243,13 @@ class SeccompBackend:
         if length <= 0:
             return b""
         fd = self._mem_fds.get(tid)
+        if fd is not None:  # the common case: one pread on the cached fd
+            try:
+                data = os.pread(fd, length, addr)
+                if data:
+                    return data
+            except OSError:
+                pass  # decided below, with a reopen where it may help
         if fd is None:
             fd = self._open_mem(tid)
         for attempt in (0, 1):
@@ -289,7 +303,11 @@ class SeccompBackend:
         raise BackendError("seccomp NOTIF_SEND kept failing with EINTR")
 
     def resume_continue(self, trap: Trap) -> bool:
-        return self._send(trap.id, 0, 0, USER_NOTIF_FLAG_CONTINUE)
+        try:  # the hot path: one ioctl; any failure is decided (and retried) by _send
+            _ioctl(self.fd, IOCTL_NOTIF_SEND, _RESP.pack(trap[0], 0, 0, USER_NOTIF_FLAG_CONTINUE))
+            return True
+        except OSError:
+            return self._send(trap.id, 0, 0, USER_NOTIF_FLAG_CONTINUE)
 
     def resume_return(self, trap: Trap, value: int, errno: int = 0) -> bool:
         return self._send(trap.id, 0 if errno else value, -errno, 0)

@@ -28,7 +28,7 @@ def make_executor(root: str, **limits: Any) -> Executor:
 def check_delegate_args(args: Any) -> None:
     """``testbed delegate --offload-root``: refuse an unauthenticated network listener."""
     if not getattr(args, "offload_root", None):
-        for opt in ("offload_max_fds", "insecure"):
+        for opt in ("offload_max_fds", "offload_idle_timeout", "insecure"):
             if getattr(args, opt, None):
                 flag = "--" + opt.replace("_", "-")
                 raise TestbedError(f"{flag} is only used with --offload-root")
@@ -48,6 +48,8 @@ def executor_from_args(args: Any) -> Executor | None:
     limits = {}
     if getattr(args, "offload_max_fds", None):
         limits["max_fds"] = args.offload_max_fds
+    if getattr(args, "offload_idle_timeout", None):
+        limits["idle_s"] = args.offload_idle_timeout
     return make_executor(args.offload_root, **limits)
 
 

@@ -618,6 +618,5 @@ class Executor:
         self.tables.forget(client)
 
     def close(self) -> None:
-        for client in list(self.tables._tables):
-            self.tables.forget(client)
+        self.tables.close()
         self.box.close()

@@ -5,7 +5,9 @@ integers valid in its own table.  A handle of one client means nothing in
 another client's table (``EBADF``), so clients cannot reach each other's
 files.  Each table bounds the number of open fds and the bytes the client
 may have in flight at once; a client that says BYE, or is not heard from for
-``idle_s`` seconds, has every fd closed.
+``idle_s`` seconds, has every fd closed: a reaper thread checks every
+``min(idle_s / 4, 1)`` seconds, so a vanished client's fds are gone within
+``idle_s`` plus that period even when no other client calls.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class FdTable:
         self.max_inflight = max_inflight
         self.fds: dict[int, int] = {}
         self.inflight = 0
+        self.busy = 0  # calls executing now: a client is never reaped mid-call
         self.last_ns = time.monotonic_ns()
         self._next = 3
         self._lock = threading.Lock()
@@ -76,15 +79,18 @@ class FdTable:
             if self.inflight + nbytes > self.max_inflight:
                 raise OSError(E.ENOBUFS, "too many bytes in flight for this client")
             self.inflight += nbytes
+            self.busy += 1
         try:
             yield
         finally:
             with self._lock:
                 self.inflight -= nbytes
+                self.busy -= 1
+                self.last_ns = time.monotonic_ns()
 
 
 class Tables:
-    """All clients' tables (thread-safe); idle clients are reaped lazily."""
+    """All clients' tables (thread-safe); idle clients are reaped by a thread."""
 
     def __init__(
         self,
@@ -97,14 +103,30 @@ class Tables:
         self.idle_ns = int(idle_s * 1e9)
         self._tables: dict[bytes, FdTable] = {}
         self._lock = threading.Lock()
-        self._next_reap = 0
+        self._closed = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def _reap_forever(self) -> None:
+        period = min(self.idle_ns / 4e9, 1.0)
+        while not self._closed.wait(period):
+            self.reap()
+
+    def close(self) -> None:
+        """Stop the reaper and close every client's fds."""
+        self._closed.set()
+        with self._lock:
+            clients = list(self._tables)
+        for c in clients:
+            self.forget(c)
 
     def of(self, client: bytes) -> FdTable:
         now = time.monotonic_ns()
-        if now >= self._next_reap:
-            self._next_reap = now + min(self.idle_ns, 1_000_000_000)
-            self.reap(now)
         with self._lock:
+            if self._reaper is None and not self._closed.is_set():
+                self._reaper = threading.Thread(
+                    target=self._reap_forever, name="offload-reaper", daemon=True
+                )
+                self._reaper.start()
             table = self._tables.get(client)
             if table is None:
                 table = self._tables[client] = FdTable(self.max_fds, self.max_inflight)
@@ -121,7 +143,9 @@ class Tables:
         """Forget clients idle for longer than ``idle_s``; return fds closed."""
         now = time.monotonic_ns() if now is None else now
         with self._lock:
-            idle = [c for c, t in self._tables.items() if now - t.last_ns > self.idle_ns]
+            idle = [
+                c for c, t in self._tables.items() if not t.busy and now - t.last_ns > self.idle_ns
+            ]
         return sum(self.forget(c) for c in idle)
 
     def open_fds(self, client: bytes | None = None) -> int:

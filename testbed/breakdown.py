@@ -1,0 +1,281 @@
+"""``testbed bench --breakdown``: where a forwarded call's time goes, and the targets.
+
+In ``rounds`` interleaved rounds (A B A B ..., so the machine's drift hits every
+measurement alike), each of ``calls / rounds`` ``write(fd, buf, SIZE)`` calls:
+
+  trap-only  Python (the relay's idle loop)  vs  C (``cref/trapcont.c``, SYNC_WAKE_UP)
+  forwarded  ``testbed run`` sleeping and ``--busy-poll``  vs  raw ZeroMQ, same waiting
+  raw C TCP  loopback round trip of the same sizes (``cref/tcprtt.c``), blocking and spinning
+
+Per forwarded call, from the relay's records, its stage stamps
+(:data:`testbed.relay.STAGE_TRACE_ENV`), the delegate's stamps and the
+program's own call start/end (one clock: the delegate runs on this host), the
+stages telescope to the round trip the program measured:
+
+  trap       program enters write -> relay holds the notification
+  marshal    -> about to send (read the buffer, encode)
+  send       -> zmq send returned
+  transport  -> reply received, less the delegate's residence (both ways, both I/O threads)
+  delegate   delegate residence (d_recv -> d_send)
+  decode     reply received -> decoded
+  resume     -> the program is back from write (NOTIF_SEND and the caller's wake-up;
+             with SYNC_WAKE_UP the caller often runs before NOTIF_SEND returns)
+  record     NOTIF_SEND returned -> record written (after the resume: off the path)
+
+Each call's stages add up exactly to its round trip; the medians add up to the
+median within the spread.  A stage is wall time on a shared machine: when the
+relay is preempted inside one (busy-polled, often by the ZeroMQ I/O thread its
+send woke), that stage absorbs the next ("send" then holds most of "transport").
+
+CPU per forwarded call: the relay's own (``run.json`` ``cpu``: from the
+program's launch to its exit, so the launch is included) and the
+delegate's (``/proc/PID/task/*/schedstat`` before and after each run).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from testbed import bench, rundir, wire
+from testbed.errors import TestbedError
+from testbed.relay import STAGE_TRACE_ENV
+
+CREF = Path(__file__).with_name("cref")
+STAGES = ("trap", "marshal", "send", "transport", "delegate", "decode", "resume")
+OFF_PATH = ("record",)
+
+
+def cref_binary(name: str) -> Path:
+    return bench.compile_c(name, (CREF / f"{name}.c").read_text())
+
+
+def task_cpu_ns(pid: int) -> int:
+    """CPU time (ns) of every thread of ``pid`` (schedstat: ns resolution)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # thread ended in between
+    return total
+
+
+def _run_c(args: list[str]) -> str:
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise TestbedError(f"{Path(args[0]).name} failed with status {res.returncode}")
+    return res.stdout
+
+
+def trap_c(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, bool]:
+    out = tmp / "trapc.bin"
+    text = _run_c([str(exe), str(n), str(size), str(out)])
+    return bench._read_lat(out, n), "sync_wakeup=1" in text
+
+
+def tcp_c(exe: Path, n: int, req: int, resp: int, busy: bool, tmp: Path) -> np.ndarray:
+    out = tmp / "tcp.bin"
+    _run_c([str(exe), str(n), str(req), str(resp), str(out), *(["busy"] if busy else [])])
+    return bench._read_lat(out, n)
+
+
+def forwarded_stages(
+    exe: Path, n: int, size: int, endpoint: str, delegate_pid: int | None, tmp: Path, busy: bool
+) -> dict:
+    """One ``testbed run`` of the write loop; per-call stages (ns) and CPU per call."""
+    tag = "busy" if busy else "sleep"
+    out, starts, trace = tmp / f"fwd-{tag}.bin", tmp / f"start-{tag}.bin", tmp / f"st-{tag}.bin"
+    run_dir = tmp / f"run-{tag}-{os.urandom(4).hex()}"
+    cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
+           "--forward", "write", "-o", str(run_dir), *(["--busy-poll"] if busy else []),
+           "--", str(exe), str(n), str(size), str(out), str(starts)]  # fmt: skip
+    d0 = task_cpu_ns(delegate_pid) if delegate_pid else 0
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, STAGE_TRACE_ENV: str(trace)}
+    )
+    d1 = task_cpu_ns(delegate_pid) if delegate_pid else 0
+    if res.returncode != 0:
+        raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
+    run = rundir.load(run_dir)
+    recs = run.calls()
+    st = np.fromfile(trace, dtype=np.int64).reshape(-1, 3)
+    if len(recs) < n or len(st) != len(recs):
+        raise TestbedError(
+            f"forwarded run left {len(recs)} records, {len(st)} stage stamps; expected {n}"
+        )
+    if run.meta["calls"]["faults"]:
+        raise TestbedError(f"{run.meta['calls']['faults']} forwarded calls faulted")
+    r, s = recs[:n], st[:n]
+    lat = bench._read_lat(out, n).astype(np.int64)
+    p0 = np.fromfile(starts, dtype="<u8").astype(np.int64)
+    t_sent, t_dec, t_rec = s[:, 0], s[:, 1], s[:, 2]
+    residence = r["d_send"] - r["d_recv"]
+    stages = {
+        "trap": r["t_trap"] - p0,
+        "marshal": r["t_send"] - r["t_trap"],
+        "send": t_sent - r["t_send"],
+        "transport": (r["t_reply"] - t_sent) - residence,
+        "delegate": residence,
+        "decode": t_dec - r["t_reply"],
+        "resume": p0 + lat - t_dec,
+        "record": t_rec - r["t_resume"],
+    }
+    count = run.meta["calls"]["count"]
+    cpu = run.meta.get("cpu") or {}
+    relay_cpu = cpu.get("relay_user_s", 0.0) + cpu.get("relay_sys_s", 0.0) if cpu else None
+    return {
+        "lat": lat,
+        "stages": stages,
+        "relay_cpu_us": relay_cpu * 1e6 / count if relay_cpu is not None else float("nan"),
+        "delegate_cpu_us": (d1 - d0) / 1e3 / count if delegate_pid else float("nan"),
+    }
+
+
+def _p50(a: np.ndarray) -> float:
+    return float(np.median(a)) / 1e3
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+def run_breakdown(endpoint: str | None, n: int, size: int, rounds: int) -> dict:
+    if rounds < 1 or n // rounds < 100:
+        raise TestbedError("--rounds must be >= 1 with at least 100 calls per round")
+    import tempfile
+
+    exe = bench.writeloop_binary()
+    trap_exe, tcp_exe = cref_binary("trapcont"), cref_binary("tcprtt")
+    with tempfile.TemporaryDirectory(prefix="testbed-breakdown-") as t:
+        tmp = Path(t)
+        if endpoint is None:
+            with bench.LocalDelegate() as d:
+                return _rounds(
+                    exe, trap_exe, tcp_exe, n // rounds, size, rounds, d.endpoint, d.proc.pid, tmp
+                )
+        return _rounds(exe, trap_exe, tcp_exe, n // rounds, size, rounds, endpoint, None, tmp)
+
+
+def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dict:
+    result_bytes = len(wire.encode_result(wire.Result(2**20, 0, 0, *(time_ns_like(),) * 4, ())))
+    per: dict[str, list] = {k: [] for k in (
+        "trap_py", "trap_c", "raw_zmq", "fwd", "raw_zmq_busy", "fwd_busy", "tcp_c", "tcp_c_busy")}  # fmt: skip
+    stages: dict[str, dict[str, list]] = {"sleep": {}, "busy": {}}
+    cpu: dict[str, dict[str, list]] = {w: {"relay": [], "delegate": []} for w in ("sleep", "busy")}
+    totals: dict[str, list] = {"sleep": [], "busy": []}
+    sync = False
+    frame_bytes = 0
+    for r in range(rounds):
+        print(f"bench: breakdown round {r + 1}/{rounds} ...", file=sys.stderr, flush=True)
+        lat, _ = bench.trap_only_lat(exe, m, size, tmp)
+        per["trap_py"].append(_p50(lat))
+        lat, sync = trap_c(trap_exe, m, size, tmp)
+        per["trap_c"].append(_p50(lat))
+        for busy, tag, key in ((False, "sleep", ""), (True, "busy", "_busy")):
+            lat, frame_bytes = bench.raw_zmq_lat(endpoint, m, size, busy)
+            per["raw_zmq" + key].append(_p50(lat))
+            f = forwarded_stages(exe, m, size, endpoint, dpid, tmp, busy)
+            per["fwd" + key].append(_p50(f["lat"]))
+            totals[tag].append(f["lat"])
+            for name, arr in f["stages"].items():
+                stages[tag].setdefault(name, []).append(arr)
+            cpu[tag]["relay"].append(f["relay_cpu_us"])
+            cpu[tag]["delegate"].append(f["delegate_cpu_us"])
+            per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
+    out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
+                 "sync_wakeup": sync, "frame_bytes": frame_bytes, "result_bytes": result_bytes,
+                 "p50_us": {k: _spread(v) for k, v in per.items()}}  # fmt: skip
+    out["targets"] = {
+        "trap_py_over_c": _spread(
+            [a / b for a, b in zip(per["trap_py"], per["trap_c"], strict=True)]
+        ),
+        "fwd_minus_zmq": _spread([a - b for a, b in zip(per["fwd"], per["raw_zmq"], strict=True)]),
+        "fwd_minus_zmq_busy": _spread(
+            [a - b for a, b in zip(per["fwd_busy"], per["raw_zmq_busy"], strict=True)]
+        ),  # fmt: skip
+        "fwd_minus_tcp": _spread([a - b for a, b in zip(per["fwd"], per["tcp_c"], strict=True)]),
+        "fwd_minus_tcp_busy": _spread(
+            [a - b for a, b in zip(per["fwd_busy"], per["tcp_c_busy"], strict=True)]
+        ),  # fmt: skip
+        "zmq_minus_tcp": _spread(
+            [a - b for a, b in zip(per["raw_zmq"], per["tcp_c"], strict=True)]
+        ),
+    }
+    out["stages"] = {}
+    for tag in ("sleep", "busy"):
+        total = np.concatenate(totals[tag]) / 1e3
+        med = {k: float(np.median(np.concatenate(v))) / 1e3 for k, v in stages[tag].items()}
+        out["stages"][tag] = {
+            "median_us": med,
+            "sum_of_medians_us": sum(med[k] for k in STAGES),
+            "round_trip_p50_us": float(np.median(total)),
+            "round_trip_p25_us": float(np.percentile(total, 25)),
+            "round_trip_p75_us": float(np.percentile(total, 75)),
+            "round_trip_p10_us": float(np.percentile(total, 10)),
+            "round_trip_p90_us": float(np.percentile(total, 90)),
+            "relay_cpu_us": _spread(cpu[tag]["relay"]),
+            "delegate_cpu_us": _spread(cpu[tag]["delegate"]),
+        }
+    return out
+
+
+def time_ns_like() -> int:
+    """A timestamp of today's magnitude (sizes the RESULT frame like a real one)."""
+    return int(1e15)
+
+
+def _fmt(s: dict, unit: str = "µs", sign: bool = False) -> str:
+    f = "+.2f" if sign else ".2f"
+    return f"{s['median']:{f}} {unit} [{s['min']:{f}} .. {s['max']:{f}}]"
+
+
+def format_breakdown(r: dict, host: dict) -> str:
+    p = r["p50_us"]
+    t = r["targets"]
+    lines = [
+        f"testbed bench --breakdown: {r['rounds']} interleaved rounds x {r['calls_per_round']} "
+        f"x write({r['size']} B) on {r['endpoint']}",
+        f"  kernel {host['kernel']}, {host['cores']} cores, {host['cpu_model']}, "
+        f"SYNC_WAKE_UP {'yes' if r['sync_wakeup'] else 'no'}; frames {r['frame_bytes']} B out, "
+        f"{r['result_bytes']} B back",
+        "  p50 per round: median [min .. max] over rounds",
+    ]
+    labels = [("trap_py", "trap-only, Python relay loop"), ("trap_c", "trap-only, C (cref/trapcont.c)"),
+              ("raw_zmq", "raw ZeroMQ round trip"), ("fwd", "full forwarded"),
+              ("raw_zmq_busy", "raw ZeroMQ, busy-polled"), ("fwd_busy", "full forwarded, --busy-poll"),
+              ("tcp_c", "raw C TCP (cref/tcprtt.c)"), ("tcp_c_busy", "raw C TCP, spinning")]  # fmt: skip
+    for key, label in labels:
+        lines.append(f"    {label:34s}{_fmt(p[key])}")
+    lines += [
+        "  targets (per-round ratio or difference, median [min .. max]):",
+        f"    trap-only Python / C              {_fmt(t['trap_py_over_c'], 'x')}   (target <= 1.5x, or p50 <= 6 µs)",
+        f"    forwarded - raw ZeroMQ, sleeping  {_fmt(t['fwd_minus_zmq'], 'µs', True)}   (target <= +15 µs)",
+        f"    forwarded - raw ZeroMQ, busy-poll {_fmt(t['fwd_minus_zmq_busy'], 'µs', True)}   (target <= +15 µs)",
+        f"    forwarded - raw C TCP, sleeping   {_fmt(t['fwd_minus_tcp'], 'µs', True)}",
+        f"    forwarded - raw C TCP, busy/spin  {_fmt(t['fwd_minus_tcp_busy'], 'µs', True)}",
+        f"    raw ZeroMQ - raw C TCP (sleeping) {_fmt(t['zmq_minus_tcp'], 'µs', True)}   (the transport's own share)",
+        "  stages of a forwarded call, median µs over all rounds (sleeping | busy-poll):",
+    ]  # fmt: skip
+    sl, bu = r["stages"]["sleep"], r["stages"]["busy"]
+    for k in (*STAGES, *OFF_PATH):
+        note = "  (after the resume: off the caller's path)" if k in OFF_PATH else ""
+        lines.append(f"    {k:12s}{sl['median_us'][k]:8.2f} | {bu['median_us'][k]:8.2f}{note}")
+    for tag, s in (("sleeping", sl), ("busy-poll", bu)):
+        lines.append(
+            f"    {tag}: stages sum {s['sum_of_medians_us']:.2f} µs, round trip p50 "
+            f"{s['round_trip_p50_us']:.2f} µs (p10..p90 {s['round_trip_p10_us']:.2f}.."
+            f"{s['round_trip_p90_us']:.2f})"
+        )
+    lines.append("  CPU per forwarded call, µs (median [min .. max] over rounds):")
+    for tag, s in (("sleeping", sl), ("busy-poll", bu)):
+        lines.append(
+            f"    {tag:10s} relay {_fmt(s['relay_cpu_us'])}, delegate {_fmt(s['delegate_cpu_us'])}"
+        )
+    return "\n".join(lines)
