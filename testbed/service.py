@@ -21,7 +21,7 @@ time-average queue length) and ``DIR/queue.bin`` (one ``QUEUE_DTYPE`` record
 per call: receipt, start and end of service, worker, queue length found on
 arrival, the drawn service time).  All times CLOCK_MONOTONIC ns.  *Service* is the whole time a
 worker is busy with a call: from taking it off the queue until its reply is
-handed back (the drawn service time plus decoding and encoding, ~0.1 ms in
+ready to hand back (the drawn service time plus decoding and encoding, ~0.1 ms in
 Python); *wait* is receipt to that start.
 
 Changelog of ``RECORD_VERSION``:
@@ -252,9 +252,11 @@ def serve_queued(d: Delegate) -> None:
                 t_start = time.monotonic_ns()
                 handler.service_slot = (t_recv, found, i)
                 reply = handler.handle(env[0], payload, t_recv)
-                push.send_multipart([*env, reply])
+                # leave the system before the reply can reach the caller: a
+                # lone caller's next call must never find this one still here
                 svc.done(i, t_start, time.monotonic_ns())
                 svc.departed()
+                push.send_multipart([*env, reply])
         finally:
             push.close()
 

@@ -474,9 +474,14 @@ def test_delegate_killed_mid_write_fails_loudly_with_eio(lab, tmp_path):
     failed = calls[calls["flags"] & rundir.F_FAULT_MASK != 0]
     assert failed.size >= 1 and (failed["ret"] == -5).all()
     assert (tmp_path / "run" / rundir.SYSCALLS_CSV).exists()
-    # every write the program saw succeed is on disk at the delegate
-    ok_bytes = int(calls[(calls["nr"] == 1) & (calls["ret"] > 0)]["ret"].sum())
-    assert (root / "big").stat().st_size == ok_bytes
+    # every write the program saw succeed is on disk at the delegate; beyond
+    # that, at most the writes that failed with EIO (sent, executed, but the
+    # delegate died before its reply reached the relay: unconfirmed, not lost)
+    writes = calls[calls["nr"] == 1]
+    ok_bytes = int(writes[writes["ret"] > 0]["ret"].sum())
+    unconfirmed = int(writes[writes["ret"] == -5]["bytes_in"].astype(np.int64).sum())
+    size = (root / "big").stat().st_size
+    assert ok_bytes <= size <= ok_bytes + unconfirmed, (size, ok_bytes, unconfirmed)
 
 
 REFUSALS = textwrap.dedent(
