@@ -15,10 +15,14 @@ fits whose f_c CI lies above 0), or else from the profile's traced wall time
 
 The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
 ``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
-endpoint, ``remote`` otherwise, and ``same-node`` for the kernel thread
-backend (the paper's mktrace baseline); ``+Dus`` is the delegate's injected
-delay; ``/offload`` marks offload-mode runs (analysis/offload.py).
-Prediction at gamma = 1 with g' = g: ``t_d = t_nd + 2 f_c sum b n``.
+endpoint, ``remote`` otherwise; kthread runs of the mktrace module
+(``testbed run --backend kmod --mode kthread``, the paper's same-node
+baseline) are ``kmod-kthread/same-node``, ``kmod-kthread-faithful/same-node``
+for the mktrace-faithful variant (``-flushcaller`` when the caller's CPU is
+flushed too); ``+Dus`` is the delegate's injected delay (the kernel thread's
+spin per leg for kthread runs); ``/offload`` marks offload-mode runs
+(analysis/offload.py).  Prediction at gamma = 1 with g' = g:
+``t_d = t_nd + 2 f_c sum b n``.
 """
 
 from __future__ import annotations
@@ -156,12 +160,14 @@ def _where(endpoint: str) -> str:
 
 def mechanism(meta: dict) -> str:
     backend = str(meta.get("backend") or "?")
-    where = "same-node" if backend == "kthread" else _where(str(meta.get("endpoint") or ""))
-    delay = (
-        (meta.get("delegate") or {}).get("delay_us")
-        if isinstance(meta.get("delegate"), dict)
-        else None
-    )
+    deleg = meta.get("delegate") if isinstance(meta.get("delegate"), dict) else {}
+    delay = deleg.get("delay_us")
+    if meta.get("mode") == "kthread":
+        from testbed.kthread import mechanism_label
+
+        label = mechanism_label(bool(deleg.get("faithful")), bool(deleg.get("flush_caller_tlb")))
+        return f"{label}+{float(delay):g}us" if delay else label
+    where = _where(str(meta.get("endpoint") or ""))
     label = f"{backend}/{where}"
     if delay:
         label += f"+{float(delay):g}us"

@@ -11,6 +11,15 @@
  * credentials, no TLB flush.  What a call costs beyond 2 * delay_ns is the
  * handoff.
  *
+ * The mktrace-faithful variant (MKTRACE_F_FAITHFUL) does what the original's
+ * HANDLE_UP/HANDLE_BOT did around each call: the thread switches to the
+ * caller's mm (kthread_use_mm) and flushes its CPU's TLB (__flush_tlb_all,
+ * global entries included) before the leg to the delegate, and after the leg
+ * back drops the mm (kthread_unuse_mm) and flushes again.  With
+ * MKTRACE_F_FLUSH_CALLER the caller also flushes its own CPU's TLB before
+ * queuing the call and after it is released.  (flush_tlb_all(), the all-CPU
+ * flush, is not exported to modules; __flush_tlb_all() is.)
+ *
  * Both sides poll before they sleep, as a shared-memory delegation channel
  * would: the thread looks for new work for poll_us after each request, the
  * caller spins for its reply for 2 * delay_ns + poll_us.  Only then do they
@@ -24,10 +33,12 @@
 #include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/list.h>
+#include <linux/mm_types.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
 #include <linux/spinlock.h>
 #include <linux/wait.h>
+#include <asm/tlbflush.h>
 
 #include "mktrace.h"
 
@@ -36,12 +47,18 @@
  * @node: entry on the delegate's queue
  * @done: completed by the delegate after the round trip
  * @delay_ns: spin per leg
+ * @mm: faithful variant: the caller's mm to borrow, else NULL (the caller
+ *	waits until @done, so its mm outlives the borrowing)
+ * @rec: the caller's record; the delegate fills in ts_taken, ts_arrive and
+ *	ts_done before completing @done
  * @taken: the delegate dequeued it (under mktrace_kd.lock)
  */
 struct mktrace_kreq {
 	struct list_head node;
 	struct completion done;
 	u64 delay_ns;
+	struct mm_struct *mm;
+	struct mktrace_krecord *rec;
 	bool taken;
 };
 
@@ -81,6 +98,35 @@ static bool mktrace_kd_poll_done(struct mktrace_kreq *r, u64 budget_ns)
 	return true;
 }
 
+/* __flush_tlb_all() flushes this CPU only and must not be preempted. */
+static void mktrace_flush_this_cpu(void)
+{
+	preempt_disable();
+	__flush_tlb_all();
+	preempt_enable();
+}
+
+/* One round trip of @r on the delegate thread; @r is gone once completed. */
+static void mktrace_kd_serve(struct mktrace_kreq *r)
+{
+	struct mktrace_krecord *rec = r->rec;
+
+	rec->ts_taken = ktime_get_ns();
+	if (r->mm) {
+		kthread_use_mm(r->mm);
+		mktrace_flush_this_cpu();
+	}
+	mktrace_spin(r->delay_ns);	/* caller -> delegate */
+	rec->ts_arrive = ktime_get_ns();
+	mktrace_spin(r->delay_ns);	/* delegate -> caller */
+	if (r->mm) {
+		kthread_unuse_mm(r->mm);
+		mktrace_flush_this_cpu();
+	}
+	rec->ts_done = ktime_get_ns();
+	complete(&r->done);
+}
+
 static struct mktrace_kreq *mktrace_kd_next(void)
 {
 	struct mktrace_kreq *r;
@@ -107,9 +153,7 @@ static int mktrace_kd_main(void *unused)
 		while (!kthread_should_stop()) {
 			r = mktrace_kd_next();
 			if (r) {
-				mktrace_spin(r->delay_ns);	/* caller -> delegate */
-				mktrace_spin(r->delay_ns);	/* delegate -> caller */
-				complete(&r->done);
+				mktrace_kd_serve(r);
 				idle_since = ktime_get_ns();
 				continue;
 			}
@@ -122,41 +166,68 @@ static int mktrace_kd_main(void *unused)
 	return 0;
 }
 
+/* Wait for the delegate; false if a fatal signal came before it took @r. */
+static bool mktrace_kd_wait(struct mktrace_kreq *r)
+{
+	bool dequeued = false;
+
+	if (mktrace_poll_ns && mktrace_kd_poll_done(r, 2 * r->delay_ns + mktrace_poll_ns))
+		return true;
+	if (!wait_for_completion_killable(&r->done))
+		return true;
+	spin_lock(&mktrace_kd.lock);
+	if (!r->taken) {
+		list_del(&r->node);
+		dequeued = true;
+	}
+	spin_unlock(&mktrace_kd.lock);
+	if (dequeued)
+		return false;
+	/* The delegate holds it: bounded by 2 * MKTRACE_MAX_DELAY_NS. */
+	wait_for_completion(&r->done);
+	return true;
+}
+
 /**
  * mktrace_kdelegate_forward() - round trip through the delegate thread
- * @delay_ns: spin per leg
+ * @cfg: the session's configuration (delay_ns, MKTRACE_F_FAITHFUL,
+ *	MKTRACE_F_FLUSH_CALLER)
+ * @rec: the call's record: ts_queued and the delegate's stamps are filled
+ *	in, and its flags
  * @v: set to "continue locally", or "return -EINTR" after a fatal signal
  *	that arrived before the delegate took the call
  */
-void mktrace_kdelegate_forward(u64 delay_ns, struct mktrace_verdict *v)
+void mktrace_kdelegate_forward(const struct mktrace_config *cfg, struct mktrace_krecord *rec,
+			       struct mktrace_verdict *v)
 {
-	struct mktrace_kreq r = { .delay_ns = delay_ns };
-	bool dequeued = false;
+	bool faithful = (cfg->flags & MKTRACE_F_FAITHFUL) && current->mm;
+	bool flush_caller = faithful && (cfg->flags & MKTRACE_F_FLUSH_CALLER);
+	struct mktrace_kreq r = {
+		.delay_ns = cfg->delay_ns,
+		.mm = faithful ? current->mm : NULL,
+		.rec = rec,
+	};
 
+	if (faithful)
+		rec->flags |= MKTRACE_KREC_FAITHFUL;
+	if (flush_caller)
+		mktrace_flush_this_cpu();
 	init_completion(&r.done);
+	rec->ts_queued = ktime_get_ns();
 	spin_lock(&mktrace_kd.lock);
 	list_add_tail(&r.node, &mktrace_kd.queue);
 	spin_unlock(&mktrace_kd.lock);
 	wake_up(&mktrace_kd.wq);
 
-	if (mktrace_poll_ns && mktrace_kd_poll_done(&r, 2 * delay_ns + mktrace_poll_ns))
-		return;
-	if (!wait_for_completion_killable(&r.done))
-		return;
-	spin_lock(&mktrace_kd.lock);
-	if (!r.taken) {
-		list_del(&r.node);
-		dequeued = true;
-	}
-	spin_unlock(&mktrace_kd.lock);
-	if (!dequeued) {
-		/* The delegate holds it: bounded by 2 * MKTRACE_MAX_DELAY_NS. */
-		wait_for_completion(&r.done);
+	if (!mktrace_kd_wait(&r)) {
+		rec->flags |= MKTRACE_KREC_RELEASED;
+		v->action = MKTRACE_REPLY_RETURN;
+		v->value = -EINTR;
+		v->released = true;
 		return;
 	}
-	v->action = MKTRACE_REPLY_RETURN;
-	v->value = -EINTR;
-	v->released = true;
+	if (flush_caller)
+		mktrace_flush_this_cpu();
 }
 
 /**

@@ -29,19 +29,43 @@ MODULE_PARM_DESC(poll_us,
 		 "kthread mode: how long the delegate and a caller poll before sleeping, in us (0: never)");
 u64 mktrace_poll_ns;
 
+/* Bounds of default_timeout_ms, the same as those of a session's timeout. */
+#define MKTRACE_MIN_TIMEOUT_MS	(MKTRACE_MIN_TIMEOUT_NS / NSEC_PER_MSEC)
+#define MKTRACE_MAX_TIMEOUT_MS	(MKTRACE_MAX_TIMEOUT_NS / NSEC_PER_MSEC)
+
+/* Checked at load time and on every write to /sys/module/mktrace/parameters/. */
+static int mktrace_set_timeout_ms(const char *val, const struct kernel_param *kp)
+{
+	unsigned int ms;
+	int err = kstrtouint(val, 0, &ms);
+
+	if (err)
+		return err;
+	if (ms < MKTRACE_MIN_TIMEOUT_MS || ms > MKTRACE_MAX_TIMEOUT_MS)
+		return -EINVAL;
+	WRITE_ONCE(*(unsigned int *)kp->arg, ms);
+	return 0;
+}
+
+static const struct kernel_param_ops mktrace_timeout_ops = {
+	.set = mktrace_set_timeout_ms,
+	.get = param_get_uint,
+};
+
 unsigned int mktrace_default_timeout_ms = 5000;
-module_param_named(default_timeout_ms, mktrace_default_timeout_ms, uint, 0644);
+module_param_cb(default_timeout_ms, &mktrace_timeout_ops, &mktrace_default_timeout_ms, 0644);
 MODULE_PARM_DESC(default_timeout_ms,
-		 "Relay-mode per-call timeout of a new session, in ms (1..3600000)");
+		 "Relay-mode per-call timeout of a new session, in ms (1..3600000, also when written later)");
+
+bool mktrace_kthread_faithful;
+module_param_named(kthread_faithful, mktrace_kthread_faithful, bool, 0644);
+MODULE_PARM_DESC(kthread_faithful,
+		 "Default of new sessions: kthread mode borrows the caller's mm and flushes the TLB on both legs, as the original mktrace (0: off)");
 
 static int __init mktrace_init(void)
 {
 	int err;
 
-	if (mktrace_default_timeout_ms < 1 || mktrace_default_timeout_ms > 3600000) {
-		pr_err("default_timeout_ms=%u is outside 1..3600000\n", mktrace_default_timeout_ms);
-		return -EINVAL;
-	}
 	if (poll_us > 1000000) {
 		pr_err("poll_us=%u is above 1000000\n", poll_us);
 		return -EINVAL;
@@ -80,4 +104,4 @@ module_exit(mktrace_exit);
 MODULE_LICENSE("GPL");
 MODULE_AUTHOR("delegation testbed");
 MODULE_DESCRIPTION("Forward chosen syscalls of a process to a delegate kthread or a relay");
-MODULE_VERSION("2.0.0");
+MODULE_VERSION("2.1.0");

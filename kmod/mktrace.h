@@ -13,7 +13,9 @@
 
 #include <linux/atomic.h>
 #include <linux/bitops.h>
+#include <linux/hashtable.h>
 #include <linux/list.h>
+#include <linux/mutex.h>
 #include <linux/pid.h>
 #include <linux/rcupdate.h>
 #include <linux/refcount.h>
@@ -24,11 +26,15 @@
 
 #include "include/uapi/mktrace.h"
 
+struct pid_namespace;
 struct pt_regs;
 struct task_struct;
 
 /* Syscall numbers the module can hook: [0, MKTRACE_NR_SYSCALLS). */
 #define MKTRACE_NR_SYSCALLS	NR_syscalls
+
+/* Buckets of the in-flight relay request table: 2^8. */
+#define MKTRACE_INFLIGHT_BITS	8
 
 /**
  * struct mktrace_kstat - per-syscall counters, updated without locks
@@ -67,15 +73,24 @@ struct mktrace_verdict {
  * @target: thread-group pid of the registered process, NULL before
  * @listed: @node is on the list of registered sessions
  * @set: forwarded syscall numbers (read locklessly by the hook)
- * @lock: protects @cfg, @dead, @next_seq, the request lists and counts
+ * @lock: protects @cfg, @dead, @next_seq, the request lists and counts,
+ *	@ns and the record ring's indices
  * @cfg: configuration, copied by each call when it is trapped
  * @dead: the file was closed: no new request is queued
  * @next_seq: sequence number of the next relay request
  * @queue: relay requests not yet read
  * @inflight: relay requests read and awaiting a reply
+ * @inflight_hash: the same requests by sequence number, for replies
  * @nqueued: entries on @queue
  * @ninflight: entries on @inflight
- * @readq: readers and pollers waiting for @queue
+ * @readq: readers and pollers waiting for @queue or for call records
+ * @ns: pid namespace of the opener (record tids), NULL once closed
+ * @read_mutex: serialises readers of the record ring
+ * @ring: kthread-mode call records for the reader (MKTRACE_KREC_RING),
+ *	allocated when the session is first set to kthread mode
+ * @ring_head: index of the oldest record in @ring
+ * @ring_len: records in @ring
+ * @dropped: records lost because @ring was full
  * @calls: forwarded calls
  * @released: calls released without a reply
  * @stats: per-syscall counters, indexed by syscall number
@@ -93,9 +108,16 @@ struct mktrace_session {
 	u64 next_seq;
 	struct list_head queue;
 	struct list_head inflight;
+	DECLARE_HASHTABLE(inflight_hash, MKTRACE_INFLIGHT_BITS);
 	unsigned int nqueued;
 	unsigned int ninflight;
 	wait_queue_head_t readq;
+	struct pid_namespace *ns;
+	struct mutex read_mutex;
+	struct mktrace_krecord *ring;
+	unsigned int ring_head;
+	unsigned int ring_len;
+	u64 dropped;
 	atomic64_t calls;
 	atomic64_t released;
 	struct mktrace_kstat stats[MKTRACE_NR_SYSCALLS];
@@ -103,6 +125,7 @@ struct mktrace_session {
 
 /* main.c */
 extern unsigned int mktrace_default_timeout_ms;
+extern bool mktrace_kthread_faithful;
 extern u64 mktrace_poll_ns;
 
 /* hook.c */
@@ -124,6 +147,9 @@ void mktrace_session_reset_stats(struct mktrace_session *s);
 void mktrace_session_status(struct mktrace_session *s, struct mktrace_status *st);
 void mktrace_forward(struct mktrace_session *s, unsigned int nr,
 		     const struct pt_regs *uregs, struct mktrace_verdict *v);
+ssize_t mktrace_session_read_records(struct mktrace_session *s, char __user *buf, size_t len,
+				     bool nonblock);
+bool mktrace_session_has_records(struct mktrace_session *s);
 
 /* relay_dev.c */
 int mktrace_dev_init(void);
@@ -137,6 +163,7 @@ void mktrace_relay_release_all(struct mktrace_session *s);
 int mktrace_kdelegate_start(int cpu);
 void mktrace_kdelegate_stop(void);
 unsigned int mktrace_kdelegate_cpu(void);
-void mktrace_kdelegate_forward(u64 delay_ns, struct mktrace_verdict *v);
+void mktrace_kdelegate_forward(const struct mktrace_config *cfg, struct mktrace_krecord *rec,
+			       struct mktrace_verdict *v);
 
 #endif /* MKTRACE_INTERNAL_H */

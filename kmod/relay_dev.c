@@ -9,6 +9,9 @@
  * struct mktrace_reply takes the request off the in-flight list and wakes
  * the caller.  Whoever takes a call off the lists does so under the session
  * lock and completes it there, so the caller's stack frame stays valid.
+ * In-flight requests are also hashed by sequence number, so a reply finds
+ * its call in O(1) however many are in flight.  In kthread mode read(2)
+ * returns the session's call records instead (session.c).
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -35,6 +38,7 @@
 /**
  * struct mktrace_call - a relay-mode call waiting for its reply
  * @node: entry on the session's queue or in-flight list
+ * @hnode: entry in the session's in-flight hash table while @sent
  * @done: completed, under the session lock, once the call is answered
  * @task: the calling task
  * @req: the request record (pid/tid are filled in when it is read)
@@ -46,6 +50,7 @@
  */
 struct mktrace_call {
 	struct list_head node;
+	struct hlist_node hnode;
 	struct completion done;
 	struct task_struct *task;
 	struct mktrace_request req;
@@ -61,10 +66,12 @@ static void mktrace_call_answer(struct mktrace_session *s, struct mktrace_call *
 				u32 action, s64 value, bool released)
 {
 	list_del(&c->node);
-	if (c->sent)
+	if (c->sent) {
+		hash_del(&c->hnode);
 		s->ninflight--;
-	else
+	} else {
 		s->nqueued--;
+	}
 	c->answered = true;
 	c->released = released;
 	c->action = action;
@@ -170,7 +177,7 @@ static struct mktrace_call *mktrace_find_inflight(struct mktrace_session *s, u64
 {
 	struct mktrace_call *c;
 
-	list_for_each_entry(c, &s->inflight, node)
+	hash_for_each_possible(s->inflight_hash, c, hnode, seq)
 		if (c->req.seq == seq)
 			return c;
 	return NULL;
@@ -182,8 +189,11 @@ static ssize_t mktrace_dev_read(struct file *f, char __user *buf, size_t len, lo
 	struct mktrace_session *s = f->private_data;
 	struct mktrace_request req;
 	struct mktrace_call *c;
+	bool requeued = false;
 	int err;
 
+	if (READ_ONCE(s->cfg.mode) == MKTRACE_MODE_KTHREAD)
+		return mktrace_session_read_records(s, buf, len, f->f_flags & O_NONBLOCK);
 	if (len < sizeof(req))
 		return -EINVAL;
 	for (;;) {
@@ -199,6 +209,7 @@ static ssize_t mktrace_dev_read(struct file *f, char __user *buf, size_t len, lo
 			return err;
 	}
 	list_move_tail(&c->node, &s->inflight);
+	hash_add(s->inflight_hash, &c->hnode, c->req.seq);
 	s->nqueued--;
 	s->ninflight++;
 	c->sent = true;
@@ -212,12 +223,17 @@ static ssize_t mktrace_dev_read(struct file *f, char __user *buf, size_t len, lo
 		spin_lock(&s->lock);
 		c = mktrace_find_inflight(s, req.seq);
 		if (c) {
+			hash_del(&c->hnode);
 			list_move(&c->node, &s->queue);
 			s->ninflight--;
 			s->nqueued++;
 			c->sent = false;
+			requeued = true;
 		}
 		spin_unlock(&s->lock);
+		/* Readable again: wake other readers and pollers (epoll included). */
+		if (requeued)
+			wake_up_interruptible_poll(&s->readq, EPOLLIN | EPOLLRDNORM);
 		return -EFAULT;
 	}
 	return sizeof(req);
@@ -267,7 +283,7 @@ static __poll_t mktrace_dev_poll(struct file *f, poll_table *pt)
 	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
 
 	poll_wait(f, &s->readq, pt);
-	if (READ_ONCE(s->nqueued))
+	if (READ_ONCE(s->nqueued) || mktrace_session_has_records(s))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	return mask;
 }

@@ -8,12 +8,20 @@
  * ftrace callback walks to decide whether a call is forwarded; a session is
  * freed after a grace period once the file is closed and the last
  * forwarded call holding a reference has returned.
+ *
+ * Only tasks with no_new_privs are ever forwarded (REGISTER requires it of
+ * the target, and children inherit it), so a traced process cannot gain
+ * privileges through a set-uid/set-gid execve while its calls are hooked.
+ * In kthread mode every forwarded call leaves a struct mktrace_krecord in the
+ * session's ring, which the launcher drains with read(2).
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/mutex.h>
+#include <linux/pid_namespace.h>
+#include <linux/poll.h>
 #include <linux/rculist.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
@@ -45,8 +53,13 @@ struct mktrace_session *mktrace_session_new(void)
 	spin_lock_init(&s->lock);
 	INIT_LIST_HEAD(&s->queue);
 	INIT_LIST_HEAD(&s->inflight);
+	hash_init(s->inflight_hash);
 	init_waitqueue_head(&s->readq);
+	mutex_init(&s->read_mutex);
+	s->ns = get_pid_ns(task_active_pid_ns(current));
 	s->cfg.mode = MKTRACE_MODE_KTHREAD;
+	if (READ_ONCE(mktrace_kthread_faithful))
+		s->cfg.flags = MKTRACE_F_FAITHFUL;
 	s->cfg.timeout_ns = (u64)mktrace_default_timeout_ms * NSEC_PER_MSEC;
 	s->cfg.release_action = MKTRACE_ACT_CONTINUE;
 	return s;
@@ -57,6 +70,7 @@ static void mktrace_session_free_rcu(struct rcu_head *rcu)
 	struct mktrace_session *s = container_of(rcu, struct mktrace_session, rcu);
 
 	put_pid(s->target);
+	kvfree(s->ring);
 	kvfree(s);
 }
 
@@ -80,6 +94,7 @@ void notrace mktrace_session_put(struct mktrace_session *s)
 void mktrace_session_close(struct mktrace_session *s)
 {
 	DECLARE_BITMAP(none, MKTRACE_MAX_SYSCALLS);
+	struct pid_namespace *ns;
 
 	bitmap_zero(none, MKTRACE_MAX_SYSCALLS);
 	mutex_lock(&mktrace_session_mutex);
@@ -93,9 +108,16 @@ void mktrace_session_close(struct mktrace_session *s)
 	mutex_unlock(&mktrace_session_mutex);
 
 	mktrace_relay_release_all(s);
+	/* Calls still returning record nothing from now on. */
+	spin_lock(&s->lock);
+	ns = s->ns;
+	s->ns = NULL;
+	spin_unlock(&s->lock);
+	put_pid_ns(ns);
 	mktrace_session_put(s);
 }
 
+/* Called under rcu_read_lock(). */
 static bool notrace mktrace_traces(struct mktrace_session *s, struct task_struct *t)
 {
 	struct pid *target = READ_ONCE(s->target);
@@ -133,6 +155,8 @@ notrace struct mktrace_session *mktrace_session_find(struct task_struct *task,
 {
 	struct mktrace_session *s, *found = NULL;
 
+	if (!task_no_new_privs(task))
+		return NULL;
 	rcu_read_lock();
 	list_for_each_entry_rcu(s, &mktrace_sessions, node) {
 		if (!test_bit(nr, s->set) || !mktrace_traces(s, task))
@@ -149,8 +173,9 @@ notrace struct mktrace_session *mktrace_session_find(struct task_struct *task,
  * mktrace_session_register() - make the calling process the session's target
  * @s: the session
  *
- * Return: 0, -EBUSY if the session already has a target or the process is
- * already traced by another session.
+ * Return: 0, -EPERM if the caller lacks no_new_privs, -EBUSY if the session
+ * already has a target or the process is already traced by another session
+ * (as its target or as a descendant of its target).
  */
 int mktrace_session_register(struct mktrace_session *s)
 {
@@ -158,17 +183,23 @@ int mktrace_session_register(struct mktrace_session *s)
 	struct mktrace_session *other;
 	int err = 0;
 
+	if (!task_no_new_privs(current))
+		return -EPERM;
 	mutex_lock(&mktrace_session_mutex);
 	if (s->target) {
 		err = -EBUSY;
 		goto out;
 	}
+	rcu_read_lock();
 	list_for_each_entry(other, &mktrace_sessions, node) {
-		if (other->target == tgid) {
+		if (mktrace_traces(other, current)) {
 			err = -EBUSY;
-			goto out;
+			break;
 		}
 	}
+	rcu_read_unlock();
+	if (err)
+		goto out;
 	WRITE_ONCE(s->target, get_pid(tgid));
 	list_add_tail_rcu(&s->node, &mktrace_sessions);
 	s->listed = true;
@@ -182,10 +213,14 @@ out:
  * @s: the session
  * @cfg: the new configuration
  *
- * Return: 0, or -EINVAL if any field is out of range.
+ * Kthread mode allocates the session's record ring on first use.
+ *
+ * Return: 0, -EINVAL if any field is out of range, -ENOMEM.
  */
 int mktrace_session_set_config(struct mktrace_session *s, const struct mktrace_config *cfg)
 {
+	struct mktrace_krecord *ring;
+
 	if (cfg->mode != MKTRACE_MODE_KTHREAD && cfg->mode != MKTRACE_MODE_RELAY)
 		return -EINVAL;
 	if (cfg->flags & ~MKTRACE_F_ALL || cfg->reserved)
@@ -196,6 +231,15 @@ int mktrace_session_set_config(struct mktrace_session *s, const struct mktrace_c
 		return -EINVAL;
 	if (cfg->release_action != MKTRACE_ACT_CONTINUE && cfg->release_action != MKTRACE_ACT_EIO)
 		return -EINVAL;
+	if ((cfg->flags & MKTRACE_F_FLUSH_CALLER) && !(cfg->flags & MKTRACE_F_FAITHFUL))
+		return -EINVAL;
+	if (cfg->mode == MKTRACE_MODE_KTHREAD && !READ_ONCE(s->ring)) {
+		ring = kvmalloc_array(MKTRACE_KREC_RING, sizeof(*ring), GFP_KERNEL);
+		if (!ring)
+			return -ENOMEM;
+		if (cmpxchg(&s->ring, NULL, ring))
+			kvfree(ring);
+	}
 	spin_lock(&s->lock);
 	s->cfg = *cfg;
 	spin_unlock(&s->lock);
@@ -315,6 +359,7 @@ void mktrace_session_status(struct mktrace_session *s, struct mktrace_status *st
 	spin_lock(&s->lock);
 	st->queued = s->nqueued;
 	st->inflight = s->ninflight;
+	st->dropped = s->dropped;
 	spin_unlock(&s->lock);
 	st->calls = atomic64_read(&s->calls);
 	st->released = atomic64_read(&s->released);
@@ -351,6 +396,8 @@ static void mktrace_stat_add(struct mktrace_session *s, unsigned int nr, u64 ns,
 	}
 }
 
+static void mktrace_record_push(struct mktrace_session *s, struct mktrace_krecord *rec);
+
 /**
  * mktrace_forward() - forward one trapped call according to the session mode
  * @s: the session tracing the caller
@@ -364,15 +411,119 @@ void mktrace_forward(struct mktrace_session *s, unsigned int nr,
 		     const struct pt_regs *uregs, struct mktrace_verdict *v)
 {
 	u64 t0 = ktime_get_ns();
+	struct mktrace_krecord rec;
 	struct mktrace_config cfg;
 
 	mktrace_session_get_config(s, &cfg);
 	v->action = MKTRACE_REPLY_CONTINUE;
 	v->value = 0;
 	v->released = false;
-	if (cfg.mode == MKTRACE_MODE_RELAY)
+	if (cfg.mode == MKTRACE_MODE_RELAY) {
 		mktrace_relay_forward(s, nr, uregs, t0, &cfg, v);
-	else
-		mktrace_kdelegate_forward(cfg.delay_ns, v);
-	mktrace_stat_add(s, nr, ktime_get_ns() - t0, v->released);
+		mktrace_stat_add(s, nr, ktime_get_ns() - t0, v->released);
+		return;
+	}
+	memset(&rec, 0, sizeof(rec));
+	rec.nr = nr;
+	rec.cpu = raw_smp_processor_id();
+	rec.ts_trap = t0;
+	mktrace_kdelegate_forward(&cfg, &rec, v);
+	rec.ts_resume = ktime_get_ns();
+	mktrace_stat_add(s, nr, rec.ts_resume - t0, v->released);
+	mktrace_record_push(s, &rec);
+}
+
+/* Append a kthread-mode record for the reader; counted as dropped if full. */
+static void mktrace_record_push(struct mktrace_session *s, struct mktrace_krecord *rec)
+{
+	bool added = false;
+
+	spin_lock(&s->lock);
+	if (s->ring && s->ns && s->ring_len < MKTRACE_KREC_RING) {
+		rec->tid = task_pid_nr_ns(current, s->ns);
+		s->ring[(s->ring_head + s->ring_len) % MKTRACE_KREC_RING] = *rec;
+		s->ring_len++;
+		added = true;
+	} else if (s->ns) {
+		s->dropped++;	/* full, or never set to kthread mode (no ring) */
+	}
+	spin_unlock(&s->lock);
+	if (added && wq_has_sleeper(&s->readq))
+		wake_up_interruptible_poll(&s->readq, EPOLLIN | EPOLLRDNORM);
+}
+
+/**
+ * mktrace_session_has_records() - whether kthread-mode records await the reader
+ * @s: the session
+ *
+ * Return: true if read(2) would return at least one record.
+ */
+bool mktrace_session_has_records(struct mktrace_session *s)
+{
+	return READ_ONCE(s->ring_len) != 0;
+}
+
+/* Records copied out per batch of mktrace_session_read_records(). */
+#define MKTRACE_READ_BATCH	64
+
+/**
+ * mktrace_session_read_records() - read(2) of a kthread-mode session
+ * @s: the session
+ * @buf: user buffer
+ * @len: its length; as many whole records as fit are returned
+ * @nonblock: return -EAGAIN instead of waiting when no record is there
+ *
+ * Records are removed only once copied out, so a fault loses none.
+ *
+ * Return: bytes copied, -EINVAL for a buffer shorter than one record,
+ * -EAGAIN, -EFAULT, or -ERESTARTSYS when a wait is interrupted.
+ */
+ssize_t mktrace_session_read_records(struct mktrace_session *s, char __user *buf, size_t len,
+				     bool nonblock)
+{
+	struct mktrace_krecord *batch;
+	size_t want = len / sizeof(*batch), done = 0;
+	unsigned int i, n;
+	ssize_t err = 0;
+
+	if (!want)
+		return -EINVAL;
+	batch = kmalloc_array(MKTRACE_READ_BATCH, sizeof(*batch), GFP_KERNEL);
+	if (!batch)
+		return -ENOMEM;
+	mutex_lock(&s->read_mutex);
+	while (!READ_ONCE(s->ring_len)) {
+		if (nonblock || READ_ONCE(s->dead)) {
+			err = -EAGAIN;
+			goto out;
+		}
+		mutex_unlock(&s->read_mutex);
+		err = wait_event_interruptible(s->readq, READ_ONCE(s->ring_len) || READ_ONCE(s->dead));
+		mutex_lock(&s->read_mutex);
+		if (err)
+			goto out;
+	}
+	while (done < want) {
+		spin_lock(&s->lock);
+		n = min_t(size_t, min_t(size_t, s->ring_len, MKTRACE_READ_BATCH), want - done);
+		for (i = 0; i < n; i++)
+			batch[i] = s->ring[(s->ring_head + i) % MKTRACE_KREC_RING];
+		spin_unlock(&s->lock);
+		if (!n)
+			break;
+		if (copy_to_user(buf + done * sizeof(*batch), batch, n * sizeof(*batch))) {
+			err = -EFAULT;
+			break;
+		}
+		/* Only this reader (read_mutex) removes records. */
+		spin_lock(&s->lock);
+		s->ring_head = (s->ring_head + n) % MKTRACE_KREC_RING;
+		s->ring_len -= n;
+		spin_unlock(&s->lock);
+		done += n;
+	}
+out:
+	mutex_unlock(&s->read_mutex);
+	kfree(batch);
+	return done ? done * sizeof(*batch) : err;
 }

@@ -153,9 +153,16 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.relay import main_run
+    from testbed.kthread import check_args
 
     args.program = _program(args)
+    check_args(args)
+    if args.mode == "kthread":
+        from testbed.kthread import main_run_kthread
+
+        return main_run_kthread(args)
+    from testbed.relay import main_run
+
     return main_run(args)
 
 
@@ -401,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  testbed run --delegate tcp://10.0.0.2:5555 --forward read,write -- gzip -c big.tar\n"
         "  testbed run --delegate tcp://127.0.0.1:5555 --policy min-freq:20% "
         "--profile runs/profile-gzip -- gzip -c big.tar\n"
+        "  testbed run --backend kmod --mode kthread --delay-us 20 --forward write "
+        "-- dd if=in of=out\n"
         "The summary on stderr gives forwarded calls, p50/p99 of rtt and overhead, and\n"
         "f_c = overhead/2; per-call records are in RUNDIR/calls.bin (docs/rundir.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -408,9 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--delegate",
         type=connect_endpoint,
-        required=True,
         metavar="ENDPOINT",
-        help="delegate endpoint, e.g. tcp://10.0.0.2:5555",
+        help="delegate endpoint, e.g. tcp://10.0.0.2:5555 (required except with --mode kthread)",
     )
     sel = p.add_mutually_exclusive_group()
     sel.add_argument(
@@ -427,10 +435,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="RUNDIR", help="native profile the policy chooses from")
     p.add_argument(
         "--mode",
-        choices=("cost", "offload"),
+        choices=("cost", "offload", "kthread"),
         default="cost",
         help="cost: acknowledge then run locally (default); offload: file I/O under "
-        "--offload-path executes at the delegate (docs/offload.md)",
+        "--offload-path executes at the delegate (docs/offload.md); kthread: hand each call "
+        "to the mktrace module's kernel thread on this node (--backend kmod, no --delegate; "
+        "the paper's same-node baseline)",
+    )
+    p.add_argument(
+        "--delay-us",
+        type=non_negative_float,
+        default=0.0,
+        metavar="D",
+        help="--mode kthread: the kernel thread spins D µs each way (default 0)",
+    )
+    p.add_argument(
+        "--faithful",
+        action="store_true",
+        help="--mode kthread: as the original mktrace, the kernel thread borrows the "
+        "caller's mm and flushes its CPU's TLB on both legs (default: the module's "
+        "kthread_faithful parameter, off)",
+    )
+    p.add_argument(
+        "--flush-caller-tlb",
+        action="store_true",
+        help="with --faithful: the caller also flushes its own CPU's TLB on both legs",
     )
     p.add_argument(
         "--offload-path",

@@ -40,8 +40,16 @@ A plan::
     delegates:                     # "local" starts one on loopback for the plan
       - local
       - {name: node3, endpoint: "tcp://10.213.47.3:5555"}
+      - kthread                    # the mktrace module's kernel thread on this node
+      - {name: kt20, kthread: {delay_us: 20, faithful: false}}
     pin: false                     # true: program, relay (and a local delegate)
                                    # on separate CPUs where there are >= 2
+
+A ``kthread`` delegate runs its cells with ``testbed run --backend kmod
+--mode kthread`` (same-node, no network); it stays in the plan when
+``--delegate`` replaces the network delegates, and on a node without the
+module (``/dev/mktrace`` missing: seccomp-only) its cells are skipped with one
+line saying so.
 
 Every forwarded cell is preceded by a native run of the same workload
 (native, forwarded, native, forwarded ...), so drift hits both alike.
@@ -162,7 +170,19 @@ class Forward:
 @dataclass(frozen=True)
 class DelegateSpec:
     name: str
-    endpoint: str  # "local" = start one on loopback
+    endpoint: str  # "local" = start one on loopback, "kthread" = the module's kernel thread
+    delay_us: float = 0.0  # kthread: spin per leg
+    faithful: bool = False  # kthread: the mktrace-faithful variant
+
+    @property
+    def kthread(self) -> bool:
+        return self.endpoint == "kthread"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "endpoint": self.endpoint}
+        if self.kthread:
+            out.update(delay_us=self.delay_us, faithful=self.faithful)
+        return out
 
 
 @dataclass
@@ -195,7 +215,7 @@ class Plan:
                     {"label": f.label, "syscalls": list(f.names), "policy": f.policy}
                     for f in self.forward
                 ],
-                "delegates": [{"name": d.name, "endpoint": d.endpoint} for d in self.delegates],
+                "delegates": [d.to_json() for d in self.delegates],
             }
             | ({"pin": True} if self.pin else {})
             | ({"offload_path": self.offload_path} if self.offload_path else {})
@@ -353,6 +373,10 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
 
     if item == "local":
         return DelegateSpec("local", "local")
+    if item == "kthread":
+        return DelegateSpec("kthread", "kthread")
+    if isinstance(item, dict) and "kthread" in item:
+        return _kthread_delegate(item, where)
     if isinstance(item, str):
         item = {"endpoint": item}
     if not isinstance(item, dict) or not isinstance(item.get("endpoint"), str):
@@ -363,6 +387,25 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
         raise PlanError(f"{where}: {exc}") from None
     name = item.get("name") or ep.split("://", 1)[1]
     return DelegateSpec(_label(str(name)), ep)
+
+
+def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
+    opts = item["kthread"]
+    if opts is True or opts is None:
+        opts = {}
+    unknown = set(item) - {"name", "kthread"}
+    if not isinstance(opts, dict) or unknown or set(opts) - {"delay_us", "faithful"}:
+        raise PlanError(f"{where}: a kthread delegate is {{name, kthread: {{delay_us, faithful}}}}")
+    try:
+        delay = float(opts.get("delay_us", 0.0))
+    except (TypeError, ValueError):
+        delay = -1.0
+    if not 0 <= delay <= 1e6:
+        raise PlanError(f"{where}: kthread delay_us must be a number in [0, 1000000]")
+    faithful = opts.get("faithful", False)
+    if not isinstance(faithful, bool):
+        raise PlanError(f"{where}: kthread faithful must be true or false")
+    return DelegateSpec(_label(str(item.get("name") or "kthread")), "kthread", delay, faithful)
 
 
 def _list(data: dict, key: str, where: str) -> list:
@@ -407,8 +450,13 @@ def parse_plan(
         for text in delegates:
             dname, sep, ep = text.partition("=")
             specs.append(_delegate({"name": dname, "endpoint": ep} if sep else text, "--delegate"))
+        # node-local kernel-thread delegates are not replaced by network ones
+        plan_specs = (_delegate(x, where) for x in data.get("delegates") or [])
+        specs += [d for d in plan_specs if d.kthread]
     else:
         specs = [_delegate(d, where) for d in _list(data, "delegates", where)]
+    if offload_path and any(d.kthread for d in specs):
+        raise PlanError(f"{where}: kthread delegates measure cost only; not with mode: offload")
     for kind, labels in (
         ("workload", [w.name for w in workloads]),
         ("forward", [f.label for f in forward]),
@@ -795,15 +843,10 @@ class Runner:
             argv = _argv(w, self.offload_input(w, cell.delegate))
         else:
             argv = _argv(w, self.input_for(w))
-        cmd = [
-            sys.executable,
-            "-m",
-            "testbed",
-            "run",
-            "--delegate",
-            self.endpoints[cell.delegate.name],
-        ]
-        if self.curve_keys and cell.delegate.endpoint != "local":
+        cmd = [sys.executable, "-m", "testbed", "run"] + _mechanism_args(
+            cell.delegate, self.endpoints[cell.delegate.name], self.plan
+        )
+        if self.curve_keys and cell.delegate.endpoint not in ("local", "kthread"):
             cmd += ["--curve-keys", self.curve_keys]
         if self.plan.offload_path:
             cmd += ["--offload-path", self.plan.offload_path]
@@ -811,15 +854,7 @@ class Runner:
             cmd += ["--policy", cell.forward.policy, "--profile", str(self.profile_for(w))]
         else:
             cmd += ["--forward", ",".join(cell.forward.names)]
-        cmd += [
-            "--mode",
-            self.plan.mode,
-            "--backend",
-            self.plan.backend,
-            "--quiet",
-            "-o",
-            str(partial),
-        ]
+        cmd += ["--quiet", "-o", str(partial)]
         if self.place.program is not None:
             cmd += ["--pin-program", cpus.format_cpus(self.place.program)]
         out = self.work / f"{w.name}.run.out"
@@ -858,6 +893,9 @@ class Runner:
             "argv": argv,
             "forward_syscalls": list(cell.forward.names) or run.meta.get("forwarded", []),
             "endpoint": self.endpoints[cell.delegate.name],
+            "repetition": cell.rep,
+            "mode": run.meta.get("mode", self.plan.mode),
+            "backend": run.meta.get("backend", self.plan.backend),
             "native_run": f"native/{cell.run_id}",
             "native_paired_wall_s": paired.get("wall_s"),
             "cpu": {
@@ -915,6 +953,23 @@ class Runner:
         return counts
 
 
+def _mechanism_args(d: DelegateSpec, endpoint: str, plan: Plan) -> list[str]:
+    """``testbed run`` options that choose the mechanism of a cell."""
+    if d.kthread:
+        args = ["--backend", "kmod", "--mode", "kthread", "--delay-us", f"{d.delay_us:g}"]
+        return args + (["--faithful"] if d.faithful else [])
+    return ["--delegate", endpoint, "--mode", plan.mode, "--backend", plan.backend]
+
+
+def kthread_unavailable() -> str | None:
+    """Why this node cannot run kthread cells, or None if it can."""
+    from testbed.interpose.kmod import DEVICE
+
+    if not os.path.exists(DEVICE):
+        return f"mktrace module not loaded ({DEVICE} missing: seccomp-only node)"
+    return None
+
+
 def _tail(text: str | None) -> str:
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -960,6 +1015,13 @@ def run_plan(
     runner = Runner(plan, results, host, work, out)
     runner.curve_keys = curve_keys
     todo = [c for c in all_cells if not runner.done(c)]
+    kthread = [d.name for d in plan.delegates if d.kthread]
+    why = kthread_unavailable() if kthread else None
+    if why:
+        n_before = len(todo)
+        todo = [c for c in todo if not c.delegate.kthread]
+        runner.say(f"experiment {plan.name}: skipping delegate(s) {', '.join(kthread)} on {host} "
+                   f"({n_before - len(todo)} runs): {why}")  # fmt: skip
     skipped = len(all_cells) - len(todo)
     runner.say(
         f"experiment {plan.name}: {len(all_cells)} runs "
@@ -977,6 +1039,9 @@ def run_plan(
             local.__enter__()
         try:
             for d in plan.delegates:
+                if d.kthread:
+                    runner.endpoints[d.name] = "kthread"
+                    continue
                 if d.endpoint == "local":
                     runner.endpoints[d.name] = local.endpoint if local else "local"
                     if local is not None and local.proc is not None:

@@ -123,6 +123,16 @@ class CallRecorder:
         if len(self._buf) >= self._chunk:
             self.flush()
 
+    def add_array(self, records: np.ndarray) -> None:
+        """Append records given as a ``CALL_DTYPE`` array (``seq`` is assigned here)."""
+        if not len(records):
+            return
+        self.flush()
+        records = np.array(records, dtype=CALL_DTYPE)
+        records["seq"] = np.arange(self.count, self.count + len(records), dtype=np.uint64)
+        self._f.write(records.tobytes())
+        self.count += len(records)
+
     def flush(self) -> None:
         """Write the buffered records with one write(2) (whole records only)."""
         if self._buf:

@@ -25,19 +25,35 @@ def runs(tmp_path_factory):
     paths = []
     for mech, fc, ep, backend in (("l", LOOP, "tcp://127.0.0.1:5555", "seccomp"),
                                   ("r", REMOTE, REMOTE_EP, "seccomp"),
-                                  ("k", 3e-6, "", "kthread")):  # fmt: skip
+                                  ("k", 3e-6, "", "kmod")):  # fmt: skip
         for i, (pol, fwd) in enumerate((("min-freq:20%", {"close": 300}),
                                         ("max-freq:20%", {"read": 4000}),
                                         ("read,write", {"read": 4000, "write": 1500}))):  # fmt: skip
             paths.append(delegated_run(base / f"{mech}{i}", ["gzip", "-k", "in"], fwd, fc, 0.9,
                                        backend=backend, endpoint=ep, policy=pol, seed=i,
+                                       mode="kthread" if mech == "k" else "cost",
                                        call_noise=0.05))  # fmt: skip
     return compare.load_runs(paths)
 
 
 def test_mechanism_labels(runs):
     _, rs = runs
-    assert {r.mechanism for r in rs} == {"seccomp/loopback", "seccomp/remote", "kthread/same-node"}
+    assert {r.mechanism for r in rs} == {
+        "seccomp/loopback",
+        "seccomp/remote",
+        "kmod-kthread/same-node",
+    }
+    kthread = {"backend": "kmod", "mode": "kthread", "endpoint": None}
+    assert compare.mechanism({**kthread, "delegate": {"delay_us": 20.0}}) == (
+        "kmod-kthread/same-node+20us"
+    )
+    assert compare.mechanism({**kthread, "delegate": {"delay_us": 0, "faithful": True}}) == (
+        "kmod-kthread-faithful/same-node"
+    )
+    both = {"delay_us": 5, "faithful": True, "flush_caller_tlb": True}
+    assert compare.mechanism({**kthread, "delegate": both}) == (
+        "kmod-kthread-faithful-flushcaller/same-node+5us"
+    )
     assert (
         compare.mechanism({"backend": "seccomp", "endpoint": "ipc:///tmp/x"}) == "seccomp/loopback"
     )
@@ -57,7 +73,7 @@ def test_fit_mechanisms_recovers_each_f_c(runs):
     for mech, fc in (
         ("seccomp/loopback", LOOP),
         ("seccomp/remote", REMOTE),
-        ("kthread/same-node", 3e-6),
+        ("kmod-kthread/same-node", 3e-6),
     ):
         row = fits.loc[mech]
         assert row["f_c_median_lo_s"] <= fc <= row["f_c_median_hi_s"]

@@ -68,6 +68,14 @@ def _write(path: Path, text: str) -> Path:
          "program 'no-such-program-xyz'"),
         ("workloads: [gzip\n", "not valid YAML"),
         ("workloads: [gzip]\nforward: [read]\ndelegates: [local]\nrepeats: 3\n", "unknown key(s) repeats"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [{name: k, kthread: {delay_us: -1}}]\n",
+         "kthread delay_us"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [{name: k, kthread: {tlb: 1}}]\n",
+         "a kthread delegate is"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [{kthread: {faithful: 2}}]\n",
+         "kthread faithful"),
+        ("mode: offload\noffload_path: /x\nworkloads: [gzip]\ndelegates: [kthread]\n",
+         "kthread delegates measure cost only"),
         ("mode: offload\nworkloads: [gzip]\ndelegates: [local]\n", "needs offload_path"),
         ("mode: offload\noffload_path: /x\nworkloads: [gzip]\nforward: [read]\ndelegates: [local]\n",
          "drop 'forward'"),
@@ -130,6 +138,52 @@ def test_check_counts_the_matrix(tmp_path):
     cells = experiment.cells(experiment.load_plan(plan))
     assert len({c.run_id for c in cells}) == 24
     assert cells[0].run_id == "gzip.read.local.r1"
+
+
+def test_kthread_delegates_are_node_local_and_kept(tmp_path):
+    plan = _write(
+        tmp_path / "p.yml",
+        "workloads: [cat]\nforward: [read]\n"
+        "delegates: [local, kthread, {name: kt20, kthread: {delay_us: 20, faithful: true}}]\n",
+    )
+    specs = experiment.load_plan(plan).delegates
+    assert [(d.name, d.kthread, d.delay_us, d.faithful) for d in specs] == [
+        ("local", False, 0.0, False),
+        ("kthread", True, 0.0, False),
+        ("kt20", True, 20.0, True),
+    ]
+    # --delegate (what experiment.yml passes) replaces the network delegates only
+    over = experiment.load_plan(plan, ["node3=tcp://10.213.47.3:5555"]).delegates
+    assert [d.name for d in over] == ["node3", "kthread", "kt20"]
+    d = over[2]
+    assert experiment._mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
+        "--backend", "kmod", "--mode", "kthread", "--delay-us", "20", "--faithful",
+    ]  # fmt: skip
+    proc = tb("experiment", str(plan), "--check", "--delegate", "n=tcp://127.0.0.1:9")
+    assert proc.returncode == 0 and proc.stdout.strip() == "plan p: valid, 3 runs", proc.stderr
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_kthread_cells_are_skipped_with_one_line_without_the_module(tmp_path):
+    if os.path.exists("/dev/mktrace"):
+        pytest.skip("the mktrace module is loaded here (the VM test covers kthread cells)")
+    plan = _write(
+        tmp_path / "plan.yml",
+        "name: kt-skip\nworkloads:\n  - {name: cat, size_mb: 0.1}\nforward: [read]\n"
+        "delegates: [local, kthread]\n",
+    )
+    results = tmp_path / "results"
+    proc = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
+    assert proc.returncode == 0, proc.stderr
+    assert "ran=1 skipped=1 failed=0" in proc.stdout
+    skip = [ln for ln in proc.stderr.splitlines() if "skipping" in ln]
+    assert skip == [
+        "experiment kt-skip: skipping delegate(s) kthread on here (1 runs): mktrace module "
+        "not loaded (/dev/mktrace missing: seccomp-only node)"
+    ]
+    assert (results / "here" / "cat.read.local.r1" / "run.json").exists()
+    assert not (results / "here" / "cat.read.kthread.r1").exists()
 
 
 @pytest.mark.root

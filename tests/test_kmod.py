@@ -6,30 +6,28 @@ backend fails with one clear line where the module is not loaded.
 
 VM tests: the module is built on the host with Kbuild against the guest
 kernel's headers (a warning fails the build test), then ONE guest boot
-(``testbed.vm.run``) runs every in-kernel check: this file is also the guest
-script (``python3 tests/test_kmod.py guest SHARE``), which writes
-``results.json`` to the results share; each test below asserts on one part of
-it.  Numbers (kthread handoff cost against the delay D, relay round trips) are
-printed and kept in ``SHARE/results.json``.
+(``testbed.vm.run``) runs every in-kernel check: ``tests/kmod_guest.py``
+(``python3 tests/kmod_guest.py SHARE`` in the guest) writes ``results.json``
+to the results share; each test below asserts on one part of it.  Numbers
+(kthread per-call cost against the delay D, default vs mktrace-faithful f_c,
+relay round trips) are printed and kept in ``SHARE/results.json``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +39,9 @@ if str(REPO) not in sys.path:  # the guest runs this file as a script
 
 from testbed.interpose import BackendError  # noqa: E402
 from testbed.interpose import kmod as K  # noqa: E402
+from tests.kmod_guest import NR_WRITE  # noqa: E402
+
+GUEST = Path(__file__).resolve().parent / "kmod_guest.py"
 
 # ---------------------------------------------------------------- C helpers
 
@@ -60,6 +61,10 @@ int main(void)
 	S(mktrace_request); F(mktrace_request, seq); F(mktrace_request, pid);
 	F(mktrace_request, tid); F(mktrace_request, nr); F(mktrace_request, flags);
 	F(mktrace_request, args); F(mktrace_request, ts_ns);
+	S(mktrace_krecord); F(mktrace_krecord, tid); F(mktrace_krecord, nr);
+	F(mktrace_krecord, flags); F(mktrace_krecord, cpu); F(mktrace_krecord, ts_trap);
+	F(mktrace_krecord, ts_queued); F(mktrace_krecord, ts_taken); F(mktrace_krecord, ts_arrive);
+	F(mktrace_krecord, ts_done); F(mktrace_krecord, ts_resume);
 	S(mktrace_reply); F(mktrace_reply, seq); F(mktrace_reply, action);
 	F(mktrace_reply, reserved); F(mktrace_reply, value);
 	S(mktrace_stat); F(mktrace_stat, count); F(mktrace_stat, total_ns);
@@ -70,8 +75,11 @@ int main(void)
 	F(mktrace_status, target_pid); F(mktrace_status, target_alive);
 	F(mktrace_status, queued); F(mktrace_status, inflight); F(mktrace_status, calls);
 	F(mktrace_status, released); F(mktrace_status, delegate_cpu); F(mktrace_status, reserved);
+	F(mktrace_status, dropped);
 	C(MKTRACE_ABI_VERSION); C(MKTRACE_MAX_SYSCALLS); C(MKTRACE_SET_WORDS);
 	C(MKTRACE_MODE_KTHREAD); C(MKTRACE_MODE_RELAY); C(MKTRACE_F_DESCENDANTS);
+	C(MKTRACE_F_FAITHFUL); C(MKTRACE_F_FLUSH_CALLER); C(MKTRACE_F_ALL);
+	C(MKTRACE_KREC_RELEASED); C(MKTRACE_KREC_FAITHFUL); C(MKTRACE_KREC_RING);
 	C(MKTRACE_ACT_CONTINUE); C(MKTRACE_ACT_EIO); C(MKTRACE_REPLY_CONTINUE);
 	C(MKTRACE_REPLY_RETURN); C(MKTRACE_MAX_DELAY_NS); C(MKTRACE_MIN_TIMEOUT_NS);
 	C(MKTRACE_MAX_TIMEOUT_NS);
@@ -146,6 +154,7 @@ CRELAY_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include "mktrace.h"
@@ -164,7 +173,7 @@ int main(int argc, char **argv)
 	pid = fork();
 	if (pid == 0) {
 		char num[16];
-		if (ioctl(fd, MKTRACE_IOC_REGISTER, 0))
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || ioctl(fd, MKTRACE_IOC_REGISTER, 0))
 			_exit(126);
 		close(fd);
 		snprintf(num, sizeof(num), "%d", n);
@@ -193,21 +202,16 @@ int main(int argc, char **argv)
 }
 """
 
-NR_READ, NR_WRITE, NR_GETPPID = 0, 1, 110
-# ~120 implemented syscalls, numbers up to 334: no 64-call limit, noreturn exit_group
-WIDE_SET = """read write open close stat fstat lstat poll lseek mmap mprotect munmap brk
-rt_sigaction rt_sigprocmask ioctl pread64 pwrite64 readv writev access pipe select
-sched_yield mremap msync mincore madvise dup dup2 nanosleep getitimer alarm setitimer
-getpid sendfile socket connect accept sendto recvfrom shutdown bind listen getsockname
-getpeername socketpair setsockopt getsockopt wait4 kill uname fcntl flock fsync fdatasync
-truncate ftruncate getdents getcwd chdir fchdir rename mkdir rmdir creat link unlink symlink
-readlink chmod fchmod chown fchown lchown umask gettimeofday getrlimit getrusage sysinfo
-times getuid getgid setuid setgid geteuid getegid getppid getpgrp setsid getgroups
-sigaltstack statfs fstatfs prctl arch_prctl gettid futex set_tid_address clock_gettime
-clock_nanosleep exit_group openat newfstatat readlinkat faccessat pselect6 ppoll
-set_robust_list prlimit64 getrandom statx getdents64 fadvise64 rseq lgetxattr getxattr
-listxattr llistxattr""".split()  # noqa: SIM905 - a readable block
-NR_UNIMPLEMENTED = 335  # a hole of the x86-64 table: sys_ni_syscall
+# euid: print the effective uid (installed set-uid in the guest)
+EUID_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void)
+{
+	printf("%d\n", (int)geteuid());
+	return 0;
+}
+"""
 
 
 def _gcc(src: str, out: Path, *flags: str) -> Path:
@@ -256,14 +260,90 @@ def test_missing_device_is_one_clear_error(tmp_path):
             K.KmodBackend(frozenset({NR_WRITE}))
         assert str(info.value) == K.NOT_LOADED
     res = subprocess.run(
-        [sys.executable, "-m", "testbed.interpose.kmod", "kthread", "--forward", "write",
-         "--device", str(tmp_path / "none"), "--", "true"],
+        [sys.executable, "-m", "testbed.interpose.kmod", "status", "--device",
+         str(tmp_path / "none")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"testbed: error: {tmp_path / 'none'} missing (see docs/kmod.md)"
     ]
+
+
+KTHREAD = ["run", "--backend", "kmod", "--mode", "kthread", "--forward", "write"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--mode", "kthread", "--forward", "write"],
+         "--mode kthread needs --backend kmod (the mktrace module's kernel thread), not seccomp"),
+        (["run", "--backend", "seccomp", "--mode", "kthread", "--forward", "write"],
+         "--mode kthread needs --backend kmod (the mktrace module's kernel thread), not seccomp"),
+        ([*KTHREAD, "--delegate", "tcp://127.0.0.1:5555"],
+         "--mode kthread forwards to the kernel thread on this node: drop --delegate"),
+        ([*KTHREAD, "--flush-caller-tlb"], "--flush-caller-tlb needs --faithful"),
+        ([*KTHREAD, "--delay-us", "1e7"], "--delay-us must be at most 1000000 (1 s per leg)"),
+        (["run", "--delegate", "tcp://127.0.0.1:5555", "--forward", "write", "--delay-us", "5"],
+         "--delay-us, --faithful and --flush-caller-tlb apply to --mode kthread only "
+         "(a delegate's delay is testbed delegate --delay-us)"),
+        (["run", "--forward", "write"],
+         "--delegate ENDPOINT is required (or --backend kmod --mode kthread)"),
+    ],
+)  # fmt: skip
+def test_kthread_run_bad_input_is_one_line(tmp_path, args, message):
+    res = subprocess.run(
+        [sys.executable, "-m", "testbed", *args, "-o", str(tmp_path / "run"), "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"testbed: error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_kthread_run_without_the_module_is_one_line(tmp_path):
+    if os.path.exists(K.DEVICE):
+        pytest.skip("the mktrace module is loaded on this machine")
+    res = subprocess.run(
+        [sys.executable, "-m", "testbed", *KTHREAD, "-o", str(tmp_path / "run"), "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"testbed: error: {K.NOT_LOADED}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_kthread_records_map_onto_the_documented_fields():
+    from testbed import kthread, rundir
+
+    rec = np.zeros(2, dtype=kthread.KRECORD_DTYPE)
+    rec["tid"], rec["nr"] = 42, 1
+    for i, f in enumerate(
+        ("ts_trap", "ts_queued", "ts_taken", "ts_arrive", "ts_done", "ts_resume")
+    ):
+        rec[f] = 1000 + 10 * i
+    rec["flags"][1] = K.KREC_RELEASED
+    calls = kthread.to_calls(rec)
+    assert calls.dtype == rundir.CALL_DTYPE
+    assert calls["t_trap"][0] == 1000 and calls["t_send"][0] == 1010
+    assert calls["d_recv"][0] == calls["d_send"][0] == 1030
+    assert calls["t_reply"][0] == 1040 and calls["t_resume"][0] == 1050
+    d = rundir.derived(calls)
+    assert d["overhead"][0] == 50 and d["residence"][0] == 0 and d["rtt"][0] == 30
+    assert calls["flags"].tolist() == [0, rundir.F_CALLER_GONE]
+    assert kthread.KRECORD_DTYPE.itemsize == ctypes.sizeof(K.KRecord)
+
+
+def test_helper_status_line_parsing():
+    assert K.parse_status(b"exec 123 0.5 0.25\n") == ((123, 0.5, 0.25), None)
+    assert K.parse_status(b"exec 5 0.0 0.0\ncannot execute x: No such file\n") == (
+        (5, 0.0, 0.0),
+        "cannot execute x: No such file",
+    )
+    assert K.parse_status(b"mktrace register failed: Operation not permitted\n") == (
+        None,
+        "mktrace register failed: Operation not permitted",
+    )
 
 
 def test_testbed_run_without_the_module_is_one_line(delegate, tmp_path):
@@ -344,6 +424,7 @@ def built(tmp_path_factory):
     bins.mkdir()
     _gcc(WRITER_C, bins / "writer", "-pthread")
     _gcc(SYSRET_C, bins / "sysret")
+    _gcc(EUID_C, bins / "euid")
     _gcc(CRELAY_C, bins / "crelay", f"-I{UAPI.parent}")
     return {"share": share, "kernel": kernel, "build_rc": proc.returncode, "log": log}
 
@@ -376,8 +457,8 @@ def guest(built):
     share = built["share"]
     t0 = time.monotonic()
     res = vm.run(
-        [sys.executable, str(Path(__file__).resolve()), "guest", str(vm.RESULTS_DIR)],
-        share=share, timeout=600, kernel=built["kernel"], cwd=str(REPO),
+        [sys.executable, str(GUEST), str(vm.RESULTS_DIR)],
+        share=share, timeout=1500, kernel=built["kernel"], cwd=str(REPO),
     )  # fmt: skip
     (share / "guest-output.txt").write_text(res.output)
     path = share / "results.json"
@@ -400,12 +481,20 @@ def _part(results: dict, name: str) -> dict:
 
 def _print_numbers(results: dict) -> None:
     k = results.get("kthread", {})
+    base = None
     for row in k.get("cost", []):
-        print(f"kthread D={row['delay_ns'] / 1000:g} us (2D = {2 * row['delay_ns'] / 1000:g} us): "
-              f"per call mean {row['mean_ns'] / 1000:.1f} us, min {row['min_ns'] / 1000:.1f} us; "
-              f"growth over D=0: mean {row['growth_ns'] / 1000:.1f} us, "
-              f"min {row['min_growth_ns'] / 1000:.1f} us; handoff (min - 2D) "
-              f"{row['min_handoff_ns'] / 1000:.1f} us")  # fmt: skip
+        base = row["min_ns"] if base is None else base
+        print(f"kthread run D={row['delay_ns'] / 1000:g} us (2D = {2 * row['delay_ns'] / 1000:g} us): "
+              f"per call min {row['min_ns'] / 1000:.1f} us, median {row['median_ns'] / 1000:.1f} us, "
+              f"mean {row['mean_ns'] / 1000:.1f} us; min growth over D=0 "
+              f"{(row['min_ns'] - base) / 1000:.1f} us; handoff (min - 2D) "
+              f"{(row['min_ns'] - 2 * row['delay_ns']) / 1000:.1f} us")  # fmt: skip
+    fth = results.get("faithful", {})
+    for mech, f in fth.get("f_c", {}).items():
+        print(f"f_c {mech}: median {f['median_us']:.1f} us [{f['median_lo_us']:.1f}, "
+              f"{f['median_hi_us']:.1f}], mean {f['mean_us']:.1f} us [{f['mean_lo_us']:.1f}, "
+              f"{f['mean_hi_us']:.1f}], min {f['min_us']:.1f} us over {f['calls']} calls "
+              f"in {f['runs']} runs")  # fmt: skip
     r = results.get("relay", {})
     if "rtt" in r:
         print(f"relay mode (mini relay): trap->resume median {r['rtt']['median_ns'] / 1000:.0f} us, "
@@ -422,7 +511,7 @@ def _print_numbers(results: dict) -> None:
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_load_unload_twice(guest):
     part = _part(guest, "load")
     assert part["cycles"] == [True, True]
@@ -444,21 +533,105 @@ def test_garbage_is_rejected(guest):
 def test_kthread_mode_output_counts_and_cost(guest):
     part = _part(guest, "kthread")
     n = part["n"]
-    for row in part["cost"]:
-        assert row["same_output"], row
-        assert row["count"] == n, row  # == the writer's real number of write(2) calls
-        assert row["released"] == 0
-        # the delegate spins D twice per call: a hard lower bound, not a timing guess
+    rows = part["cost"]
+    for row in rows:
+        assert row["same_output"] and row["exit_status"] == 0, row
+        # records == the module's count == the writer's real number of write(2) calls
+        assert row["count"] == row["module_count"] == row["syscalls_csv_n"] == n, row
+        assert row["dropped"] == 0 and row["released"] == 0
+        assert row["mode"] == "kthread" and row["stamped"] and not row["faithful"]
+        label = "kmod-kthread/same-node"
+        assert row["run_mechanism"] == label
+        assert row["mechanism"] == (
+            label + (f"+{row['delay_ns'] / 1000:g}us" if row["delay_ns"] else "")
+        )
+        assert row["wall_s"] and row["wall_s"] > 0
+        # trap <= queued < arrive < done <= resume, and each leg spins D: hard bounds
+        assert row["order_ok"]
+        assert row["min_leg_to_ns"] >= row["delay_ns"] and row["min_leg_back_ns"] >= row["delay_ns"]
         assert row["min_ns"] >= 2 * row["delay_ns"], row
+    # the minimum per-call cost grows with D (by about 2·D: printed, not asserted)
+    assert [r["delay_ns"] for r in rows] == [0, 100_000, 500_000]
+    assert rows[0]["min_ns"] < rows[1]["min_ns"] < rows[2]["min_ns"]
     assert part["dd"]["same_output"]
     assert part["dd"]["count"] == part["dd"]["blocks"]
-    assert part["threads"]["count"] == part["threads"]["expected"]
-    assert part["threads"]["lines"] == part["threads"]["expected"]
+    assert part["threads"]["count"] == part["threads"]["expected"] == part["threads"]["lines"]
+    assert part["threads"]["tids"] == 4
     assert part["descendants"] == {"with": part["descendants_expected"], "without": 0}
     assert part["other_process_untouched"] == 0
     wide = part["wide"]
     assert wide["set_size"] > 64 and wide["same_output"]
     assert wide["exit_group"] == 1 and wide["above_64"] > 0
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_faithful_variant_runs_and_is_recorded(guest):
+    part = _part(guest, "faithful")
+    n, delay = part["n"], part["delay_ns"]
+    for name, runs in part["runs"].items():
+        assert len(runs) == 3
+        for row in runs:
+            assert row["same_output"] and row["count"] == row["module_count"] == n, (name, row)
+            assert row["faithful"] == (name != "default")
+            assert row["flush_caller_tlb"] == (name == "faithful+flush-caller")
+            assert row["order_ok"] and row["min_ns"] >= 2 * delay
+    param = part["param"]
+    assert param["set_rc"] == 0 and param["reset_rc"] == 0
+    assert param["faithful"] is True and param["param"] == "Y" and param["count"] == 10
+    # analysis.compare fits each mechanism and predicts with it (t_nd from the profile)
+    fc = part["f_c"]
+    assert set(fc) == {"kmod-kthread/same-node+50us", "kmod-kthread-faithful/same-node+50us",
+                       "kmod-kthread-faithful-flushcaller/same-node+50us"}  # fmt: skip
+    for f in fc.values():
+        assert f["calls"] == 3 * n and f["min_us"] >= delay / 1000  # f_c >= D: overhead >= 2D
+    assert len(part["predicted"]) == 9
+    for row in part["predicted"]:
+        assert row["t_nd_source"] == "profile native runs (untraced)"
+        assert row["predicted_t_d_s"] > 0 and row["measured_t_d_s"] > 0
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_hardening_of_the_module(guest):
+    part = _part(guest, "hardening")
+    suid = part["setuid"]
+    assert suid["native_euid"] == "65534"  # the set-uid bit works in the guest ...
+    assert suid["traced_euid"] == "0"  # ... but gives nothing to a forwarded process
+    assert suid["forwarded_writes"] == 1
+    tp = part["timeout_param"]
+    assert set(tp["bad_writes"].values()) == {errno.EINVAL}
+    assert tp["after_bad"] == tp["before"] == "5000"
+    assert tp["ok_rc"] == 0 and tp["new_session_timeout_ns"] == 2_000_000_000
+    assert tp["restore_rc"] == 0 and tp["rmmod"] == 0
+    assert tp["bad_load_rc"] != 0 and tp["reload_rc"] == 0
+    rq = part["requeue_wakes"]
+    assert (rq["first"], rq["consumed"], rq["read_errno"]) == (1, 0, errno.EFAULT)
+    assert rq["woken"] == 1 and rq["queued_after_fault"] == 1
+    assert rq["answered"] and rq["status"] == 0 and len(rq["output"]) == 2
+    many = part["many_inflight"]
+    t = many["threads"]
+    assert many["read"] == many["inflight"] == many["pending"] == many["replied"] == t
+    assert many["replied_twice"] == 0 and many["pending_after"] == 0
+    assert many["status"] == 0 and many["lines"] == t
+    assert part["other_session_descendant"] == {"descendants": str(errno.EBUSY), "own": "0"}
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_experiment_plan_runs_kthread_delegates(guest):
+    part = _part(guest, "experiment")
+    assert part["rc"] == 0, part["stderr"]
+    assert "ran=2 skipped=0 failed=0" in part["stdout"]
+    assert part["cells"] == {
+        "cat.read.kthread.r1": {"mode": "kthread", "faithful": False, "delay_us": 0.0,
+                                "calls": part["cells"]["cat.read.kthread.r1"]["calls"],
+                                "matches_native": True},
+        "cat.read.kt50.r1": {"mode": "kthread", "faithful": True, "delay_us": 50.0,
+                             "calls": part["cells"]["cat.read.kthread.r1"]["calls"],
+                             "matches_native": True},
+    }  # fmt: skip
+    assert part["cells"]["cat.read.kthread.r1"]["calls"] > 0
 
 
 @pytest.mark.vm
@@ -517,504 +690,3 @@ def test_dmesg_has_no_warnings(guest):
     assert part["bad"] == [], "\n".join(part["bad"])
     assert part["loaded_lines"] >= 3  # three loads
     assert part["unloaded_lines"] >= 3
-
-
-# ================================================================ guest side
-#
-# Everything below runs inside the VM (python3 tests/test_kmod.py guest DIR).
-
-
-def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("stdout", subprocess.PIPE)
-    kw.setdefault("stderr", subprocess.PIPE)
-    kw.setdefault("timeout", 120)
-    return subprocess.run(cmd, **kw)
-
-
-def _wait_exit(pid: int, timeout: float) -> int | None:
-    """waitpid with a deadline (the test process is a subreaper): status or None."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got, status = os.waitpid(pid, os.WNOHANG)
-        if got:
-            return status
-        time.sleep(0.02)
-    return None
-
-
-def _become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us
-
-
-def _strace_count(argv: list[str], names: str) -> int:
-    """Independent count of the calls ``names`` of a native run (strace -f -c)."""
-    log = Path("/tmp/kmod-guest/strace.txt")  # no /dev/stderr under a bare devtmpfs
-    res = _sh(["strace", "-f", "-c", "-U", "name,calls", "-e", f"trace={names}",
-               "-o", str(log), *argv], stdout=subprocess.DEVNULL)  # fmt: skip
-    if res.returncode:
-        raise RuntimeError(f"strace failed: {res.stderr.decode()[-500:]}")
-    total = 0
-    for line in log.read_text().splitlines():
-        m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
-        if m and m.group(1) != "total":
-            total += int(m.group(2))
-    return total
-
-
-def _ioctl_errno(fd: int, req: int, arg=0) -> int:
-    try:
-        fcntl.ioctl(fd, req, arg)
-    except OSError as exc:
-        return exc.errno
-    return 0
-
-
-def _write_errno(fd: int, data: bytes) -> int:
-    try:
-        os.write(fd, data)
-    except OSError as exc:
-        return exc.errno
-    return 0
-
-
-def g_load(ko: str) -> dict:
-    cycles = []
-    for _ in range(2):
-        ins = _sh(["insmod", ko])
-        present = os.path.exists(K.DEVICE)
-        rm = _sh(["rmmod", "mktrace"])
-        cycles.append(ins.returncode == 0 and present and rm.returncode == 0)
-    ins = _sh(["insmod", ko])
-    if ins.returncode:
-        raise RuntimeError(f"insmod failed: {ins.stderr.decode()}")
-    dev = K.Device()
-    st = dev.status()
-    dev.close()
-    return {"cycles": cycles, "abi": st.abi_version, "nr_syscalls": st.nr_syscalls}
-
-
-def g_garbage() -> dict:
-    E = errno
-    fd = os.open(K.DEVICE, os.O_RDWR | os.O_NONBLOCK)
-    bad = K.Config(mode=K.MODE_RELAY, timeout_ns=10**9)
-    out: dict = {}
-    out["write_7_bytes"] = _write_errno(fd, os.urandom(7))
-    out["write_empty"] = _write_errno(fd, b"")
-    out["reply_bad_action"] = _write_errno(fd, bytes(K.Reply(seq=1, action=9)))
-    out["reply_reserved"] = _write_errno(fd, bytes(K.Reply(seq=1, action=0, reserved=1)))
-    out["reply_restart_code"] = _write_errno(fd, bytes(K.Reply(seq=1, action=1, value=-512)))
-    out["reply_unknown_seq"] = _write_errno(fd, bytes(K.Reply(seq=12345, action=0)))
-    try:
-        os.read(fd, 10)
-        out["read_short_buffer"] = 0
-    except OSError as exc:
-        out["read_short_buffer"] = exc.errno
-    try:
-        os.read(fd, 80)
-        out["read_nothing_queued"] = 0
-    except OSError as exc:
-        out["read_nothing_queued"] = exc.errno
-    for name, field, value in [("mode_0", "mode", 0), ("mode_3", "mode", 3),
-                               ("flags", "flags", 0x80), ("reserved", "reserved", 1),
-                               ("delay", "delay_ns", K.MAX_DELAY_NS + 1),
-                               ("timeout_0", "timeout_ns", 0),
-                               ("timeout_huge", "timeout_ns", K.MAX_TIMEOUT_NS + 1),
-                               ("action", "release_action", 7)]:  # fmt: skip
-        cfg = K.Config.from_buffer_copy(bytes(bad))
-        setattr(cfg, field, value)
-        out[f"config_{name}"] = _ioctl_errno(fd, K.IOC_SET_CONFIG, cfg)
-    out["config_valid"] = _ioctl_errno(fd, K.IOC_SET_CONFIG, bad)
-    out["set_past_table"] = _ioctl_errno(fd, K.IOC_SET_SYSCALLS, K._bitmap([1000]))
-    out["set_unimplemented"] = _ioctl_errno(fd, K.IOC_SET_SYSCALLS, K._bitmap([NR_UNIMPLEMENTED]))
-    out["set_bad_pointer"] = _ioctl_errno(fd, K.IOC_SET_SYSCALLS, 1)
-    out["stats_too_many"] = _ioctl_errno(fd, K.IOC_GET_STATS, K.StatsQuery(buf=0, count=5000))
-    out["stats_bad_buffer"] = _ioctl_errno(fd, K.IOC_GET_STATS, K.StatsQuery(buf=8, count=4))
-    out["register_with_arg"] = _ioctl_errno(fd, K.IOC_REGISTER, 1)
-    out["unknown_ioctl"] = _ioctl_errno(fd, K._ioc(0, 0x7F, 0))
-    out["is_pending_unknown"] = _ioctl_errno(fd, K.IOC_IS_PENDING, ctypes.c_uint64(99))
-    # a second session may not register a process another session traces
-    fd2 = os.open(K.DEVICE, os.O_RDWR)
-    out["register_first"] = _ioctl_errno(fd2, K.IOC_REGISTER)
-    out["register_again"] = _ioctl_errno(fd2, K.IOC_REGISTER)
-    out["register_other_session"] = _ioctl_errno(fd, K.IOC_REGISTER)
-    os.close(fd2)
-    # random bytes and random commands of our ioctl type: never an oops
-    rng = __import__("random").Random(4)
-    ok = True
-    for _ in range(300):
-        e = _write_errno(fd, rng.randbytes(rng.choice([1, 23, 24, 25, 48, 100, 4096])))
-        ok &= e in (E.EINVAL, E.ENOENT)
-        cmd = K._ioc(
-            rng.randrange(4), rng.choice([0, 1, 2, 3, 5, 6, 7, 8, 0x40]), rng.randrange(0, 300)
-        )
-        if cmd != K.IOC_REGISTER:
-            e = _ioctl_errno(fd, cmd, rng.choice([0, 1, 8, 4096]))
-            ok &= e in (0, E.EINVAL, E.EFAULT, E.ENOTTY, E.ENOENT)
-    os.close(fd)
-    out["fuzz_ok"] = ok
-    out["_expected"] = {
-        "write_7_bytes": E.EINVAL, "write_empty": E.EINVAL, "reply_bad_action": E.EINVAL,
-        "reply_reserved": E.EINVAL, "reply_restart_code": E.EINVAL,
-        "reply_unknown_seq": E.ENOENT, "read_short_buffer": E.EINVAL,
-        "read_nothing_queued": E.EAGAIN,
-        **{f"config_{n}": E.EINVAL for n in ("mode_0", "mode_3", "flags", "reserved", "delay",
-                                              "timeout_0", "timeout_huge", "action")},
-        "config_valid": 0, "set_past_table": E.EINVAL, "set_unimplemented": E.EINVAL,
-        "set_bad_pointer": E.EFAULT, "stats_too_many": E.EINVAL, "stats_bad_buffer": E.EFAULT,
-        "register_with_arg": E.EINVAL, "unknown_ioctl": E.ENOTTY, "is_pending_unknown": E.ENOENT,
-        "register_first": 0, "register_again": E.EBUSY, "register_other_session": E.EBUSY,
-        "fuzz_ok": True,
-    }  # fmt: skip
-    return out
-
-
-def _kthread(forward: str, delay_us: float, argv: list[str], stdout, tmp: Path,
-             descendants: bool = False) -> dict:  # fmt: skip
-    report = tmp / "kthread.json"
-    cmd = [sys.executable, "-m", "testbed.interpose.kmod", "kthread", "--forward", forward,
-           "--delay-us", str(delay_us), "--json", str(report)]  # fmt: skip
-    if descendants:
-        cmd.append("--descendants")
-    res = _sh([*cmd, "--", *argv], stdout=stdout, stderr=subprocess.PIPE, timeout=300)
-    if res.returncode:
-        raise RuntimeError(f"kthread run failed: {res.stderr.decode()}")
-    return json.loads(report.read_text())
-
-
-def g_kthread(bins: Path, tmp: Path) -> dict:
-    writer = str(bins / "writer")
-    n = 400
-    native = tmp / "native.txt"
-    with open(native, "wb") as f:
-        _sh([writer, str(n)], stdout=f)
-    cost = []
-    base = None
-    for delay_us in (0, 100, 500):
-        out = tmp / f"k{delay_us}.txt"
-        with open(out, "wb") as f:
-            rep = _kthread("write", delay_us, [writer, str(n)], f, tmp)
-        row = rep["syscalls"][0]
-        mean = row["total_ns"] / max(row["count"], 1)
-        base = (mean, row["min_ns"]) if base is None else base
-        cost.append({"delay_ns": rep["delay_ns"], "count": row["count"], "mean_ns": mean,
-                     "min_ns": row["min_ns"], "growth_ns": mean - base[0],
-                     "min_growth_ns": row["min_ns"] - base[1], "handoff_ns": row["handoff_ns"],
-                     "min_handoff_ns": row["min_handoff_ns"], "released": row["released"],
-                     "same_output": out.read_bytes() == native.read_bytes()})  # fmt: skip
-    # dd: a real program, independent count = number of blocks (status=none: no stderr)
-    data = tmp / "data.bin"
-    data.write_bytes(os.urandom(300_000))
-    dd_out = tmp / "dd.out"
-    rep = _kthread("write", 20, ["dd", f"if={data}", f"of={dd_out}", "bs=4096", "status=none"],
-                   subprocess.DEVNULL, tmp)  # fmt: skip
-    dd = {"count": rep["syscalls"][0]["count"], "blocks": -(-300_000 // 4096),
-          "same_output": dd_out.read_bytes() == data.read_bytes()}  # fmt: skip
-    # threads of the target are traced too
-    mt = tmp / "mt.txt"
-    with open(mt, "wb") as f:
-        rep = _kthread("write", 10, [writer, "50", "4"], f, tmp)
-    threads = {"count": rep["syscalls"][0]["count"], "expected": 200,
-               "lines": len(mt.read_bytes().splitlines())}  # fmt: skip
-    # descendants: the shell itself writes nothing, its children 150 times
-    script = f"{writer} 100 >/dev/null; {writer} 50 >/dev/null; exit 0"  # no exec of the last
-    desc = {}
-    for flag in (True, False):
-        rep = _kthread("write", 0, ["sh", "-c", script], subprocess.DEVNULL, tmp, descendants=flag)
-        desc["with" if flag else "without"] = rep["syscalls"][0]["count"]
-    # a wide set (well past 64 numbers, exit_group included): same output, calls counted
-    ls = ["ls", "-l", "--time-style=+", str(KMOD)]
-    native_ls = _sh(ls).stdout
-    ls_out = tmp / "ls.txt"
-    with open(ls_out, "wb") as f:
-        rep = _kthread(",".join(WIDE_SET), 0, ls, f, tmp)
-    counts = {r["syscall"]: r["count"] for r in rep["syscalls"]}
-    wide = {"set_size": len(WIDE_SET), "same_output": ls_out.read_bytes() == native_ls,
-            "exit_group": counts.get("exit_group"),
-            "above_64": sum(c for r, c in ((r["nr"], r["count"]) for r in rep["syscalls"])
-                            if r >= 64)}  # fmt: skip
-    # a process that is not the target is never forwarded, even while hooks are live
-    dev = K.Device()
-    dev.set_config("kthread")
-    dev.set_syscalls([NR_WRITE])
-    _sh([writer, "20"], stdout=subprocess.DEVNULL)
-    other = sum(s.count for s in dev.stats().values())
-    dev.close()
-    return {"n": n, "cost": cost, "dd": dd, "threads": threads, "descendants": desc,
-            "descendants_expected": 150, "other_process_untouched": other,
-            "wide": wide}  # fmt: skip
-
-
-def _mini_relay(backend: K.KmodBackend, argv: list[str], stdout, returns=None,
-                limit_s: float = 120.0) -> tuple[int, list, list]:  # fmt: skip
-    """Serve every trapped call: continue, or return returns[nr] = (value, errno)."""
-    child = backend.launch(argv, stdout=stdout)
-    traps, rtts = [], []
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        ready = select.select([backend.fileno()], [], [], 0.1)[0]
-        if ready:
-            trap = backend.receive()
-            if trap is None:
-                continue
-            traps.append(trap)
-            if returns and trap.nr in returns:
-                ok = backend.resume_return(trap, *returns[trap.nr])
-            else:
-                ok = backend.resume_continue(trap)
-            rtts.append(time.monotonic_ns() - trap.t_trap)
-            assert ok
-        elif child.poll() is not None and backend.finished():
-            break
-    return child.wait(timeout=30), traps, rtts
-
-
-def _payload(tmp: Path) -> Path:
-    """About 1 MB of compressible, deterministic text (gzip reads it in 64 KiB chunks)."""
-    path = tmp / "payload.txt"
-    if not path.exists():
-        words = [f"w{i * 7919 % 1000:03d}" for i in range(4001)]
-        lines = (" ".join(words[(12 * j + k) % 4001] for k in range(12)) for j in range(17000))
-        path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def g_relay(bins: Path, tmp: Path) -> dict:
-    sysret, writer = str(bins / "sysret"), str(bins / "writer")
-    out: dict = {}
-
-    def run(fwd, argv, returns=None):
-        b = K.KmodBackend(frozenset(fwd), timeout_s=30)
-        try:
-            res_path = tmp / "relay.out"
-            with open(res_path, "wb") as f:
-                status, traps, rtts = _mini_relay(b, argv, f, returns)
-            stats = b.stats()
-        finally:
-            b.close()
-        return status, traps, rtts, stats, res_path.read_bytes()
-
-    _s, _t, _r, _st, data = run({NR_GETPPID}, [sysret, "3"], {NR_GETPPID: (4242, 0)})
-    out["returned"] = data.decode().splitlines()
-    _s, _t, _r, _st, data = run({NR_GETPPID}, [sysret, "2"], {NR_GETPPID: (0, errno.EPERM)})
-    out["errno"] = data.decode().splitlines()
-    argv = ["gzip", "-c", "-6", str(_payload(tmp))]
-    native = _sh(argv).stdout
-    status, traps, rtts, stats, data = run({NR_READ, NR_WRITE}, argv)
-    out["gzip_same"] = status == 0 and data == native
-    fwd = [t for t in traps if t.nr in (NR_READ, NR_WRITE)]
-    out["records"] = len(fwd)
-    out["kernel_count"] = stats[NR_READ].count + stats[NR_WRITE].count
-    out["strace_count"] = _strace_count(argv, "read,write")
-    seqs = [t.id for t in traps]
-    out["records_valid"] = (
-        seqs == sorted(set(seqs))
-        and all(t.tid > 0 and t.t_trap > 0 for t in fwd)
-        and all(t.nr == NR_WRITE and t.args[0] == 1 for t in fwd if t.nr == NR_WRITE)
-    )
-    rtts_sorted = sorted(rtts)
-    out["rtt"] = {"n": len(rtts), "mean_ns": sum(rtts) / max(len(rtts), 1),
-                  "median_ns": rtts_sorted[len(rtts) // 2] if rtts else 0}  # fmt: skip
-    # the channel alone: a C relay answering 300 getppid calls of a C program
-    res = _sh([str(bins / "crelay"), K.DEVICE, "300", sysret], stdout=subprocess.PIPE)
-    count, min_ns, mean_ns = (int(x) for x in res.stdout.split()[-3:])
-    out["c_relay"] = {"status": res.returncode, "count": count, "min_ns": min_ns,
-                      "mean_ns": mean_ns}  # fmt: skip
-    status, traps, _r, _st, data = run({NR_WRITE}, [writer, "25", "4"])
-    out["threads_expected"] = 100
-    out["threads_lines"] = len(data.splitlines())
-    out["threads_records"] = sum(1 for t in traps if t.nr == NR_WRITE)
-    return out
-
-
-def g_run(tmp: Path) -> dict:
-    from testbed import rundir
-    from testbed.relay import connect
-
-    argv = ["gzip", "-c", "-6", str(_payload(tmp))]
-    native = _sh(argv).stdout
-    rdir = tmp / "run"
-    out_file = tmp / "run.out"
-    endpoint = "tcp://127.0.0.1:47391"  # the guest's own loopback
-    delegate = subprocess.Popen([sys.executable, "-m", "testbed", "delegate", "--quiet",
-                                 "--listen", endpoint])  # fmt: skip
-    try:
-        connect(endpoint, timeout_s=120)[1].close()  # Python starts slowly under TCG
-        with open(out_file, "wb") as f:
-            res = _sh([sys.executable, "-m", "testbed", "run", "--backend", "kmod", "--delegate",
-                       endpoint, "--forward", "read,write", "-o", str(rdir), "--", *argv],
-                      stdout=f, stderr=subprocess.PIPE, timeout=300)  # fmt: skip
-    finally:
-        delegate.terminate()
-        delegate.wait(timeout=30)
-    run = rundir.load(rdir)
-    calls = run.calls()
-    d = rundir.derived(calls)
-    overhead = sorted(d["overhead"].tolist())
-    rtt = sorted(x for x in d["rtt"].tolist() if x == x)
-    return {
-        "exit_status": res.returncode,
-        "stderr": res.stderr.decode()[-2000:],
-        "same_output": out_file.read_bytes() == native,
-        "backend": run.meta.get("backend"),
-        "records": len(calls),
-        "faults": run.meta["calls"]["faults"],
-        "strace_count": _strace_count(argv, "read,write"),
-        "overhead_median_ns": overhead[len(overhead) // 2] if overhead else 0,
-        "rtt_median_ns": rtt[len(rtt) // 2] if rtt else 0,
-    }
-
-
-_KILLED_RELAY = r"""
-import os, select, sys, time
-sys.path.insert(0, sys.argv[1])
-from testbed.interpose import kmod as K
-dev = K.Device()
-dev.set_config("relay", timeout_ns=30 * 10**9)
-dev.set_syscalls([110])
-out = open(sys.argv[3], "wb")
-child = K.launch_registered(dev, [sys.argv[2], "1"], stdout=out)
-while dev.status().queued == 0:
-    time.sleep(0.01)
-assert dev.read_request().nr == 110   # now in flight, never answered
-print(child.pid, flush=True)
-time.sleep(600)
-"""
-
-
-def g_faults(bins: Path, tmp: Path, ko: str) -> dict:
-    sysret = str(bins / "sysret")
-    out: dict = {}
-    # 1. the relay dies (SIGKILL) with a call in flight; rmmod meanwhile is refused
-    out_path = tmp / "killed.out"
-    relay = subprocess.Popen([sys.executable, "-c", _KILLED_RELAY, str(REPO), sysret, str(out_path)],
-                             stdout=subprocess.PIPE)  # fmt: skip
-    line = relay.stdout.readline().decode().strip()
-    victim = int(line)
-    rm = _sh(["rmmod", "mktrace"])
-    kill = {"pending_before_kill": 1 if line else 0, "rmmod_refused": rm.returncode != 0,
-            "still_loaded": os.path.exists("/sys/module/mktrace")}  # fmt: skip
-    t0 = time.monotonic()
-    relay.kill()
-    relay.wait()
-    status = _wait_exit(victim, 40)  # orphaned: we are its subreaper
-    kill["exited"] = status is not None
-    kill["seconds"] = time.monotonic() - t0
-    kill["output"] = out_path.read_text().splitlines()
-    out["relay_killed"] = kill
-
-    # 2. nobody answers: the per-call timeout releases with -EIO, or continues
-    for action, n in (("eio", 2), ("continue", 1)):
-        dev = K.Device()
-        dev.set_config("relay", timeout_ns=300_000_000, release_action=action)
-        dev.set_syscalls([NR_GETPPID])
-        res_path = tmp / f"timeout-{action}.out"
-        with open(res_path, "wb") as f:
-            child = K.launch_registered(dev, [sysret, str(n)], stdout=f)
-            child.wait(timeout=60)
-        released = sum(s.released for s in dev.stats().values())
-        dev.close()
-        out[f"timeout_{action}"] = {"output": res_path.read_text().splitlines(),
-                                    "released": released}  # fmt: skip
-
-    # 3. the traced program is SIGKILLed while blocked in a forwarded call
-    dev = K.Device()
-    dev.set_config("relay", timeout_ns=60 * 10**9)
-    dev.set_syscalls([NR_GETPPID])
-    child = K.launch_registered(dev, [sysret, "1"], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while dev.status().queued == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    child.kill()
-    try:
-        rc = child.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        rc = None
-    st = dev.status()
-    out["sigkill"] = {"exited": rc is not None, "signal": -rc if rc is not None else None,
-                      "seconds": time.monotonic() - t0, "queued_after": st.queued,
-                      "inflight_after": st.inflight,
-                      "released": sum(s.released for s in dev.stats().values())}  # fmt: skip
-    dev.close()
-
-    # 4. the relay closes with calls in flight from 4 threads, and rmmod races the
-    #    released callers still returning through module code
-    dev = K.Device()
-    dev.set_config("relay", timeout_ns=30 * 10**9)
-    dev.set_syscalls([NR_WRITE])
-    child = K.launch_registered(dev, [str(bins / "writer"), "2000", "4"], stdout=subprocess.DEVNULL)
-    served, deadline = 0, time.monotonic() + 60
-    while served < 40 and time.monotonic() < deadline:
-        if select.select([dev.fd], [], [], 0.1)[0]:
-            req = dev.read_request()
-            if req is not None and dev.reply(req.seq, K.REPLY_CONTINUE):
-                served += 1
-    while dev.status().queued + dev.status().inflight == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    pending = dev.status().queued + dev.status().inflight
-    dev.close()
-    attempts, unloaded = 0, False
-    while not unloaded and time.monotonic() < deadline:
-        attempts += 1
-        unloaded = _sh(["rmmod", "mktrace"]).returncode == 0
-    try:
-        rc = child.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        rc = None
-    out["close_race"] = {"served": served, "pending_at_close": pending, "unloaded": unloaded,
-                         "rmmod_attempts": attempts, "writer_status": rc,
-                         "reloaded": _sh(["insmod", ko]).returncode == 0}  # fmt: skip
-    return out
-
-
-def g_dmesg() -> dict:
-    text = _sh(["dmesg"]).stdout.decode(errors="replace")
-    bad_re = re.compile(r"WARNING:|BUG:|Call Trace|lockdep|circular locking|Oops|"
-                        r"general protection|blocked for more than|RCU stall|soft lockup")  # fmt: skip
-    return {
-        "bad": [ln for ln in text.splitlines() if bad_re.search(ln)],
-        "loaded_lines": len(re.findall(r"mktrace: loaded", text)),
-        "unloaded_lines": len(re.findall(r"mktrace: unloaded", text)),
-    }
-
-
-def guest_main(share: str) -> int:
-    share_p = Path(share)
-    tmp = Path("/tmp/kmod-guest")
-    tmp.mkdir(exist_ok=True)
-    bins = share_p / "bin"
-    ko = str(share_p / "build" / "mktrace.ko")
-    _become_subreaper()
-    results: dict = {}
-    steps = [
-        ("load", lambda: g_load(ko)),
-        ("garbage", g_garbage),
-        ("kthread", lambda: g_kthread(bins, tmp)),
-        ("relay", lambda: g_relay(bins, tmp)),
-        ("run", lambda: g_run(tmp)),
-        ("faults", lambda: g_faults(bins, tmp, ko)),
-    ]
-    for name, step in steps:
-        t0 = time.monotonic()
-        try:
-            results[name] = step()
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-        print(f"guest: {name} done in {time.monotonic() - t0:.1f} s", flush=True)
-        (share_p / "results.json").write_text(json.dumps(results, indent=1))
-        if name == "load" and "error" in results[name]:
-            break
-    rm = _sh(["rmmod", "mktrace"])
-    results.setdefault("faults", {})["unload"] = {"rmmod_rc": rm.returncode,
-                                                  "stderr": rm.stderr.decode()}  # fmt: skip
-    results["dmesg"] = g_dmesg()
-    (share_p / "results.json").write_text(json.dumps(results, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "guest":
-        sys.exit(guest_main(sys.argv[2]))
-    sys.exit("usage: python3 tests/test_kmod.py guest RESULTS_DIR (inside the VM)")

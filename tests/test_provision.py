@@ -233,7 +233,7 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         "name: lab-gzip\nrepetitions: 1\n"
         "workloads:\n  - {name: gzip, size_mb: 1}\n"
         "forward:\n  - read,write\n"
-        "delegates: [local]   # replaced by the inventory's delegate nodes\n"
+        "delegates: [local, kthread]   # local: replaced by the inventory's delegate nodes\n"
     )
     results = tmp / "results"
     proc, summary = provision(
@@ -243,6 +243,11 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
     assert proc.returncode == 0, proc.stderr
     assert sorted(summary["hosts"]) == ["node1", "node2", "node3"]
     assert summary["hosts"]["node3"]["changed"] == 0  # only its settings were read
+    for node in ("node1", "node2"):  # the kthread delegate stays, and is skipped: no module here
+        assert f"skipping delegate(s) kthread on {node} (1 runs): mktrace module not loaded" in (
+            proc.stdout
+        )
+        assert not (results / node / "gzip.read+write.kthread.r1").exists()
     child = _delegate_child_pid(lab3["dir"])
     runs = []
     for node in ("node1", "node2"):
@@ -407,7 +412,7 @@ def _vm_missing() -> str | None:
 
 @pytest.mark.vm
 @pytest.mark.slow
-def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path):
+def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path, monkeypatch):
     why = _vm_missing()
     if why:
         print(
@@ -452,6 +457,37 @@ def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path):
         assert again.returncode == 0, again.stderr
         assert summary2["hosts"]["guest"]["changed"] == 0
         assert "already loaded mktrace" in again.stdout
+
+        # experiment.yml runs the kthread mechanism where the kmod role loaded the module
+        _kthread_experiment_in_guest(inv, tmp_path, python, monkeypatch)
+
+
+def _kthread_experiment_in_guest(inv: Path, tmp: Path, python: str, monkeypatch) -> None:
+    repo = PLAYBOOKS.parent
+    monkeypatch.setenv("PYTHONPATH", str(repo))  # the controller's --check: this checkout
+    wrapper = tmp / "py"  # the node's Python, on this checkout (the guest shares our root)
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={repo} exec {python} "$@"\n')
+    wrapper.chmod(0o755)
+    plan = tmp / "kthread-plan.yml"
+    plan.write_text(
+        "name: guest-kthread\nworkloads:\n  - {name: cat, size_mb: 0.2}\nforward: [read]\n"
+        "delegates: [{name: kt20, kthread: {delay_us: 20}}]\n"
+    )
+    results = tmp / "kthread-results"
+    proc, summary = provision(
+        inv, "experiment.yml", tmp, "-e", f"experiment_plan={plan}",
+        "-e", f"experiment_results_dir={results}", "-e", f"experiment_python={wrapper}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert summary["hosts"]["guest"]["failed"] == 0
+    d = results / "guest" / "cat.read.kt20.r1"
+    run = rundir.load(d)
+    cell = json.loads((d / "experiment.json").read_text())
+    assert run.meta["mode"] == "kthread" and run.meta["mechanism"] == "kmod-kthread/same-node"
+    assert run.meta["delegate"]["delay_us"] == 20.0 and run.meta["kmod"]["version"]
+    calls = run.calls()
+    assert len(calls) > 0 and ((calls["t_reply"] - calls["d_send"]) >= 20_000).all()
+    assert cell["output_matches_native"] is True
 
 
 def _headers_6_1() -> Path | None:

@@ -8,13 +8,14 @@ protocol in :class:`KmodBackend`.
 
 A session is one open file of the device.  The backend opens it, sets the
 mode and the forwarded set, and launches a *fresh* helper process (a tiny
-``python -I -S`` script, :func:`helper_argv`) that inherits the file,
-registers itself as the session's target and ``exec``s the program: the relay
-process, which runs ZeroMQ threads, never forks.
+``python -I -S`` script, :func:`helper_argv`) that inherits the file, sets
+``no_new_privs`` (the module requires it), registers itself as the session's
+target and ``exec``s the program: the relay process, which runs ZeroMQ
+threads, never forks.
 
-Command line (drives kthread mode without a relay, prints per-call cost)::
+kthread-mode runs (``testbed run --backend kmod --mode kthread``) are driven
+by ``testbed.kthread``.  Command line::
 
-    python3 -m testbed.interpose.kmod kthread --forward write --delay-us 20 -- dd ...
     python3 -m testbed.interpose.kmod status
 """
 
@@ -25,7 +26,6 @@ import ctypes
 import ctypes.util
 import errno as errno_mod
 import fcntl
-import json
 import os
 import select
 import shutil
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 from testbed.errors import TestbedError
@@ -40,14 +41,25 @@ from testbed.interpose import BackendError, CallerGone, Trap, proc_times
 
 # ------------------------------------------------------------ uapi mirror
 
-ABI_VERSION = 1
+# Changelog of ABI_VERSION (kmod/include/uapi/mktrace.h):
+#   1 - first version (ftrace hooks, relay mode)
+#   2 - kthread call records (KRecord), F_FAITHFUL / F_FLUSH_CALLER,
+#       Status.dropped, REGISTER needs no_new_privs
+ABI_VERSION = 2
 DEVICE = "/dev/mktrace"
+SYSFS = "/sys/module/mktrace"
 MAX_SYSCALLS = 1024
 SET_WORDS = MAX_SYSCALLS // 64
 
 MODE_KTHREAD = 1
 MODE_RELAY = 2
 F_DESCENDANTS = 1 << 0
+F_FAITHFUL = 1 << 1
+F_FLUSH_CALLER = 1 << 2
+F_ALL = F_DESCENDANTS | F_FAITHFUL | F_FLUSH_CALLER
+KREC_RELEASED = 1 << 0
+KREC_FAITHFUL = 1 << 1
+KREC_RING = 65536
 ACT_CONTINUE = 0
 ACT_EIO = 1
 REPLY_CONTINUE = 0
@@ -88,6 +100,25 @@ class Request(ctypes.Structure):
     ]
 
 
+class KRecord(ctypes.Structure):
+    _fields_ = [
+        ("tid", u32),
+        ("nr", u32),
+        ("flags", u32),
+        ("cpu", u32),
+        ("ts_trap", u64),
+        ("ts_queued", u64),
+        ("ts_taken", u64),
+        ("ts_arrive", u64),
+        ("ts_done", u64),
+        ("ts_resume", u64),
+    ]
+
+
+#: ``KRecord`` as a numpy dtype, for reading records in bulk.
+KRECORD_FIELDS = [(name, "<u4" if ctype is u32 else "<u8") for name, ctype in KRecord._fields_]
+
+
 class Reply(ctypes.Structure):
     _fields_ = [("seq", u64), ("action", u32), ("reserved", u32), ("value", s64)]
 
@@ -118,6 +149,7 @@ class Status(ctypes.Structure):
         ("released", u64),
         ("delegate_cpu", u32),
         ("reserved", u32),
+        ("dropped", u64),
     ]
 
 
@@ -126,6 +158,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "mktrace_config": Config,
     "mktrace_syscall_set": SyscallSet,
     "mktrace_request": Request,
+    "mktrace_krecord": KRecord,
     "mktrace_reply": Reply,
     "mktrace_stat": Stat,
     "mktrace_stats_query": StatsQuery,
@@ -158,6 +191,12 @@ CONSTANTS: dict[str, int] = {
     "MKTRACE_MODE_KTHREAD": MODE_KTHREAD,
     "MKTRACE_MODE_RELAY": MODE_RELAY,
     "MKTRACE_F_DESCENDANTS": F_DESCENDANTS,
+    "MKTRACE_F_FAITHFUL": F_FAITHFUL,
+    "MKTRACE_F_FLUSH_CALLER": F_FLUSH_CALLER,
+    "MKTRACE_F_ALL": F_ALL,
+    "MKTRACE_KREC_RELEASED": KREC_RELEASED,
+    "MKTRACE_KREC_FAITHFUL": KREC_FAITHFUL,
+    "MKTRACE_KREC_RING": KREC_RING,
     "MKTRACE_ACT_CONTINUE": ACT_CONTINUE,
     "MKTRACE_ACT_EIO": ACT_EIO,
     "MKTRACE_REPLY_CONTINUE": REPLY_CONTINUE,
@@ -265,7 +304,11 @@ class Device:
         timeout_ns: int = 5_000_000_000,
         release_action: str = "continue",
         descendants: bool = False,
+        faithful: bool | None = None,
+        flush_caller: bool = False,
     ) -> None:
+        """Configure the session; ``faithful=None`` keeps the module's default
+        (parameter ``kthread_faithful``), ``flush_caller`` needs ``faithful``."""
         if mode not in MODES:
             raise BackendError(f"unknown kmod mode {mode!r} (choose kthread or relay)")
         if release_action not in RELEASE_ACTIONS:
@@ -274,9 +317,18 @@ class Device:
             raise BackendError(f"delay {delay_ns} ns outside 0-{MAX_DELAY_NS} ns")
         if not MIN_TIMEOUT_NS <= timeout_ns <= MAX_TIMEOUT_NS:
             raise BackendError("kmod timeout must be between 1 ms and 1 h")
+        if faithful is None:
+            faithful = bool(self.get_config().flags & F_FAITHFUL)
+        if flush_caller and not faithful:
+            raise BackendError("flushing the caller's TLB needs the faithful kthread variant")
+        flags = (
+            (F_DESCENDANTS if descendants else 0)
+            | (F_FAITHFUL if faithful else 0)
+            | (F_FLUSH_CALLER if flush_caller else 0)
+        )
         cfg = Config(
             mode=MODES[mode],
-            flags=F_DESCENDANTS if descendants else 0,
+            flags=flags,
             delay_ns=delay_ns,
             timeout_ns=timeout_ns,
             release_action=RELEASE_ACTIONS[release_action],
@@ -346,6 +398,13 @@ class Device:
             raise BackendError(f"mktrace: short read of {n} bytes")
         return req
 
+    def read_records(self, max_records: int = 4096) -> bytes:
+        """Drain up to ``max_records`` kthread-mode records (``KRecord`` layout), b"" if none."""
+        try:
+            return os.read(self.fd, max_records * ctypes.sizeof(KRecord))
+        except (BlockingIOError, InterruptedError):
+            return b""
+
     def reply(self, seq: int, action: int, value: int = 0) -> bool:
         """Answer request ``seq``; False if it no longer awaits a reply."""
         try:
@@ -366,10 +425,14 @@ class Device:
 
 
 # Runs in the fresh helper (``python -I -S``: no site, no project import, fast
-# start): mark the session fd close-on-exec, register, exec the program.  A
-# failure is one line on the status fd (or stderr without one), exit 126/127.
+# start): mark the session fd close-on-exec, set no_new_privs (the module
+# forwards only such tasks: no privilege gain by a set-uid execve while
+# traced), register, exec the program.  Just before registering it writes
+# "exec MONOTONIC_NS USER_S SYS_S" on the status fd (the program's start, and
+# the helper's own CPU time); a failure is one line on the status fd (or
+# stderr without one), exit 126/127.
 _HELPER = """\
-import fcntl, os, sys
+import ctypes, fcntl, os, sys, time
 fd, request, status, cpus, argv = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                    sys.argv[4], sys.argv[6:])
 os.set_inheritable(fd, False)
@@ -387,6 +450,12 @@ if "/" not in prog:  # search PATH now: after REGISTER only execve itself is tra
         if os.access(cand, os.X_OK) and not os.path.isdir(cand):
             prog = cand
             break
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
+    fail("cannot set no_new_privs: %s" % os.strerror(ctypes.get_errno()), 126)
+if status >= 0:  # before REGISTER: after it, any syscall of ours may be forwarded
+    t = os.times()
+    os.write(status, b"exec %d %r %r\\n" % (time.monotonic_ns(), t.user, t.system))
 try:
     fcntl.ioctl(fd, request)
 except OSError as exc:
@@ -434,6 +503,45 @@ def launch_registered(
     return subprocess.Popen(
         helper_argv(device.fd, argv, status_fd, cpus), env=env, pass_fds=fds, **popen
     )
+
+
+def parse_status(data: bytes) -> tuple[tuple[int, float, float] | None, str | None]:
+    """The helper's status-fd output: (exec stamp ``(ns, user_s, sys_s)`` or None, error or None)."""
+    stamp, errors = None, []
+    for line in data.decode(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "exec":
+            try:
+                stamp = (int(parts[1]), float(parts[2]), float(parts[3]))
+                continue
+            except ValueError:
+                pass
+        if line.strip():
+            errors.append(line.strip())
+    return stamp, "; ".join(errors) or None
+
+
+def module_info() -> dict:
+    """Version and parameters of the loaded module (``/sys/module/mktrace``)."""
+    info: dict = {"abi": ABI_VERSION}
+    for key in ("version", "srcversion"):
+        try:
+            info[key] = Path(SYSFS, key).read_text().strip()
+        except OSError:
+            info[key] = None
+    params = {}
+    try:
+        names = sorted(os.listdir(f"{SYSFS}/parameters"))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            value = Path(SYSFS, "parameters", name).read_text().strip()
+        except OSError:
+            continue
+        params[name] = int(value) if value.lstrip("-").isdigit() else value
+    info["parameters"] = params
+    return info
 
 
 # ------------------------------------------------------------ process memory
@@ -571,7 +679,7 @@ class KmodBackend:
         """The helper's message if the program could not be started."""
         if self._status_r < 0 or not select.select([self._status_r], [], [], 0)[0]:
             return None
-        return os.read(self._status_r, 4096).decode(errors="replace").strip() or None
+        return parse_status(os.read(self._status_r, 4096))[1]
 
     def program_started(self) -> bool:
         return not self._launching
@@ -635,66 +743,7 @@ class KmodBackend:
 # ------------------------------------------------------------ command line
 
 
-def _run_kthread(args: argparse.Namespace) -> int:
-    from testbed.syscalls import name_of, parse_set
-
-    forwarded = parse_set(args.forward)
-    delay_ns = int(args.delay_us * 1000)
-    dev = Device(args.device)
-    try:
-        dev.set_config("kthread", delay_ns=delay_ns, descendants=args.descendants)
-        dev.set_syscalls(forwarded)
-        cpus = _compute_cpus(args.cpus, dev.status().delegate_cpu)
-        t0 = time.monotonic_ns()
-        child = launch_registered(dev, args.program, cpus=cpus)
-        status = child.wait()
-        wall_ns = time.monotonic_ns() - t0
-        stats = dev.stats()
-    finally:
-        dev.close()
-    rows = []
-    for nr in sorted(forwarded):
-        st = stats.get(nr, SyscallStat(nr, 0, 0, 0, 0, 0))
-        handoff = st.mean_ns - 2 * delay_ns if st.count else 0.0
-        rows.append(
-            {
-                "syscall": name_of(nr),
-                "nr": nr,
-                "count": st.count,
-                "total_ns": st.total_ns,
-                "mean_ns": round(st.mean_ns, 1),
-                "handoff_ns": round(handoff, 1),
-                "min_ns": st.min_ns,
-                "min_handoff_ns": st.min_ns - 2 * delay_ns if st.count else 0,
-                "max_ns": st.max_ns,
-                "released": st.released,
-            }
-        )
-    report = {"exit_status": status, "delay_ns": delay_ns, "wall_ns": wall_ns, "syscalls": rows}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
-    out = sys.stderr
-    print(
-        f"mktrace kthread: delay {delay_ns} ns per leg (round trip {2 * delay_ns} ns),"
-        f" exit status {status}",
-        file=out,
-    )
-    print(
-        f"{'syscall':<14}{'count':>9}{'mean_ns':>12}{'min_ns':>12}{'max_ns':>12}"
-        f"{'handoff_ns':>12}  (handoff = mean - 2*delay)",
-        file=out,
-    )
-    for r in rows:
-        print(
-            f"{r['syscall']:<14}{r['count']:>9}{r['mean_ns']:>12.0f}{r['min_ns']:>12}"
-            f"{r['max_ns']:>12}{r['handoff_ns']:>12.0f}",
-            file=out,
-        )
-    return status if status >= 0 else 128 - status
-
-
-def _compute_cpus(spec: str, delegate_cpu: int) -> set[int] | None:
+def compute_cpus(spec: str, delegate_cpu: int) -> set[int] | None:
     """CPUs for the program: "auto" = every allowed CPU but the delegate's, "all" = no pinning."""
     allowed = os.sched_getaffinity(0)
     if spec == "all":
@@ -715,50 +764,35 @@ def _run_status(args: argparse.Namespace) -> int:
     dev = Device(args.device)
     try:
         st = dev.status()
+        cfg = dev.get_config()
     finally:
         dev.close()
+    info = module_info()
+    params = " ".join(f"{k}={v}" for k, v in info["parameters"].items())
     print(
-        f"mktrace ABI {st.abi_version}, {st.nr_syscalls} syscall numbers hookable,"
-        f" delegate thread on CPU {st.delegate_cpu}"
+        f"mktrace {info.get('version') or '?'} (ABI {st.abi_version}), {st.nr_syscalls} syscall"
+        f" numbers hookable, delegate thread on CPU {st.delegate_cpu},"
+        f" new sessions {'faithful' if cfg.flags & F_FAITHFUL else 'default'} kthread;"
+        f" parameters: {params or '?'}"
     )
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python3 -m testbed.interpose.kmod", description="Drive the mktrace module."
+        prog="python3 -m testbed.interpose.kmod",
+        description="Check the mktrace module (kthread runs: testbed run --backend kmod "
+        "--mode kthread).",
     )
     sub = p.add_subparsers(dest="verb", required=True)
-    k = sub.add_parser("kthread", help="run a program with calls forwarded to the delegate kthread")
-    k.add_argument("--forward", required=True, help="syscalls to forward, e.g. write,read")
-    k.add_argument("--delay-us", type=float, default=0.0, help="spin per leg, in µs (default 0)")
-    k.add_argument("--descendants", action="store_true", help="also trace child processes")
-    k.add_argument(
-        "--cpus",
-        default="auto",
-        help="CPUs for the program: auto (all but the delegate's, default), all, or 0,1,...",
-    )
-    k.add_argument("--device", default=DEVICE)
-    k.add_argument("--json", help="also write the statistics to this JSON file")
-    k.add_argument("program", nargs=argparse.REMAINDER)
-    s = sub.add_parser("status", help="check that the module is loaded")
+    s = sub.add_parser("status", help="check that the module is loaded; version and parameters")
     s.add_argument("--device", default=DEVICE)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    prog = list(getattr(args, "program", None) or [])
-    if prog[:1] == ["--"]:
-        prog = prog[1:]
-    args.program = prog
     try:
-        if args.verb == "kthread":
-            if not prog:
-                raise TestbedError("no program given (put it after --)")
-            if args.delay_us < 0:
-                raise TestbedError("--delay-us must be >= 0")
-            return _run_kthread(args)
         return _run_status(args)
     except TestbedError as exc:
         print(f"testbed: error: {exc}", file=sys.stderr)

@@ -15,8 +15,19 @@
  * POLLIN); the relay answers with one struct mktrace_reply written with
  * write(2).  Closing the file ends the session and releases every caller.
  *
+ * In kthread mode read(2) returns struct mktrace_krecord records instead:
+ * one per forwarded call, with the module's own timestamps.
+ *
+ * MKTRACE_IOC_REGISTER needs no_new_privs (prctl(PR_SET_NO_NEW_PRIVS)) on the
+ * calling thread, as an unprivileged seccomp filter does: a traced process
+ * never gains privileges through a set-uid/set-gid execve.
+ *
  * Changelog of MKTRACE_ABI_VERSION:
  *   1 - first version of the modernised mktrace (ftrace hooks, relay mode).
+ *   2 - kthread-mode call records (struct mktrace_krecord, read(2)),
+ *       MKTRACE_F_FAITHFUL / MKTRACE_F_FLUSH_CALLER, mktrace_status.dropped,
+ *       REGISTER requires no_new_privs and refuses a process another session
+ *       traces as a descendant.
  */
 #ifndef _UAPI_MKTRACE_H
 #define _UAPI_MKTRACE_H
@@ -24,7 +35,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define MKTRACE_ABI_VERSION	1
+#define MKTRACE_ABI_VERSION	2
 #define MKTRACE_DEVICE		"/dev/mktrace"
 
 /* Syscall numbers 0 .. MKTRACE_MAX_SYSCALLS-1 fit in a set. */
@@ -37,7 +48,19 @@
 
 /* struct mktrace_config.flags */
 #define MKTRACE_F_DESCENDANTS	(1U << 0)	/* also trace the target's descendants */
-#define MKTRACE_F_ALL		(MKTRACE_F_DESCENDANTS)
+/* kthread mode, as the original mktrace: the delegate thread borrows the
+ * caller's mm (kthread_use_mm) for the round trip and flushes its CPU's TLB
+ * (__flush_tlb_all) on both legs */
+#define MKTRACE_F_FAITHFUL	(1U << 1)
+/* with MKTRACE_F_FAITHFUL: the caller also flushes its own CPU's TLB before
+ * the hand-off and after it is released */
+#define MKTRACE_F_FLUSH_CALLER	(1U << 2)
+#define MKTRACE_F_ALL		(MKTRACE_F_DESCENDANTS | MKTRACE_F_FAITHFUL | \
+				 MKTRACE_F_FLUSH_CALLER)
+
+/* struct mktrace_krecord.flags */
+#define MKTRACE_KREC_RELEASED	(1U << 0)	/* fatal signal before the delegate took it */
+#define MKTRACE_KREC_FAITHFUL	(1U << 1)	/* the faithful variant handled it */
 
 /* struct mktrace_config.release_action: a call released without a reply */
 #define MKTRACE_ACT_CONTINUE	0	/* run the original handler locally */
@@ -101,6 +124,40 @@ struct mktrace_request {
 };
 
 /**
+ * struct mktrace_krecord - one kthread-mode call, read(2) from the device
+ * @tid: calling thread in the pid namespace of the process that opened
+ *	the device
+ * @nr: x86-64 system call number
+ * @flags: MKTRACE_KREC_* bits
+ * @cpu: CPU the caller trapped on
+ * @ts_trap: the call was trapped
+ * @ts_queued: it was queued for the delegate thread
+ * @ts_taken: the delegate thread took it (start of the leg to the delegate)
+ * @ts_arrive: end of the leg to the delegate (ts_taken + delay)
+ * @ts_done: end of the leg back: the delegate completed it
+ * @ts_resume: the caller was released and runs the original handler
+ *
+ * Timestamps are CLOCK_MONOTONIC ns; 0 means "not reached".  The session
+ * keeps up to MKTRACE_KREC_RING records for the reader; a record that does
+ * not fit is counted in mktrace_status.dropped.
+ */
+struct mktrace_krecord {
+	__u32 tid;
+	__u32 nr;
+	__u32 flags;
+	__u32 cpu;
+	__u64 ts_trap;
+	__u64 ts_queued;
+	__u64 ts_taken;
+	__u64 ts_arrive;
+	__u64 ts_done;
+	__u64 ts_resume;
+};
+
+/* Records a session buffers for its reader (kthread mode). */
+#define MKTRACE_KREC_RING	65536
+
+/**
  * struct mktrace_reply - the relay's answer, write(2) to the device
  * @seq: sequence number of the request answered
  * @action: MKTRACE_REPLY_CONTINUE or MKTRACE_REPLY_RETURN
@@ -158,6 +215,7 @@ struct mktrace_stats_query {
  * @released: calls released without a reply
  * @delegate_cpu: CPU the kthread-mode delegate thread is pinned to
  * @reserved: zero
+ * @dropped: kthread mode: call records lost because the reader lagged
  */
 struct mktrace_status {
 	__u32 abi_version;
@@ -170,6 +228,7 @@ struct mktrace_status {
 	__u64 released;
 	__u32 delegate_cpu;
 	__u32 reserved;
+	__u64 dropped;
 };
 
 #define MKTRACE_IOC_MAGIC	0xB7
