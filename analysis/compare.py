@@ -80,14 +80,11 @@ def run_key(meta: dict, cell: dict) -> str:
     return f"{identity(meta, cell)} @ {host}" if host else identity(meta, cell)
 
 
-@dataclass
-class DelegatedRun:
-    """A delegated run directory, with the numbers the comparisons need."""
+class _Identified:
+    """Key, workload identity and host of a run, from its run.json and experiment cell."""
 
-    path: Path
     meta: dict
-    calls: np.ndarray = field(repr=False)
-    cell: dict = field(default_factory=dict)
+    cell: dict
 
     @property
     def key(self) -> str:
@@ -100,6 +97,16 @@ class DelegatedRun:
     @property
     def host(self) -> str:
         return host_of(self.meta, self.cell)
+
+
+@dataclass
+class DelegatedRun(_Identified):
+    """A delegated run directory, with the numbers the comparisons need."""
+
+    path: Path
+    meta: dict
+    calls: np.ndarray = field(repr=False)
+    cell: dict = field(default_factory=dict)
 
     @property
     def gamma(self) -> int | None:
@@ -177,24 +184,12 @@ def mechanism(meta: dict) -> str:
 
 
 @dataclass
-class NativeRun:
+class NativeRun(_Identified):
     """A measured native run (``kind = "native"``, written by ``testbed experiment``)."""
 
     path: Path
     meta: dict
     cell: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return run_key(self.meta, self.cell)
-
-    @property
-    def workload(self) -> str:
-        return identity(self.meta, self.cell)
-
-    @property
-    def host(self) -> str:
-        return host_of(self.meta, self.cell)
 
     @property
     def wall(self) -> float:
