@@ -133,7 +133,7 @@ FAKE_RELAY = """
 import os, subprocess, sys, time
 r, w = os.pipe()
 p = subprocess.Popen([sys.executable, "-m", "testbed.interpose._launch", str(w),
-                      str(os.getpid()), "1", "sleep", "1000"], pass_fds=(w,))
+                      str(os.getpid()), "-", "1", "sleep", "1000"], pass_fds=(w,))
 print(p.pid, flush=True)
 time.sleep(120)
 """
@@ -571,8 +571,8 @@ def test_delegate_of_another_wire_version_is_one_clear_line(ctx, tmp_path):
 BACKGROUND_WRITER = "(while :; do echo x >> {f}; sleep 0.01; done) & echo started; wait"
 
 
-def _run_cgroups() -> set[str]:
-    """Every testbed-run-* cgroup directory under the cgroup v2 mount."""
+def _run_cgroups(relay_pid: int) -> set[str]:
+    """The cgroup directories of relay ``relay_pid``'s runs under the cgroup v2 mount."""
     from testbed.interpose.orphans import _cgroup2_mount
 
     mount = _cgroup2_mount()
@@ -580,7 +580,9 @@ def _run_cgroups() -> set[str]:
         return set()
     found = set()
     for dirpath, dirnames, _files in os.walk(mount):
-        found.update(os.path.join(dirpath, d) for d in dirnames if d.startswith("testbed-run-"))
+        found.update(
+            os.path.join(dirpath, d) for d in dirnames if d.startswith(f"testbed-run-{relay_pid}-")
+        )
     return found
 
 
@@ -598,7 +600,6 @@ def test_sigkilled_relay_takes_the_programs_children_with_it(delegate, tmp_path)
     so a background child of the program kept running with every forwarded
     call failing (ENOSYS) after its relay was SIGKILLed."""
     _needs_cgroup_guard()
-    before = _run_cgroups()
     out, log = tmp_path / "r", tmp_path / "log"
     relay = subprocess.Popen(
         tb_argv("run", "--delegate", delegate.endpoint, "--forward", "write", "-o", str(out),
@@ -606,6 +607,7 @@ def test_sigkilled_relay_takes_the_programs_children_with_it(delegate, tmp_path)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert relay.stdout.readline() == b"started\n"
+    assert len(_run_cgroups(relay.pid)) == 1  # the run has its cgroup
     deadline = time.monotonic() + 10
     while (not log.exists() or log.stat().st_size < 20) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -620,9 +622,9 @@ def test_sigkilled_relay_takes_the_programs_children_with_it(delegate, tmp_path)
         left = [p for p in procs if not _wait_gone(p, 10)]
         assert not left, f"processes of the run outlived their relay: {left}"
         deadline = time.monotonic() + 10
-        while _run_cgroups() - before and time.monotonic() < deadline:
+        while _run_cgroups(relay.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _run_cgroups() - before, "the run's cgroup was left behind"
+        assert not _run_cgroups(relay.pid), "the run's cgroup was left behind"
     finally:
         for p in procs:
             _kill_quietly(p)
@@ -639,18 +641,19 @@ def test_clean_run_leaves_a_descendant_outliving_the_program_alone(delegate, tmp
     descendant that outlives the program keeps running (docs/seccomp.md), and
     the run's cgroup goes once it has ended."""
     _needs_cgroup_guard()
-    before = _run_cgroups()
     out, log = tmp_path / "r", tmp_path / "log"
     # waits on a FIFO (reads are not forwarded) until the test releases it, well after
     # the relay's 10 s linger; ": >" creates the file without a (forwarded) write
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     prog = f"(read x < {fifo}; : > {log}) >/dev/null 2>&1 & echo $!"
-    res = subprocess.run(
+    relay = subprocess.Popen(
         tb_argv("run", "--delegate", delegate.endpoint, "--forward", "write", "-o", str(out),
                 "--", "sh", "-c", prog),
-        capture_output=True, timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    res = subprocess.CompletedProcess(relay.args, 0, *relay.communicate(timeout=120))
+    res.returncode = relay.returncode
     assert res.returncode == 0, res.stderr
     assert b"descendants of the program still run" in res.stderr, res.stderr
     child = int(res.stdout.split()[0])
@@ -663,8 +666,8 @@ def test_clean_run_leaves_a_descendant_outliving_the_program_alone(delegate, tmp
         run = rundir.load(out)
         assert run.complete and run.meta["orphan_guard"] == "cgroup"  # the guard was on
         deadline = time.monotonic() + 10
-        while _run_cgroups() - before and time.monotonic() < deadline:
+        while _run_cgroups(relay.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _run_cgroups() - before, "the run's cgroup was left behind"
+        assert not _run_cgroups(relay.pid), "the run's cgroup was left behind"
     finally:
         _kill_quietly(child)
