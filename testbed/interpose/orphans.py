@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import subprocess
 import sys
 
 CLEAN = b"c"
 KILL_WAIT_S = 10.0
 CLEAN_WAIT_S = 86400.0
+READY_S = 10.0
 _counter = itertools.count()
 _sentinels: list[subprocess.Popen] = []  # reaped when the next guard starts
 
@@ -36,6 +38,8 @@ import os, signal, sys, time
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
     signal.signal(s, signal.SIG_IGN)
 cg, fd, kill_wait, clean_wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+os.write(1, b"r")  # ready: the relay starts the program only now (no start-up overlap)
+os.close(1)
 data = b""
 while True:
     try:
@@ -138,11 +142,20 @@ class OrphanGuard:
                 [sys.executable, "-I", "-S", "-c", SENTINEL, path, str(r), str(KILL_WAIT_S),
                  str(CLEAN_WAIT_S)],
                 pass_fds=(r,), start_new_session=True, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             )  # fmt: skip
+            ready = select.select([self._sentinel.stdout], [], [], READY_S)[0]
+            ok = bool(ready) and os.read(self._sentinel.stdout.fileno(), 1) == b"r"
+            self._sentinel.stdout.close()
+            if not ok:
+                raise OSError(0, f"not ready within {READY_S} s")
         except OSError as exc:
-            os.close(w)
-            os.rmdir(path)
+            os.close(w)  # a started sentinel reads EOF, kills nothing and removes the cgroup
+            if self._sentinel is None:
+                os.rmdir(path)
+            else:
+                _sentinels.append(self._sentinel)
+                self._sentinel = None
             self.reason = f"cannot start the sentinel: {exc.strerror}"
             return
         finally:
