@@ -563,6 +563,9 @@ def main_run(args) -> int:
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(args.program)
+        if getattr(backend, "orphan_guard", None):  # known once launched
+            meta["orphan_guard"] = backend.orphan_guard
+            rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
         if getattr(args, "pin_program", None):
             os.sched_setaffinity(child.pid, args.pin_program)
         program_cpus = cpus.affinity(child.pid)
@@ -578,6 +581,7 @@ def main_run(args) -> int:
         if child is not None and status is None:  # the relay failed: do not leave it running
             child.kill()
             child.wait()
+            getattr(backend, "kill_descendants", lambda: None)()
         recorder.close()
         backend.close()
         sock.close()
@@ -623,6 +627,7 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
         "sys_s": max(0.0, rusage.ru_stime - start_sys) if rusage else None,
         "backend": backend.name,
         "sync_wakeup": getattr(backend, "sync_wakeup", None),
+        "orphan_guard": getattr(backend, "orphan_guard", None),
         "mode": args.mode,
         "policy": getattr(args, "policy", None),
         "profile": str(args.profile) if getattr(args, "profile", None) else None,

@@ -63,6 +63,26 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def _descendants(pid: int, depth: int = 99) -> list[int]:
+    """Processes below ``pid`` (``depth`` levels), without the orphan guard's
+    sentinel (the relay's only child that leads its own session)."""
+    out, todo = [], [(pid, 0)]
+    while todo:
+        p, d = todo.pop()
+        if d >= depth:
+            continue
+        kids = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout
+        for k in map(int, kids.split()):
+            try:
+                if os.getsid(k) == k:
+                    continue  # the sentinel
+            except ProcessLookupError:
+                continue
+            out.append(k)
+            todo.append((k, d + 1))
+    return out
+
+
 def _kill_quietly(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -113,7 +133,7 @@ FAKE_RELAY = """
 import os, subprocess, sys, time
 r, w = os.pipe()
 p = subprocess.Popen([sys.executable, "-m", "testbed.interpose._launch", str(w),
-                      str(os.getpid()), "1", "sleep", "1000"], pass_fds=(w,))
+                      str(os.getpid()), "-", "1", "sleep", "1000"], pass_fds=(w,))
 print(p.pid, flush=True)
 time.sleep(120)
 """
@@ -316,8 +336,7 @@ def test_sigkilled_relay_leaves_a_loadable_run_and_no_program(delegate, tmp_path
     )  # fmt: skip
     first = relay.stdout.readline()  # the program runs and its writes are forwarded
     assert first == b"0\n"
-    program = [int(p) for p in subprocess.run(["pgrep", "-P", str(relay.pid)],
-                                               capture_output=True, text=True).stdout.split()]  # fmt: skip
+    program = _descendants(relay.pid, depth=1)
     assert len(program) == 1
     time.sleep(2.0)  # > FLUSH_NS: records must be on disk by now
     relay.send_signal(signal.SIGKILL)
@@ -553,3 +572,108 @@ def test_delegate_of_another_wire_version_is_one_clear_line(ctx, tmp_path):
     lines = res.stderr.decode().strip().splitlines()
     assert res.returncode != 0
     assert len(lines) == 1 and "answered in another wire protocol version" in lines[0], lines
+
+
+BACKGROUND_WRITER = "(while :; do echo x >> {f}; sleep 0.01; done) & echo started; wait"
+
+
+def _run_cgroups(relay_pid: int) -> set[str]:
+    """The cgroup directories of relay ``relay_pid``'s runs under the cgroup v2 mount."""
+    from testbed.interpose.orphans import _cgroup2_mount
+
+    mount = _cgroup2_mount()
+    if mount is None:
+        return set()
+    found = set()
+    for dirpath, dirnames, _files in os.walk(mount):
+        found.update(
+            os.path.join(dirpath, d) for d in dirnames if d.startswith(f"testbed-run-{relay_pid}-")
+        )
+    return found
+
+
+def _needs_cgroup_guard() -> None:
+    from testbed.interpose.orphans import OrphanGuard
+
+    g = OrphanGuard()
+    g.close(clean=True)
+    if g.mode != "cgroup":
+        pytest.skip(f"cgroup v2 not writable here: {g.reason}")
+
+
+def test_sigkilled_relay_takes_the_programs_children_with_it(delegate, tmp_path):
+    """Defect 6, descendants: the parent-death signal is not inherited by fork,
+    so a background child of the program kept running with every forwarded
+    call failing (ENOSYS) after its relay was SIGKILLed."""
+    _needs_cgroup_guard()
+    out, log = tmp_path / "r", tmp_path / "log"
+    relay = subprocess.Popen(
+        tb_argv("run", "--delegate", delegate.endpoint, "--forward", "write", "-o", str(out),
+                "--", "sh", "-c", BACKGROUND_WRITER.format(f=log)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert relay.stdout.readline() == b"started\n"
+    assert len(_run_cgroups(relay.pid)) == 1  # the run has its cgroup
+    deadline = time.monotonic() + 10
+    while (not log.exists() or log.stat().st_size < 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.stat().st_size >= 20  # the child's forwarded writes go through
+    procs = _descendants(relay.pid)
+    assert len(procs) >= 2, procs  # sh and its background subshell (at least)
+    assert json.loads((out / "run.json").read_text())["orphan_guard"] == "cgroup"
+    time.sleep(1.5)  # > FLUSH_NS
+    relay.send_signal(signal.SIGKILL)
+    relay.wait()
+    try:
+        left = [p for p in procs if not _wait_gone(p, 10)]
+        assert not left, f"processes of the run outlived their relay: {left}"
+        deadline = time.monotonic() + 10
+        while _run_cgroups(relay.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _run_cgroups(relay.pid), "the run's cgroup was left behind"
+    finally:
+        for p in procs:
+            _kill_quietly(p)
+    run = rundir.load(out)
+    assert not run.complete and run.meta["exit_status"] is None
+    assert run.calls().size > 0
+    res = run_testbed("analyze", str(out), "-o", str(tmp_path / "rep"), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert re.search(rb"warning: .* is incomplete", res.stderr), res.stderr
+
+
+def test_clean_run_leaves_a_descendant_outliving_the_program_alone(delegate, tmp_path):
+    """The other side of the orphan guard: after a clean relay exit a
+    descendant that outlives the program keeps running (docs/seccomp.md), and
+    the run's cgroup goes once it has ended."""
+    _needs_cgroup_guard()
+    out, log = tmp_path / "r", tmp_path / "log"
+    # waits on a FIFO (reads are not forwarded) until the test releases it, well after
+    # the relay's 10 s linger; ": >" creates the file without a (forwarded) write
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    prog = f"(read x < {fifo}; : > {log}) >/dev/null 2>&1 & echo $!"
+    relay = subprocess.Popen(
+        tb_argv("run", "--delegate", delegate.endpoint, "--forward", "write", "-o", str(out),
+                "--", "sh", "-c", prog),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    res = subprocess.CompletedProcess(relay.args, 0, *relay.communicate(timeout=120))
+    res.returncode = relay.returncode
+    assert res.returncode == 0, res.stderr
+    assert b"descendants of the program still run" in res.stderr, res.stderr
+    child = int(res.stdout.split()[0])
+    try:
+        assert not _wait_gone(child, 0.5), "the descendant was killed after a clean exit"
+        with open(fifo, "w") as f:
+            f.write("go\n")
+        assert _wait_gone(child, 30)
+        assert log.exists()  # it ran to its end
+        run = rundir.load(out)
+        assert run.complete and run.meta["orphan_guard"] == "cgroup"  # the guard was on
+        deadline = time.monotonic() + 10
+        while _run_cgroups(relay.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _run_cgroups(relay.pid), "the run's cgroup was left behind"
+    finally:
+        _kill_quietly(child)

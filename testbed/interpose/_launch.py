@@ -23,9 +23,12 @@ race with a relay that died before the ``prctl``.  Without this, a relay
 killed between starting the launcher and answering its ``execve`` leaves the
 launcher blocked forever on its own listener.  The setting survives the
 program's ``execve``: a program whose relay dies is killed too (its forwarded
-calls could only fail from then on; see docs/seccomp.md).  Usage (internal)::
+calls could only fail from then on; see docs/seccomp.md).  Children do not
+inherit it: the launcher first moves itself into the run's cgroup (CGROUP, the
+cgroup directory or ``-``; testbed/interpose/orphans.py), whose sentinel kills
+every descendant when the relay dies.  Usage (internal)::
 
-    python -m testbed.interpose._launch STATUS_FD RELAY_PID NR,NR,... PROGRAM [ARGS...]
+    python -m testbed.interpose._launch STATUS_FD RELAY_PID CGROUP NR,NR,... PROGRAM [ARGS...]
 """
 
 from __future__ import annotations
@@ -122,8 +125,9 @@ def die_with_parent(relay_pid: int) -> bool:
 def main(argv: list[str]) -> int:
     status_fd = int(argv[0])
     relay_pid = int(argv[1])
-    nrs = frozenset(int(t) for t in argv[2].split(",") if t)
-    program = argv[3:]
+    cgroup = argv[2]
+    nrs = frozenset(int(t) for t in argv[3].split(",") if t)
+    program = argv[4:]
     os.set_inheritable(status_fd, False)  # closed by execve in the program
     try:
         if not die_with_parent(relay_pid):
@@ -131,6 +135,12 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         os.write(status_fd, f"cannot set the parent-death signal: {exc}\n".encode())
         return 126
+    if cgroup != "-":
+        try:  # the relay checks /proc/PID/cgroup and reports pdeathsig-only if this failed
+            with open(f"{cgroup}/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            pass
     try:
         install(nrs)
     except OSError as exc:

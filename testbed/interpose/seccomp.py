@@ -26,6 +26,7 @@ import time
 
 from testbed.interpose import BackendError, CallerGone, Trap, proc_times
 from testbed.interpose._launch import EXEC_NRS
+from testbed.interpose.orphans import OrphanGuard, cgroup_of
 
 NR_SECCOMP = 317
 NR_PIDFD_GETFD = 438
@@ -129,15 +130,18 @@ class SeccompBackend:
         self._status_r = -1
         self._mem_fds: dict[int, int] = {}
         self.start_rusage: tuple[float, float] = (0.0, 0.0)
+        self.guard: OrphanGuard | None = None
+        self.orphan_guard: str | None = None  # run.json: "cgroup" | "pdeathsig-only"
 
     # ------------------------------------------------------------ launch
     def launch(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
             raise BackendError(f"program not found: {argv[0]}")
+        self.guard = guard = OrphanGuard()
         r, w = os.pipe()
         nrs = ",".join(str(n) for n in sorted(self.forwarded))
-        cmd = [sys.executable, "-m", "testbed.interpose._launch", str(w), str(os.getpid()), nrs,
-               *argv]  # fmt: skip
+        cmd = [sys.executable, "-m", "testbed.interpose._launch", str(w), str(os.getpid()),
+               guard.path or "-", nrs, *argv]  # fmt: skip
         self.child = subprocess.Popen(cmd, pass_fds=(w,), env=env)
         os.close(w)
         self._status_r = r
@@ -146,6 +150,12 @@ class SeccompBackend:
         except BaseException:
             self._kill_child()
             raise
+        # the launcher joined its cgroup before installing the filter we now hold
+        if guard.mode == "cgroup" and cgroup_of(self.child.pid) != guard.rel:
+            guard.demote("the launcher could not join its cgroup")
+        self.orphan_guard = guard.mode
+        if guard.warning():
+            print(guard.warning(), file=sys.stderr)
         self._poll.register(self.fd, select.POLLIN)
         return self.child
 
@@ -318,7 +328,14 @@ class SeccompBackend:
             return True
         return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in self._poll.poll(0))
 
+    def kill_descendants(self) -> None:
+        """Kill every process of the run now (the relay failed; see orphans.py)."""
+        if self.guard is not None:
+            self.guard.kill()
+
     def close(self) -> None:
+        if self.guard is not None:  # descendants outliving the program are left alone
+            self.guard.close(clean=True)
         for tid in list(self._mem_fds):
             self._forget_mem(tid)
         if self.fd >= 0:
