@@ -21,10 +21,9 @@ It also accepts connections until the process runs out of descriptors.
 
 Only TCP connections have a byte count; ``ipc://`` peers are only counted
 against ``max_connections``.  With ``max_backlog=None`` only the connection
-cap applies: the delegate's ``--workers N > 1`` layout passes messages
-through libzmq's C proxy, which drops the source fd (``ZMQ_SRCFD``), and no
-other message property names the connection, so the backlog cannot be
-attributed there (docs/wire.md says so).
+cap applies.  Every serving layout of the delegate takes messages off the
+ROUTER in its own Python loop so that it can read ``ZMQ_SRCFD`` (libzmq's C
+proxy drops it, and no other message property names the connection).
 """
 
 from __future__ import annotations

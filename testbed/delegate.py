@@ -14,11 +14,13 @@ Threading (one of three layouts, chosen by ``workers`` and ``--service-us``):
     One thread serves the ROUTER directly: receive, stamp ``t_recv``, decode,
     spin the injected delay, stamp, encode, send.  No inproc hop.
 ``workers > 1``
-    ``zmq.proxy_steerable`` (C, runs without the GIL) joins the ROUTER to an
-    inproc DEALER; N worker threads each own a DEALER socket connected to it
-    and receive ``[identity, frame]`` envelopes round-robin.  ``t_recv`` is
-    stamped in the worker that takes the frame off its socket, so the proxy
-    hop counts as *wire*, not as *residence*.  The injected delay spins with
+    A front loop in the serving thread moves whole messages between the
+    ROUTER and an inproc DEALER, marking each message's connection
+    (``ZMQ_SRCFD``) for the backlog bound of :mod:`testbed.connguard`; N
+    worker threads each own a DEALER socket connected to it and receive
+    ``[identity, frame]`` envelopes round-robin.  ``t_recv`` is stamped in the
+    worker that takes the frame off its socket, so the front hop counts as
+    *wire*, not as *residence*.  The injected delay spins with
     ``os.sched_yield`` so the workers' spins overlap despite the GIL.
 ``--service-us S`` (any ``workers``)
     One FIFO queue shared by the workers, each call served for a drawn time
@@ -444,11 +446,8 @@ class Delegate:
         return self._endpoint
 
     def _start_guard(self) -> None:
-        # the pool's C proxy hides which connection a message came from, so
-        # the backlog bound needs the direct layout (see testbed.connguard)
-        backlog = MAX_BACKLOG if self.workers == 1 or self.service is not None else None
         self._guard = ConnectionGuard(
-            self._ctx, self._router, connection_cap(self.workers), backlog
+            self._ctx, self._router, connection_cap(self.workers), MAX_BACKLOG
         )
         self._guard.start()
 
@@ -510,7 +509,7 @@ class Delegate:
         if ctx is None or self._stopped.is_set():
             return
         if self.workers > 1:
-            return  # workers poll their stop flag every WORKER_POLL_MS
+            return  # the front loop and workers poll the stop flag every WORKER_POLL_MS
         with self._lock:  # re-entrant: a second signal may arrive in here
             try:
                 s = ctx.socket(zmq.DEALER)
@@ -641,7 +640,6 @@ class Delegate:
         """``workers > 1``: create every socket before serving (errors surface in bind)."""
         ctx = self._ctx
         backend_ep = f"inproc://tb-delegate-{id(self):x}-workers"
-        proxy_ctl_ep = f"inproc://tb-delegate-{id(self):x}-proxyctl"
         socks = self._pool_socks
         backend = ctx.socket(zmq.DEALER)
         socks.append(backend)
@@ -649,12 +647,6 @@ class Delegate:
         backend.setsockopt(zmq.SNDHWM, RECV_HWM * self.workers)
         backend.setsockopt(zmq.RCVHWM, SEND_HWM)
         backend.bind(backend_ep)
-        proxy_ctl = ctx.socket(zmq.PAIR)
-        socks.append(proxy_ctl)
-        proxy_ctl.bind(proxy_ctl_ep)
-        steer = ctx.socket(zmq.PAIR)
-        socks.append(steer)
-        steer.connect(proxy_ctl_ep)
         for _ in range(self.workers):
             sock = ctx.socket(zmq.DEALER)
             socks.append(sock)
@@ -664,17 +656,8 @@ class Delegate:
             sock.connect(backend_ep)
 
     def _serve_pool(self) -> None:
-        """``workers > 1``: C proxy ROUTER <-> inproc DEALER <-> N worker threads."""
-        backend, proxy_ctl, steer, *worker_socks = self._pool_socks
-        frontend = self._router
-
-        def run_proxy() -> None:
-            try:
-                zmq.proxy_steerable(frontend, backend, None, proxy_ctl)
-            except zmq.ZMQError:
-                pass
-
-        proxy = threading.Thread(target=run_proxy, name="tb-delegate-proxy", daemon=True)
+        """``workers > 1``: front loop ROUTER <-> inproc DEALER <-> N worker threads."""
+        backend, *worker_socks = self._pool_socks
         workers = []
         for i, sock in enumerate(worker_socks):
             handler = _Handler(self)
@@ -683,28 +666,72 @@ class Delegate:
                 target=self._worker, args=(sock, handler), name=f"tb-delegate-w{i}", daemon=True
             )
             workers.append(t)
-        proxy.start()
         for t in workers:
             t.start()
         try:
-            while not self._stop_requested:
-                self._stopped.wait(WORKER_POLL_MS / 1000)
+            self._front(backend, workers)
         finally:
             self._stop_requested = True
             for t in workers:
                 t.join(5.0)
-            time.sleep(0.05)  # let the proxy forward the last replies
-            steer.send(b"TERMINATE")
-            proxy.join(5.0)
-            for s in (steer, proxy_ctl, backend):
-                s.close(0)
+            backend.close(0)
             self._pool_socks.clear()
+
+    def _front(self, backend: zmq.Socket, workers: list[threading.Thread]) -> None:
+        """Forward whole messages ROUTER <-> workers until stopped and drained.
+
+        Replaces libzmq's C proxy, which drops ``ZMQ_SRCFD``: every message
+        from a peer is attributed to its connection here (the backlog bound of
+        :mod:`testbed.connguard`), exactly as :meth:`_loop` does for one worker.
+        """
+        router = self._router
+        guard = self._guard.delivered if self._guard is not None else None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(backend, zmq.POLLIN)
+        poll = poller.poll
+        mono = time.monotonic_ns
+        deadline = None
+        while True:
+            if self._stop_requested:  # workers drain for DRAIN_NS; forward their replies
+                if deadline is None:
+                    deadline = mono() + DRAIN_NS + 2 * WORKER_POLL_MS * 1_000_000
+                if mono() > deadline or not any(t.is_alive() for t in workers):
+                    break
+            for sock, _ in poll(WORKER_POLL_MS):
+                if sock is router:
+                    _forward(router, backend, guard)
+                else:
+                    _forward(backend, router, None)
+        while backend.poll(0):  # replies the workers computed last
+            _forward(backend, router, None)
 
     def _worker(self, sock: zmq.Socket, handler: _Handler) -> None:
         try:
             self._loop(sock, handler)
         finally:
             sock.close(CLOSE_LINGER_MS)
+
+
+def _forward(src: zmq.Socket, dst: zmq.Socket, guard: Callable[[int], None] | None) -> None:
+    """Move one whole message from ``src`` to ``dst``; mark its source fd with ``guard``."""
+    recv, send = src.recv, dst.send
+    ident = recv(copy=False)  # ROUTER: the identity; a whole message is there already
+    frame = recv(copy=False)
+    if guard is not None:
+        try:
+            guard(frame.get(SRCFD))
+        except zmq.ZMQError:
+            pass  # an inproc peer: no connection to guard
+    try:
+        send(ident, SNDMORE)
+        while frame.more:
+            send(frame, SNDMORE)
+            frame = recv(copy=False)
+        send(frame)
+    except zmq.ZMQError:  # peer vanished or its queue is full: drop the rest
+        while frame.more:
+            frame = recv(copy=False)
 
 
 # ---------------------------------------------------------------- CLI
