@@ -84,19 +84,8 @@ def _cgroup2_mount() -> str | None:
     return None
 
 
-def _own_cgroup() -> str | None:
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cgroup_of(pid: int) -> str | None:
-    """The cgroup v2 path of ``pid`` (relative to the mount), None if unknown."""
+def cgroup_of(pid: int | str) -> str | None:
+    """The cgroup v2 path of ``pid`` or ``"self"`` (relative to the mount), None if unknown."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
@@ -121,7 +110,7 @@ class OrphanGuard:
 
     def _setup(self) -> None:
         _sentinels[:] = [p for p in _sentinels if p.poll() is None]
-        mount, own = _cgroup2_mount(), _own_cgroup()
+        mount, own = _cgroup2_mount(), cgroup_of("self")
         if mount is None or own is None:
             self.reason = "no cgroup v2 mount"
             return
