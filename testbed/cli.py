@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from testbed.errors import TestbedError
+from testbed.procs import program_argv
 
 # ---------------------------------------------------------------- validators
 
@@ -134,15 +135,6 @@ def syscall_set(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _program(args: argparse.Namespace) -> list[str]:
-    prog = list(args.program or [])
-    if prog and prog[0] == "--":
-        prog = prog[1:]
-    if not prog:
-        raise TestbedError("no program given (put it after --, e.g. -- gzip -k FILE)")
-    return prog
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -155,7 +147,7 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.kthread import check_args
 
-    args.program = _program(args)
+    args.program = program_argv(args.program)
     check_args(args)
     if args.mode == "kthread":
         from testbed.kthread import main_run_kthread
@@ -169,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from testbed.profile import main_profile
 
-    args.program = _program(args)
+    args.program = program_argv(args.program)
     return main_profile(args)
 
 
@@ -820,6 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
         "that is not 'local'",
     )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
+    p.add_argument("--json", action="store_true",
+                   help="with --check: print the validated plan as JSON (versioned, host-stamped)")  # fmt: skip
     p.set_defaults(func=cmd_experiment)
     p = sub.add_parser(
         "gamma",

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from testbed import rundir
-from testbed.bench import LocalDelegate
 from testbed.errors import TestbedError
-from testbed.experiment import generate_input
+from testbed.localdelegate import LocalDelegate
+from testbed.workloads import generate_input
 
 REPEATS = 3
 

@@ -47,6 +47,7 @@ The command exits with PROGRAM's exit status (128 + N for signal N).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -62,6 +63,7 @@ from pathlib import Path
 from testbed import rundir
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
+from testbed.procs import exit_code
 from testbed.syscalls import NR_BY_NAME
 
 METHOD_PERF = "perf trace -s"
@@ -222,7 +224,14 @@ def _resolve(program: str) -> str:
     return os.path.abspath(path)
 
 
-def _traced_run(method: str, argv: Sequence[str]) -> tuple[dict, str]:
+def _stdout(path: str | os.PathLike | None):
+    """Where the program's stdout goes: the file ``path`` (truncated) or ours (None)."""
+    return open(path, "wb") if path is not None else contextlib.nullcontext(None)
+
+
+def _traced_run(
+    method: str, argv: Sequence[str], stdout: str | os.PathLike | None = None
+) -> tuple[dict, str]:
     """Run ``argv`` under the shim and the tracer; return (shim times, tracer output)."""
     with tempfile.TemporaryDirectory(prefix="testbed-profile-") as d:
         times_path = Path(d) / "times.json"
@@ -237,7 +246,8 @@ def _traced_run(method: str, argv: Sequence[str]) -> tuple[dict, str]:
             cmd = ["strace", "-f", "-T", "-qq", "-o", str(trace_path), "--", *shim]
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program's status is reported
         try:
-            r = subprocess.run(cmd, stdin=None, stderr=subprocess.PIPE, check=False)
+            with _stdout(stdout) as out:
+                r = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, check=False)
         except OSError as exc:
             raise ProfileError(f"cannot start {cmd[0]}: {exc.strerror}") from None
         finally:
@@ -289,8 +299,10 @@ def _subtract(table: dict[str, dict], noise: dict[str, dict]) -> dict[str, dict]
     return out
 
 
-def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str, dict], str]:
-    """Run ``program`` natively under a tracer.
+def trace(
+    program: Sequence[str], method: str = "auto", stdout: str | os.PathLike | None = None
+) -> tuple[dict, dict[str, dict], str]:
+    """Run ``program`` natively under a tracer (its stdout to the file ``stdout``, or ours).
 
     Returns ``(times, table, method)``: the shim's times/status, the per-name
     table ``{name: {n, g_ns, errors}}`` (the shim's own calls and its child's
@@ -299,7 +311,7 @@ def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str,
     method = choose_method(method)
     argv = [_resolve(program[0]), *program[1:]]
     noise = shim_calls(method)
-    times, text = _traced_run(method, argv)
+    times, text = _traced_run(method, argv, stdout)
     exclude = [times["shim_pid"]]
     table = _subtract(_table(method, text, exclude), noise)
     times["lost_events"] = (
@@ -319,11 +331,6 @@ def count_threads(text: str, method: str, exclude: Sequence[int] = ()) -> int:
     return len(tids - set(exclude))
 
 
-def _exit_status(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
 def profile_rows(table: dict[str, dict]) -> list[dict]:
     """syscalls.csv rows, most time first: name, nr, n, g_ns, errors."""
     rows = [
@@ -341,8 +348,9 @@ def profile_rows(table: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def native_runs(program: Sequence[str], runs: int) -> dict:
-    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer).
+def native_runs(program: Sequence[str], runs: int, stdout: str | os.PathLike | None = None) -> dict:
+    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer, same stdout
+    as the traced run: ``tar -cf -`` skips its reads when it writes to /dev/null).
 
     Returns ``{"wall_s": median, "walls_s": [...], "user_s": median, "sys_s":
     median, "runs": runs}``; the tracer's overhead makes the traced wall time an
@@ -354,8 +362,9 @@ def native_runs(program: Sequence[str], runs: int) -> dict:
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="testbed-native-") as d:
             times_path = Path(d) / "times.json"
-            subprocess.run([sys.executable, "-c", _SHIM, str(times_path), *argv],
-                           stdout=subprocess.DEVNULL, check=False)  # fmt: skip
+            with _stdout(stdout) as out:
+                subprocess.run([sys.executable, "-c", _SHIM, str(times_path), *argv],
+                               stdout=out, check=False)  # fmt: skip
             if not times_path.exists():
                 raise ProfileError(f"native run of {program[0]} failed")
             t = json.loads(times_path.read_text())
@@ -377,9 +386,12 @@ def profile(
     method: str = "auto",
     extra: dict | None = None,
     native: int = 0,
+    stdout: str | os.PathLike | None = None,
 ) -> tuple[Path, dict]:
     """Profile ``program``; write and return its run directory and metadata.
 
+    The program's stdout goes to the file ``stdout`` (truncated each run), or
+    to ours when it is None.
     ``extra`` adds keys to run.json (e.g. ``{"workload": "bzip2"}``);
     ``native > 0`` also times that many untraced runs (``run.json["native"]``).
     """
@@ -388,7 +400,7 @@ def profile(
     if native < 0:
         raise ProfileError("--native-runs must be >= 0")
     out = rundir.create(output, prefix="profile")
-    times, table, used = trace(program, method)
+    times, table, used = trace(program, method, stdout)
     rows = profile_rows(table)
     g_s = sum(r["g_ns"] for r in rows) / 1e9
     user, sys_t, wall = times["user_s"], times["sys_s"], times["wall_s"]
@@ -398,7 +410,7 @@ def profile(
     meta = {
         "kind": "profile",
         "command": list(program),
-        "exit_status": _exit_status(times["status"]),
+        "exit_status": exit_code(times["status"]),
         "wall_s": wall,
         "user_s": user,
         "sys_s": sys_t,
@@ -422,7 +434,7 @@ def profile(
         **(extra or {}),
     }
     if native and times["status"] == 0:
-        meta["native"] = native_runs(program, native)
+        meta["native"] = native_runs(program, native, stdout)
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
     return out, meta

@@ -50,7 +50,7 @@ def check_report(report: Path, inputs: list[Path]) -> str:
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
     """A native profile and three delegated runs of gzip through the real relay and delegate."""
-    from testbed.bench import LocalDelegate
+    from testbed.localdelegate import LocalDelegate
 
     base = tmp_path_factory.mktemp("real")
     argv = prepare("gzip", base / "in", 0.5)

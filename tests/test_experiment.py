@@ -156,7 +156,7 @@ def test_kthread_delegates_are_node_local_and_kept(tmp_path):
     over = experiment.load_plan(plan, ["node3=tcp://10.213.47.3:5555"]).delegates
     assert [d.name for d in over] == ["node3", "kthread", "kt20"]
     d = over[2]
-    assert experiment._mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
+    assert experiment.mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
         "--backend", "kmod", "--mode", "kthread", "--delay-us", "20", "--faithful",
     ]  # fmt: skip
     proc = tb("experiment", str(plan), "--check", "--delegate", "n=tcp://127.0.0.1:9")

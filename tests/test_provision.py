@@ -32,6 +32,7 @@ import pytest
 
 from testbed import lab, rundir
 from testbed.errors import TestbedError as _TestbedError
+from testbed.procs import free_port
 
 SUBNET = "10.213.48.0/24"
 NODE3 = "10.213.48.3"
@@ -297,16 +298,10 @@ def test_bad_plan_stops_experiment_yml_before_the_nodes(lab3):
         assert not (tmp / "bad-results").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(WHY is not None, reason=WHY or "")
 def test_unreachable_host_is_named_and_nothing_is_left(tmp_path):
     inv = tmp_path / "hosts.ini"
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     inv.write_text(
         f"[compute_nodes]\nghost ansible_host=127.0.0.1 ansible_port={port} ansible_user=root\n"
         "[all:vars]\nansible_ssh_common_args='-o StrictHostKeyChecking=no "
