@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lab, rundir
+from testbed import lab, netns, rundir
 from testbed.errors import TestbedError as _TestbedError
 from testbed.procs import free_port
 
@@ -200,7 +200,9 @@ def test_delegate_answers_distributed_keys_and_refuses_others(lab3, tmp_path):
     child = _delegate_child_pid(d)
     assert welcome["pid"] == child and welcome["curve"] is True
     node3 = next(n for n in lab3["state"]["nodes"] if n["name"] == "node3")
-    assert child in lab._ns_pids(node3["netns"]), "the delegate must live in node3's namespace"
+    assert child in netns.namespace_pids(node3["netns"]), (
+        "the delegate must live in node3's namespace"
+    )
 
     # from compute node node1, over SSH: its distributed keys work, no keys are refused
     run = (
@@ -351,7 +353,7 @@ def test_teardown_then_lab_down_leaves_nothing(lab3):
         s.settimeout(2)
         assert s.connect_ex((NODE3, 5555)) != 0, "the delegate must be stopped"
 
-    pids = [p for n in state["nodes"] for p in lab._ns_pids(n["netns"])]
+    pids = [p for n in state["nodes"] for p in netns.namespace_pids(n["netns"])]
     assert pids, "the sshds are still there before lab down"
     down = tb("lab", "down", "--dir", str(d))
     assert down.returncode == 0, down.stderr
@@ -360,7 +362,7 @@ def test_teardown_then_lab_down_leaves_nothing(lab3):
         assert n["netns"] not in names
     assert not Path(f"/sys/class/net/{state['bridge']}").exists()
     assert not d.exists()
-    assert not any(lab._pid_alive(p) for p in pids)
+    assert not any(netns.pid_alive(p) for p in pids)
     for proc_dir in Path("/proc").iterdir():  # no ssh control master, no node process
         if proc_dir.name.isdigit():
             try:
