@@ -13,6 +13,7 @@ Re-take the shipped profiles (perf: g(s) closer to native than strace's)::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -62,9 +63,10 @@ def profile_all(
     for name in available(names):
         argv = prepare(name, scratch, scale)
         extra = {"workload": name, "size_mb": CATALOGUE[name].size_mb * scale,
-                 "seed": SHIPPED_SEED, "made_by": "analysis.workloads.profile_all"}  # fmt: skip
-        path, meta = profile(argv, Path(outdir) / name, method, extra=extra,
-                             stdout=Path(scratch) / f"{name}.out")  # fmt: skip
+                 "seed": SHIPPED_SEED, "made_by": "analysis.workloads.profile_all",
+                 "loadavg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
+        with open(Path(scratch) / f"{name}.out", "wb") as out:
+            path, meta = profile(argv, Path(outdir) / name, method, extra=extra, stdout=out)
         if meta["exit_status"] != 0:
             raise TestbedError(f"workload {name} exited with status {meta['exit_status']}")
         paths.append(path)

@@ -43,7 +43,6 @@ from testbed import rundir, syscalls
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import kmod as K
-from testbed.procs import exit_code
 
 #: Records drained per read(2) of the device.
 DRAIN = 4096
@@ -280,7 +279,9 @@ def _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_e
 
 
 def _exit_status(status: int | None) -> int:
-    return exit_code(status) if status is not None else 1
+    from testbed.relay import _exit_code
+
+    return _exit_code(status) if status is not None else 1
 
 
 def _print_summary(args, meta: dict, s: dict, out: Path, faithful: bool) -> None:

@@ -1,7 +1,6 @@
 """Small process helpers shared by the runtime and the drivers.
 
-One home for: a child's exit code from its wait status, the program argv
-after ``--``, a free loopback port, the environment that makes a
+One home for: the program argv after ``--``, a free loopback port, the environment that makes a
 ``python -m testbed`` child import this checkout, CPU pinning of a child and
 ``wait4`` with a deadline.
 """
@@ -20,12 +19,6 @@ from typing import Any
 from testbed.errors import TestbedError
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-
-
-def exit_code(status: int) -> int:
-    """The shell's exit code of a wait status: the exit status, or 128 + N for signal N."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
 
 
 def program_argv(argv: Sequence[str] | None, example: str = "-- gzip -k FILE") -> list[str]:

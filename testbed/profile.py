@@ -47,7 +47,6 @@ The command exits with PROGRAM's exit status (128 + N for signal N).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -59,11 +58,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from testbed import rundir
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
-from testbed.procs import exit_code
 from testbed.syscalls import NR_BY_NAME
 
 METHOD_PERF = "perf trace -s"
@@ -224,14 +223,7 @@ def _resolve(program: str) -> str:
     return os.path.abspath(path)
 
 
-def _stdout(path: str | os.PathLike | None):
-    """Where the program's stdout goes: the file ``path`` (truncated) or ours (None)."""
-    return open(path, "wb") if path is not None else contextlib.nullcontext(None)
-
-
-def _traced_run(
-    method: str, argv: Sequence[str], stdout: str | os.PathLike | None = None
-) -> tuple[dict, str]:
+def _traced_run(method: str, argv: Sequence[str], stdout: Any = None) -> tuple[dict, str]:
     """Run ``argv`` under the shim and the tracer; return (shim times, tracer output)."""
     with tempfile.TemporaryDirectory(prefix="testbed-profile-") as d:
         times_path = Path(d) / "times.json"
@@ -246,8 +238,7 @@ def _traced_run(
             cmd = ["strace", "-f", "-T", "-qq", "-o", str(trace_path), "--", *shim]
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program's status is reported
         try:
-            with _stdout(stdout) as out:
-                r = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, check=False)
+            r = subprocess.run(cmd, stdin=None, stdout=stdout, stderr=subprocess.PIPE, check=False)
         except OSError as exc:
             raise ProfileError(f"cannot start {cmd[0]}: {exc.strerror}") from None
         finally:
@@ -300,9 +291,9 @@ def _subtract(table: dict[str, dict], noise: dict[str, dict]) -> dict[str, dict]
 
 
 def trace(
-    program: Sequence[str], method: str = "auto", stdout: str | os.PathLike | None = None
+    program: Sequence[str], method: str = "auto", stdout: Any = None
 ) -> tuple[dict, dict[str, dict], str]:
-    """Run ``program`` natively under a tracer (its stdout to the file ``stdout``, or ours).
+    """Run ``program`` natively under a tracer (``stdout``: the program's, default inherited).
 
     Returns ``(times, table, method)``: the shim's times/status, the per-name
     table ``{name: {n, g_ns, errors}}`` (the shim's own calls and its child's
@@ -331,6 +322,11 @@ def count_threads(text: str, method: str, exclude: Sequence[int] = ()) -> int:
     return len(tids - set(exclude))
 
 
+def _exit_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
 def profile_rows(table: dict[str, dict]) -> list[dict]:
     """syscalls.csv rows, most time first: name, nr, n, g_ns, errors."""
     rows = [
@@ -348,9 +344,9 @@ def profile_rows(table: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def native_runs(program: Sequence[str], runs: int, stdout: str | os.PathLike | None = None) -> dict:
-    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer, same stdout
-    as the traced run: ``tar -cf -`` skips its reads when it writes to /dev/null).
+def native_runs(program: Sequence[str], runs: int, stdout: Any = None) -> dict:
+    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer), their output
+    where the traced run's went (``tar -cf -`` skips its reads into /dev/null).
 
     Returns ``{"wall_s": median, "walls_s": [...], "user_s": median, "sys_s":
     median, "runs": runs}``; the tracer's overhead makes the traced wall time an
@@ -362,9 +358,8 @@ def native_runs(program: Sequence[str], runs: int, stdout: str | os.PathLike | N
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="testbed-native-") as d:
             times_path = Path(d) / "times.json"
-            with _stdout(stdout) as out:
-                subprocess.run([sys.executable, "-c", _SHIM, str(times_path), *argv],
-                               stdout=out, check=False)  # fmt: skip
+            subprocess.run([sys.executable, "-c", _SHIM, str(times_path), *argv],
+                           stdout=stdout, check=False)  # fmt: skip
             if not times_path.exists():
                 raise ProfileError(f"native run of {program[0]} failed")
             t = json.loads(times_path.read_text())
@@ -386,14 +381,13 @@ def profile(
     method: str = "auto",
     extra: dict | None = None,
     native: int = 0,
-    stdout: str | os.PathLike | None = None,
+    stdout: Any = None,
 ) -> tuple[Path, dict]:
     """Profile ``program``; write and return its run directory and metadata.
 
-    The program's stdout goes to the file ``stdout`` (truncated each run), or
-    to ours when it is None.
     ``extra`` adds keys to run.json (e.g. ``{"workload": "bzip2"}``);
-    ``native > 0`` also times that many untraced runs (``run.json["native"]``).
+    ``native > 0`` also times that many untraced runs (``run.json["native"]``);
+    ``stdout`` is where the traced run's output goes (default: inherited).
     """
     if not program:
         raise ProfileError("no program given")
@@ -410,7 +404,7 @@ def profile(
     meta = {
         "kind": "profile",
         "command": list(program),
-        "exit_status": exit_code(times["status"]),
+        "exit_status": _exit_status(times["status"]),
         "wall_s": wall,
         "user_s": user,
         "sys_s": sys_t,

@@ -36,7 +36,6 @@ from testbed import cpus, keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import Backend, CallerGone, Trap, make_backend
-from testbed.procs import exit_code
 from testbed.syscalls import ArgKind
 
 _IOVEC = struct.Struct("<QQ")
@@ -499,6 +498,11 @@ def _resolve_forward(args) -> frozenset[int]:
     return resolve_policy(args.policy, args.profile)
 
 
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
 def _fmt_us(v: float) -> str:
     return "n/a" if v != v else f"{v:.1f} µs"
 
@@ -572,7 +576,7 @@ def main_run(args) -> int:
                 relay.finish()
         finally:
             restore()
-        child.returncode = exit_code(status) if status is not None else 1
+        child.returncode = _exit_code(status) if status is not None else 1
     finally:
         if child is not None and status is None:  # the relay failed: do not leave it running
             child.kill()
@@ -616,7 +620,7 @@ def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage,
         "kind": "delegated",
         "command": list(args.program),
         "command_line": shlex.join(args.program),
-        "exit_status": exit_code(status) if status is not None else 1,
+        "exit_status": _exit_code(status) if status is not None else 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": (t_exit - t0) / 1e9 if t0 and t_exit else None,
         "user_s": max(0.0, rusage.ru_utime - start_user) if rusage else None,

@@ -26,7 +26,7 @@ from testbed.experiment.plan import Cell, DelegateSpec, Plan, PlanError, Workloa
 from testbed.experiment.plan import load_plan as load_plan
 from testbed.hostinfo import host_metadata
 from testbed.localdelegate import LocalDelegate, ping
-from testbed.procs import exit_code, pinner, testbed_env
+from testbed.procs import pinner, testbed_env
 from testbed.procs import wait4 as _wait4
 
 #: Version of ``testbed experiment --check --json``.
@@ -94,7 +94,7 @@ class Runner:
                 proc.wait()
                 raise TestbedError(f"native run of {w.name} timed out") from None
             wall = time.monotonic() - t0
-            proc.returncode = exit_code(status)
+            proc.returncode = os.waitstatus_to_exitcode(status)
         return {
             "workload": w.name,
             "argv": argv,
