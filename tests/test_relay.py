@@ -140,9 +140,10 @@ def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_p
                         "-o", str(tmp_path / "r"), "--", sys.executable, "-c", slow),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        time.sleep(1.0)
+        first = run.stdout.readline()  # the handshake is done and the program writes
         d.send_signal(signal.SIGKILL)
         out, err = run.communicate(timeout=60)
+        out = first + out
     finally:
         d.kill()
         d.wait()
