@@ -24,8 +24,9 @@ from testbed.workloads import CATALOGUE, expand
 from testbed.workloads import prepare as prepare_inputs
 
 #: The workloads of the shipped profiles (the catalogue's programs with a
-#: syscall mix of their own; xz, cat, sha256sum and wc are read/write loops like gzip's).
-PROFILED = ("bzip2", "gzip", "tar", "sqlite3", "python", "gcc")
+#: syscall mix of their own: xz, cat, sha256sum, wc, tar and sqlite3 are read/write loops
+#: over one file like gzip).
+PROFILED = ("bzip2", "gzip", "tar-tree", "sqlite3-tx", "python", "gcc")
 #: The input sizes of the shipped profiles: ``scale`` times the catalogue default.
 SHIPPED_SCALE = 1.0
 SHIPPED_SEED = 1

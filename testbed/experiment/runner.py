@@ -22,8 +22,16 @@ from typing import Any
 
 from testbed import cpus, gain, rundir, workloads
 from testbed.errors import TestbedError
-from testbed.experiment.plan import Cell, DelegateSpec, Plan, PlanError, Workload, cells, label
-from testbed.experiment.plan import load_plan as load_plan
+from testbed.experiment.plan import (
+    Cell,
+    DelegateSpec,
+    Plan,
+    PlanError,
+    Workload,
+    cells,
+    label,
+    load_plan,
+)
 from testbed.hostinfo import host_metadata
 from testbed.localdelegate import LocalDelegate, ping
 from testbed.procs import pinner, testbed_env
