@@ -5,9 +5,10 @@ generator: ``testbed/workloads.py``), so a shipped profile in
 ``analysis/data/profiles`` is the profile of the experiment's workload of the
 same name.  ``scale`` multiplies each workload's default input size.
 
-Re-take the shipped profiles (perf: g(s) closer to native than strace's)::
+Re-take the shipped profiles (perf: g(s) closer to native than strace's;
+``--fifo``: SCHED_FIFO, so other load on the machine does not end up in g(s))::
 
-    python3 -m analysis.workloads analysis/data/profiles --method perf
+    python3 -m analysis.workloads analysis/data/profiles --method perf --fifo 50
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def profile_all(
         argv = prepare(name, scratch, scale)
         extra = {"workload": name, "size_mb": CATALOGUE[name].size_mb * scale,
                  "seed": SHIPPED_SEED, "made_by": "analysis.workloads.profile_all",
-                 "loadavg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
+                 "loadavg_1m": round(os.getloadavg()[0], 2), "scheduler": scheduler()}  # fmt: skip
         with open(Path(scratch) / f"{name}.out", "wb") as out:
             path, meta = profile(argv, Path(outdir) / name, method, extra=extra, stdout=out)
         if meta["exit_status"] != 0:
@@ -74,14 +75,30 @@ def profile_all(
     return paths
 
 
+def scheduler() -> str:
+    """This process's scheduling policy (the profiled programs inherit it)."""
+    policy = os.sched_getscheduler(0)
+    name = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR",
+            os.SCHED_BATCH: "SCHED_BATCH", os.SCHED_IDLE: "SCHED_IDLE"}.get(policy, str(policy))  # fmt: skip
+    prio = os.sched_getparam(0).sched_priority
+    return f"{name} {prio}" if prio else name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m analysis.workloads", description=__doc__)
     ap.add_argument("outdir", type=Path, help="where the profile run directories go")
     ap.add_argument("--method", default="perf", choices=("auto", "perf", "strace"))
     ap.add_argument("--scale", type=float, default=SHIPPED_SCALE)
+    ap.add_argument("--fifo", type=int, metavar="PRIO",
+                    help="profile under SCHED_FIFO at this priority (root; 1-99)")  # fmt: skip
     ap.add_argument("names", nargs="*", help=f"workloads (default: {' '.join(PROFILED)})")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
+        if args.fifo is not None:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
+            except (OSError, OverflowError) as exc:
+                raise TestbedError(f"--fifo {args.fifo}: {exc}") from None
         with tempfile.TemporaryDirectory(prefix="testbed-workloads-") as scratch:
             for name in available(args.names or None):
                 target = args.outdir / name
