@@ -46,6 +46,7 @@ from testbed.errors import TestbedError
 from testbed.netns import (
     NetnsError,
     add_namespace,
+    add_veth,
     kill_namespace_pids,
     namespace_inode,
     namespace_pids,
@@ -371,8 +372,10 @@ def _build(directory: Path, state: dict[str, Any], count: int, hosts: list, pref
         state["nodes"].append(node)
         _save_state(directory, state)
         veth = f"tbl{state['id']}n{i}"
-        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "link", "set", veth, "master", br, "up"])
+        try:
+            add_veth(veth, ns, bridge=br)
+        except NetnsError as exc:
+            raise LabError(str(exc)) from None
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefix}", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         node_dir = directory / "nodes" / name

@@ -21,8 +21,8 @@ delete or enter any namespace it did not create.
 The module is the one namespace manager of the project: the local lab
 (``testbed/lab.py``, namespaces that outlive the process, recorded in a state
 file) creates, empties and deletes its namespaces with the same functions
-(:func:`add_namespace`, :func:`namespace_inode`, :func:`namespace_pids`,
-:func:`kill_namespace_pids`, :func:`delete_namespace`, :func:`ip`).
+(:func:`add_namespace`, :func:`add_veth`, :func:`namespace_inode`,
+:func:`namespace_pids`, :func:`kill_namespace_pids`, :func:`ip`).
 It drives iproute2 rather than netlink (pyroute2): the namespaces must be
 the named ones ``ip netns exec``, sshd and Ansible use anyway, and creating a
 topology is a few dozen ``ip`` calls.
@@ -114,10 +114,14 @@ def add_namespace(name: str) -> int:
     return inode
 
 
-def delete_namespace(name: str) -> None:
-    """Kill what still lives in namespace ``name``, then delete it."""
-    kill_namespace_pids(name)
-    ip("netns", "delete", name)
+def add_veth(name: str, peer_ns: str, ns: str | None = None, bridge: str | None = None) -> None:
+    """A veth pair: ``name`` in namespace ``ns`` (None: this one), its peer ``eth0`` in
+    ``peer_ns``; ``name`` is enslaved to ``bridge`` (if given) and set up."""
+    where = ["-n", ns] if ns else []
+    ip(*where, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", peer_ns)
+    if bridge:
+        ip(*where, "link", "set", name, "master", bridge)
+    ip(*where, "link", "set", name, "up")
 
 
 class Topology:
@@ -188,42 +192,12 @@ class Topology:
                 self._add_ns(name)
             if self._hub is None and len(self.nodes) == 2:
                 a, b = (self._ns[n] for n in self.nodes)
-                ip(
-                    "-n",
-                    a,
-                    "link",
-                    "add",
-                    "eth0",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    b,
-                )
+                add_veth("eth0", b, ns=a)
             elif self._hub is not None:
                 ip("-n", self._hub, "link", "add", "br0", "type", "bridge")
                 ip("-n", self._hub, "link", "set", "br0", "up")
                 for i, node in enumerate(self.nodes):
-                    port = f"p{i}"
-                    ns = self._ns[node]
-                    ip(
-                        "-n",
-                        self._hub,
-                        "link",
-                        "add",
-                        port,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth0",
-                        "netns",
-                        ns,
-                    )
-                    ip("-n", self._hub, "link", "set", port, "master", "br0")
-                    ip("-n", self._hub, "link", "set", port, "up")
+                    add_veth(f"p{i}", self._ns[node], ns=self._hub, bridge="br0")
             for node in self.nodes if len(self.nodes) > 1 else []:
                 ns = self._ns[node]
                 ip("-n", ns, "addr", "add", f"{self._addr[node]}/24", "dev", "eth0")
