@@ -760,7 +760,7 @@ backend: kmod
 workloads:
   - {name: cat, size_mb: 0.3}
   - {name: gzip, size_mb: 0.3}
-forward: [read,write]
+forward: ["read,write"]
 delegates:
   - kthread
   - local
