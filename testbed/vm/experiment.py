@@ -30,9 +30,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from testbed.errors import TestbedError
+from testbed.vm.boot import GUESTFWD_ADDR
 
 #: The guest's address of "a delegate on another node": the host (QEMU guestfwd).
-HOST_ADDR = "10.0.2.100"
+HOST_ADDR = GUESTFWD_ADDR
 #: The experiment's host label inside the guest (``RESULTS/<plan>/<label>/``).
 HOST_LABEL = "guest"
 REPO = Path(__file__).resolve().parent.parent.parent
