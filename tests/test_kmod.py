@@ -850,6 +850,7 @@ def test_three_mechanisms_plan_in_the_guest(vm_experiment):
 
 @pytest.mark.vm
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_tlb_experiment_in_the_guest(vm_experiment):
     rep, text, pd = _report(vm_experiment, "tlb")
     assert "experiment tlb: ran=6 skipped=0 failed=0" in vm_experiment["res"].stdout
