@@ -420,6 +420,17 @@ def test_guestfwd_carries_one_connection_to_loopback_both_ways():
     assert guest2.recv(10) == b""
 
 
+def test_guestfwd_rules_reach_only_the_host_loopback():
+    from testbed.errors import TestbedError
+    from testbed.vm import boot
+
+    (rule,) = boot._guestfwd_rules([(5555, 40001)])
+    assert rule.startswith("tcp:10.0.2.100:5555-cmd:") and rule.endswith("guestfwd.py 40001")
+    for bad in [(0, 1), (5555, 70000), ("x", 1), (1, 2, 3), "5555"]:
+        with pytest.raises(TestbedError):
+            boot._guestfwd_rules([bad])
+
+
 @pytest.mark.parametrize(
     "endpoint, where",
     [("tcp://127.0.0.1:5555", "the guest's own loopback"),
