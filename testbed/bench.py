@@ -149,12 +149,11 @@ def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, 
     (where SYNC_WAKE_UP applies); SIGCHLD and the watchdog timer end the wait.
     """
     from testbed.interpose.seccomp import SeccompBackend
-    from testbed.relay import _start_watchdog, _stop_watchdog
 
     out = tmp / "trap.bin"
     backend = SeccompBackend(frozenset({NR_WRITE}))
     child = backend.launch([str(exe), str(n), str(size), str(out)])
-    blocking = _start_watchdog()
+    blocking = backend.begin_serving()
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -170,8 +169,7 @@ def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, 
             child.kill()
             raise TestbedError("trap-only measurement did not finish within 120 s")
     finally:
-        if blocking:
-            _stop_watchdog()
+        backend.end_serving()
         child.wait()
         backend.close()
     if child.returncode != 0:

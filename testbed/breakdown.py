@@ -8,7 +8,7 @@ measurement alike), each of ``calls / rounds`` ``write(fd, buf, SIZE)`` calls:
   raw C TCP  loopback round trip of the same sizes (``cref/tcprtt.c``), blocking and spinning
 
 Per forwarded call, from the relay's records, its stage stamps
-(:data:`testbed.relay.STAGE_TRACE_ENV`), the delegate's stamps and the
+(:data:`testbed.run.STAGE_TRACE_ENV`), the delegate's stamps and the
 program's own call start/end (one clock: the delegate runs on this host), the
 stages telescope to the round trip the program measured:
 
@@ -43,7 +43,7 @@ import numpy as np
 
 from testbed import bench, rundir, wire
 from testbed.errors import TestbedError
-from testbed.relay import STAGE_TRACE_ENV
+from testbed.run import STAGE_TRACE_ENV
 
 CREF = Path(__file__).with_name("cref")
 STAGES = ("trap", "marshal", "send", "transport", "delegate", "decode", "resume")

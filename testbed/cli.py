@@ -99,30 +99,22 @@ def new_dir(text: str) -> str:
 
 def endpoint(text: str) -> str:
     """A ZeroMQ endpoint: tcp://HOST:PORT or ipc://PATH (HOST:PORT gets tcp://)."""
-    if "://" not in text:
-        text = "tcp://" + text
-    scheme, _, rest = text.partition("://")
-    if scheme not in ("tcp", "ipc", "inproc") or not rest:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint"
-        )
-    if scheme == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if not sep or not host or not (port.isdigit() or port == "*"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT")
-        if port != "*" and not 0 <= int(port) <= 65535:  # libzmq would wrap it silently
-            raise argparse.ArgumentTypeError(f"{text!r}: port must be 0-65535")
-    return text
+    from testbed.keys import EndpointError, parse_endpoint
+
+    try:
+        return parse_endpoint(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def connect_endpoint(text: str) -> str:
     """An endpoint to connect to: as :func:`endpoint`, and a TCP port is 1-65535."""
-    text = endpoint(text)
-    if text.startswith("tcp://"):
-        port = text.rpartition(":")[2]
-        if port == "*" or int(port) == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: connect needs a port 1-65535")
-    return text
+    from testbed.keys import EndpointError, parse_endpoint
+
+    try:
+        return parse_endpoint(text, connect=True)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def syscall_set(text: str) -> frozenset[int]:
@@ -153,17 +145,32 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.kthread import check_args
+    from testbed.run import STAGE_TRACE_ENV, run, summary_lines
 
-    args.program = _program(args)
-    check_args(args)
-    if args.mode == "kthread":
-        from testbed.kthread import main_run_kthread
-
-        return main_run_kthread(args)
-    from testbed.relay import main_run
-
-    return main_run(args)
+    result = run(
+        _program(args),
+        delegate=args.delegate,
+        forward=args.forward,
+        policy=args.policy,
+        profile=args.profile,
+        mode=args.mode,
+        backend=args.backend,
+        output=args.output,
+        timeout_s=args.timeout,
+        connect_timeout_s=args.connect_timeout,
+        busy_poll=args.busy_poll,
+        curve_keys=args.curve_keys,
+        offload_paths=args.offload_path,
+        pin_program=args.pin_program,
+        delay_us=args.delay_us,
+        faithful=args.faithful,
+        flush_caller_tlb=args.flush_caller_tlb,
+        stage_trace=os.environ.get(STAGE_TRACE_ENV) or None,
+    )
+    if not args.quiet:
+        for line in summary_lines(result):
+            print(line, file=sys.stderr)
+    return result.exit_status
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -135,15 +135,6 @@ class OffloadExecutor(Protocol):
     def forget(self, client: bytes) -> None: ...
 
 
-def _check_endpoint(endpoint: str) -> None:
-    """Catch what libzmq would silently accept (a TCP port above 65535 wraps)."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme == "tcp":
-        port = rest.rpartition(":")[2]
-        if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
-            raise TestbedError(f"cannot listen on {endpoint}: port must be 0-65535 or *")
-
-
 class _Client:
     """Accounting of one client (one ROUTER identity) within one thread."""
 
@@ -414,7 +405,10 @@ class Delegate:
         """Create the ROUTER socket and bind it; return the bound endpoint."""
         if self._endpoint is not None:
             return self._endpoint
-        _check_endpoint(self.listen)
+        try:  # catch what libzmq would silently accept (a TCP port above 65535 wraps)
+            keys.parse_endpoint(self.listen)
+        except keys.EndpointError as exc:
+            raise TestbedError(f"cannot listen on {self.listen}: {exc}") from None
         ctx = zmq.Context()
         self._ctx = ctx
         try:
@@ -497,6 +491,32 @@ class Delegate:
             self._thread.join(timeout)
         else:
             self._stopped.wait(timeout)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop was asked for (signal, :meth:`request_stop`, ``max_calls``)."""
+        return self._stop_requested
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the serving thread of :meth:`start`, if it failed."""
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (bounded by ``timeout``) until serving has ended; True if it has.
+
+        After :meth:`start` this also joins the serving thread (``timeout`` more).
+        """
+        if not self._stopped.wait(timeout):
+            return False
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def close(self) -> None:
+        """Close the sockets and the context now (idempotent; after serving, or instead)."""
+        self._close()
 
     def __enter__(self) -> Delegate:
         return self.start()
@@ -772,22 +792,21 @@ def main_delegate(args: Any) -> int:
             warning = keys.exposure_warning(delegate.bound_endpoint, delegate.curve_keys)
             if warning:
                 print(warning, file=sys.stderr, flush=True)
-        if not delegate._stop_requested:
+        if not delegate.stop_requested:
             # Serve in a thread; the main thread only waits.  Python runs signal
             # handlers in the main thread between bytecodes: had the main thread
             # been blocked inside libzmq when a signal came, its handler would
             # not run until the next message arrived (a lost wake-up).
             delegate.start()
-            while not delegate._stopped.wait(0.25):
+            while not delegate.wait(0.25):
                 pass
-            delegate._thread.join(5)
-            err = delegate._error
+            err = delegate.error
             if isinstance(err, zmq.ZMQError | RuntimeError | OSError):  # e.g. no more threads
                 raise TestbedError(f"delegate stopped: {err}") from None
             if err is not None:
                 raise err
     finally:
-        delegate._close()
+        delegate.close()
         if service is not None and args.record:
             service.write(args.record, delegate.welcome_info())
     try:

@@ -369,7 +369,7 @@ def _forward(item: Any, where: str) -> Forward:
 
 
 def _delegate(item: Any, where: str) -> DelegateSpec:
-    from testbed.cli import endpoint as check_endpoint
+    from testbed.keys import EndpointError, parse_endpoint
 
     if item == "local":
         return DelegateSpec("local", "local")
@@ -382,8 +382,8 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
     if not isinstance(item, dict) or not isinstance(item.get("endpoint"), str):
         raise PlanError(f"{where}: a delegate is 'local', an endpoint or {{name, endpoint}}")
     try:
-        ep = check_endpoint(item["endpoint"])
-    except argparse.ArgumentTypeError as exc:
+        ep = parse_endpoint(item["endpoint"])
+    except EndpointError as exc:
         raise PlanError(f"{where}: {exc}") from None
     name = item.get("name") or ep.split("://", 1)[1]
     return DelegateSpec(_label(str(name)), ep)

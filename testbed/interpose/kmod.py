@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from testbed.errors import TestbedError
-from testbed.interpose import BackendError, CallerGone, Trap, proc_times
+from testbed.interpose import BackendBase, BackendError, CallerGone, Trap, proc_times
 
 # ------------------------------------------------------------ uapi mirror
 
@@ -598,7 +598,7 @@ def read_process_memory(tid: int, addr: int, length: int) -> bytes:
 EXEC_NRS = (59, 322)  # execve, execveat: always trapped in relay mode (launch time)
 
 
-class KmodBackend:
+class KmodBackend(BackendBase):
     """Relay-mode interposition through ``/dev/mktrace`` (see the module docstring).
 
     ``timeout_s`` is the module's per-call safety net (a relay that is alive
@@ -613,7 +613,6 @@ class KmodBackend:
     """
 
     name = "kmod"
-    blocking_receive = False
 
     def __init__(
         self,
