@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=("auto", "perf", "strace"),
         default="auto",
-        help="tracer: perf trace -s, strace -f -T, or auto (perf if it works)",
+        help="tracer: perf trace -s, strace -f -T, or auto (strace if installed, else perf)",
     )
     p.add_argument(
         "--native-runs",

@@ -4,7 +4,9 @@ Starts a delegate on loopback, generates a compressible input file, compresses
 it with gzip natively and with ``read,write`` forwarded (three times each),
 checks that the outputs are byte-identical, and prints the measured ``f_c``,
 the slowdown ``t_d / t_nd`` and what the extended model predicts from ``f_c``
-(at gamma = 1: ``t_d = t_nd + 2 f_c sum n(s)``).  Needs no root.
+(at gamma = 1: ``t_d = t_nd + 2 f_c sum n(s)``, with the mean ``f_c``: a total
+is n times the mean).  Relay and profile run in this process
+(:func:`testbed.run.run`, :func:`testbed.profile.profile`).  Needs no root.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from testbed import rundir
 from testbed.bench import LocalDelegate
 from testbed.errors import TestbedError
 from testbed.experiment import generate_input
+from testbed.profile import profile
+from testbed.run import run
 
 REPEATS = 3
 
@@ -38,12 +42,15 @@ def _native(program: list[str], out_file: Path) -> float:
 
 
 def _forwarded(program: list[str], endpoint: str, run_dir: Path, out_file: Path) -> rundir.Run:
-    cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
-           "--forward", "read,write", "-o", str(run_dir), "--", *program]  # fmt: skip
+    # In process: the delegate is another process and the demo does nothing
+    # else while the relay serves, so run.json's relay CPU time stays the relay's.
     with open(out_file, "wb") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True)
-    if res.returncode != 0:
-        raise TestbedError(f"forwarded run failed: {res.stderr.strip()}")
+        try:
+            res = run(program, delegate=endpoint, forward="read,write", output=run_dir, stdout=f)
+        except TestbedError as exc:
+            raise TestbedError(f"forwarded run failed: {exc}") from None
+    if res.exit_status != 0:
+        raise TestbedError(f"forwarded run of {program[0]} exited {res.exit_status}")
     return rundir.load(run_dir)
 
 
@@ -74,13 +81,12 @@ def main_demo(args) -> int:
 
     # a native profile of the same command, so `testbed analyze` of this folder
     # has n(s), g(s), C and an untraced t_nd to predict the forwarded runs from
-    prof = subprocess.run(
-        [sys.executable, "-m", "testbed", "profile", "--quiet", "--native-runs", str(REPEATS),
-         "-o", str(base / "profile"), "--", *program],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    if prof.returncode != 0:
-        raise TestbedError(f"native profile failed: {prof.stderr.strip()}")
+    try:
+        _path, prof = profile(program, base / "profile", native=REPEATS, stdout=subprocess.DEVNULL)
+    except TestbedError as exc:
+        raise TestbedError(f"native profile failed: {exc}") from None
+    if prof["exit_status"] != 0:
+        raise TestbedError(f"native profile of {program[0]} exited {prof['exit_status']}")
 
     want = _digest(base / "native.gz")
     for i in range(REPEATS):
@@ -91,12 +97,12 @@ def main_demo(args) -> int:
     counts = {row["name"]: int(row["n"]) for row in run.syscalls}
     n_fwd = sum(counts.values())
     calls = np.concatenate([np.asarray(r.calls()) for r in runs])
-    overhead_us = rundir.derived(calls)["overhead"] / 1e3
-    f_c = float(np.median(overhead_us)) / 2
+    f_c = rundir.fc_estimates(calls)  # the fault-free calls, as analysis fits them
     rtt = float(np.nanmedian(rundir.derived(calls)["rtt"])) / 1e3
     t_nd = statistics.median(native_walls)
     t_d = statistics.median(r.meta["wall_s"] for r in runs)
-    predicted = t_nd + 2 * f_c * 1e-6 * n_fwd
+    # a total of n calls is n times the mean (docs/analysis.md), not the median
+    predicted = t_nd + 2 * f_c["mean"] * 1e-6 * n_fwd
     faults = sum(r.meta["calls"]["faults"] for r in runs)
 
     print("")
@@ -104,7 +110,8 @@ def main_demo(args) -> int:
     print(f"forwarded       {n_fwd} calls per run ("
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"), {faults} faults")  # fmt: skip
     print(f"rtt             p50 {rtt:.1f} µs (relay -> delegate -> relay over ZeroMQ)")
-    print(f"f_c             {f_c:.1f} µs  (median per-call overhead / 2)")
+    print(f"f_c             {f_c['median']:.1f} µs median, {f_c['mean']:.1f} µs mean  "
+          "(per-call overhead / 2, fault-free calls)")  # fmt: skip
     print(f"t_nd (native)   {t_nd * 1e3:.1f} ms   median of {REPEATS}")
     print(f"t_d (forwarded) {t_d * 1e3:.1f} ms   median of {REPEATS}")
     print(f"slowdown        {t_d / t_nd:.2f}x   (model at gamma=1 predicts t_d = "
