@@ -17,7 +17,6 @@ trap-only / native.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import select
 import shutil
@@ -337,22 +336,26 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main_bench(args) -> int:
-    if args.size < 0 or args.size > (1 << 20):
-        raise TestbedError("--size must be between 0 and 1048576 bytes")
-    if args.rounds is not None and not args.breakdown:
-        raise TestbedError("--rounds is only used with --breakdown")
-    if args.breakdown:
-        from testbed.breakdown import format_breakdown, run_breakdown
+def bench(
+    endpoint: str | None,
+    calls: int,
+    size: int,
+    breakdown: bool = False,
+    rounds: int | None = None,
+) -> dict:
+    """``testbed bench``: the side-by-side measurements (or ``breakdown``), as a dict.
 
-        results = run_breakdown(args.delegate, args.calls, args.size, args.rounds or 5)
+    ``endpoint`` None starts a delegate on loopback.  Format the result with
+    :func:`format_report` (or :func:`testbed.breakdown.format_breakdown`).
+    """
+    if size < 0 or size > (1 << 20):
+        raise TestbedError("--size must be between 0 and 1048576 bytes")
+    if rounds is not None and not breakdown:
+        raise TestbedError("--rounds is only used with --breakdown")
+    if breakdown:
+        from testbed.breakdown import run_breakdown
+
+        results = run_breakdown(endpoint, calls, size, rounds or 5)
         results["host"] = host_metadata()
-        print(format_breakdown(results, results["host"]))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        return 0
-    results = run_bench(args.delegate, args.calls, args.size)
-    print(format_report(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+        return results
+    return run_bench(endpoint, calls, size)

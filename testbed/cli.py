@@ -1,8 +1,10 @@
 """``testbed`` command line: one ``cmd_<verb>`` per subcommand.
 
-The CLI is a thin layer: each ``cmd_<verb>`` parses nothing itself and calls
-into the module that does the job (imported lazily so ``--help`` is fast and
-``testbed`` never imports ``analysis`` unless asked to).  User errors
+The CLI is a thin layer: each ``cmd_<verb>`` turns its parsed arguments into
+a call of the module that does the job (``testbed.run.run``,
+``testbed.profile.profile``, ``testbed.bench.bench``, ``testbed.demo.demo``,
+... imported lazily so ``--help`` is fast and ``testbed`` never imports
+``analysis`` unless asked to) and prints what it returns.  User errors
 (:class:`testbed.errors.TestbedError`) are printed as one line
 ``testbed: error: ...`` with a non-zero exit status.
 """
@@ -145,7 +147,7 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.run import STAGE_TRACE_ENV, run, summary_lines
+    from testbed.run import run, summary_lines
 
     result = run(
         _program(args),
@@ -165,7 +167,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         delay_us=args.delay_us,
         faithful=args.faithful,
         flush_caller_tlb=args.flush_caller_tlb,
-        stage_trace=os.environ.get(STAGE_TRACE_ENV) or None,
     )
     if not args.quiet:
         for line in summary_lines(result):
@@ -174,16 +175,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from testbed.profile import main_profile
+    from testbed.profile import profile
 
-    args.program = _program(args)
-    return main_profile(args)
+    out, meta = profile(_program(args), args.output, args.method, native=args.native_runs)
+    if not args.quiet:
+        print(
+            f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "
+            f"wall {meta['wall_s']:.3f} s, user {meta['user_s']:.3f} s, sys {meta['sys_s']:.3f} s, "
+            f"p_sys {meta['p_sys']:.2%}, p_g {meta['p_g']:.2%} ({meta['method']}) -> {out}",
+            file=sys.stderr,
+        )
+        if meta["lost_events"]:
+            print(
+                f"testbed profile: warning: tracer lost {meta['lost_events']} events",
+                file=sys.stderr,
+            )
+    return meta["exit_status"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from testbed.bench import main_bench
+    import json
+    from pathlib import Path
 
-    return main_bench(args)
+    from testbed.bench import bench, format_report
+
+    results = bench(args.delegate, args.calls, args.size, args.breakdown, args.rounds)
+    if args.breakdown:
+        from testbed.breakdown import format_breakdown
+
+        print(format_breakdown(results, results["host"]))
+    else:
+        print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -199,9 +224,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from testbed.demo import main_demo
+    from testbed.demo import demo, report_lines
 
-    return main_demo(args)
+    result = demo(args.output, args.size_mb, say=lambda text: print(text, file=sys.stderr))
+    for line in report_lines(result):
+        print(line)
+    return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -843,6 +843,9 @@ class Runner:
             argv = _argv(w, self.offload_input(w, cell.delegate))
         else:
             argv = _argv(w, self.input_for(w))
+        # A subprocess, not testbed.run.run in process: the relay is pinned to its
+        # own CPUs (preexec_fn), killed on the plan's timeout, and its CPU time
+        # (run.json) must not include this runner's or a local delegate's.
         cmd = [sys.executable, "-m", "testbed", "run"] + _mechanism_args(
             cell.delegate, self.endpoints[cell.delegate.name], self.plan
         )

@@ -47,7 +47,6 @@ The command exits with PROGRAM's exit status (128 + N for signal N).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -435,21 +434,3 @@ def profile(
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
     return out, meta
-
-
-def main_profile(args: argparse.Namespace) -> int:
-    out, meta = profile(args.program, args.output, getattr(args, "method", "auto"),
-                        native=getattr(args, "native_runs", 0) or 0)  # fmt: skip
-    if not getattr(args, "quiet", False):
-        print(
-            f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "
-            f"wall {meta['wall_s']:.3f} s, user {meta['user_s']:.3f} s, sys {meta['sys_s']:.3f} s, "
-            f"p_sys {meta['p_sys']:.2%}, p_g {meta['p_g']:.2%} ({meta['method']}) -> {out}",
-            file=sys.stderr,
-        )
-        if meta["lost_events"]:
-            print(
-                f"testbed profile: warning: tracer lost {meta['lost_events']} events",
-                file=sys.stderr,
-            )
-    return meta["exit_status"]

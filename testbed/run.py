@@ -35,11 +35,6 @@ from testbed.hostinfo import host_metadata
 from testbed.program import exit_status, forward_signals
 
 MODES = ("cost", "offload", "kthread")
-#: ``testbed bench --breakdown`` sets this in the environment of ``testbed run``:
-#: the relay then also stamps, per call, when the send returned, when the reply
-#: was decoded and when the record was written, and saves them (int64 triples in
-#: record order) to this file at the end (see :mod:`testbed.breakdown`).
-STAGE_TRACE_ENV = "TESTBED_STAGE_TRACE"
 
 
 @dataclass(frozen=True)
@@ -94,8 +89,10 @@ def run(
     mode traps the file-I/O calls on ``offload_paths`` itself.  ``kthread``
     mode needs ``backend="kmod"`` and no ``delegate``; ``delay_us``,
     ``faithful`` and ``flush_caller_tlb`` belong to it.  ``stdout`` is the
-    program's standard output (default: inherited).  ``stage_trace``: also
-    save per-call stage stamps there (:data:`STAGE_TRACE_ENV`).  Every user
+    program's standard output (default: inherited).  ``stage_trace``: the
+    relay also stamps, per call, when the send returned, when the reply was
+    decoded and when the record was written, and saves them to this file
+    (int64 triples in record order; ``testbed bench --breakdown``).  Every user
     error is a :class:`TestbedError` with one line; a program that cannot be
     started is one too, raised after its run directory was written.
     """
