@@ -280,9 +280,8 @@ def finish_rundir(out: Path, meta: dict[str, Any], extra: dict[str, Any] | None 
     rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
-    meta = {**meta, "summary": summary, "complete": True, **(extra or {})}
-    rundir.write_meta(out, meta)
-    return meta
+    rundir.write_meta(out, {**meta, "summary": summary, "complete": True, **(extra or {})})
+    return rundir.load(out).meta  # as written (JSON types, rundir_version)
 
 
 def _relay_meta(opts, backend, relay, started, status, rusage, t_exit) -> dict[str, Any]:
