@@ -8,7 +8,7 @@ measurement alike), each of ``calls / rounds`` ``write(fd, buf, SIZE)`` calls:
   raw C TCP  loopback round trip of the same sizes (``cref/tcprtt.c``), blocking and spinning
 
 Per forwarded call, from the relay's records, its stage stamps
-(``testbed.run.run(..., stage_trace=FILE)``), the delegate's stamps and the
+(:data:`testbed.relay.STAGE_TRACE_ENV`), the delegate's stamps and the
 program's own call start/end (one clock: the delegate runs on this host), the
 stages telescope to the round trip the program measured:
 
@@ -43,7 +43,7 @@ import numpy as np
 
 from testbed import bench, rundir, wire
 from testbed.errors import TestbedError
-from testbed.run import run as run_forwarded
+from testbed.relay import STAGE_TRACE_ENV
 
 CREF = Path(__file__).with_name("cref")
 STAGES = ("trap", "marshal", "send", "transport", "delegate", "decode", "resume")
@@ -88,23 +88,20 @@ def tcp_c(exe: Path, n: int, req: int, resp: int, busy: bool, tmp: Path) -> np.n
 def forwarded_stages(
     exe: Path, n: int, size: int, endpoint: str, delegate_pid: int | None, tmp: Path, busy: bool
 ) -> dict:
-    """One forwarded run of the write loop; per-call stages (ns) and CPU per call."""
+    """One ``testbed run`` of the write loop; per-call stages (ns) and CPU per call."""
     tag = "busy" if busy else "sleep"
     out, starts, trace = tmp / f"fwd-{tag}.bin", tmp / f"start-{tag}.bin", tmp / f"st-{tag}.bin"
     run_dir = tmp / f"run-{tag}-{os.urandom(4).hex()}"
-    # The relay runs in this process (testbed.run): the delegate is another
-    # process, and nothing else runs here meanwhile, so run.json's relay CPU
-    # time is the relay's own.
+    cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
+           "--forward", "write", "-o", str(run_dir), *(["--busy-poll"] if busy else []),
+           "--", str(exe), str(n), str(size), str(out), str(starts)]  # fmt: skip
     d0 = task_cpu_ns(delegate_pid) if delegate_pid else 0
-    try:
-        res = run_forwarded([str(exe), str(n), str(size), str(out), str(starts)], delegate=endpoint,
-                            forward=[bench.NR_WRITE], output=run_dir, busy_poll=busy,
-                            stage_trace=trace)  # fmt: skip
-    except TestbedError as exc:
-        raise TestbedError(f"forwarded run failed: {exc}") from None
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, STAGE_TRACE_ENV: str(trace)}
+    )
     d1 = task_cpu_ns(delegate_pid) if delegate_pid else 0
-    if res.exit_status != 0:
-        raise TestbedError(f"forwarded run failed: the bench program exited {res.exit_status}")
+    if res.returncode != 0:
+        raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
     run = rundir.load(run_dir)
     recs = run.calls()
     st = np.fromfile(trace, dtype=np.int64).reshape(-1, 3)

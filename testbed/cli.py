@@ -147,6 +147,7 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from testbed.relay import STAGE_TRACE_ENV
     from testbed.run import run, summary_lines
 
     result = run(
@@ -167,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         delay_us=args.delay_us,
         faithful=args.faithful,
         flush_caller_tlb=args.flush_caller_tlb,
+        stage_trace=os.environ.get(STAGE_TRACE_ENV) or None,
     )
     if not args.quiet:
         for line in summary_lines(result):

@@ -35,6 +35,11 @@ from testbed.syscalls import ArgKind
 
 _IOVEC = struct.Struct("<QQ")
 PROBE_INTERVAL_NS = 1_000_000_000
+#: ``testbed bench --breakdown`` sets this in the environment of ``testbed run``:
+#: the relay then also stamps, per call, when the send returned, when the reply
+#: was decoded and when the record was written, and saves them (int64 triples in
+#: record order) to this file at the end (see :mod:`testbed.breakdown`).
+STAGE_TRACE_ENV = "TESTBED_STAGE_TRACE"
 _POLLIN = int(zmq.POLLIN)  # plain ints: IntFlag arithmetic is slow on the hot path
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -394,9 +399,9 @@ class Relay:
         try:
             while True:
                 if blocking and status is None and not inflight:
-                    # Idle: wait inside receive() (seccomp: NOTIF_RECV, where the
-                    # kernel's synchronous wake-up applies, not to poll).  The
-                    # backend's watchdog interrupts it (None) so the exit is seen.
+                    # Idle: wait inside NOTIF_RECV (the kernel's synchronous wake-up
+                    # applies there, not to poll).  SIGCHLD or the watchdog timer
+                    # interrupts it (EINTR -> None) so the exit is seen.
                     trap = receive()
                     if trap is not None:
                         on_trap(trap)

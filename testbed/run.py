@@ -92,7 +92,8 @@ def run(
     program's standard output (default: inherited).  ``stage_trace``: the
     relay also stamps, per call, when the send returned, when the reply was
     decoded and when the record was written, and saves them to this file
-    (int64 triples in record order; ``testbed bench --breakdown``).  Every user
+    (int64 triples in record order; ``testbed bench --breakdown`` asks for it
+    through :data:`testbed.relay.STAGE_TRACE_ENV`).  Every user
     error is a :class:`TestbedError` with one line; a program that cannot be
     started is one too, raised after its run directory was written.
     """
