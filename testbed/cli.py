@@ -141,9 +141,29 @@ def _program(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_delegate(args: argparse.Namespace) -> int:
-    from testbed.delegate import main_delegate
+    from testbed.delegate import delegate_from_args, serve_until_stopped
+    from testbed.keys import exposure_warning
 
-    return main_delegate(args)
+    delegate = delegate_from_args(args)
+
+    def ready(d) -> None:
+        if not args.quiet:
+            print(d.status_line(), file=sys.stderr, flush=True)
+            warning = exposure_warning(d.bound_endpoint, d.curve_keys)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+
+    try:
+        serve_until_stopped(delegate, user=args.user, on_ready=ready)
+    finally:
+        if delegate.service is not None and args.record:
+            delegate.service.write(args.record, delegate.welcome_info())
+    if not args.quiet:
+        for line in delegate.accounting_lines():
+            print(line, file=sys.stderr)
+        print(f"testbed delegate: stopped after {delegate.answered} calls from "
+              f"{len(delegate.stats())} clients", file=sys.stderr, flush=True)  # fmt: skip
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
