@@ -175,7 +175,7 @@ class OffloadRelay(Relay):
 
     def __init__(self, backend, sock: zmq.Socket, recorder: rundir.CallRecorder,
                  prefixes: list[str], timeout_s: float = 2.0, busy_poll: bool = False):  # fmt: skip
-        if getattr(backend, "name", "") != "seccomp":
+        if backend.name != "seccomp":
             raise OffloadError("offload mode needs the seccomp backend (ADDFD placeholders)")
         super().__init__(backend, sock, recorder, mode="offload", timeout_s=timeout_s,
                          busy_poll=busy_poll)  # fmt: skip
