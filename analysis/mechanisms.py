@@ -252,16 +252,19 @@ def tlb_verdict(t: pd.DataFrame) -> list[str]:
             if not np.isfinite(gf):
                 continue
             extra = gf - gd
-            if extra > noise:
+            if gf <= noise:
+                verdict = ("the flushes do not explain the error growth here: with them the "
+                           "error does not grow by more than the threshold")  # fmt: skip
+            elif extra > noise:
                 verdict = (f"the flushes add {extra:+.1%} of error growth beyond the default's: "
                            "they explain that part of it here")  # fmt: skip
             else:
-                verdict = ("the flushes do not explain the error growth here (the difference "
-                           "is below the threshold)")  # fmt: skip
+                verdict = ("the flushes do not explain the error growth here: the default, "
+                           "which flushes nothing, grows within the threshold of it")  # fmt: skip
             out.append(
                 f"- `{f}` vs `{d}`: mean |error| grows by {gf:+.1%} from γ = {g0} to γ = {g1} "
-                f"with the flushes and by {gd:+.1%} without (natives' spread at γ = {g1}: "
-                f"{noise:.1%}, threshold max(spread, {MIN_GROWTH:.0%})): {verdict}."
+                f"with the flushes and by {gd:+.1%} without (threshold {noise:.1%}: the "
+                f"natives' spread at γ = {g1}, at least {MIN_GROWTH:.0%}): {verdict}."
             )
     return out
 

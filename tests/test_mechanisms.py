@@ -153,3 +153,26 @@ def test_tlb_experiment_rows_and_verdict(tmp_path, refill_s, explains):
 def test_tlb_section_needs_a_faithful_variant(tmp_path):
     runs, natives = _load(_mechanism_tree(tmp_path / "runs"))
     assert mechanisms.tlb_section(runs, natives, {}, str).markdown == []
+
+
+def _tlb_rows(errors: dict[str, list[float]], spread: float = 0.05) -> pd.DataFrame:
+    rows = [{"mechanism": m, "gamma": g, "mean_abs_error": e, "native_spread": spread}
+            for m, es in errors.items() for g, e in zip((1, 4, 16), es, strict=True)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    "default, faithful, says",
+    [
+        ([0.02, 0.03, 0.02], [0.02, 0.15, 0.40], "they explain that part of it here"),
+        ([0.02, 0.20, 0.40], [0.02, 0.22, 0.41], "the default, which flushes nothing, grows"),
+        # both shrink, the default more: no growth with the flushes, nothing to attribute
+        ([3.50, 1.00, 0.18], [0.60, 0.40, 0.31], "with them the error does not grow"),
+    ],
+)  # fmt: skip
+def test_tlb_verdict_attributes_only_growth_beyond_the_default(default, faithful, says):
+    t = _tlb_rows({"kmod-kthread/same-node": default,
+                   "kmod-kthread-faithful/same-node": faithful})  # fmt: skip
+    (line,) = mechanisms.tlb_verdict(t)
+    assert says in line
+    assert ("do not explain" in line) == (says != "they explain that part of it here")
