@@ -221,6 +221,8 @@ class Relay:
         self.stages: list[tuple[int, int, int]] | None = None
         self._t_sent: dict[int, int] = {}
         self._t_decoded = 0
+        #: the common case in C (testbed.fastpath.attach), None: Python serves all
+        self.fast = None
 
     # ------------------------------------------------------------ calls
     def on_trap(self, trap: Trap) -> None:
@@ -318,6 +320,8 @@ class Relay:
         ret: int = 0,
     ) -> None:
         self._last_released = trap
+        if self.fast is not None:
+            self.fast.drain()  # its records come first: they are older
         if not self.backend.resume_continue(trap):
             flags = (flags & ~rundir.F_UNREADABLE) | rundir.F_CALLER_GONE
             self.stats.caller_gone += 1
@@ -401,13 +405,14 @@ class Relay:
         mono = time.monotonic_ns
         busy_poll = self.busy_poll
         blocking = getattr(self.backend, "blocking_receive", False) and _start_watchdog()
+        fast = self.fast
         try:
             while True:
                 if blocking and status is None and not inflight:
                     # Idle: wait inside NOTIF_RECV (the kernel's synchronous wake-up
                     # applies there, not to poll).  SIGCHLD or the watchdog timer
                     # interrupts it (EINTR -> None) so the exit is seen.
-                    trap = receive()
+                    trap = fast.serve() if fast is not None and not self.peer_down else receive()
                     if trap is not None:
                         on_trap(trap)
                         continue
@@ -549,6 +554,9 @@ def main_run(args) -> int:
     else:
         relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
                       busy_poll=args.busy_poll)  # fmt: skip
+    from testbed import fastpath
+
+    why_python = fastpath.attach(relay)
     trace = os.environ.get(STAGE_TRACE_ENV)
     if trace:
         relay.stages = []
@@ -582,6 +590,8 @@ def main_run(args) -> int:
             child.kill()
             child.wait()
             getattr(backend, "kill_descendants", lambda: None)()
+        if relay.fast is not None:
+            relay.fast.close()
         recorder.close()
         backend.close()
         sock.close()
@@ -592,6 +602,7 @@ def main_run(args) -> int:
     launch_error = getattr(backend, "launch_error", lambda: None)()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
+    meta["hot_path"] = fastpath.describe(relay, why_python)
     # the relay's own CPU time (all its threads, ZeroMQ's included) while the program ran
     meta["cpu"] = {"relay_user_s": cpu1.ru_utime - cpu0.ru_utime,
                    "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,

@@ -125,6 +125,13 @@ class CallRecorder:
         if len(self._buf) >= self._chunk:
             self.flush()
 
+    def add_packed(self, data: bytes, n: int) -> None:
+        """Append ``n`` records already packed as ``CALL_DTYPE`` with seq from ``count``."""
+        self._buf.append(data)
+        self.count += n
+        if len(self._buf) >= self._chunk or n >= 256:  # a big block: write it now
+            self.flush()
+
     def add_array(self, records: np.ndarray) -> None:
         """Append records given as a ``CALL_DTYPE`` array (``seq`` is assigned here)."""
         if not len(records):
