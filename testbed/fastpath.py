@@ -58,7 +58,10 @@ class _Ctx(ctypes.Structure):
     """The shared head of ``struct tb_ctx`` (data/fastpath.c), field by field."""
 
     _fields_ = [
-        *((n, ctypes.c_int64) for n in ("abi", "listener", "busy", "wait_ns", "slice_ns", "stages")),
+        *(
+            (n, ctypes.c_int64)
+            for n in ("abi", "listener", "busy", "wait_ns", "slice_ns", "stages", "trap_only")
+        ),
         ("sock", ctypes.c_void_p),
         *((f, ctypes.c_void_p) for f in _ZMQ_FUNCS),
         ("next_id", ctypes.c_uint64),
@@ -207,6 +210,7 @@ class FastPath:
                 return backend.receive()
             self.started = True
             self.ctx.listener = backend.fileno()  # known once launched
+            self.ctx.stages = int(self.relay.stages is not None)
         relay, c = self.relay, self.ctx
         c.next_id = relay._next_id
         c.seq = relay.recorder.count
@@ -288,3 +292,65 @@ def describe(relay, why_not: str | None) -> dict:
         "why_python": why_not,
         "busy_poll": relay.busy_poll,
     }
+
+
+def trap_only(backend, child, deadline: float) -> bool:
+    """``testbed bench``'s trap-only row through the C loop: continue every call at once.
+
+    Serves ``backend`` until ``child`` exited and nothing holds the filter;
+    False if ``deadline`` (``time.monotonic``) passed first.  The caller runs
+    it in the main thread with the relay's watchdog started.
+    """
+    import time
+
+    loaded = load()
+    if isinstance(loaded, str):
+        raise OSError(loaded)
+    lib = loaded[0]
+    ptr = lib.tb_new()
+    c = _Ctx.from_address(ptr)
+    try:
+        c.listener = backend.fileno()
+        c.trap_only = 1
+        c.slice_ns = SLICE_NS
+        for nr in call_kinds():
+            lib.tb_set_kind(ptr, nr, 1, 0, 0)
+        while time.monotonic() < deadline:
+            started = backend.program_started()
+            rc = lib.tb_forward(ptr) if started else TB_TRAP
+            trap = None
+            if rc == TB_TRAP:
+                trap = backend.take(bytes(c.notif), c.t_trap) if started else backend.receive()
+            elif rc == TB_ERROR:
+                raise OSError(c.err, os.strerror(c.err))
+            if trap is not None:
+                backend.resume_continue(trap)
+            elif child.poll() is not None and backend.finished():
+                return True
+        return False
+    finally:
+        lib.tb_free(ptr)
+
+
+def zmq_rtt(sock, frame: bytes, n: int, busy: bool) -> list[int] | None:
+    """``testbed bench``'s raw ZeroMQ row from C: n round trips of ``frame`` on ``sock``.
+
+    Latencies in ns, or None where the C path is unavailable or a round trip failed.
+    """
+    loaded = load()
+    if isinstance(loaded, str):
+        return None
+    lib, libzmq = loaded
+    ptr = lib.tb_new()
+    c = _Ctx.from_address(ptr)
+    try:
+        c.sock = sock.underlying
+        c.busy = int(busy)
+        for name in _ZMQ_FUNCS:
+            setattr(c, name, ctypes.cast(getattr(libzmq, name), ctypes.c_void_p).value)
+        lat = (ctypes.c_uint32 * n)()
+        rc = lib.tb_zmq_rtt(ctypes.c_void_p(ptr), frame, ctypes.c_size_t(len(frame)),
+                            ctypes.c_long(n), lat)  # fmt: skip
+        return None if rc else list(lat)
+    finally:
+        lib.tb_free(ptr)

@@ -90,7 +90,7 @@ struct tb_record {
 /* Shared with Python (testbed/fastpath.py mirrors it field by field). */
 struct tb_ctx {
 	/* set once by Python */
-	int64_t abi, listener, busy, wait_ns, slice_ns, stages;
+	int64_t abi, listener, busy, wait_ns, slice_ns, stages, trap_only;
 	void *sock;
 	zmq_send_f zsend;
 	zmq_poll_f zpoll;
@@ -437,6 +437,12 @@ int tb_forward(struct tb_ctx *c)
 				forget_mem(c, (int32_t)tid);
 			return TB_TRAP;
 		}
+		if (c->trap_only) { /* the benchmark's trap-only row: continue at once */
+			if (resume(c, nid) < 0)
+				return TB_TRAP;
+			c->served++;
+			continue;
+		}
 		size_t n = CALL_FIX + 5;
 		int64_t nbytes = 0;
 
@@ -477,6 +483,38 @@ int tb_forward(struct tb_ctx *c)
 		if (rc != TB_NONE)
 			return rc;
 	}
+}
+
+/* The benchmark's "raw ZeroMQ, C client" row: n round trips of frame on c->sock. */
+int tb_zmq_rtt(struct tb_ctx *c, const uint8_t *frame, size_t len, long n, uint32_t *lat)
+{
+	zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
+	zmq_msg_t m;
+
+	for (long i = 0; i < n; i++) {
+		int64_t t0 = now_ns();
+
+		if (c->zsend(c->sock, frame, len, 0) < 0)
+			return -1;
+		for (;;) {
+			int rc = c->zpoll(&item, 1, c->busy ? 0 : 5000);
+
+			if (rc > 0)
+				break;
+			if (rc < 0 && errno != EINTR)
+				return -1;
+			if (now_ns() - t0 > 5000000000LL)
+				return -1;
+		}
+		c->zinit(&m);
+		if (c->zrecv(&m, c->sock, 0) < 0) {
+			c->zclose(&m);
+			return -1;
+		}
+		c->zclose(&m);
+		lat[i] = (uint32_t)(now_ns() - t0);
+	}
+	return 0;
 }
 
 void tb_free(struct tb_ctx *c)
