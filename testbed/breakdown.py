@@ -27,9 +27,13 @@ median within the spread.  A stage is wall time on a shared machine: when the
 relay is preempted inside one (busy-polled, often by the ZeroMQ I/O thread its
 send woke), that stage absorbs the next ("send" then holds most of "transport").
 
-CPU per forwarded call: the relay's own (``run.json`` ``cpu``: from the
-program's launch to its exit, so the launch is included) and the
-delegate's (``/proc/PID/task/*/schedstat`` before and after each run).
+CPU per forwarded call, per thread group (schedstat): the relay's
+(``run.json`` ``hot_path.thread_cpu_s``: from the program's launch to its exit,
+the launch itself excluded) and the delegate's (before and after each run):
+the serving thread ("main" / "tb-delegate") and libzmq's I/O thread ("zmq").
+
+Each round runs the relay's C path (:mod:`testbed.fastpath`, the default) and
+its Python path (``TESTBED_FASTPATH=0``) side by side, in alternating order.
 """
 
 from __future__ import annotations
@@ -52,18 +56,6 @@ OFF_PATH = ("record",)
 
 def cref_binary(name: str) -> Path:
     return bench.compile_c(name, (CREF / f"{name}.c").read_text())
-
-
-def task_cpu_ns(pid: int) -> int:
-    """CPU time (ns) of every thread of ``pid`` (schedstat: ns resolution)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # thread ended in between
-    return total
 
 
 def _run_c(args: list[str]) -> str:
@@ -105,12 +97,12 @@ def forwarded_stages(
     cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
            "--forward", "write", "-o", str(run_dir), *(["--busy-poll"] if busy else []),
            "--", str(exe), str(n), str(size), str(out), str(starts)]  # fmt: skip
-    d0 = task_cpu_ns(delegate_pid) if delegate_pid else 0
+    d0 = fastpath.thread_cpu_ns(delegate_pid) if delegate_pid else {}
     env = {**os.environ, STAGE_TRACE_ENV: str(trace)}
     if python_path:
         env[fastpath.ENV] = "0"
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    d1 = task_cpu_ns(delegate_pid) if delegate_pid else 0
+    d1 = fastpath.cpu_since(d0, delegate_pid) if delegate_pid else {}
     if res.returncode != 0:
         raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
     run = rundir.load(run_dir)
@@ -138,14 +130,18 @@ def forwarded_stages(
         "record": t_rec - r["t_resume"],
     }
     count = run.meta["calls"]["count"]
-    cpu = run.meta.get("cpu") or {}
-    relay_cpu = cpu.get("relay_user_s", 0.0) + cpu.get("relay_sys_s", 0.0) if cpu else None
+    threads = run.meta["hot_path"]["thread_cpu_s"]  # the program's lifetime, launch excluded
+    nan = float("nan")
     return {
         "lat": lat,
         "stages": stages,
         "c_share": run.meta["hot_path"]["c_calls"] / count if count else 0.0,
-        "relay_cpu_us": relay_cpu * 1e6 / count if relay_cpu is not None else float("nan"),
-        "delegate_cpu_us": (d1 - d0) / 1e3 / count if delegate_pid else float("nan"),
+        "relay_cpu_us": sum(threads.values()) * 1e6 / count,
+        "relay_main_us": threads.get("main", nan) * 1e6 / count,
+        "relay_zmq_us": threads.get("zmq", nan) * 1e6 / count,
+        "delegate_cpu_us": sum(d1.values()) * 1e6 / count if d1 else nan,
+        "delegate_serve_us": d1.get("tb-delegate", nan) * 1e6 / count,
+        "delegate_zmq_us": d1.get("zmq", nan) * 1e6 / count,
     }
 
 
@@ -183,9 +179,8 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
             per[k + key] = []
     tags = ("sleep", "busy", "sleep-py", "busy-py")
     stages: dict[str, dict[str, list]] = {t: {} for t in tags}
-    cpu: dict[str, dict[str, list]] = {
-        t: {"relay": [], "delegate": [], "c_share": []} for t in tags
-    }
+    parts = ("relay", "relay_main", "relay_zmq", "delegate", "delegate_serve", "delegate_zmq")
+    cpu: dict[str, dict[str, list]] = {t: {k: [] for k in (*parts, "c_share")} for t in tags}
     totals: dict[str, list] = {t: [] for t in tags}
     sync = False
     frame_bytes = 0
@@ -209,8 +204,8 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
                 totals[tag].append(f["lat"])
                 for name, arr in f["stages"].items():
                     stages[tag].setdefault(name, []).append(arr)
-                for k in ("relay", "delegate"):
-                    cpu[tag][k].append(f[f"{k}_cpu_us"])
+                for k in parts:
+                    cpu[tag][k].append(f[_cpu_key(k)])
                 cpu[tag]["c_share"].append(f["c_share"])
             per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
     out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
@@ -252,11 +247,14 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
             "round_trip_p75_us": float(np.percentile(total, 75)),
             "round_trip_p10_us": float(np.percentile(total, 10)),
             "round_trip_p90_us": float(np.percentile(total, 90)),
-            "relay_cpu_us": _spread(cpu[tag]["relay"]),
-            "delegate_cpu_us": _spread(cpu[tag]["delegate"]),
+            **{_cpu_key(k): _spread(cpu[tag][k]) for k in parts},
             "c_share": _spread(cpu[tag]["c_share"]),
         }
     return out
+
+
+def _cpu_key(part: str) -> str:
+    return part + ("_us" if "_" in part else "_cpu_us")
 
 
 def time_ns_like() -> int:
@@ -325,6 +323,9 @@ def format_breakdown(r: dict, host: dict) -> str:
     for g in tags:
         s = st[g]
         lines.append(
-            f"    {g:9s} relay {_fmt(s['relay_cpu_us'])}, delegate {_fmt(s['delegate_cpu_us'])}"
+            f"    {g:9s} relay {_fmt(s['relay_cpu_us'])} (main {s['relay_main_us']['median']:.1f}"
+            f" + libzmq {s['relay_zmq_us']['median']:.1f}), delegate "
+            f"{_fmt(s['delegate_cpu_us'])} (serving {s['delegate_serve_us']['median']:.1f}"
+            f" + libzmq {s['delegate_zmq_us']['median']:.1f})"
         )
     return "\n".join(lines)

@@ -354,3 +354,27 @@ def zmq_rtt(sock, frame: bytes, n: int, busy: bool) -> list[int] | None:
         return None if rc else list(lat)
     finally:
         lib.tb_free(ptr)
+
+
+def thread_cpu_ns(pid: int | str = "self") -> dict[str, int]:
+    """CPU time (ns, schedstat) of the threads of ``pid``: "main", "zmq" (libzmq's), others by name."""
+    out: dict[str, int] = {}
+    base = f"/proc/{pid}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"{base}/{tid}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            continue  # ended in between
+        main = tid == str(pid) or (pid == "self" and int(tid) == os.getpid())
+        key = "main" if main else "zmq" if comm.startswith("ZMQbg") else comm
+        out[key] = out.get(key, 0) + ns
+    return out
+
+
+def cpu_since(before: dict[str, int], pid: int | str = "self") -> dict[str, float]:
+    """Seconds of CPU per thread group since ``before`` (:func:`thread_cpu_ns`)."""
+    now = thread_cpu_ns(pid)
+    return {k: (v - before.get(k, 0)) / 1e9 for k, v in sorted(now.items())}

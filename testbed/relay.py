@@ -565,7 +565,7 @@ def main_run(args) -> int:
     # leaves a loadable run directory (records flushed at least every second)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, None, None, 0)
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
-    status = rusage = child = None
+    status = rusage = child = threads = None
     t_exit = 0
     program_cpus = None
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -578,8 +578,10 @@ def main_run(args) -> int:
             os.sched_setaffinity(child.pid, args.pin_program)
         program_cpus = cpus.affinity(child.pid)
         restore = _forward_signals(child.pid)
+        threads0 = fastpath.thread_cpu_ns()
         try:
             status, rusage, t_exit = relay.serve(child.pid)
+            threads = fastpath.cpu_since(threads0)
             if args.mode == "offload":
                 relay.finish()
         finally:
@@ -602,7 +604,7 @@ def main_run(args) -> int:
     launch_error = getattr(backend, "launch_error", lambda: None)()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
-    meta["hot_path"] = fastpath.describe(relay, why_python)
+    meta["hot_path"] = {**fastpath.describe(relay, why_python), "thread_cpu_s": threads}
     # the relay's own CPU time (all its threads, ZeroMQ's included) while the program ran
     meta["cpu"] = {"relay_user_s": cpu1.ru_utime - cpu0.ru_utime,
                    "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,

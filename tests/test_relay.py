@@ -30,12 +30,22 @@ ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
 """
 
 
+@pytest.fixture(autouse=True, params=["c-path", "python-path"])
+def hot_path(request, monkeypatch):
+    """Every test here runs with the relay's C path (the default) and with it off."""
+    if request.param == "python-path":
+        monkeypatch.setenv("TESTBED_FASTPATH", "0")
+    else:
+        monkeypatch.delenv("TESTBED_FASTPATH", raising=False)
+    return request.param
+
+
 def _run(delegate, out, forward, *program, timeout=120, extra=()):
     return run_testbed("run", "--delegate", delegate.endpoint, "--forward", forward,
                        "-o", str(out), *extra, "--", *program, timeout=timeout)  # fmt: skip
 
 
-def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path):
+def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path, hot_path):
     program = ["gzip", "-6", "-c", str(payload)]
     native = subprocess.run(program, capture_output=True, check=True).stdout
     res = _run(delegate, tmp_path / "run", "read,write", *program)
@@ -55,6 +65,7 @@ def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path
     writes = calls[calls["nr"] == 1]
     assert int(writes["bytes_in"].sum()) == len(native)  # write buffers were marshalled
     assert run.meta["exit_status"] == 0 and run.meta["calls"]["faults"] == 0
+    assert run.meta["hot_path"]["c"] == (hot_path == "c-path")
     assert "f_c" in res.stderr.decode() and str(tmp_path / "run") in res.stderr.decode()
 
 
