@@ -45,7 +45,9 @@ def lib():
 
 def _c_call(lib, call_id, tid, nr, args, arg, data) -> bytes:
     out = ctypes.create_string_buffer(256 + len(data))
-    n = lib.tb_encode_call(out, call_id, tid, nr, (ctypes.c_uint64 * 6)(*args), arg, data, len(data))
+    n = lib.tb_encode_call(
+        out, call_id, tid, nr, (ctypes.c_uint64 * 6)(*args), arg, data, len(data)
+    )
     return out.raw[:n]
 
 
@@ -158,7 +160,9 @@ def test_other_argument_kinds_go_to_python_and_interleave_in_order(delegate, tmp
             assert hot["python_calls"] >= counts["openat"] and hot["c_calls"] >= 1, hot
         shapes[name] = _shape(run)
     assert shapes["c"] == shapes["python"]
-    writes = [b for nr, b in zip(shapes["c"]["nr"], shapes["c"]["bytes_in"], strict=True) if nr == 1]
+    writes = [
+        b for nr, b in zip(shapes["c"]["nr"], shapes["c"]["bytes_in"], strict=True) if nr == 1
+    ]
     assert writes[-40:] == list(range(40))  # the marshalled buffers, in order
 
 
@@ -223,7 +227,9 @@ class OddDelegate:
                 "error": [wire.encode_error(wire.E_INTERNAL, "odd", msg.call_id)],
                 "late-then-fixed": [wire.encode_result(res._replace(call_id=msg.call_id + 10**6))],
                 "envelope": [b"", fixed],
-                "errno-5000": [msgpack.packb([2, "result", msg.call_id, 0, 5000, [1, 2, 3, 4], []])],
+                "errno-5000": [
+                    msgpack.packb([2, "result", msg.call_id, 0, 5000, [1, 2, 3, 4], []])
+                ],
                 "garbage": [b"\xc1garbage"],
             }[how]
             if how == "envelope":
