@@ -30,7 +30,8 @@ send woke), that stage absorbs the next ("send" then holds most of "transport").
 CPU per forwarded call, per thread group (schedstat): the relay's
 (``run.json`` ``hot_path.thread_cpu_s``: from the program's launch to its exit,
 the launch itself excluded) and the delegate's (before and after each run):
-the serving thread ("main" / "tb-delegate") and libzmq's I/O thread ("zmq").
+libzmq's I/O threads ("zmq") and the rest (the relay loop; the delegate's
+serving thread, with its connection guard).
 
 Each round runs the relay's C path (:mod:`testbed.fastpath`, the default) and
 its Python path (``TESTBED_FASTPATH=0``) side by side, in alternating order.
@@ -140,7 +141,7 @@ def forwarded_stages(
         "relay_main_us": threads.get("main", nan) * 1e6 / count,
         "relay_zmq_us": threads.get("zmq", nan) * 1e6 / count,
         "delegate_cpu_us": sum(d1.values()) * 1e6 / count if d1 else nan,
-        "delegate_serve_us": d1.get("tb-delegate", nan) * 1e6 / count,
+        "delegate_serve_us": (sum(d1.values()) - d1.get("zmq", 0.0)) * 1e6 / count if d1 else nan,
         "delegate_zmq_us": d1.get("zmq", nan) * 1e6 / count,
     }
 
