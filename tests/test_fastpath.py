@@ -25,7 +25,8 @@ import zmq
 from testbed import fastpath, rundir, wire
 from tests.conftest import run_testbed, strace_counts
 
-OFF = {**os.environ, fastpath.ENV: "0"}
+ON = {k: v for k, v in os.environ.items() if k != fastpath.ENV}  # whatever the caller set
+OFF = {**ON, fastpath.ENV: "0"}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_gzip_both_paths_identical_to_native_and_to_each_other(delegate, payload
     native = subprocess.run(program, capture_output=True, check=True).stdout
     counts = strace_counts(program, "read,write")
     shapes = {}
-    for name, env in (("c", None), ("python", OFF), ("c-busy", None)):
+    for name, env in (("c", ON), ("python", OFF), ("c-busy", ON)):
         extra = ("--busy-poll",) if name.endswith("busy") else ()
         res = _run(delegate.endpoint, tmp_path / name, "read,write", program, env, extra)
         assert res.returncode == 0, res.stderr
@@ -150,7 +151,7 @@ def test_other_argument_kinds_go_to_python_and_interleave_in_order(delegate, tmp
     program = [sys.executable, "-c", script]
     counts = strace_counts(program, "openat,write")
     shapes = {}
-    for name, env in (("c", None), ("python", OFF)):
+    for name, env in (("c", ON), ("python", OFF)):
         res = _run(delegate.endpoint, tmp_path / name, "openat,write", program, env)
         assert res.returncode == 0, res.stderr
         run = rundir.load(tmp_path / name)
@@ -171,7 +172,7 @@ def test_threads_with_calls_in_flight_together(delegate, tmp_path):
               "def w(k):\n    for i in range(300):\n        os.write(1, b'%d %d\\n' % (k, i))\n"
               "ts = [threading.Thread(target=w, args=(k,)) for k in range(4)]\n"
               "[t.start() for t in ts]\n[t.join() for t in ts]\n")  # fmt: skip
-    res = _run(delegate.endpoint, tmp_path / "r", "write", [sys.executable, "-c", script])
+    res = _run(delegate.endpoint, tmp_path / "r", "write", [sys.executable, "-c", script], ON)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.decode().split("\n")[:-1]
     assert sorted(lines) == sorted(f"{k} {i}" for k in range(4) for i in range(300))
@@ -183,7 +184,7 @@ def test_threads_with_calls_in_flight_together(delegate, tmp_path):
 
 
 def test_no_compiler_means_the_python_path(delegate, tmp_path):
-    env = {**os.environ, "PATH": str(tmp_path / "empty"), "XDG_CACHE_HOME": str(tmp_path / "c")}
+    env = {**ON, "PATH": str(tmp_path / "empty"), "XDG_CACHE_HOME": str(tmp_path / "c")}
     program = ["/bin/sh", "-c", "echo one; echo two"]
     res = _run(delegate.endpoint, tmp_path / "r", "write", program, env)
     assert res.returncode == 0, res.stderr
@@ -253,7 +254,7 @@ def test_odd_replies_errors_and_timeouts_behave_as_the_python_path(tmp_path):
     program = ["/bin/sh", "-c", echoes]
     seen = {}
     try:
-        for name, env in (("c", None), ("python", OFF), ("c-busy", None)):
+        for name, env in (("c", ON), ("python", OFF), ("c-busy", ON)):
             odd = OddDelegate(ctx)
             extra = ("--timeout", "0.3", *(("--busy-poll",) if name == "c-busy" else ()))
             try:
