@@ -59,9 +59,10 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
         assert label in text, label
     data = json.loads(out.read_text())
     assert data["rounds"] == 2 and data["calls_per_round"] == 600
-    for key in ("trap_py", "trap_c", "raw_zmq", "fwd", "raw_zmq_busy", "fwd_busy", "tcp_c"):
+    for key in ("trap_py", "trap_fast", "trap_c", "raw_zmq", "raw_zmq_c", "fwd", "fwd_py",
+                "raw_zmq_busy", "fwd_busy", "fwd_py_busy", "tcp_c"):  # fmt: skip
         assert data["p50_us"][key]["median"] > 0, key
-    for tag in ("sleep", "busy"):
+    for tag in ("sleep", "busy", "sleep-py", "busy-py"):
         s = data["stages"][tag]
         med = s["median_us"]
         assert set(med) == {"trap", "marshal", "send", "transport", "delegate", "decode",
@@ -74,6 +75,9 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
         assert s["sum_of_medians_us"] - med["send"] - med["transport"] < s["round_trip_p10_us"]
         assert med["delegate"] > 0 and med["send"] + med["transport"] > 0 and med["record"] > 0
         assert s["relay_cpu_us"]["median"] > 0 and s["delegate_cpu_us"]["median"] > 0
+        assert s["relay_main_us"]["median"] > 0 and s["relay_zmq_us"]["median"] > 0
+        # the C path served the C rows (all but the odd call), the Python path the others
+        assert s["c_share"]["min"] > 0.9 if tag in ("sleep", "busy") else s["c_share"]["max"] == 0
 
 
 def test_bench_breakdown_rejects_too_many_rounds():
