@@ -126,6 +126,30 @@ def test_exit_status_and_signal_death(delegate, tmp_path):
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
 
 
+def test_sigterm_to_the_relay_reaches_a_program_busy_in_forwarded_calls(delegate, tmp_path):
+    """The relay passes SIGTERM on even while its loop is serving (the C path
+    returns to Python at least every 50 ms for that)."""
+    mark = tmp_path / "writing"
+    loop = ("import os, sys\nfor i in range(200):\n    os.write(1, b'x' * 64)\n"
+            "open(sys.argv[1], 'w').close()\nwhile True:\n    os.write(1, b'x' * 64)\n")  # fmt: skip
+    proc = subprocess.Popen(
+        tb_argv("run", "--delegate", delegate.endpoint, "--forward", "write",
+                "-o", str(tmp_path / "r"), "--", sys.executable, "-c", loop, str(mark)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mark.exists(), "the program never got going"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    run = rundir.load(tmp_path / "r")
+    assert run.complete and run.meta["calls"]["count"] > 100, run.meta["calls"]
+    assert run.meta["calls"]["faults"] == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
