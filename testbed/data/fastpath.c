@@ -327,7 +327,7 @@ static int resume(struct tb_ctx *c, uint64_t nid)
 }
 
 /* Wait for the reply to call_id; TB_NONE once it is released and recorded. */
-static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr)
+static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr, int64_t until)
 {
 	zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {NULL, (int)c->listener, ZMQ_POLLIN, 0}};
 	int64_t deadline = c->t_send + c->wait_ns;
@@ -348,7 +348,10 @@ static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr)
 		if (rc < 0)
 			return TB_INFLIGHT; /* EINTR: Python's signal handlers run, it waits on */
 		if (rc == 0) {
-			if (!c->busy || now_ns() >= deadline)
+			int64_t now = now_ns();
+
+			/* spinning: back to Python at the slice's end too (signals) */
+			if (!c->busy || now >= deadline || now >= until)
 				return TB_INFLIGHT;
 			continue;
 		}
@@ -462,7 +465,7 @@ int tb_forward(struct tb_ctx *c)
 				}
 				len = (size_t)got;
 			}
-			memmove(out + CALL_FIX + BUF_HEAD + len, "\xa4" "cost", 5);
+			memcpy(out + CALL_FIX + BUF_HEAD + len, "\xa4" "cost", 5);
 			buf_head(out + CALL_FIX, c->buf_arg[nr], (uint32_t)len);
 			n = CALL_FIX + BUF_HEAD + len + 5;
 			nbytes = (int64_t)len;
@@ -478,7 +481,7 @@ int tb_forward(struct tb_ctx *c)
 		c->call_id = c->next_id++;
 		if (c->stages)
 			c->t_sent = now_ns();
-		int rc = wait_reply(c, nid, (int32_t)tid, (int16_t)nr);
+		int rc = wait_reply(c, nid, (int32_t)tid, (int16_t)nr, until);
 
 		if (rc != TB_NONE)
 			return rc;
