@@ -138,8 +138,12 @@ def measure_native(exe: Path, n: int, size: int, tmp: Path) -> dict:
 
 
 def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
-    lat, sync = trap_only_lat(exe, n, size, tmp)
-    return {**_pcts(lat), "sync_wakeup": sync}
+    """Trap-only through the loop ``testbed run`` would use here (C path or Python)."""
+    from testbed import fastpath
+
+    c_path = not fastpath.disabled_by_env() and not isinstance(fastpath.load(), str)
+    lat, sync = trap_only_lat(exe, n, size, tmp, c_path=c_path)
+    return {**_pcts(lat), "sync_wakeup": sync, "c_path": c_path}
 
 
 def trap_only_lat(
@@ -320,7 +324,10 @@ def _all(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
 def format_report(r: dict) -> str:
     rows = [
         ("native write", r["native"]),
-        ("trap-only (seccomp)", r["trap_only"]),
+        (
+            "trap-only (seccomp, " + ("C path)" if r["trap_only"].get("c_path") else "Python)"),
+            r["trap_only"],
+        ),
         ("raw ZeroMQ round trip", r["raw_zmq"]),
         ("full forwarded", r["forwarded"]),
         ("raw ZeroMQ, busy-polled", r["raw_zmq_busy"]),

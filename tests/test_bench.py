@@ -13,7 +13,7 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
     res = run_testbed("bench", "--calls", "2000", "--size", "64", "--json", str(out), timeout=300)
     assert res.returncode == 0, res.stderr
     text = res.stdout.decode()
-    for label in ("native write", "trap-only (seccomp)", "raw ZeroMQ round trip",
+    for label in ("native write", "trap-only (seccomp, C path)", "raw ZeroMQ round trip",
                   "full forwarded", "ratio full/raw-ZeroMQ", "ratio trap-only/native"):  # fmt: skip
         assert label in text, label
     data = json.loads(out.read_text())
@@ -21,6 +21,7 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
         assert data[key]["n"] == 2000
         assert data[key]["p50_us"] > 0 and data[key]["p99_us"] >= data[key]["p50_us"]
     assert data["forwarded"]["faults"] == 0
+    assert data["trap_only"]["c_path"]  # the loop testbed run uses here (cc is installed)
     assert data["raw_zmq"]["frame_bytes"] > 64  # the frame carries the 64-byte buffer
 
 
