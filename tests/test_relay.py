@@ -181,9 +181,11 @@ def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_p
                         "-o", str(tmp_path / "r"), "--", sys.executable, "-c", slow),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        time.sleep(1.0)
+        first = run.stdout.readline()  # the relay is connected and the program runs
+        time.sleep(0.5)
         d.send_signal(signal.SIGKILL)
         out, err = run.communicate(timeout=60)
+        out = first + out
     finally:
         d.kill()
         d.wait()
