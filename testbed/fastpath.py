@@ -33,10 +33,19 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from testbed import syscalls
 from testbed.interpose import Trap
 from testbed.syscalls import ArgKind
+
+if TYPE_CHECKING:
+    import subprocess as _sp
+
+    import zmq
+
+    from testbed.interpose.seccomp import SeccompBackend
+    from testbed.relay import Relay
 
 SOURCE = Path(__file__).with_name("data") / "fastpath.c"
 #: ``0``/``off``/``no`` turns the C path off (the Python path serves every call).
@@ -153,6 +162,13 @@ def load() -> tuple[ctypes.CDLL, ctypes.CDLL] | str:
     return _LOADED
 
 
+def _set_socket(c: _Ctx, sock: zmq.Socket, libzmq: ctypes.CDLL) -> None:
+    """pyzmq's own socket handle and the entry points of the libzmq that made it."""
+    c.sock = sock.underlying
+    for name in _ZMQ_FUNCS:
+        setattr(c, name, ctypes.cast(getattr(libzmq, name), ctypes.c_void_p).value)
+
+
 def call_kinds() -> dict[int, tuple[int, int, int]]:
     """nr -> (kind, buffer arg, size arg) for the calls the C path serves.
 
@@ -174,7 +190,7 @@ def call_kinds() -> dict[int, tuple[int, int, int]]:
 class FastPath:
     """Drives ``tb_forward`` for one :class:`testbed.relay.Relay` (see module docstring)."""
 
-    def __init__(self, relay, lib: ctypes.CDLL, libzmq: ctypes.CDLL):
+    def __init__(self, relay: Relay, lib: ctypes.CDLL, libzmq: ctypes.CDLL):
         self.relay = relay
         self.backend = relay.backend
         self.lib = lib
@@ -186,9 +202,7 @@ class FastPath:
         c.busy = int(relay.busy_poll)
         c.wait_ns = min(relay.timeout_ns, WAIT_NS)
         c.slice_ns = SLICE_NS
-        c.sock = relay.sock.underlying
-        for name in _ZMQ_FUNCS:
-            setattr(c, name, ctypes.cast(getattr(libzmq, name), ctypes.c_void_p).value)
+        _set_socket(c, relay.sock, libzmq)
         for nr, (kind, arg, size_arg) in call_kinds().items():
             lib.tb_set_kind(self._ptr, nr, kind, arg, size_arg)
         self._forward = lib.tb_forward
@@ -264,7 +278,7 @@ class FastPath:
             self._ptr = None
 
 
-def attach(relay) -> str | None:
+def attach(relay: Relay) -> str | None:
     """Give ``relay`` the C path where it applies; returns why not otherwise."""
     from testbed.relay import Relay
 
@@ -281,7 +295,7 @@ def attach(relay) -> str | None:
     return None
 
 
-def describe(relay, why_not: str | None) -> dict:
+def describe(relay: Relay, why_not: str | None) -> dict:
     """run.json ``hot_path``: which path served how many forwarded calls."""
     fast = getattr(relay, "fast", None)
     c_calls = fast.served if fast is not None else 0
@@ -294,7 +308,7 @@ def describe(relay, why_not: str | None) -> dict:
     }
 
 
-def trap_only(backend, child, deadline: float) -> bool:
+def trap_only(backend: SeccompBackend, child: _sp.Popen, deadline: float) -> bool:
     """``testbed bench``'s trap-only row through the C loop: continue every call at once.
 
     Serves ``backend`` until ``child`` exited and nothing holds the filter;
@@ -332,7 +346,7 @@ def trap_only(backend, child, deadline: float) -> bool:
         lib.tb_free(ptr)
 
 
-def zmq_rtt(sock, frame: bytes, n: int, busy: bool) -> list[int] | None:
+def zmq_rtt(sock: zmq.Socket, frame: bytes, n: int, busy: bool) -> list[int] | None:
     """``testbed bench``'s raw ZeroMQ row from C: n round trips of ``frame`` on ``sock``.
 
     Latencies in ns, or None where the C path is unavailable or a round trip failed.
@@ -344,10 +358,8 @@ def zmq_rtt(sock, frame: bytes, n: int, busy: bool) -> list[int] | None:
     ptr = lib.tb_new()
     c = _Ctx.from_address(ptr)
     try:
-        c.sock = sock.underlying
+        _set_socket(c, sock, libzmq)
         c.busy = int(busy)
-        for name in _ZMQ_FUNCS:
-            setattr(c, name, ctypes.cast(getattr(libzmq, name), ctypes.c_void_p).value)
         lat = (ctypes.c_uint32 * n)()
         rc = lib.tb_zmq_rtt(ctypes.c_void_p(ptr), frame, ctypes.c_size_t(len(frame)),
                             ctypes.c_long(n), lat)  # fmt: skip
