@@ -255,7 +255,7 @@ class FastPath:
     def drain(self) -> None:
         """Move the records C wrote into the relay's recorder (in call order)."""
         c, relay = self.ctx, self.relay
-        n = c.nrec
+        n = c.nrec if c is not None else 0  # (closed: nothing left)
         if not n:
             return
         relay.recorder.add_packed(ctypes.string_at(self._records, n * RECORD_BYTES), n)
