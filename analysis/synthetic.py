@@ -65,6 +65,8 @@ def delegated_run(
             t += o + 1000
         total_overhead += ovh_ns.sum() / 1e9
     rec.close()
+    # syscalls.csv and the summary as testbed run writes them (rundir's one derivation)
+    rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     wall = t_nd + total_overhead + (rng.normal(0.0, run_noise_s) if run_noise_s else 0.0)
     meta = {
         "kind": "delegated",
@@ -82,6 +84,7 @@ def delegated_run(
         "delegate": {"delay_us": delay_us},
         "host": _host(hostname),
         "calls": {"count": rec.count, "faults": 0},
+        "summary": summary,
     }
     if policy:
         meta["policy"] = policy

@@ -17,7 +17,8 @@ from typing import Any
 from testbed.errors import TestbedError
 from testbed.procs import free_port, pinner, testbed_env
 
-READY_TIMEOUT_S = 15.0
+#: How long a new delegate may take to answer (Python under QEMU TCG starts slowly).
+READY_TIMEOUT_S = 120.0
 
 
 def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ A plan::
       - {name: node3, endpoint: "tcp://10.213.47.3:5555"}
       - kthread                    # the mktrace module's kernel thread on this node
       - {name: kt20, kthread: {delay_us: 20, faithful: false}}
+      - {name: ktf, kthread: {delay_us: 20, faithful: true, flush_caller_tlb: true}}
     pin: false                     # true: program, relay (and a local delegate)
                                    # on separate CPUs where there are >= 2
 

@@ -7,7 +7,6 @@ full before anything runs: :func:`load_plan` / :func:`parse_plan` return a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -61,6 +60,7 @@ class DelegateSpec:
     endpoint: str  # "local" = start one on loopback, "kthread" = the module's kernel thread
     delay_us: float = 0.0  # kthread: spin per leg
     faithful: bool = False  # kthread: the mktrace-faithful variant
+    flush_caller_tlb: bool = False  # kthread, faithful only: flush the caller's CPU too
 
     @property
     def kthread(self) -> bool:
@@ -70,6 +70,8 @@ class DelegateSpec:
         out: dict[str, Any] = {"name": self.name, "endpoint": self.endpoint}
         if self.kthread:
             out.update(delay_us=self.delay_us, faithful=self.faithful)
+            if self.flush_caller_tlb:
+                out["flush_caller_tlb"] = True
         return out
 
 
@@ -258,7 +260,7 @@ def _forward(item: Any, where: str) -> Forward:
 
 
 def _delegate(item: Any, where: str) -> DelegateSpec:
-    from testbed.cli import endpoint as check_endpoint
+    from testbed.keys import EndpointError, parse_endpoint
 
     if item == "local":
         return DelegateSpec("local", "local")
@@ -271,11 +273,14 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
     if not isinstance(item, dict) or not isinstance(item.get("endpoint"), str):
         raise PlanError(f"{where}: a delegate is 'local', an endpoint or {{name, endpoint}}")
     try:
-        ep = check_endpoint(item["endpoint"])
-    except argparse.ArgumentTypeError as exc:
+        ep = parse_endpoint(item["endpoint"])
+    except EndpointError as exc:
         raise PlanError(f"{where}: {exc}") from None
     name = item.get("name") or ep.split("://", 1)[1]
     return DelegateSpec(label(str(name)), ep)
+
+
+KTHREAD_KEYS = {"delay_us", "faithful", "flush_caller_tlb"}
 
 
 def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
@@ -283,8 +288,10 @@ def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
     if opts is True or opts is None:
         opts = {}
     unknown = set(item) - {"name", "kthread"}
-    if not isinstance(opts, dict) or unknown or set(opts) - {"delay_us", "faithful"}:
-        raise PlanError(f"{where}: a kthread delegate is {{name, kthread: {{delay_us, faithful}}}}")
+    if not isinstance(opts, dict) or unknown or set(opts) - KTHREAD_KEYS:
+        raise PlanError(
+            f"{where}: a kthread delegate is {{name, kthread: {{delay_us, faithful, flush_caller_tlb}}}}"
+        )
     try:
         delay = float(opts.get("delay_us", 0.0))
     except (TypeError, ValueError):
@@ -292,9 +299,13 @@ def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
     if not 0 <= delay <= 1e6:
         raise PlanError(f"{where}: kthread delay_us must be a number in [0, 1000000]")
     faithful = opts.get("faithful", False)
-    if not isinstance(faithful, bool):
-        raise PlanError(f"{where}: kthread faithful must be true or false")
-    return DelegateSpec(label(str(item.get("name") or "kthread")), "kthread", delay, faithful)
+    flush = opts.get("flush_caller_tlb", False)
+    if not isinstance(faithful, bool) or not isinstance(flush, bool):
+        raise PlanError(f"{where}: kthread faithful and flush_caller_tlb must be true or false")
+    if flush and not faithful:
+        raise PlanError(f"{where}: kthread flush_caller_tlb needs faithful: true")
+    name = label(str(item.get("name") or "kthread"))
+    return DelegateSpec(name, "kthread", delay, faithful, flush)
 
 
 def _list(data: dict, key: str, where: str) -> list:

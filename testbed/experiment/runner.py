@@ -254,6 +254,9 @@ class Runner:
             argv = workload_argv(w, self.offload_input(w, cell.delegate))
         else:
             argv = workload_argv(w, self.input_for(w))
+        # A subprocess, not testbed.run.run in process: the relay is pinned to its
+        # own CPUs (preexec_fn), killed on the plan's timeout, and its CPU time
+        # (run.json) must not include this runner's or a local delegate's.
         cmd = [sys.executable, "-m", "testbed", "run"] + mechanism_args(
             cell.delegate, self.endpoints[cell.delegate.name], self.plan
         )
@@ -368,7 +371,11 @@ def mechanism_args(d: DelegateSpec, endpoint: str, plan: Plan) -> list[str]:
     """``testbed run`` options that choose the mechanism of a cell."""
     if d.kthread:
         args = ["--backend", "kmod", "--mode", "kthread", "--delay-us", f"{d.delay_us:g}"]
-        return args + (["--faithful"] if d.faithful else [])
+        return (
+            args
+            + (["--faithful"] if d.faithful else [])
+            + (["--flush-caller-tlb"] if d.flush_caller_tlb else [])
+        )
     return ["--delegate", endpoint, "--mode", plan.mode, "--backend", plan.backend]
 
 
