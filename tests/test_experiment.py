@@ -159,7 +159,7 @@ def test_kthread_delegates_are_node_local_and_kept(tmp_path):
     # --delegate (what experiment.yml passes) replaces the network delegates only
     over = experiment.load_plan(plan, ["node3=tcp://10.213.47.3:5555"]).delegates
     assert [d.name for d in over] == ["node3", "kthread", "kt20", "ktf"]
-    assert experiment._mechanism_args(over[3], "kthread", experiment.load_plan(plan))[-2:] == [
+    assert experiment.mechanism_args(over[3], "kthread", experiment.load_plan(plan))[-2:] == [
         "--faithful", "--flush-caller-tlb"]  # fmt: skip
     d = over[2]
     assert experiment.mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
