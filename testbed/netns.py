@@ -343,19 +343,21 @@ def kill_namespace_pids(name: str, grace: float = 2.0, rounds: int = 3) -> int:
     """Kill every process living in namespace ``name`` (one we created): SIGTERM,
     SIGKILL after ``grace`` s, repeated (bounded) for processes forked meanwhile.
     Returns how many processes were signalled."""
-    killed = 0
+    signalled: set[int] = set()
     for _ in range(rounds):
         pids = namespace_pids(name)
         if not pids:
             break
-        killed += len(pids)
+        signalled.update(pids)
         _signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
+        deadline = time.monotonic() + grace  # gone, not just out of the namespace
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-            pids = namespace_pids(name)
-        _signal_all(pids, signal.SIGKILL)
-    return killed
+        _signal_all([p for p in pids if pid_alive(p)], signal.SIGKILL)
+    deadline = time.monotonic() + grace  # SIGKILLed ones: until the kernel has reaped them
+    while any(pid_alive(p) for p in signalled) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(signalled)
 
 
 def _signal_all(pids: Iterable[int], sig: int) -> None:
