@@ -557,9 +557,10 @@ def main_run(args) -> int:
     # leaves a loadable run directory (records flushed at least every second)
     meta = _run_meta(args, forwarded, welcome, backend, relay, started, None, None, 0)
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
-    status = rusage = child = None
+    status = rusage = child = stats1 = None
     t_exit = 0
     program_cpus = None
+    stats0 = cpus.request_stats(sock)  # the delegate's CPU time, wherever it runs
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(args.program)
@@ -574,6 +575,8 @@ def main_run(args) -> int:
             status, rusage, t_exit = relay.serve(child.pid)
             if args.mode == "offload":
                 relay.finish()
+            lost = getattr(relay, "peer_down", False)
+            stats1 = {"error": "delegate lost during the run"} if lost else cpus.request_stats(sock)
         finally:
             restore()
         child.returncode = _exit_code(status) if status is not None else 1
@@ -597,6 +600,8 @@ def main_run(args) -> int:
                    "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
                    "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
                    "cpu_count": os.cpu_count()}  # fmt: skip
+    if stats1 is not None:
+        meta["cpu"].update(cpus.delegate_cpu(stats0, stats1, program_cpus))
     rundir.write_meta(out, {**meta, "complete": False})
     rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     rundir.write_syscalls(out, rows)
