@@ -1,4 +1,4 @@
-"""The VM harness (testbed/vm.py): boots Debian's kernel under QEMU/TCG.
+"""The VM harness (testbed/vm/): boots Debian's kernel under QEMU/TCG.
 
 Every test boots a real guest (about 10-20 s each under TCG); checks that
 share one boot use the module-scoped ``probe`` fixture.

@@ -1,9 +1,10 @@
-"""The ``mktrace`` kernel module as an interposition backend, and its ABI mirror.
+"""The ``mktrace`` kernel module as an interposition backend (launcher, backend, CLI).
 
-This module mirrors ``kmod/include/uapi/mktrace.h`` (ctypes structures,
-ioctl numbers, constants; ``tests/test_kmod.py`` compiles a C program against
-the header and checks that both agree), wraps ``/dev/mktrace`` in
-:class:`Device`, and implements the relay's :class:`~testbed.interpose.Backend`
+The ABI mirror of ``kmod/include/uapi/mktrace.h`` (ctypes structures, ioctl
+numbers, constants) lives in :mod:`testbed.interpose.kmod_abi` and the
+``/dev/mktrace`` wrapper :class:`Device` in :mod:`testbed.interpose.kmod_device`;
+both are re-exported here.  This module launches programs registered on a
+session and implements the relay's :class:`~testbed.interpose.Backend`
 protocol in :class:`KmodBackend`.
 
 A session is one open file of the device.  The backend opens it, sets the
@@ -25,7 +26,6 @@ import argparse
 import ctypes
 import ctypes.util
 import errno as errno_mod
-import fcntl
 import os
 import select
 import shutil
@@ -33,393 +33,126 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
-from typing import NamedTuple
 
 from testbed.errors import TestbedError
 from testbed.interpose import BackendError, CallerGone, Trap, proc_times
+from testbed.interpose.kmod_abi import (
+    ABI_VERSION,
+    ACT_CONTINUE,
+    ACT_EIO,
+    CONSTANTS,
+    DEVICE,
+    F_ALL,
+    F_DESCENDANTS,
+    F_FAITHFUL,
+    F_FLUSH_CALLER,
+    IOC_GET_CONFIG,
+    IOC_GET_STATS,
+    IOC_GET_STATUS,
+    IOC_IS_PENDING,
+    IOC_MAGIC,
+    IOC_REGISTER,
+    IOC_RESET_STATS,
+    IOC_SET_CONFIG,
+    IOC_SET_SYSCALLS,
+    KREC_FAITHFUL,
+    KREC_RELEASED,
+    KREC_RING,
+    KRECORD_FIELDS,
+    MAX_DELAY_NS,
+    MAX_SYSCALLS,
+    MAX_TIMEOUT_NS,
+    MIN_TIMEOUT_NS,
+    MODE_KTHREAD,
+    MODE_RELAY,
+    MODES,
+    RELEASE_ACTIONS,
+    REPLY_CONTINUE,
+    REPLY_RETURN,
+    SET_WORDS,
+    STRUCTS,
+    SYSFS,
+    Config,
+    KRecord,
+    Reply,
+    Request,
+    Stat,
+    StatsQuery,
+    Status,
+    SyscallSet,
+    _ioc,
+)
+from testbed.interpose.kmod_device import (
+    NOT_LOADED,
+    Device,
+    SyscallStat,
+    _bitmap,
+    _syscall_name,
+    module_info,
+)
 
-# ------------------------------------------------------------ uapi mirror
-
-# Changelog of ABI_VERSION (kmod/include/uapi/mktrace.h):
-#   1 - first version (ftrace hooks, relay mode)
-#   2 - kthread call records (KRecord), F_FAITHFUL / F_FLUSH_CALLER,
-#       Status.dropped, REGISTER needs no_new_privs
-ABI_VERSION = 2
-DEVICE = "/dev/mktrace"
-SYSFS = "/sys/module/mktrace"
-MAX_SYSCALLS = 1024
-SET_WORDS = MAX_SYSCALLS // 64
-
-MODE_KTHREAD = 1
-MODE_RELAY = 2
-F_DESCENDANTS = 1 << 0
-F_FAITHFUL = 1 << 1
-F_FLUSH_CALLER = 1 << 2
-F_ALL = F_DESCENDANTS | F_FAITHFUL | F_FLUSH_CALLER
-KREC_RELEASED = 1 << 0
-KREC_FAITHFUL = 1 << 1
-KREC_RING = 65536
-ACT_CONTINUE = 0
-ACT_EIO = 1
-REPLY_CONTINUE = 0
-REPLY_RETURN = 1
-MAX_DELAY_NS = 1_000_000_000
-MIN_TIMEOUT_NS = 1_000_000
-MAX_TIMEOUT_NS = 3_600_000_000_000
-
-u32 = ctypes.c_uint32
-u64 = ctypes.c_uint64
-s64 = ctypes.c_int64
-
-
-class Config(ctypes.Structure):
-    _fields_ = [
-        ("mode", u32),
-        ("flags", u32),
-        ("delay_ns", u64),
-        ("timeout_ns", u64),
-        ("release_action", u32),
-        ("reserved", u32),
-    ]
-
-
-class SyscallSet(ctypes.Structure):
-    _fields_ = [("bits", u64 * SET_WORDS)]
-
-
-class Request(ctypes.Structure):
-    _fields_ = [
-        ("seq", u64),
-        ("pid", u32),
-        ("tid", u32),
-        ("nr", u32),
-        ("flags", u32),
-        ("args", u64 * 6),
-        ("ts_ns", u64),
-    ]
-
-
-class KRecord(ctypes.Structure):
-    _fields_ = [
-        ("tid", u32),
-        ("nr", u32),
-        ("flags", u32),
-        ("cpu", u32),
-        ("ts_trap", u64),
-        ("ts_queued", u64),
-        ("ts_taken", u64),
-        ("ts_arrive", u64),
-        ("ts_done", u64),
-        ("ts_resume", u64),
-    ]
-
-
-#: ``KRecord`` as a numpy dtype, for reading records in bulk.
-KRECORD_FIELDS = [(name, "<u4" if ctype is u32 else "<u8") for name, ctype in KRecord._fields_]
-
-
-class Reply(ctypes.Structure):
-    _fields_ = [("seq", u64), ("action", u32), ("reserved", u32), ("value", s64)]
-
-
-class Stat(ctypes.Structure):
-    _fields_ = [
-        ("count", u64),
-        ("total_ns", u64),
-        ("min_ns", u64),
-        ("max_ns", u64),
-        ("released", u64),
-    ]
-
-
-class StatsQuery(ctypes.Structure):
-    _fields_ = [("buf", u64), ("count", u32), ("reserved", u32)]
-
-
-class Status(ctypes.Structure):
-    _fields_ = [
-        ("abi_version", u32),
-        ("nr_syscalls", u32),
-        ("target_pid", u32),
-        ("target_alive", u32),
-        ("queued", u32),
-        ("inflight", u32),
-        ("calls", u64),
-        ("released", u64),
-        ("delegate_cpu", u32),
-        ("reserved", u32),
-        ("dropped", u64),
-    ]
-
-
-#: Every mirrored structure, by its C name (used by the layout test).
-STRUCTS: dict[str, type[ctypes.Structure]] = {
-    "mktrace_config": Config,
-    "mktrace_syscall_set": SyscallSet,
-    "mktrace_request": Request,
-    "mktrace_krecord": KRecord,
-    "mktrace_reply": Reply,
-    "mktrace_stat": Stat,
-    "mktrace_stats_query": StatsQuery,
-    "mktrace_status": Status,
-}
-
-_IOC_WRITE = 1
-_IOC_READ = 2
-IOC_MAGIC = 0xB7
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (IOC_MAGIC << 8) | nr
-
-
-IOC_GET_STATUS = _ioc(_IOC_READ, 0x00, ctypes.sizeof(Status))
-IOC_SET_CONFIG = _ioc(_IOC_WRITE, 0x01, ctypes.sizeof(Config))
-IOC_GET_CONFIG = _ioc(_IOC_READ, 0x02, ctypes.sizeof(Config))
-IOC_SET_SYSCALLS = _ioc(_IOC_WRITE, 0x03, ctypes.sizeof(SyscallSet))
-IOC_REGISTER = _ioc(0, 0x04, 0)
-IOC_GET_STATS = _ioc(_IOC_WRITE, 0x05, ctypes.sizeof(StatsQuery))
-IOC_RESET_STATS = _ioc(0, 0x06, 0)
-IOC_IS_PENDING = _ioc(_IOC_WRITE, 0x07, 8)
-
-#: Every mirrored constant and ioctl number, by its C name (layout test).
-CONSTANTS: dict[str, int] = {
-    "MKTRACE_ABI_VERSION": ABI_VERSION,
-    "MKTRACE_MAX_SYSCALLS": MAX_SYSCALLS,
-    "MKTRACE_SET_WORDS": SET_WORDS,
-    "MKTRACE_MODE_KTHREAD": MODE_KTHREAD,
-    "MKTRACE_MODE_RELAY": MODE_RELAY,
-    "MKTRACE_F_DESCENDANTS": F_DESCENDANTS,
-    "MKTRACE_F_FAITHFUL": F_FAITHFUL,
-    "MKTRACE_F_FLUSH_CALLER": F_FLUSH_CALLER,
-    "MKTRACE_F_ALL": F_ALL,
-    "MKTRACE_KREC_RELEASED": KREC_RELEASED,
-    "MKTRACE_KREC_FAITHFUL": KREC_FAITHFUL,
-    "MKTRACE_KREC_RING": KREC_RING,
-    "MKTRACE_ACT_CONTINUE": ACT_CONTINUE,
-    "MKTRACE_ACT_EIO": ACT_EIO,
-    "MKTRACE_REPLY_CONTINUE": REPLY_CONTINUE,
-    "MKTRACE_REPLY_RETURN": REPLY_RETURN,
-    "MKTRACE_MAX_DELAY_NS": MAX_DELAY_NS,
-    "MKTRACE_MIN_TIMEOUT_NS": MIN_TIMEOUT_NS,
-    "MKTRACE_MAX_TIMEOUT_NS": MAX_TIMEOUT_NS,
-    "MKTRACE_IOC_GET_STATUS": IOC_GET_STATUS,
-    "MKTRACE_IOC_SET_CONFIG": IOC_SET_CONFIG,
-    "MKTRACE_IOC_GET_CONFIG": IOC_GET_CONFIG,
-    "MKTRACE_IOC_SET_SYSCALLS": IOC_SET_SYSCALLS,
-    "MKTRACE_IOC_REGISTER": IOC_REGISTER,
-    "MKTRACE_IOC_GET_STATS": IOC_GET_STATS,
-    "MKTRACE_IOC_RESET_STATS": IOC_RESET_STATS,
-    "MKTRACE_IOC_IS_PENDING": IOC_IS_PENDING,
-}
-
-MODES = {"kthread": MODE_KTHREAD, "relay": MODE_RELAY}
-RELEASE_ACTIONS = {"continue": ACT_CONTINUE, "eio": ACT_EIO}
-
-NOT_LOADED = f"mktrace module not loaded: {DEVICE} missing (see docs/kmod.md)"
-
-# ------------------------------------------------------------ device
-
-
-class SyscallStat(NamedTuple):
-    nr: int
-    count: int
-    total_ns: int
-    min_ns: int
-    max_ns: int
-    released: int
-
-    @property
-    def mean_ns(self) -> float:
-        return self.total_ns / self.count if self.count else 0.0
-
-
-def _bitmap(numbers: Iterable[int]) -> SyscallSet:
-    bits = SyscallSet()
-    for nr in numbers:
-        if not 0 <= nr < MAX_SYSCALLS:
-            raise BackendError(f"syscall number {nr} is outside 0-{MAX_SYSCALLS - 1}")
-        bits.bits[nr // 64] |= 1 << (nr % 64)
-    return bits
-
-
-def _syscall_name(nr: int) -> str:
-    from testbed.syscalls import name_of
-
-    return name_of(nr)
-
-
-class Device:
-    """One session of ``/dev/mktrace`` (one open file).  Thin, typed ioctl wrappers."""
-
-    def __init__(self, path: str = DEVICE, *, fd: int | None = None) -> None:
-        self.path = path
-        if fd is not None:
-            self.fd = fd
-            return
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise BackendError(
-                NOT_LOADED if path == DEVICE else f"{path} missing (see docs/kmod.md)"
-            ) from None
-        except PermissionError:
-            raise BackendError(f"cannot open {path}: permission denied (run as root)") from None
-        except OSError as exc:
-            raise BackendError(f"cannot open {path}: {exc.strerror}") from None
-        try:
-            st = self.status()
-        except OSError:
-            self.close()
-            raise BackendError(
-                f"{path} does not answer the mktrace ABI {ABI_VERSION} status ioctl:"
-                " rebuild and reload kmod/"
-            ) from None
-        if st.abi_version != ABI_VERSION:
-            self.close()
-            raise BackendError(
-                f"mktrace module speaks ABI {st.abi_version}, this testbed ABI {ABI_VERSION}:"
-                " rebuild and reload kmod/"
-            )
-
-    def _ioctl(self, request: int, arg: ctypes.Structure | int = 0) -> None:
-        fcntl.ioctl(self.fd, request, arg)
-
-    def status(self) -> Status:
-        st = Status()
-        self._ioctl(IOC_GET_STATUS, st)
-        return st
-
-    def get_config(self) -> Config:
-        cfg = Config()
-        self._ioctl(IOC_GET_CONFIG, cfg)
-        return cfg
-
-    def set_config(
-        self,
-        mode: str = "kthread",
-        *,
-        delay_ns: int = 0,
-        timeout_ns: int = 5_000_000_000,
-        release_action: str = "continue",
-        descendants: bool = False,
-        faithful: bool | None = None,
-        flush_caller: bool = False,
-    ) -> None:
-        """Configure the session; ``faithful=None`` keeps the module's default
-        (parameter ``kthread_faithful``), ``flush_caller`` needs ``faithful``."""
-        if mode not in MODES:
-            raise BackendError(f"unknown kmod mode {mode!r} (choose kthread or relay)")
-        if release_action not in RELEASE_ACTIONS:
-            raise BackendError(f"unknown release action {release_action!r} (continue or eio)")
-        if not 0 <= delay_ns <= MAX_DELAY_NS:
-            raise BackendError(f"delay {delay_ns} ns outside 0-{MAX_DELAY_NS} ns")
-        if not MIN_TIMEOUT_NS <= timeout_ns <= MAX_TIMEOUT_NS:
-            raise BackendError("kmod timeout must be between 1 ms and 1 h")
-        if faithful is None:
-            faithful = bool(self.get_config().flags & F_FAITHFUL)
-        if flush_caller and not faithful:
-            raise BackendError("flushing the caller's TLB needs the faithful kthread variant")
-        flags = (
-            (F_DESCENDANTS if descendants else 0)
-            | (F_FAITHFUL if faithful else 0)
-            | (F_FLUSH_CALLER if flush_caller else 0)
-        )
-        cfg = Config(
-            mode=MODES[mode],
-            flags=flags,
-            delay_ns=delay_ns,
-            timeout_ns=timeout_ns,
-            release_action=RELEASE_ACTIONS[release_action],
-        )
-        self._ioctl(IOC_SET_CONFIG, cfg)
-
-    def set_syscalls(self, numbers: Iterable[int]) -> None:
-        """Forward exactly ``numbers``; names the culprit if the kernel refuses one."""
-        numbers = sorted(set(numbers))
-        try:
-            self._ioctl(IOC_SET_SYSCALLS, _bitmap(numbers))
-        except OSError as exc:
-            if exc.errno != errno_mod.EINVAL:
-                raise BackendError(
-                    f"mktrace: cannot set the forwarded set: {exc.strerror}"
-                ) from None
-            bad = [nr for nr in numbers if not self._hookable(nr)]
-            self._ioctl(IOC_SET_SYSCALLS, _bitmap(()))
-            names = ", ".join(f"{_syscall_name(nr)} ({nr})" for nr in bad) or "?"
-            raise BackendError(f"mktrace cannot hook {names} on this kernel") from None
-
-    def _hookable(self, nr: int) -> bool:
-        try:
-            self._ioctl(IOC_SET_SYSCALLS, _bitmap((nr,)))
-        except OSError:
-            return False
-        return True
-
-    def register(self) -> None:
-        """Make the calling process the session's target."""
-        self._ioctl(IOC_REGISTER)
-
-    def stats(self) -> dict[int, SyscallStat]:
-        """Per-syscall statistics of the forwarded calls (syscalls never called left out)."""
-        n = min(self.status().nr_syscalls, MAX_SYSCALLS)
-        buf = (Stat * n)()
-        query = StatsQuery(buf=ctypes.addressof(buf), count=n)
-        self._ioctl(IOC_GET_STATS, query)
-        return {
-            nr: SyscallStat(nr, s.count, s.total_ns, s.min_ns, s.max_ns, s.released)
-            for nr, s in enumerate(buf)
-            if s.count
-        }
-
-    def reset_stats(self) -> None:
-        self._ioctl(IOC_RESET_STATS)
-
-    def is_pending(self, seq: int) -> bool:
-        try:
-            self._ioctl(IOC_IS_PENDING, ctypes.c_uint64(seq))
-        except OSError as exc:
-            if exc.errno == errno_mod.ENOENT:
-                return False
-            raise
-        return True
-
-    def read_request(self) -> Request | None:
-        """One pending request, or None if none is queued (the fd is non-blocking)."""
-        req = Request()
-        try:
-            n = os.readv(self.fd, [req])
-        except BlockingIOError:
-            return None
-        except InterruptedError:
-            return None
-        if n != ctypes.sizeof(Request):
-            raise BackendError(f"mktrace: short read of {n} bytes")
-        return req
-
-    def read_records(self, max_records: int = 4096) -> bytes:
-        """Drain up to ``max_records`` kthread-mode records (``KRecord`` layout), b"" if none."""
-        try:
-            return os.read(self.fd, max_records * ctypes.sizeof(KRecord))
-        except (BlockingIOError, InterruptedError):
-            return b""
-
-    def reply(self, seq: int, action: int, value: int = 0) -> bool:
-        """Answer request ``seq``; False if it no longer awaits a reply."""
-        try:
-            os.write(self.fd, bytes(Reply(seq=seq, action=action, value=value)))
-        except OSError as exc:
-            if exc.errno == errno_mod.ENOENT:
-                return False
-            raise
-        return True
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
+#: The ABI mirror and the device wrapper are re-exported: ``kmod.Device``,
+#: ``kmod.IOC_REGISTER``... keep working for every importer.
+__all__ = [
+    "ABI_VERSION",
+    "DEVICE",
+    "SYSFS",
+    "MAX_SYSCALLS",
+    "SET_WORDS",
+    "MODE_KTHREAD",
+    "MODE_RELAY",
+    "F_DESCENDANTS",
+    "F_FAITHFUL",
+    "F_FLUSH_CALLER",
+    "F_ALL",
+    "KREC_RELEASED",
+    "KREC_FAITHFUL",
+    "KREC_RING",
+    "ACT_CONTINUE",
+    "ACT_EIO",
+    "REPLY_CONTINUE",
+    "REPLY_RETURN",
+    "MAX_DELAY_NS",
+    "MIN_TIMEOUT_NS",
+    "MAX_TIMEOUT_NS",
+    "Config",
+    "SyscallSet",
+    "Request",
+    "KRecord",
+    "KRECORD_FIELDS",
+    "Reply",
+    "Stat",
+    "StatsQuery",
+    "Status",
+    "STRUCTS",
+    "IOC_MAGIC",
+    "_ioc",
+    "IOC_GET_STATUS",
+    "IOC_SET_CONFIG",
+    "IOC_GET_CONFIG",
+    "IOC_SET_SYSCALLS",
+    "IOC_REGISTER",
+    "IOC_GET_STATS",
+    "IOC_RESET_STATS",
+    "IOC_IS_PENDING",
+    "CONSTANTS",
+    "MODES",
+    "RELEASE_ACTIONS",
+    "NOT_LOADED",
+    "Device",
+    "SyscallStat",
+    "_bitmap",
+    "_syscall_name",
+    "module_info",
+    "EXEC_NRS",
+    "KmodBackend",
+    "compute_cpus",
+    "helper_argv",
+    "launch_registered",
+    "main",
+    "parse_status",
+    "read_process_memory",
+]
 
 # ------------------------------------------------------------ launcher
 
@@ -519,29 +252,6 @@ def parse_status(data: bytes) -> tuple[tuple[int, float, float] | None, str | No
         if line.strip():
             errors.append(line.strip())
     return stamp, "; ".join(errors) or None
-
-
-def module_info() -> dict:
-    """Version and parameters of the loaded module (``/sys/module/mktrace``)."""
-    info: dict = {"abi": ABI_VERSION}
-    for key in ("version", "srcversion"):
-        try:
-            info[key] = Path(SYSFS, key).read_text().strip()
-        except OSError:
-            info[key] = None
-    params = {}
-    try:
-        names = sorted(os.listdir(f"{SYSFS}/parameters"))
-    except OSError:
-        names = []
-    for name in names:
-        try:
-            value = Path(SYSFS, "parameters", name).read_text().strip()
-        except OSError:
-            continue
-        params[name] = int(value) if value.lstrip("-").isdigit() else value
-    info["parameters"] = params
-    return info
 
 
 # ------------------------------------------------------------ process memory

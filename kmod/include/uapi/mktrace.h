@@ -3,7 +3,7 @@
  * mktrace.h - userspace ABI of the mktrace module (/dev/mktrace).
  *
  * Shared by the module sources in kmod/ and by userspace; the Python mirror is
- * testbed/interpose/kmod.py and tests/test_kmod.py checks that the two agree
+ * testbed/interpose/kmod_abi.py and tests/test_kmod.py checks that the two agree
  * (sizes, offsets, ioctl numbers, constants).
  *
  * Usage: open MKTRACE_DEVICE (one open file = one session), set the mode
