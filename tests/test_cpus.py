@@ -67,6 +67,18 @@ def test_cell_cpu_prefers_the_delegates_own_stats_and_falls_back_to_proc():
 # ---------------------------------------------------------------- the stats request
 
 
+def test_stats_frames_are_maps_both_ways():
+    assert wire.decode(wire.encode_stats({})) == (wire.STATS, {})
+    assert wire.decode(wire.encode_stats({"stats_version": 1})) == (
+        wire.STATS,
+        {"stats_version": 1},
+    )
+    import msgpack
+
+    with pytest.raises(wire.WireError, match="stats frame must be"):
+        wire.decode(msgpack.packb([wire.WIRE_VERSION, "stats", [1]]))
+
+
 def _fake_delegate(reply):
     """A ROUTER on loopback answering every frame with ``reply(frame)`` (None: silence)."""
     ctx = zmq.Context.instance()
