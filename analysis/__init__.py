@@ -42,6 +42,7 @@ _EXPORTS = {
     "analysis.report": ("write_report",),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = [name for names in _EXPORTS.values() for name in names]
 
 
 def __getattr__(name: str):
@@ -52,33 +53,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(list(globals()) + list(_WHERE))
-
-
-__all__ = [
-    "S_n",
-    "S_r",
-    "t_nd",
-    "t_d",
-    "t_local",
-    "t_remote",
-    "grid",
-    "p_of",
-    "Profile",
-    "load_profile",
-    "shipped_profiles",
-    "table1",
-    "parse_policy",
-    "choose",
-    "resolve_policy",
-    "per_call",
-    "per_call_fc",
-    "whole_run",
-    "size_aware",
-    "load_runs",
-    "native_times",
-    "fit_mechanisms",
-    "predicted_vs_measured",
-    "cross_validate",
-    "mechanism_table",
-    "write_report",
-]

@@ -42,7 +42,7 @@ from analysis import fit
 from analysis import model as M
 from analysis.compare import DelegatedRun, NativeRun, Profile, profile_key
 from testbed.errors import TestbedError
-from testbed.rundir import F_FAULT_MASK, derived
+from testbed.rundir import derived, usable
 
 BASE = ("pooled", "per_syscall", "size", "whole_run")
 PREDICTORS = (*BASE, *(f"{p}+fixed" for p in BASE), *(f"{p}@paired" for p in BASE))
@@ -80,11 +80,10 @@ def run_stats(r: DelegatedRun) -> RunStats:
     f_by_nr: dict[int, tuple[int, float]] = {}
     if len(calls):
         d = derived(calls)
-        ovh = d["overhead"] - d["exec"] if r.meta.get("mode") == "offload" else d["overhead"]
-        ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(ovh) & (ovh > 0)
+        ok = usable(calls, d)
         for nr in n_by_nr:
             sel = ok & (calls["nr"] == nr)
-            f_by_nr[nr] = (int(sel.sum()), float(ovh[sel].sum() / 2e9))
+            f_by_nr[nr] = (int(sel.sum()), float(d["f_c"][sel].sum() / 1e9))
     return RunStats(r, total, n_by_nr, bytes_total, len(f), float(f.sum()), float(x.sum()),
                     float((x * x).sum()), float((x * f).sum()), f_by_nr)  # fmt: skip
 

@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from testbed.errors import TestbedError
-from testbed.rundir import F_FAULT_MASK, derived
+from testbed.rundir import derived, usable
 
 __all__ = [
     "Estimate",
@@ -119,14 +119,14 @@ def fc_samples(calls: np.ndarray, mode: str = "cost") -> tuple[np.ndarray, np.nd
     ``mode`` changes nothing and is kept for callers).  Bytes moved are
     ``bytes_in + bytes_out``: in cost mode the marshalled input, in offload
     mode the data and paths sent plus the data returned (a ``read``'s bytes
-    travel back in ``bytes_out``).  Usable: not a fault (timeout, peer error,
-    not sent) and with a positive ``f_c``.
+    travel back in ``bytes_out``).  Usable (:func:`testbed.rundir.usable`): not
+    a fault (timeout, peer error, not sent, unreadable) and with a positive ``f_c``.
     """
     if len(calls) == 0:
         return np.zeros(0), np.zeros(0)
-    fc_ns = derived(calls)["f_c"]
-    ok = ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(fc_ns) & (fc_ns > 0)
-    fc = fc_ns[ok] / 1e9
+    d = derived(calls)
+    ok = usable(calls, d)
+    fc = d["f_c"][ok] / 1e9
     size = calls["bytes_in"][ok].astype(float) + calls["bytes_out"][ok].astype(float)
     return fc, size
 

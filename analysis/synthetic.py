@@ -51,7 +51,7 @@ def delegated_run(
     out = rundir.create(path)
     rec = rundir.CallRecorder(out / rundir.CALLS_BIN)
     t = 1_000_000_000
-    rows, total_overhead = [], 0.0
+    total_overhead = 0.0
     for name, n in forwarded.items():
         nr = lookup(name)
         size = rng.integers(0, max_bytes + 1, n) if max_bytes else np.zeros(n, dtype=int)
@@ -64,21 +64,9 @@ def delegated_run(
                     5_000 + t + q, 5_000 + t + 2 * q, 5_000 + t + 2 * q, 5_000 + t + 2 * q)  # fmt: skip
             t += o + 1000
         total_overhead += ovh_ns.sum() / 1e9
-        rows.append(
-            {
-                "name": name,
-                "nr": nr,
-                "n": n,
-                "faults": 0,
-                "bytes_in": int(size.sum()),
-                "rtt_p50_us": float(np.median(ovh_ns) / 2e3),
-                "rtt_p99_us": float(np.percentile(ovh_ns, 99) / 2e3),
-                "overhead_p50_us": float(np.median(ovh_ns) / 1e3),
-                "overhead_p99_us": float(np.percentile(ovh_ns, 99) / 1e3),
-                "overhead_sum_ns": int(ovh_ns.sum()),
-            }
-        )
     rec.close()
+    # syscalls.csv and the summary as testbed run writes them (rundir's one derivation)
+    rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
     wall = t_nd + total_overhead + (rng.normal(0.0, run_noise_s) if run_noise_s else 0.0)
     meta = {
         "kind": "delegated",
@@ -96,6 +84,7 @@ def delegated_run(
         "delegate": {"delay_us": delay_us},
         "host": _host(hostname),
         "calls": {"count": rec.count, "faults": 0},
+        "summary": summary,
     }
     if policy:
         meta["policy"] = policy

@@ -1,6 +1,8 @@
-# Generated from the Linux uapi header asm/unistd_64.h (x86-64) by
-# `python -m testbed.syscalls --regenerate /usr/include/x86_64-linux-gnu/asm/unistd_64.h`.
-# Do not edit by hand. (number, name) for every x86-64 system call.
+# (number, name) for every x86-64 system call.  The rows up to the header's last
+# number come from the Linux uapi header asm/unistd_64.h (x86-64), printed by
+# `python -m testbed.syscalls --regenerate /usr/include/x86_64-linux-gnu/asm/unistd_64.h`;
+# the later rows (marked below) were added by hand from the kernel's syscall_64.tbl.
+# When regenerating from a newer header, keep the rows it does not have yet.
 
 SYSCALLS: tuple[tuple[int, str], ...] = (
     (0, "read"),

@@ -17,7 +17,6 @@ trap-only / native.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import select
 import shutil
@@ -138,45 +137,60 @@ def measure_native(exe: Path, n: int, size: int, tmp: Path) -> dict:
 
 
 def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
-    lat, sync = trap_only_lat(exe, n, size, tmp)
-    return {**_pcts(lat), "sync_wakeup": sync}
+    """Trap-only through the loop ``testbed run`` would use here (C path or Python)."""
+    from testbed import fastpath
+
+    c_path = not fastpath.disabled_by_env() and not isinstance(fastpath.load(), str)
+    lat, sync = trap_only_lat(exe, n, size, tmp, c_path=c_path)
+    return {**_pcts(lat), "sync_wakeup": sync, "c_path": c_path}
 
 
-def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, bool]:
+def trap_only_lat(
+    exe: Path, n: int, size: int, tmp: Path, c_path: bool = False
+) -> tuple[np.ndarray, bool]:
     """Trap every write and continue it at once: the relay's idle path, no network.
 
     Like the relay with no call in flight, the loop waits inside NOTIF_RECV
     (where SYNC_WAKE_UP applies); SIGCHLD and the watchdog timer end the wait.
+    ``c_path``: the loop of the relay's C path (:mod:`testbed.fastpath`) serves.
     """
     from testbed.interpose.seccomp import SeccompBackend
-    from testbed.relay import _start_watchdog, _stop_watchdog
 
     out = tmp / "trap.bin"
     backend = SeccompBackend(frozenset({NR_WRITE}))
     child = backend.launch([str(exe), str(n), str(size), str(out)])
-    blocking = _start_watchdog()
+    blocking = backend.begin_serving()
     deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline:
-            if not blocking and not select.select([backend.fileno()], [], [], 0.05)[0]:
-                trap = None
-            else:
-                trap = backend.receive()
-            if trap is not None:
-                backend.resume_continue(trap)
-            elif child.poll() is not None and backend.finished():
-                break
+        if c_path:
+            from testbed.fastpath import trap_only
+
+            done = blocking and trap_only(backend, child, deadline)
         else:
+            done = _trap_only_python(backend, child, blocking, deadline)
+        if not done:
             child.kill()
             raise TestbedError("trap-only measurement did not finish within 120 s")
     finally:
-        if blocking:
-            _stop_watchdog()
+        backend.end_serving()
         child.wait()
         backend.close()
     if child.returncode != 0:
         raise TestbedError(f"bench program failed under seccomp (status {child.returncode})")
     return _read_lat(out, n), backend.sync_wakeup
+
+
+def _trap_only_python(backend, child, blocking: bool, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if not blocking and not select.select([backend.fileno()], [], [], 0.05)[0]:
+            trap = None
+        else:
+            trap = backend.receive()
+        if trap is not None:
+            backend.resume_continue(trap)
+        elif child.poll() is not None and backend.finished():
+            return True
+    return False
 
 
 def measure_raw_zmq(endpoint: str, n: int, size: int, busy_poll: bool = False) -> dict:
@@ -185,17 +199,25 @@ def measure_raw_zmq(endpoint: str, n: int, size: int, busy_poll: bool = False) -
 
 
 def raw_zmq_lat(
-    endpoint: str, n: int, size: int, busy_poll: bool = False
+    endpoint: str, n: int, size: int, busy_poll: bool = False, c_client: bool = False
 ) -> tuple[np.ndarray, int]:
     """DEALER round trips to the delegate with a CALL frame of the same size.
 
     ``busy_poll`` spins on ``poll(0)`` for the reply, like ``testbed run --busy-poll``.
+    ``c_client``: the loop runs in C (:func:`testbed.fastpath.zmq_rtt`), same socket.
     """
     ctx, sock, _ = connect(endpoint)
     try:
         frame = wire.encode_call(
             wire.Call(1, os.getpid(), NR_WRITE, (3, 0, size, 0, 0, 0), ((1, bytes(size)),), "cost")
         )
+        if c_client:
+            from testbed.fastpath import zmq_rtt
+
+            got = zmq_rtt(sock, frame, n, busy_poll)
+            if got is None:
+                raise TestbedError(f"raw ZeroMQ from C failed (delegate at {endpoint})")
+            return np.asarray(got, dtype=np.int64), len(frame)
         lat = np.empty(n, dtype=np.int64)
         mono = time.monotonic_ns
         for i in range(n):
@@ -218,23 +240,30 @@ def raw_zmq_lat(
 def measure_forwarded(
     exe: Path, n: int, size: int, endpoint: str, tmp: Path, busy_poll: bool = False
 ) -> dict:
+    """The full path, timed by the program; the relay runs in this process.
+
+    Sound in process: the delegate is another process (or host) and this one
+    does nothing else while the relay serves (:mod:`testbed.run`).
+    """
+    from testbed import rundir
+    from testbed.run import run
+
     out = tmp / "fwd.bin"
     run_dir = tmp / ("fwd-run-busy" if busy_poll else "fwd-run")
-    cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
-           "--forward", "write", "-o", str(run_dir), *(["--busy-poll"] if busy_poll else []),
-           "--", str(exe), str(n), str(size), str(out)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
-    from testbed import rundir
-
-    run = rundir.load(run_dir)
-    calls = run.calls()
-    d = rundir.derived(calls[:n])
+    try:
+        res = run([str(exe), str(n), str(size), str(out)], delegate=endpoint,
+                  forward=[NR_WRITE], output=run_dir, busy_poll=busy_poll)  # fmt: skip
+    except TestbedError as exc:
+        raise TestbedError(f"forwarded run failed: {exc}") from None
+    if res.exit_status != 0:
+        raise TestbedError(f"forwarded run failed: the bench program exited {res.exit_status}")
+    calls = rundir.load(run_dir).calls()[:n]
+    d = rundir.derived(calls)
     lat = _pcts(_read_lat(out, n))
     lat["relay_rtt_p50_us"] = float(np.nanpercentile(d["rtt"], 50) / 1e3)
     lat["relay_overhead_p50_us"] = float(np.percentile(d["overhead"], 50) / 1e3)
-    lat["faults"] = run.meta["calls"]["faults"]
+    lat["relay_f_c_p50_us"] = rundir.fc_estimates(calls)["median"]
+    lat["faults"] = res.calls["faults"]
     return lat
 
 
@@ -299,7 +328,10 @@ def _all(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
 def format_report(r: dict) -> str:
     rows = [
         ("native write", r["native"]),
-        ("trap-only (seccomp)", r["trap_only"]),
+        (
+            "trap-only (seccomp, " + ("C path)" if r["trap_only"].get("c_path") else "Python)"),
+            r["trap_only"],
+        ),
         ("raw ZeroMQ round trip", r["raw_zmq"]),
         ("full forwarded", r["forwarded"]),
         ("raw ZeroMQ, busy-polled", r["raw_zmq_busy"]),
@@ -325,29 +357,33 @@ def format_report(r: dict) -> str:
         f"  ratio full/raw-ZeroMQ, both busy-polled "
         f"{r['forwarded_busy']['p50_us'] / r['raw_zmq_busy']['p50_us']:6.2f}  (relay adds "
         f"{r['forwarded_busy']['p50_us'] - r['raw_zmq_busy']['p50_us']:.2f} µs p50)",
-        f"  f_c estimate (forwarded p50 / 2) {fw['p50_us'] / 2:.2f} µs",
+        f"  f_c (relay records, median overhead / 2) {fw['relay_f_c_p50_us']:.2f} µs",
     ]
     if fw.get("faults"):
         lines.append(f"  WARNING: {fw['faults']} forwarded calls faulted")
     return "\n".join(lines)
 
 
-def main_bench(args) -> int:
-    if args.size < 0 or args.size > (1 << 20):
-        raise TestbedError("--size must be between 0 and 1048576 bytes")
-    if args.rounds is not None and not args.breakdown:
-        raise TestbedError("--rounds is only used with --breakdown")
-    if args.breakdown:
-        from testbed.breakdown import format_breakdown, run_breakdown
+def bench(
+    endpoint: str | None,
+    calls: int,
+    size: int,
+    breakdown: bool = False,
+    rounds: int | None = None,
+) -> dict:
+    """``testbed bench``: the side-by-side measurements (or ``breakdown``), as a dict.
 
-        results = run_breakdown(args.delegate, args.calls, args.size, args.rounds or 5)
+    ``endpoint`` None starts a delegate on loopback.  Format the result with
+    :func:`format_report` (or :func:`testbed.breakdown.format_breakdown`).
+    """
+    if size < 0 or size > (1 << 20):
+        raise TestbedError("--size must be between 0 and 1048576 bytes")
+    if rounds is not None and not breakdown:
+        raise TestbedError("--rounds is only used with --breakdown")
+    if breakdown:
+        from testbed.breakdown import run_breakdown
+
+        results = run_breakdown(endpoint, calls, size, rounds or 5)
         results["host"] = host_metadata()
-        print(format_breakdown(results, results["host"]))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        return 0
-    results = run_bench(args.delegate, args.calls, args.size)
-    print(format_report(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+        return results
+    return run_bench(endpoint, calls, size)

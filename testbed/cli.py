@@ -1,8 +1,10 @@
 """``testbed`` command line: one ``cmd_<verb>`` per subcommand.
 
-The CLI is a thin layer: each ``cmd_<verb>`` parses nothing itself and calls
-into the module that does the job (imported lazily so ``--help`` is fast and
-``testbed`` never imports ``analysis`` unless asked to).  User errors
+The CLI is a thin layer: each ``cmd_<verb>`` turns its parsed arguments into
+a call of the module that does the job (``testbed.run.run``,
+``testbed.profile.profile``, ``testbed.bench.bench``, ``testbed.demo.demo``,
+... imported lazily so ``--help`` is fast and ``testbed`` never imports
+``analysis`` unless asked to) and prints what it returns.  User errors
 (:class:`testbed.errors.TestbedError`) are printed as one line
 ``testbed: error: ...`` with a non-zero exit status.
 """
@@ -99,30 +101,22 @@ def new_dir(text: str) -> str:
 
 def endpoint(text: str) -> str:
     """A ZeroMQ endpoint: tcp://HOST:PORT or ipc://PATH (HOST:PORT gets tcp://)."""
-    if "://" not in text:
-        text = "tcp://" + text
-    scheme, _, rest = text.partition("://")
-    if scheme not in ("tcp", "ipc", "inproc") or not rest:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint"
-        )
-    if scheme == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if not sep or not host or not (port.isdigit() or port == "*"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT")
-        if port != "*" and not 0 <= int(port) <= 65535:  # libzmq would wrap it silently
-            raise argparse.ArgumentTypeError(f"{text!r}: port must be 0-65535")
-    return text
+    from testbed.keys import EndpointError, parse_endpoint
+
+    try:
+        return parse_endpoint(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def connect_endpoint(text: str) -> str:
     """An endpoint to connect to: as :func:`endpoint`, and a TCP port is 1-65535."""
-    text = endpoint(text)
-    if text.startswith("tcp://"):
-        port = text.rpartition(":")[2]
-        if port == "*" or int(port) == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: connect needs a port 1-65535")
-    return text
+    from testbed.keys import EndpointError, parse_endpoint
+
+    try:
+        return parse_endpoint(text, connect=True)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def syscall_set(text: str) -> frozenset[int]:
@@ -147,36 +141,96 @@ def _program(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_delegate(args: argparse.Namespace) -> int:
-    from testbed.delegate import main_delegate
+    from testbed.delegate import delegate_from_args, serve_until_stopped
+    from testbed.keys import exposure_warning
 
-    return main_delegate(args)
+    delegate = delegate_from_args(args)
+
+    def ready(d) -> None:
+        if not args.quiet:
+            print(d.status_line(), file=sys.stderr, flush=True)
+            warning = exposure_warning(d.bound_endpoint, d.curve_keys)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+
+    try:
+        serve_until_stopped(delegate, user=args.user, on_ready=ready)
+    finally:
+        if delegate.service is not None and args.record:
+            delegate.service.write(args.record, delegate.welcome_info())
+    if not args.quiet:
+        for line in delegate.accounting_lines():
+            print(line, file=sys.stderr)
+        print(f"testbed delegate: stopped after {delegate.answered} calls from "
+              f"{len(delegate.stats())} clients", file=sys.stderr, flush=True)  # fmt: skip
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.kthread import check_args
+    from testbed.relay import STAGE_TRACE_ENV
+    from testbed.run import run, summary_lines
 
-    args.program = _program(args)
-    check_args(args)
-    if args.mode == "kthread":
-        from testbed.kthread import main_run_kthread
-
-        return main_run_kthread(args)
-    from testbed.relay import main_run
-
-    return main_run(args)
+    result = run(
+        _program(args),
+        delegate=args.delegate,
+        forward=args.forward,
+        policy=args.policy,
+        profile=args.profile,
+        mode=args.mode,
+        backend=args.backend,
+        output=args.output,
+        timeout_s=args.timeout,
+        connect_timeout_s=args.connect_timeout,
+        busy_poll=args.busy_poll,
+        curve_keys=args.curve_keys,
+        offload_paths=args.offload_path,
+        pin_program=args.pin_program,
+        delay_us=args.delay_us,
+        faithful=args.faithful,
+        flush_caller_tlb=args.flush_caller_tlb,
+        stage_trace=os.environ.get(STAGE_TRACE_ENV) or None,
+    )
+    if not args.quiet:
+        for line in summary_lines(result):
+            print(line, file=sys.stderr)
+    return result.exit_status
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from testbed.profile import main_profile
+    from testbed.profile import profile
 
-    args.program = _program(args)
-    return main_profile(args)
+    out, meta = profile(_program(args), args.output, args.method, native=args.native_runs)
+    if not args.quiet:
+        print(
+            f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "
+            f"wall {meta['wall_s']:.3f} s, user {meta['user_s']:.3f} s, sys {meta['sys_s']:.3f} s, "
+            f"p_sys {meta['p_sys']:.2%}, p_g {meta['p_g']:.2%} ({meta['method']}) -> {out}",
+            file=sys.stderr,
+        )
+        if meta["lost_events"]:
+            print(
+                f"testbed profile: warning: tracer lost {meta['lost_events']} events",
+                file=sys.stderr,
+            )
+    return meta["exit_status"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from testbed.bench import main_bench
+    import json
+    from pathlib import Path
 
-    return main_bench(args)
+    from testbed.bench import bench, format_report
+
+    results = bench(args.delegate, args.calls, args.size, args.breakdown, args.rounds)
+    if args.breakdown:
+        from testbed.breakdown import format_breakdown
+
+        print(format_breakdown(results, results["host"]))
+    else:
+        print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -192,9 +246,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from testbed.demo import main_demo
+    from testbed.demo import demo, report_lines
 
-    return main_demo(args)
+    result = demo(args.output, args.size_mb, say=lambda text: print(text, file=sys.stderr))
+    for line in report_lines(result):
+        print(line)
+    return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -540,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=("auto", "perf", "strace"),
         default="auto",
-        help="tracer: perf trace -s, strace -f -T, or auto (perf if it works)",
+        help="tracer: perf trace -s, strace -f -T, or auto (strace if installed, else perf)",
     )
     p.add_argument(
         "--native-runs",

@@ -48,7 +48,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -134,15 +133,6 @@ class OffloadExecutor(Protocol):
     ) -> tuple[int, int, tuple[tuple[int, bytes], ...]]: ...
 
     def forget(self, client: bytes) -> None: ...
-
-
-def _check_endpoint(endpoint: str) -> None:
-    """Catch what libzmq would silently accept (a TCP port above 65535 wraps)."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme == "tcp":
-        port = rest.rpartition(":")[2]
-        if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
-            raise TestbedError(f"cannot listen on {endpoint}: port must be 0-65535 or *")
 
 
 class _Client:
@@ -418,7 +408,10 @@ class Delegate:
         """Create the ROUTER socket and bind it; return the bound endpoint."""
         if self._endpoint is not None:
             return self._endpoint
-        _check_endpoint(self.listen)
+        try:  # catch what libzmq would silently accept (a TCP port above 65535 wraps)
+            keys.parse_endpoint(self.listen)
+        except keys.EndpointError as exc:
+            raise TestbedError(f"cannot listen on {self.listen}: {exc}") from None
         ctx = zmq.Context()
         self._ctx = ctx
         try:
@@ -481,7 +474,7 @@ class Delegate:
 
         Stop it from another thread with :meth:`request_stop`.  To stop on
         signals, serve with :meth:`start` and wait in the main thread as
-        :func:`main_delegate` does: a handler cannot run while the main thread
+        :func:`serve_until_stopped` does: a handler cannot run while the main thread
         is blocked inside libzmq.
         """
         self.bind()
@@ -501,6 +494,32 @@ class Delegate:
             self._thread.join(timeout)
         else:
             self._stopped.wait(timeout)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop was asked for (signal, :meth:`request_stop`, ``max_calls``)."""
+        return self._stop_requested
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the serving thread of :meth:`start`, if it failed."""
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (bounded by ``timeout``) until serving has ended; True if it has.
+
+        After :meth:`start` this also joins the serving thread (``timeout`` more).
+        """
+        if not self._stopped.wait(timeout):
+            return False
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def close(self) -> None:
+        """Close the sockets and the context now (idempotent; after serving, or instead)."""
+        self._close()
 
     def __enter__(self) -> Delegate:
         return self.start()
@@ -741,8 +760,53 @@ def _forward(src: zmq.Socket, dst: zmq.Socket, guard: Callable[[int], None] | No
 # ---------------------------------------------------------------- CLI
 
 
-def main_delegate(args: Any) -> int:
-    """``testbed delegate``: serve until SIGINT/SIGTERM or ``--max-calls``."""
+def serve_until_stopped(
+    delegate: Delegate,
+    user: str | None = None,
+    on_ready: Callable[[Delegate], None] | None = None,
+) -> None:
+    """``testbed delegate``: bind, serve until SIGINT/SIGTERM or ``max_calls``, close.
+
+    Main thread only (signal handlers).  Started as root with ``user``, drops
+    to that user after binding and reading the keys, before the first message.
+    ``on_ready`` is called once bound (the CLI prints the status line there).
+    On return the sockets are closed and SIGINT/SIGTERM are handed back
+    (:func:`_after_shutdown`); a failure of the serving thread is raised.
+    """
+
+    def on_signal(signum: int, frame: object) -> None:
+        delegate.request_stop()
+
+    # handlers first: a signal arriving right after the status line must stop us cleanly
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            delegate.bind()
+            if user:
+                drop_privileges(user)  # after bind and keys, before the first message
+            if on_ready is not None:
+                on_ready(delegate)
+            if not delegate.stop_requested:
+                # Serve in a thread; the main thread only waits.  Python runs signal
+                # handlers in the main thread between bytecodes: had the main thread
+                # been blocked inside libzmq when a signal came, its handler would
+                # not run until the next message arrived (a lost wake-up).
+                delegate.start()
+                while not delegate.wait(0.25):
+                    pass
+                err = delegate.error
+                if isinstance(err, zmq.ZMQError | RuntimeError | OSError):  # no more threads
+                    raise TestbedError(f"delegate stopped: {err}") from None
+                if err is not None:
+                    raise err
+        finally:
+            delegate.close()
+    finally:
+        _after_shutdown(old)
+
+
+def delegate_from_args(args: Any) -> Delegate:
+    """The :class:`Delegate` the ``testbed delegate`` options describe (offload, service)."""
     from testbed.offload import executor_from_args
 
     offload = executor_from_args(args)
@@ -751,7 +815,7 @@ def main_delegate(args: Any) -> int:
         from testbed.service import Service
 
         service = Service(args.service_us or 0.0, args.service, args.service_dist, args.seed)
-    delegate = Delegate(
+    return Delegate(
         args.listen,
         workers=args.workers,
         delay_us=args.delay_us,
@@ -760,53 +824,6 @@ def main_delegate(args: Any) -> int:
         curve_keys=getattr(args, "curve_keys", None),
         service=service,
     )
-    quiet = getattr(args, "quiet", False)
-
-    def on_signal(signum: int, frame: object) -> None:
-        delegate.request_stop()
-
-    # handlers first: a signal arriving right after the status line must stop us cleanly
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        delegate.bind()
-        if getattr(args, "user", None):
-            drop_privileges(args.user)  # after bind and keys, before the first message
-        if not quiet:
-            print(delegate.status_line(), file=sys.stderr, flush=True)
-            warning = keys.exposure_warning(delegate.bound_endpoint, delegate.curve_keys)
-            if warning:
-                print(warning, file=sys.stderr, flush=True)
-        if not delegate._stop_requested:
-            # Serve in a thread; the main thread only waits.  Python runs signal
-            # handlers in the main thread between bytecodes: had the main thread
-            # been blocked inside libzmq when a signal came, its handler would
-            # not run until the next message arrived (a lost wake-up).
-            delegate.start()
-            while not delegate._stopped.wait(0.25):
-                pass
-            delegate._thread.join(5)
-            err = delegate._error
-            if isinstance(err, zmq.ZMQError | RuntimeError | OSError):  # e.g. no more threads
-                raise TestbedError(f"delegate stopped: {err}") from None
-            if err is not None:
-                raise err
-    finally:
-        delegate._close()
-        if service is not None and args.record:
-            service.write(args.record, delegate.welcome_info())
-    try:
-        if not quiet:
-            for line in delegate.accounting_lines():
-                print(line, file=sys.stderr)
-            n_clients = len(delegate.stats())
-            print(
-                f"testbed delegate: stopped after {delegate.answered} calls from {n_clients} clients",
-                file=sys.stderr,
-                flush=True,
-            )
-    finally:
-        _after_shutdown(old)
-    return 0
 
 
 def _after_shutdown(old: dict[int, Any]) -> None:

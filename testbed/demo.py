@@ -4,7 +4,9 @@ Starts a delegate on loopback, generates a compressible input file, compresses
 it with gzip natively and with ``read,write`` forwarded (three times each),
 checks that the outputs are byte-identical, and prints the measured ``f_c``,
 the slowdown ``t_d / t_nd`` and what the extended model predicts from ``f_c``
-(at gamma = 1: ``t_d = t_nd + 2 f_c sum n(s)``).  Needs no root.
+(at gamma = 1: ``t_d = t_nd + 2 f_c sum n(s)``, with the mean ``f_c``: a total
+is n times the mean).  Relay and profile run in this process
+(:func:`testbed.run.run`, :func:`testbed.profile.profile`).  Needs no root.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import hashlib
 import shutil
 import statistics
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +26,8 @@ from testbed import rundir
 from testbed.bench import LocalDelegate
 from testbed.errors import TestbedError
 from testbed.experiment import generate_input
+from testbed.profile import profile
+from testbed.run import run
 
 REPEATS = 3
 
@@ -38,12 +43,15 @@ def _native(program: list[str], out_file: Path) -> float:
 
 
 def _forwarded(program: list[str], endpoint: str, run_dir: Path, out_file: Path) -> rundir.Run:
-    cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
-           "--forward", "read,write", "-o", str(run_dir), "--", *program]  # fmt: skip
+    # In process: the delegate is another process and the demo does nothing
+    # else while the relay serves, so run.json's relay CPU time stays the relay's.
     with open(out_file, "wb") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True)
-    if res.returncode != 0:
-        raise TestbedError(f"forwarded run failed: {res.stderr.strip()}")
+        try:
+            res = run(program, delegate=endpoint, forward="read,write", output=run_dir, stdout=f)
+        except TestbedError as exc:
+            raise TestbedError(f"forwarded run failed: {exc}") from None
+    if res.exit_status != 0:
+        raise TestbedError(f"forwarded run of {program[0]} exited {res.exit_status}")
     return rundir.load(run_dir)
 
 
@@ -51,64 +59,88 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def main_demo(args) -> int:
+def _say_nothing(_text: str) -> None:
+    pass
+
+
+def demo(
+    output: str | Path | None = None, size_mb: int = 4, say: Callable[[str], None] = _say_nothing
+) -> dict[str, Any]:
+    """Run the demo into ``output`` (default ``runs/demo-TIME``); return its numbers.
+
+    ``say`` gets one progress line at a time.  Keys: ``base``, ``size_mb``,
+    ``counts`` (forwarded calls per run by name), ``faults``, ``rtt_p50_us``,
+    ``f_c`` (:func:`testbed.rundir.fc_estimates`), ``t_nd_s``, ``t_d_s``,
+    ``predicted_t_d_s``.
+    """
     compressor = shutil.which("gzip")
     if compressor is None:
         raise TestbedError("the demo needs gzip (apt-get install gzip)")
-    base = rundir.create(args.output, prefix="demo")
+    base = rundir.create(output, prefix="demo")
     src = base / "input.txt"
-    print(f"demo: generating {args.size_mb} MB of input in {src}", file=sys.stderr)
-    generate_input(src, args.size_mb, seed=2026)
+    say(f"demo: generating {size_mb} MB of input in {src}")
+    generate_input(src, size_mb, seed=2026)
     program = [compressor, "-6", "-c", str(src)]
 
     native_walls, runs = [], []
     with LocalDelegate() as delegate:
-        print(f"demo: delegate on {delegate.endpoint}; gzip natively and with read,write "
-              f"forwarded, {REPEATS} times each", file=sys.stderr)  # fmt: skip
+        say(f"demo: delegate on {delegate.endpoint}; gzip natively and with read,write "
+            f"forwarded, {REPEATS} times each")  # fmt: skip
         for i in range(REPEATS):
             native_walls.append(_native(program, base / "native.gz"))
             runs.append(_forwarded(program, delegate.endpoint, base / f"forwarded-{i + 1}",
                                    base / f"forwarded-{i + 1}.gz"))  # fmt: skip
-            print(f"demo: [{i + 1}/{REPEATS}] native {native_walls[-1] * 1e3:.1f} ms, "
-                  f"forwarded {runs[-1].meta['wall_s'] * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
+            say(f"demo: [{i + 1}/{REPEATS}] native {native_walls[-1] * 1e3:.1f} ms, "
+                f"forwarded {runs[-1].meta['wall_s'] * 1e3:.1f} ms")  # fmt: skip
 
     # a native profile of the same command, so `testbed analyze` of this folder
     # has n(s), g(s), C and an untraced t_nd to predict the forwarded runs from
-    prof = subprocess.run(
-        [sys.executable, "-m", "testbed", "profile", "--quiet", "--native-runs", str(REPEATS),
-         "-o", str(base / "profile"), "--", *program],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    if prof.returncode != 0:
-        raise TestbedError(f"native profile failed: {prof.stderr.strip()}")
+    try:
+        _path, prof = profile(program, base / "profile", native=REPEATS, stdout=subprocess.DEVNULL)
+    except TestbedError as exc:
+        raise TestbedError(f"native profile failed: {exc}") from None
+    if prof["exit_status"] != 0:
+        raise TestbedError(f"native profile of {program[0]} exited {prof['exit_status']}")
 
     want = _digest(base / "native.gz")
     for i in range(REPEATS):
         if _digest(base / f"forwarded-{i + 1}.gz") != want:
             raise TestbedError(f"forwarded output {i + 1} differs from the native output")
 
-    run = runs[-1]
-    counts = {row["name"]: int(row["n"]) for row in run.syscalls}
-    n_fwd = sum(counts.values())
+    counts = {row["name"]: int(row["n"]) for row in runs[-1].syscalls}
     calls = np.concatenate([np.asarray(r.calls()) for r in runs])
-    overhead_us = rundir.derived(calls)["overhead"] / 1e3
-    f_c = float(np.median(overhead_us)) / 2
-    rtt = float(np.nanmedian(rundir.derived(calls)["rtt"])) / 1e3
+    f_c = rundir.fc_estimates(calls)  # the fault-free calls, as analysis fits them
     t_nd = statistics.median(native_walls)
-    t_d = statistics.median(r.meta["wall_s"] for r in runs)
-    predicted = t_nd + 2 * f_c * 1e-6 * n_fwd
-    faults = sum(r.meta["calls"]["faults"] for r in runs)
+    # a total of n calls is n times the mean (docs/analysis.md), not the median
+    return {
+        "base": base,
+        "size_mb": size_mb,
+        "counts": counts,
+        "faults": sum(r.meta["calls"]["faults"] for r in runs),
+        "rtt_p50_us": float(np.nanmedian(rundir.derived(calls)["rtt"])) / 1e3,
+        "f_c": f_c,
+        "t_nd_s": t_nd,
+        "t_d_s": statistics.median(r.meta["wall_s"] for r in runs),
+        "predicted_t_d_s": t_nd + 2 * f_c["mean"] * 1e-6 * sum(counts.values()),
+    }
 
-    print("")
-    print(f"workload        gzip -6 of {args.size_mb} MB (output identical to native: yes)")
-    print(f"forwarded       {n_fwd} calls per run ("
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"), {faults} faults")  # fmt: skip
-    print(f"rtt             p50 {rtt:.1f} µs (relay -> delegate -> relay over ZeroMQ)")
-    print(f"f_c             {f_c:.1f} µs  (median per-call overhead / 2)")
-    print(f"t_nd (native)   {t_nd * 1e3:.1f} ms   median of {REPEATS}")
-    print(f"t_d (forwarded) {t_d * 1e3:.1f} ms   median of {REPEATS}")
-    print(f"slowdown        {t_d / t_nd:.2f}x   (model at gamma=1 predicts t_d = "
-          f"{predicted * 1e3:.1f} ms, {100 * (predicted - t_d) / t_d:+.0f}%)")  # fmt: skip
-    print(f"run directories {base}/forwarded-*, native profile {base}/profile")
-    print(f"next            testbed analyze {base} -o {base}/report")
-    return 0
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    """The demo's result as the lines ``testbed demo`` prints."""
+    base, f_c, t_d, predicted = r["base"], r["f_c"], r["t_d_s"], r["predicted_t_d_s"]
+    calls = ", ".join(f"{k} {v}" for k, v in sorted(r["counts"].items()))
+    return [
+        "",
+        f"workload        gzip -6 of {r['size_mb']} MB (output identical to native: yes)",
+        f"forwarded       {sum(r['counts'].values())} calls per run ({calls}), "
+        f"{r['faults']} faults",
+        f"rtt             p50 {r['rtt_p50_us']:.1f} µs (relay -> delegate -> relay over ZeroMQ)",
+        f"f_c             {f_c['median']:.1f} µs median, {f_c['mean']:.1f} µs mean  "
+        "(per-call overhead / 2, fault-free calls)",
+        f"t_nd (native)   {r['t_nd_s'] * 1e3:.1f} ms   median of {REPEATS}",
+        f"t_d (forwarded) {t_d * 1e3:.1f} ms   median of {REPEATS}",
+        f"slowdown        {t_d / r['t_nd_s']:.2f}x   (model at gamma=1 predicts t_d = "
+        f"{predicted * 1e3:.1f} ms, {100 * (predicted - t_d) / t_d:+.0f}%)",
+        f"run directories {base}/forwarded-*, native profile {base}/profile",
+        f"next            testbed analyze {base} -o {base}/report",
+    ]

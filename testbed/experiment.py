@@ -369,7 +369,7 @@ def _forward(item: Any, where: str) -> Forward:
 
 
 def _delegate(item: Any, where: str) -> DelegateSpec:
-    from testbed.cli import endpoint as check_endpoint
+    from testbed.keys import EndpointError, parse_endpoint
 
     if item == "local":
         return DelegateSpec("local", "local")
@@ -382,8 +382,8 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
     if not isinstance(item, dict) or not isinstance(item.get("endpoint"), str):
         raise PlanError(f"{where}: a delegate is 'local', an endpoint or {{name, endpoint}}")
     try:
-        ep = check_endpoint(item["endpoint"])
-    except argparse.ArgumentTypeError as exc:
+        ep = parse_endpoint(item["endpoint"])
+    except EndpointError as exc:
         raise PlanError(f"{where}: {exc}") from None
     name = item.get("name") or ep.split("://", 1)[1]
     return DelegateSpec(_label(str(name)), ep)
@@ -843,6 +843,9 @@ class Runner:
             argv = _argv(w, self.offload_input(w, cell.delegate))
         else:
             argv = _argv(w, self.input_for(w))
+        # A subprocess, not testbed.run.run in process: the relay is pinned to its
+        # own CPUs (preexec_fn), killed on the plan's timeout, and its CPU time
+        # (run.json) must not include this runner's or a local delegate's.
         cmd = [sys.executable, "-m", "testbed", "run"] + _mechanism_args(
             cell.delegate, self.endpoints[cell.delegate.name], self.plan
         )

@@ -1,7 +1,9 @@
-"""ZeroMQ CURVE keys: making them, loading them safely, securing an endpoint.
+"""ZeroMQ endpoints and CURVE keys: parsing an endpoint, making keys, loading them safely.
 
-The one home of the delegate's authentication; the delegate (server side),
-the relay and every health check (client side) import it.
+The one home of how a relay and a delegate meet: endpoint syntax
+(:func:`parse_endpoint`, :func:`is_loopback`) and the delegate's
+authentication.  The delegate (server side), the relay, the CLI, experiment
+plans and every health check (client side) import it.
 
 A *keys directory* (``testbed keys new DIR``) holds ZeroMQ certificate files
 in the format of ``zmq.auth`` (``public-key = "..."`` / ``secret-key = "..."``)::
@@ -284,6 +286,32 @@ def setup_client(sock: zmq.Socket, directory: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- endpoints
+
+
+class EndpointError(TestbedError):
+    """An endpoint that is not tcp://HOST:PORT, ipc://PATH or inproc://NAME."""
+
+
+def parse_endpoint(text: str, connect: bool = False) -> str:
+    """A ZeroMQ endpoint, normalised: HOST:PORT gets ``tcp://``.
+
+    A TCP port is 0-65535 or ``*`` (libzmq would wrap a larger one silently);
+    with ``connect`` it must be 1-65535 (a port to connect to).
+    """
+    if "://" not in text:
+        text = "tcp://" + text
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise EndpointError(f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint")
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or not (port.isdigit() or port == "*"):
+            raise EndpointError(f"{text!r}: expected tcp://HOST:PORT")
+        if port != "*" and not 0 <= int(port) <= 65535:
+            raise EndpointError(f"{text!r}: port must be 0-65535")
+        if connect and (port == "*" or int(port) == 0):
+            raise EndpointError(f"{text!r}: connect needs a port 1-65535")
+    return text
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -43,6 +43,7 @@ from testbed import rundir, syscalls
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.interpose import kmod as K
+from testbed.program import exit_status, forward_signals
 
 #: Records drained per read(2) of the device.
 DRAIN = 4096
@@ -56,37 +57,6 @@ def mechanism_label(faithful: bool, flush_caller: bool = False) -> str:
     if faithful:
         return f"kmod-kthread-faithful{'-flushcaller' if flush_caller else ''}/same-node"
     return "kmod-kthread/same-node"
-
-
-def check_args(args: Any) -> None:
-    """One clear error for options that do not go with ``--mode kthread`` (or need it)."""
-    kthread = args.mode == "kthread"
-    if kthread:
-        if args.backend != "kmod":
-            raise TestbedError(
-                f"--mode kthread needs --backend kmod (the mktrace module's kernel thread), "
-                f"not {args.backend}"
-            )
-        if args.delegate:
-            raise TestbedError(
-                "--mode kthread forwards to the kernel thread on this node: drop --delegate"
-            )
-        if getattr(args, "curve_keys", None):
-            raise TestbedError("--curve-keys is for a delegate endpoint, not --mode kthread")
-        if getattr(args, "offload_path", None):
-            raise TestbedError("--offload-path is only used with --mode offload")
-        if args.flush_caller_tlb and not args.faithful:
-            raise TestbedError("--flush-caller-tlb needs --faithful")
-        if args.delay_us * 1000 > K.MAX_DELAY_NS:
-            raise TestbedError(f"--delay-us must be at most {K.MAX_DELAY_NS // 1000} (1 s per leg)")
-        return
-    if args.delay_us or args.faithful or args.flush_caller_tlb:
-        raise TestbedError(
-            "--delay-us, --faithful and --flush-caller-tlb apply to --mode kthread only "
-            "(a delegate's delay is testbed delegate --delay-us)"
-        )
-    if not args.delegate:
-        raise TestbedError("--delegate ENDPOINT is required (or --backend kmod --mode kthread)")
 
 
 def to_calls(recs: np.ndarray) -> np.ndarray:
@@ -143,43 +113,55 @@ def _wait_exec(status_r: int, child, limit_s: float = 300.0) -> tuple[bytes, boo
     return data, False
 
 
-def main_run_kthread(args: Any) -> int:
-    """``testbed run --backend kmod --mode kthread``: run the program, write a run directory."""
-    from testbed.relay import _forward_signals, _resolve_forward
+def run_kthread(
+    program: list[str],
+    forwarded: frozenset[int],
+    *,
+    output: str | os.PathLike | None = None,
+    delay_us: float = 0.0,
+    faithful: bool = False,
+    flush_caller_tlb: bool = False,
+    pin_program: frozenset[int] | None = None,
+    policy: str | None = None,
+    profile: str | os.PathLike | None = None,
+    stdout: Any = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run ``program`` with ``forwarded`` handed to the kernel thread; (run directory, run.json).
 
-    forwarded = _resolve_forward(args)
-    delay_ns = round(args.delay_us * 1000)
-    if shutil.which(args.program[0]) is None:
-        raise TestbedError(f"program not found: {args.program[0]}")
+    Called by :func:`testbed.run.run` (``mode="kthread"``), which checks the options.
+    """
+    delay_ns = round(delay_us * 1000)
+    if shutil.which(program[0]) is None:
+        raise TestbedError(f"program not found: {program[0]}")
     dev = K.Device()
     try:
         dev.set_config("kthread", delay_ns=delay_ns, descendants=True,
-                       faithful=args.faithful or None, flush_caller=args.flush_caller_tlb)  # fmt: skip
+                       faithful=faithful or None, flush_caller=flush_caller_tlb)  # fmt: skip
         dev.set_syscalls(forwarded)
         cfg = dev.get_config()
         delegate_cpu = dev.status().delegate_cpu
-        pinned = getattr(args, "pin_program", None)
-        cpus = set(pinned) if pinned else K.compute_cpus("auto", delegate_cpu)
-        out = rundir.create(args.output)
+        cpus = set(pin_program) if pin_program else K.compute_cpus("auto", delegate_cpu)
+        out = rundir.create(output)
     except BaseException:
         dev.close()
         raise
-    faithful = bool(cfg.flags & K.F_FAITHFUL)
+    opts = {"program": program, "forwarded": forwarded, "policy": policy, "profile": profile,
+            "cfg": cfg, "delegate_cpu": delegate_cpu, "cpus": cpus}  # fmt: skip
     recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
     drain = _Drain(dev, recorder)  # records reach calls.bin within DRAIN_INTERVAL_S
     started = time.time()
     # run.json exists from the start, marked incomplete (docs/rundir.md, version 2)
-    rundir.write_meta(out, {**_meta(args, forwarded, cfg, delegate_cpu, cpus, started, None, None,
-                                    0, None, 0, 0, {}, 0), "exit_status": None, "complete": False})  # fmt: skip
+    rundir.write_meta(out, {**_meta(opts, started, None, None, 0, None, 0, 0, {}, 0),
+                            "exit_status": None, "complete": False})  # fmt: skip
     status_r, status_w = os.pipe()
     status = rusage = None
     t_exit = 0
     try:
         try:
-            child = K.launch_registered(dev, args.program, status_fd=status_w, cpus=cpus)
+            child = K.launch_registered(dev, program, status_fd=status_w, cpus=cpus, stdout=stdout)
         finally:
             os.close(status_w)
-        restore = _forward_signals(child.pid)
+        restore = forward_signals(child.pid)
         try:
             head, eof = _wait_exec(status_r, child)
             pidfd = os.pidfd_open(child.pid)
@@ -202,34 +184,30 @@ def main_run_kthread(args: Any) -> int:
         recorder.close()
         dev.close()
     stamp, launch_error = K.parse_status(head + tail)
-    meta = _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_exit,
-                 stamp, recorder.count, drain.released, stats, st.dropped)  # fmt: skip
-    rundir.write_meta(out, {**meta, "complete": False})
-    rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
-    rundir.write_syscalls(out, rows)
-    meta["summary"] = summary
-    meta["complete"] = True
-    rundir.write_meta(out, meta)
+    meta = _meta(opts, started, status, rusage, t_exit, stamp, recorder.count, drain.released,
+                 stats, st.dropped)  # fmt: skip
+    from testbed.run import finish_rundir
+
+    meta = finish_rundir(out, meta)
     if launch_error:
         raise TestbedError(launch_error)
     if st.dropped:
         print(f"testbed: warning: {st.dropped} call records lost (the launcher fell behind "
               "the module's ring); counts in run.json kmod.stats are complete", file=sys.stderr)  # fmt: skip
-    if not args.quiet:
-        _print_summary(args, meta, summary, out, faithful)
-    return meta["exit_status"]
+    return out, meta
 
 
-def _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_exit, stamp,
-          count, released, stats, dropped) -> dict[str, Any]:  # fmt: skip
+def _meta(opts, started, status, rusage, t_exit, stamp, count, released, stats,
+          dropped) -> dict[str, Any]:  # fmt: skip
     t0, start_user, start_sys = stamp or (0, 0.0, 0.0)
+    cfg, cpus, forwarded = opts["cfg"], opts["cpus"], opts["forwarded"]
     faithful = bool(cfg.flags & K.F_FAITHFUL)
     info = K.module_info()
     return {
         "kind": "delegated",
-        "command": list(args.program),
-        "command_line": shlex.join(args.program),
-        "exit_status": _exit_status(status),
+        "command": list(opts["program"]),
+        "command_line": shlex.join(opts["program"]),
+        "exit_status": exit_status(status),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": (t_exit - t0) / 1e9 if t0 and t_exit else None,
         "user_s": max(0.0, rusage.ru_utime - start_user) if rusage else None,
@@ -237,8 +215,8 @@ def _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_e
         "backend": "kmod",
         "mode": "kthread",
         "mechanism": mechanism_label(faithful, bool(cfg.flags & K.F_FLUSH_CALLER)),
-        "policy": getattr(args, "policy", None),
-        "profile": str(args.profile) if getattr(args, "profile", None) else None,
+        "policy": opts["policy"],
+        "profile": str(opts["profile"]) if opts["profile"] else None,
         "forwarded": sorted(syscalls.name_of(n) for n in forwarded),
         "forwarded_nrs": sorted(forwarded),
         "endpoint": None,
@@ -246,7 +224,7 @@ def _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_e
         "delegate": {
             "kind": "kthread",
             "host": os.uname().nodename,
-            "cpu": delegate_cpu,
+            "cpu": opts["delegate_cpu"],
             "delay_us": cfg.delay_ns / 1000,
             "faithful": faithful,
             "flush_caller_tlb": bool(cfg.flags & K.F_FLUSH_CALLER),
@@ -276,24 +254,3 @@ def _meta(args, forwarded, cfg, delegate_cpu, cpus, started, status, rusage, t_e
             "dropped": dropped,
         },
     }
-
-
-def _exit_status(status: int | None) -> int:
-    from testbed.relay import _exit_code
-
-    return _exit_code(status) if status is not None else 1
-
-
-def _print_summary(args, meta: dict, s: dict, out: Path, faithful: bool) -> None:
-    from testbed.relay import _fmt_us
-
-    c, d = meta["calls"], meta["delegate"]
-    wall = meta["wall_s"]
-    print(f"testbed: {Path(args.program[0]).name} exited {meta['exit_status']}"
-          + (f" after {wall:.3f} s" if wall else "")
-          + f"; {c['count']} calls forwarded to the kernel thread on CPU {d['cpu']}"
-          f" (D = {d['delay_us']:g} µs per leg{', faithful' if faithful else ''})", file=sys.stderr)  # fmt: skip
-    if s:
-        print(f"testbed: overhead p50 {_fmt_us(s['overhead_p50_us'])} p99 "
-              f"{_fmt_us(s['overhead_p99_us'])}; f_c ≈ {_fmt_us(s['f_c_us'])}", file=sys.stderr)  # fmt: skip
-    print(f"testbed: run directory {out}", file=sys.stderr)

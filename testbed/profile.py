@@ -6,13 +6,14 @@ syscall type: ``name, nr, n`` (invocations), ``g_ns`` (total time of all its
 invocations, ns, the paper's g(s)) and ``errors``.
 
 How it is measured
-  * Tracer: ``perf trace -s`` (in-kernel raw_syscalls tracepoints, per-thread
-    summaries) where it works; otherwise ``strace -f -T`` (ptrace, every call
-    timed).  ``--method`` forces one; ``auto`` checks ``perf trace -s -- true``
-    once and falls back to strace.  At very high call rates (around 10^5
-    calls/s) perf can drop events even with its 16 MiB per-CPU buffer:
-    ``lost_events`` counts those perf reports (with a warning);
-    ``--method strace`` counts exactly but slows the program down.
+  * Tracer: ``strace -f -T`` (ptrace, every call timed, counts exact) where
+    it is installed; otherwise ``perf trace -s`` (in-kernel raw_syscalls
+    tracepoints, per-thread summaries) if ``perf trace -s -- true`` works.
+    ``--method`` forces one.  perf slows the program down less (better
+    g(s)) but at high call rates (around 10^5 calls/s) it can drop events
+    even with its 16 MiB per-CPU buffer: ``lost_events`` counts those perf
+    reports (with a warning), and it was measured here to miss up to ~1.5 %
+    of a program's calls unreported, which is why ``auto`` prefers strace.
   * Timing: the tracer runs a small Python shim that forks, execs PROGRAM and
     ``wait4``s it: wall time is taken around fork/wait in the shim and
     user/sys time is PROGRAM's own rusage (including its waited-for
@@ -46,7 +47,6 @@ The command exits with PROGRAM's exit status (128 + N for signal N).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -58,6 +58,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from testbed import rundir
 from testbed.errors import TestbedError
@@ -222,7 +223,7 @@ def _resolve(program: str) -> str:
     return os.path.abspath(path)
 
 
-def _traced_run(method: str, argv: Sequence[str]) -> tuple[dict, str]:
+def _traced_run(method: str, argv: Sequence[str], stdout: Any = None) -> tuple[dict, str]:
     """Run ``argv`` under the shim and the tracer; return (shim times, tracer output)."""
     with tempfile.TemporaryDirectory(prefix="testbed-profile-") as d:
         times_path = Path(d) / "times.json"
@@ -240,7 +241,7 @@ def _traced_run(method: str, argv: Sequence[str]) -> tuple[dict, str]:
             cmd = ["strace", "-f", "-T", "-qq", "-o", str(trace_path), "--", *shim]
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program's status is reported
         try:
-            r = subprocess.run(cmd, stdin=None, stderr=subprocess.PIPE, check=False)
+            r = subprocess.run(cmd, stdin=None, stdout=stdout, stderr=subprocess.PIPE, check=False)
         except OSError as exc:
             raise ProfileError(f"cannot start {cmd[0]}: {exc.strerror}") from None
         finally:
@@ -292,8 +293,10 @@ def _subtract(table: dict[str, dict], noise: dict[str, dict]) -> dict[str, dict]
     return out
 
 
-def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str, dict], str]:
-    """Run ``program`` natively under a tracer.
+def trace(
+    program: Sequence[str], method: str = "auto", stdout: Any = None
+) -> tuple[dict, dict[str, dict], str]:
+    """Run ``program`` natively under a tracer (``stdout``: the program's, default inherited).
 
     Returns ``(times, table, method)``: the shim's times/status, the per-name
     table ``{name: {n, g_ns, errors}}`` (the shim's own calls and its child's
@@ -302,7 +305,7 @@ def trace(program: Sequence[str], method: str = "auto") -> tuple[dict, dict[str,
     method = choose_method(method)
     argv = [_resolve(program[0]), *program[1:]]
     noise = shim_calls(method)
-    times, text = _traced_run(method, argv)
+    times, text = _traced_run(method, argv, stdout)
     exclude = [times["shim_pid"]]
     table = _subtract(_table(method, text, exclude), noise)
     times["lost_events"] = (
@@ -380,18 +383,20 @@ def profile(
     method: str = "auto",
     extra: dict | None = None,
     native: int = 0,
+    stdout: Any = None,
 ) -> tuple[Path, dict]:
     """Profile ``program``; write and return its run directory and metadata.
 
     ``extra`` adds keys to run.json (e.g. ``{"workload": "bzip2"}``);
-    ``native > 0`` also times that many untraced runs (``run.json["native"]``).
+    ``native > 0`` also times that many untraced runs (``run.json["native"]``);
+    ``stdout`` is where the traced run's output goes (default: inherited).
     """
     if not program:
         raise ProfileError("no program given")
     if native < 0:
         raise ProfileError("--native-runs must be >= 0")
     out = rundir.create(output, prefix="profile")
-    times, table, used = trace(program, method)
+    times, table, used = trace(program, method, stdout)
     rows = profile_rows(table)
     g_s = sum(r["g_ns"] for r in rows) / 1e9
     user, sys_t, wall = times["user_s"], times["sys_s"], times["wall_s"]
@@ -429,21 +434,3 @@ def profile(
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
     return out, meta
-
-
-def main_profile(args: argparse.Namespace) -> int:
-    out, meta = profile(args.program, args.output, getattr(args, "method", "auto"),
-                        native=getattr(args, "native_runs", 0) or 0)  # fmt: skip
-    if not getattr(args, "quiet", False):
-        print(
-            f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "
-            f"wall {meta['wall_s']:.3f} s, user {meta['user_s']:.3f} s, sys {meta['sys_s']:.3f} s, "
-            f"p_sys {meta['p_sys']:.2%}, p_g {meta['p_g']:.2%} ({meta['method']}) -> {out}",
-            file=sys.stderr,
-        )
-        if meta["lost_events"]:
-            print(
-                f"testbed profile: warning: tracer lost {meta['lost_events']} events",
-                file=sys.stderr,
-            )
-    return meta["exit_status"]

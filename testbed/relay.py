@@ -21,21 +21,16 @@ in the loop releases every call in flight before the relay gives up.
 from __future__ import annotations
 
 import os
-import resource
-import shlex
-import signal
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import zmq
 
-from testbed import cpus, keys, rundir, syscalls, wire
+from testbed import keys, rundir, syscalls, wire
 from testbed.errors import TestbedError
-from testbed.hostinfo import host_metadata
-from testbed.interpose import Backend, CallerGone, Trap, make_backend
+from testbed.interpose import Backend, CallerGone, Trap
 from testbed.syscalls import ArgKind
 
 _IOVEC = struct.Struct("<QQ")
@@ -221,6 +216,8 @@ class Relay:
         self.stages: list[tuple[int, int, int]] | None = None
         self._t_sent: dict[int, int] = {}
         self._t_decoded = 0
+        #: the common case in C (testbed.fastpath.attach), None: Python serves all
+        self.fast = None
 
     # ------------------------------------------------------------ calls
     def on_trap(self, trap: Trap) -> None:
@@ -318,6 +315,8 @@ class Relay:
         ret: int = 0,
     ) -> None:
         self._last_released = trap
+        if self.fast is not None:
+            self.fast.drain()  # its records come first: they are older
         if not self.backend.resume_continue(trap):
             flags = (flags & ~rundir.F_UNREADABLE) | rundir.F_CALLER_GONE
             self.stats.caller_gone += 1
@@ -400,14 +399,15 @@ class Relay:
         recorder = self.recorder
         mono = time.monotonic_ns
         busy_poll = self.busy_poll
-        blocking = getattr(self.backend, "blocking_receive", False) and _start_watchdog()
+        blocking = self.backend.begin_serving()
+        fast = self.fast
         try:
             while True:
                 if blocking and status is None and not inflight:
                     # Idle: wait inside NOTIF_RECV (the kernel's synchronous wake-up
                     # applies there, not to poll).  SIGCHLD or the watchdog timer
                     # interrupts it (EINTR -> None) so the exit is seen.
-                    trap = receive()
+                    trap = fast.serve() if fast is not None and not self.peer_down else receive()
                     if trap is not None:
                         on_trap(trap)
                         continue
@@ -445,66 +445,10 @@ class Relay:
                           "stopping the relay (their calls now fail with ENOSYS)", file=sys.stderr)  # fmt: skip
                     break
         finally:
-            if blocking:
-                _stop_watchdog()
+            self.backend.end_serving()
             os.close(pidfd)
             self.release_all()  # only non-empty if the loop raised
         return status, rusage, t_exit
-
-
-WATCHDOG_S = 0.05
-
-
-def _ignore_signal(_signum, _frame) -> None:
-    """Installed for SIGCHLD/SIGALRM: its only job is to interrupt NOTIF_RECV."""
-
-
-def _start_watchdog() -> bool:
-    """SIGCHLD + a periodic SIGALRM so a blocking NOTIF_RECV always returns.
-
-    Only possible in the main thread; returns False elsewhere (poll mode).
-    """
-    try:
-        signal.signal(signal.SIGCHLD, _ignore_signal)
-        signal.signal(signal.SIGALRM, _ignore_signal)
-    except ValueError:
-        return False
-    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S, WATCHDOG_S)
-    return True
-
-
-def _stop_watchdog() -> None:
-    signal.setitimer(signal.ITIMER_REAL, 0, 0)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-
-# ---------------------------------------------------------------- testbed run
-
-
-def _resolve_forward(args) -> frozenset[int]:
-    if getattr(args, "offload_path", None):
-        raise TestbedError("--offload-path is only used with --mode offload")
-    if args.forward is not None:
-        if args.profile:
-            raise TestbedError("--profile is only used with --policy")
-        return args.forward
-    if not args.profile:
-        if args.policy is None:
-            raise TestbedError("one of --forward or --policy is required (cost mode)")
-        raise TestbedError("--policy needs --profile RUNDIR (a native profile to choose from)")
-    from testbed.policy import resolve_policy
-
-    return resolve_policy(args.policy, args.profile)
-
-
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-def _fmt_us(v: float) -> str:
-    return "n/a" if v != v else f"{v:.1f} µs"
 
 
 #: Longest per-call or handshake timeout accepted (s): beyond it a call that
@@ -517,181 +461,3 @@ def check_timeout(name: str, seconds: float) -> float:
     if not (0 < seconds <= MAX_TIMEOUT_S):  # also refuses NaN
         raise TestbedError(f"{name} must be > 0 and <= {MAX_TIMEOUT_S:g} seconds, not {seconds:g}")
     return seconds
-
-
-def main_run(args) -> int:
-    check_timeout("--timeout", args.timeout)
-    check_timeout("--connect-timeout", args.connect_timeout)
-    if args.mode == "offload":
-        from testbed.offload.client import check_run_args
-
-        forwarded = check_run_args(args)
-    else:
-        forwarded = _resolve_forward(args)
-    backend = make_backend(args.backend, forwarded)  # fails early if unsupported here
-    ctx, sock, welcome = connect(args.delegate, timeout_s=args.connect_timeout,
-                                 curve_keys=args.curve_keys,
-                                 info={"mode": args.mode, "backend": args.backend})  # fmt: skip
-    try:
-        if args.mode == "offload" and "offload" not in str(welcome.get("mode", "")):
-            raise TestbedError(f"the delegate at {args.delegate} does not offload "
-                               "(start it with --offload-root DIR)")  # fmt: skip
-        out = rundir.create(args.output)
-    except TestbedError:
-        sock.close()
-        raise
-    recorder = rundir.CallRecorder(out / rundir.CALLS_BIN)
-    if args.mode == "offload":
-        from testbed.offload.client import OffloadRelay
-
-        relay = OffloadRelay(backend, sock, recorder, args.offload_path,
-                             timeout_s=args.timeout, busy_poll=args.busy_poll)  # fmt: skip
-    else:
-        relay = Relay(backend, sock, recorder, mode=args.mode, timeout_s=args.timeout,
-                      busy_poll=args.busy_poll)  # fmt: skip
-    trace = os.environ.get(STAGE_TRACE_ENV)
-    if trace:
-        relay.stages = []
-    started = time.time()
-    # run.json exists from the start, marked incomplete: a relay killed mid-run
-    # leaves a loadable run directory (records flushed at least every second)
-    meta = _run_meta(args, forwarded, welcome, backend, relay, started, None, None, 0)
-    rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
-    status = rusage = child = stats1 = None
-    t_exit = 0
-    program_cpus = None
-    stats0 = cpus.request_stats(sock)  # the delegate's CPU time, wherever it runs
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    try:
-        child = backend.launch(args.program)
-        if getattr(backend, "orphan_guard", None):  # known once launched
-            meta["orphan_guard"] = backend.orphan_guard
-            rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
-        if getattr(args, "pin_program", None):
-            os.sched_setaffinity(child.pid, args.pin_program)
-        program_cpus = cpus.affinity(child.pid)
-        restore = _forward_signals(child.pid)
-        try:
-            status, rusage, t_exit = relay.serve(child.pid)
-            if args.mode == "offload":
-                relay.finish()
-            lost = getattr(relay, "peer_down", False)
-            stats1 = {"error": "delegate lost during the run"} if lost else cpus.request_stats(sock)
-        finally:
-            restore()
-        child.returncode = _exit_code(status) if status is not None else 1
-    finally:
-        if child is not None and status is None:  # the relay failed: do not leave it running
-            child.kill()
-            child.wait()
-            getattr(backend, "kill_descendants", lambda: None)()
-        recorder.close()
-        backend.close()
-        sock.close()
-    if trace:
-        import numpy as np
-
-        np.asarray(relay.stages, dtype=np.int64).reshape(-1, 3).tofile(trace)
-    launch_error = getattr(backend, "launch_error", lambda: None)()
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    meta = _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit)
-    # the relay's own CPU time (all its threads, ZeroMQ's included) while the program ran
-    meta["cpu"] = {"relay_user_s": cpu1.ru_utime - cpu0.ru_utime,
-                   "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
-                   "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
-                   "cpu_count": os.cpu_count()}  # fmt: skip
-    if stats1 is not None:
-        meta["cpu"].update(cpus.delegate_cpu(stats0, stats1, program_cpus))
-    rundir.write_meta(out, {**meta, "complete": False})
-    rows, summary = rundir.summarize_all(out / rundir.CALLS_BIN)
-    rundir.write_syscalls(out, rows)
-    meta["summary"] = summary
-    meta["complete"] = True
-    if args.mode == "offload":
-        meta["offload"] = relay.meta()
-    rundir.write_meta(out, meta)
-    if launch_error:
-        raise TestbedError(launch_error)
-    if not args.quiet:
-        _print_summary(args, meta, summary, out)
-    return meta["exit_status"]
-
-
-def _run_meta(args, forwarded, welcome, backend, relay, started, status, rusage, t_exit) -> dict:
-    start_user, start_sys = getattr(backend, "start_rusage", (0.0, 0.0))
-    t0 = getattr(backend, "launched_at_ns", 0)
-    st = relay.stats
-    return {
-        "kind": "delegated",
-        "command": list(args.program),
-        "command_line": shlex.join(args.program),
-        "exit_status": _exit_code(status) if status is not None else 1,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "wall_s": (t_exit - t0) / 1e9 if t0 and t_exit else None,
-        "user_s": max(0.0, rusage.ru_utime - start_user) if rusage else None,
-        "sys_s": max(0.0, rusage.ru_stime - start_sys) if rusage else None,
-        "backend": backend.name,
-        "sync_wakeup": getattr(backend, "sync_wakeup", None),
-        "orphan_guard": getattr(backend, "orphan_guard", None),
-        "mode": args.mode,
-        "policy": getattr(args, "policy", None),
-        "profile": str(args.profile) if getattr(args, "profile", None) else None,
-        "forwarded": sorted(syscalls.name_of(n) for n in forwarded),
-        "forwarded_nrs": sorted(forwarded),
-        "endpoint": args.delegate,
-        "timeout_s": args.timeout,
-        "busy_poll": args.busy_poll,
-        "curve": bool(args.curve_keys),
-        "delegate": welcome,
-        "host": host_metadata(),
-        "calls": {
-            "count": relay.recorder.count,
-            "file": rundir.CALLS_BIN,
-            "record_bytes": rundir.CALL_DTYPE.itemsize,
-            "faults": st.timeouts + st.peer_errors + st.not_sent + st.unreadable,
-            "timeouts": st.timeouts,
-            "peer_errors": st.peer_errors,
-            "not_sent": st.not_sent,
-            "unreadable": st.unreadable,
-            "caller_gone": st.caller_gone,
-            "late_replies": st.late_replies,
-        },
-    }
-
-
-def _forward_signals(pid: int):
-    """Pass SIGINT/SIGTERM on to the program while it runs; return a restore function."""
-    old = {}
-
-    def handler(signum, _frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        old[sig] = signal.signal(sig, handler)
-
-    def restore():
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-    return restore
-
-
-def _print_summary(args, meta: dict, s: dict, out: Path) -> None:
-    c = meta["calls"]
-    wall = meta["wall_s"]
-    print(f"testbed: {Path(args.program[0]).name} exited {meta['exit_status']}"
-          + (f" after {wall:.3f} s" if wall else "")
-          + f"; {c['count']} calls forwarded to {args.delegate}, {c['faults']} faults", file=sys.stderr)  # fmt: skip
-    if s:
-        print(f"testbed: rtt p50 {_fmt_us(s['rtt_p50_us'])} p99 {_fmt_us(s['rtt_p99_us'])}; "
-              f"overhead p50 {_fmt_us(s['overhead_p50_us'])} p99 {_fmt_us(s['overhead_p99_us'])}; "
-              f"f_c ≈ {_fmt_us(s['f_c_us'])}", file=sys.stderr)  # fmt: skip
-    if c["faults"]:
-        print(f"testbed: FAULTS: {c['timeouts']} timed out, {c['not_sent']} released unsent, "
-              f"{c['peer_errors']} delegate errors, {c['unreadable']} with unreadable memory "
-              + ("(calls failed with EIO)" if args.mode == "offload" else "(calls ran locally)"),
-              file=sys.stderr)  # fmt: skip
-    print(f"testbed: run directory {out}", file=sys.stderr)

@@ -16,8 +16,8 @@ Changelog of ``RUNDIR_VERSION``:
       ``"complete": false`` and rewritten with ``"complete": true`` at the
       end; ``calls.bin`` is flushed at least every ``FLUSH_NS``; flag 16
       (``F_UNREADABLE``).  Version 1 directories still load (complete) (2026-12).
-      Later additive field (no bump; readers need not know it): run.json
-      ``orphan_guard`` (2026-12).
+      Later additive fields (no bump; readers need not know them): run.json
+      ``orphan_guard``, ``hot_path`` (2026-12).
 """
 
 from __future__ import annotations
@@ -123,6 +123,13 @@ class CallRecorder:
         )  # fmt: skip
         self.count += 1
         if len(self._buf) >= self._chunk:
+            self.flush()
+
+    def add_packed(self, data: bytes, n: int) -> None:
+        """Append ``n`` records already packed as ``CALL_DTYPE`` with seq from ``count``."""
+        self._buf.append(data)
+        self.count += n
+        if len(self._buf) >= self._chunk or n >= 256:  # a big block: write it now
             self.flush()
 
     def add_array(self, records: np.ndarray) -> None:
@@ -259,24 +266,54 @@ def load(path: str | os.PathLike) -> Run:
 def derived(calls: np.ndarray) -> dict[str, np.ndarray]:
     """Per-call derived quantities of DESIGN.md section 4, in ns (float64).
 
-    ``rtt``, ``residence``, ``wire``, ``exec``, ``overhead`` (``t_resume -
-    t_trap``) and ``f_c = (overhead - exec) / 2``: the one-way forwarding cost
-    of the call, without the delegate's execution time (offload mode; ``exec``
-    is 0 in cost mode).  Calls that were never answered have NaN rtt/residence.
+    The one definition every reader uses (summary, ``demo``, ``bench``,
+    kthread runs, ``analysis``)::
+
+        rtt       = t_reply - t_send            (relay clock; NaN if never answered)
+        residence = d_send - d_recv             (delegate clock; NaN if never answered)
+        wire      = rtt - residence
+        exec      = d_exec_end - d_exec_start   (offload mode; 0 in cost mode)
+        held      = t_resume - t_trap           (how long the caller was held)
+        overhead  = held - exec
+        f_c       = overhead / 2                (the paper's one-way forwarding cost)
+
+    Which calls an estimate may use is :func:`usable`.
     """
     answered = (calls["t_reply"] > 0) & (calls["d_send"] > 0)
     rtt = np.where(answered, calls["t_reply"] - calls["t_send"], np.nan).astype(np.float64)
     residence = np.where(answered, calls["d_send"] - calls["d_recv"], np.nan).astype(np.float64)
     exec_ns = np.where(answered, calls["d_exec_end"] - calls["d_exec_start"], 0).astype(np.float64)
-    overhead = (calls["t_resume"] - calls["t_trap"]).astype(np.float64)
+    held = (calls["t_resume"] - calls["t_trap"]).astype(np.float64)
+    overhead = held - exec_ns
     return {
         "rtt": rtt,
         "residence": residence,
         "wire": rtt - residence,
         "exec": exec_ns,
+        "held": held,
         "overhead": overhead,
-        "f_c": (overhead - exec_ns) / 2,
+        "f_c": overhead / 2,
     }
+
+
+def usable(calls: np.ndarray, d: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Mask of the calls an ``f_c`` estimate uses: no fault, and a finite ``f_c`` > 0.
+
+    Faults (timeout, delegate error, not sent, unreadable memory) ran locally
+    without a reply, so their time is not a forwarding cost.
+    """
+    fc = (d if d is not None else derived(calls))["f_c"]
+    return ((calls["flags"] & F_FAULT_MASK) == 0) & np.isfinite(fc) & (fc > 0)
+
+
+def fc_estimates(calls: np.ndarray) -> dict[str, float]:
+    """``f_c`` of the usable calls, in µs: ``median`` (the headline: overheads have a
+    heavy right tail), ``mean`` (what a total of n calls is: n × mean) and ``n``."""
+    d = derived(calls)
+    fc = d["f_c"][usable(calls, d)] / 1e3
+    if not fc.size:
+        return {"median": float("nan"), "mean": float("nan"), "n": 0}
+    return {"median": float(np.median(fc)), "mean": float(fc.mean()), "n": int(fc.size)}
 
 
 #: Log-spaced histogram edges for streaming percentiles: 100 ns .. 100 s,
@@ -341,11 +378,10 @@ def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[
     run_rtt, run_ovh, run_res, run_wire = _Hist(), _Hist(), _Hist(), _Hist()
     for part in iter_chunks(calls):
         d = derived(part)
-        d["overhead"] = d["overhead"] - d["exec"]  # offload: not the delegate's work (0 in cost)
         faulty = (part["flags"] & F_FAULT_MASK) != 0
         ok = ~faulty
         run_rtt.add(d["rtt"][ok])
-        run_ovh.add(d["overhead"][ok])
+        run_ovh.add(d["overhead"][usable(part, d)])
         run_res.add(d["residence"][ok])
         run_wire.add(np.maximum(d["wire"][ok], 1.0))
         for nr in np.unique(part["nr"]):
@@ -382,7 +418,7 @@ def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[
         "wire_p50_us": run_wire.percentile(50),
         "overhead_p50_us": run_ovh.percentile(50),
         "overhead_p99_us": run_ovh.percentile(99),
-        "f_c_us": run_ovh.percentile(50) / 2,
+        "f_c_us": run_ovh.percentile(50) / 2,  # the median: as derived/usable define it
         "percentile_resolution": "log histogram, 200 bins/decade (~1.2 %)",
     }
 
@@ -393,5 +429,5 @@ def summarize(calls: np.ndarray | Path) -> list[dict[str, Any]]:
 
 
 def overall(calls: np.ndarray | Path) -> dict[str, float]:
-    """Run-wide p50/p99 of rtt and overhead (µs) and the f_c estimate (median overhead / 2)."""
+    """Run-wide p50/p99 of rtt and overhead (µs) and ``f_c_us`` (median usable overhead / 2)."""
     return summarize_all(calls)[1]

@@ -273,7 +273,7 @@ def serve_queued(d: Delegate) -> None:
     deadline = None
     try:
         while True:
-            if d._stop_requested and deadline is None:
+            if d.stop_requested and deadline is None:
                 deadline = mono() + 200_000_000
             if deadline is not None and (
                 mono() > deadline or (calls.empty() and not svc.in_system)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable
 
 from testbed.errors import TestbedError
-from testbed.interpose import BackendError, CallerGone, Trap, proc_times
+from testbed.interpose import BackendBase, BackendError, CallerGone, Trap, proc_times
 from testbed.interpose.kmod_abi import (
     ABI_VERSION,
     ACT_CONTINUE,
@@ -308,7 +308,7 @@ def read_process_memory(tid: int, addr: int, length: int) -> bytes:
 EXEC_NRS = (59, 322)  # execve, execveat: always trapped in relay mode (launch time)
 
 
-class KmodBackend:
+class KmodBackend(BackendBase):
     """Relay-mode interposition through ``/dev/mktrace`` (see the module docstring).
 
     ``timeout_s`` is the module's per-call safety net (a relay that is alive
@@ -323,7 +323,6 @@ class KmodBackend:
     """
 
     name = "kmod"
-    blocking_receive = False
 
     def __init__(
         self,

@@ -19,12 +19,13 @@ import fcntl
 import os
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import time
 
-from testbed.interpose import BackendError, CallerGone, Trap, proc_times
+from testbed.interpose import BackendBase, BackendError, CallerGone, Trap, proc_times
 from testbed.interpose._launch import EXEC_NRS
 from testbed.interpose.orphans import OrphanGuard, cgroup_of
 
@@ -105,13 +106,38 @@ def _find_listener(pid: int) -> int | None:
     return None
 
 
-class SeccompBackend:
+#: Period (s) of the watchdog timer that interrupts a blocking NOTIF_RECV.
+WATCHDOG_S = 0.05
+
+
+def _ignore_signal(_signum, _frame) -> None:
+    """Installed for SIGCHLD/SIGALRM: its only job is to interrupt NOTIF_RECV."""
+
+
+def start_watchdog() -> bool:
+    """SIGCHLD + a periodic SIGALRM so a blocking NOTIF_RECV always returns.
+
+    Only possible in the main thread; returns False elsewhere (then poll).
+    """
+    try:
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.signal(signal.SIGALRM, _ignore_signal)
+    except ValueError:
+        return False
+    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S, WATCHDOG_S)
+    return True
+
+
+def stop_watchdog() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+class SeccompBackend(BackendBase):
     """Interposition through seccomp user notification (see module docstring)."""
 
     name = "seccomp"
-    #: receive() may block until a call is trapped (EINTR -> None): lets the relay
-    #: wait in NOTIF_RECV itself when idle, where SYNC_WAKE_UP takes effect.
-    blocking_receive = True
 
     def __init__(self, forwarded: frozenset[int], handoff_timeout: float = 10.0):
         kernel_sizes = notif_sizes()
@@ -132,9 +158,13 @@ class SeccompBackend:
         self.start_rusage: tuple[float, float] = (0.0, 0.0)
         self.guard: OrphanGuard | None = None
         self.orphan_guard: str | None = None  # run.json: "cgroup" | "pdeathsig-only"
+        self._watchdog = False
 
     # ------------------------------------------------------------ launch
-    def launch(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def launch(
+        self, argv: list[str], env: dict[str, str] | None = None, **popen
+    ) -> subprocess.Popen:
+        """Start ``argv`` under the filter (``popen``: e.g. ``stdout=``)."""
         if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
             raise BackendError(f"program not found: {argv[0]}")
         self.guard = guard = OrphanGuard()
@@ -142,7 +172,7 @@ class SeccompBackend:
         nrs = ",".join(str(n) for n in sorted(self.forwarded))
         cmd = [sys.executable, "-m", "testbed.interpose._launch", str(w), str(os.getpid()),
                guard.path or "-", nrs, *argv]  # fmt: skip
-        self.child = subprocess.Popen(cmd, pass_fds=(w,), env=env)
+        self.child = subprocess.Popen(cmd, pass_fds=(w,), env=env, **popen)
         os.close(w)
         self._status_r = r
         try:
@@ -200,6 +230,22 @@ class SeccompBackend:
             self.child.kill()
             self.child.wait()
 
+    def begin_serving(self) -> bool:
+        """Let ``receive()`` block when the relay is idle (the watchdog ends the wait).
+
+        Waiting inside NOTIF_RECV rather than in poll is where the kernel's
+        SYNC_WAKE_UP applies.  SIGCHLD and a periodic SIGALRM interrupt the
+        wait (EINTR -> ``receive()`` returns None) so the program's exit is
+        seen.  Needs the main thread (signal handlers); False elsewhere.
+        """
+        self._watchdog = start_watchdog()
+        return self._watchdog
+
+    def end_serving(self) -> None:
+        if self._watchdog:
+            stop_watchdog()
+            self._watchdog = False
+
     def launch_error(self) -> str | None:
         """The launcher's message if the program could not be executed."""
         if self._status_r < 0:
@@ -224,7 +270,10 @@ class SeccompBackend:
             if exc.errno in (E.ENOENT, E.EINTR, E.EAGAIN):
                 return None  # the caller was interrupted / died before we took it
             raise
-        t = _mono()
+        return self.take(buf, _mono())
+
+    def take(self, buf: bytes | bytearray, t: int) -> Trap | None:
+        """A notification already received into ``buf`` (seen at ``t``), as ``receive``."""
         v = _unpack_notif(buf)
         nr = v[3]
         if nr in EXEC_NRS:
@@ -308,7 +357,7 @@ class SeccompBackend:
             except OSError as exc:
                 if exc.errno == E.ENOENT:
                     return False  # caller gone or interrupted
-                if exc.errno != E.EINTR:  # the relay's watchdog signal: retry
+                if exc.errno != E.EINTR:  # the watchdog's signal (begin_serving): retry
                     raise
         raise BackendError("seccomp NOTIF_SEND kept failing with EINTR")
 
@@ -334,6 +383,7 @@ class SeccompBackend:
             self.guard.kill()
 
     def close(self) -> None:
+        self.end_serving()
         if self.guard is not None:  # descendants outliving the program are left alone
             self.guard.close(clean=True)
         for tid in list(self._mem_fds):

@@ -175,7 +175,7 @@ class OffloadRelay(Relay):
 
     def __init__(self, backend, sock: zmq.Socket, recorder: rundir.CallRecorder,
                  prefixes: list[str], timeout_s: float = 2.0, busy_poll: bool = False):  # fmt: skip
-        if getattr(backend, "name", "") != "seccomp":
+        if backend.name != "seccomp":
             raise OffloadError("offload mode needs the seccomp backend (ADDFD placeholders)")
         super().__init__(backend, sock, recorder, mode="offload", timeout_s=timeout_s,
                          busy_poll=busy_poll)  # fmt: skip
@@ -775,14 +775,20 @@ def _ppid(pid: int) -> int:
     return 0
 
 
-def check_run_args(args: Any) -> frozenset[int]:
-    """Validate ``testbed run --mode offload`` options; return the trapped set."""
-    if args.forward is not None or args.policy is not None or args.profile:
+def check_run_options(
+    offload_paths: list[str] | tuple[str, ...] | None,
+    backend: str,
+    cost_selection: bool = False,
+) -> tuple[frozenset[int], list[str]]:
+    """Validate ``testbed run --mode offload`` options: (trapped set, normalised prefixes).
+
+    ``cost_selection``: --forward, --policy or --profile was given (cost mode only).
+    """
+    if cost_selection:
         raise OffloadError("--forward/--policy/--profile choose calls for cost mode; "
                            "offload mode traps the file-I/O calls itself")  # fmt: skip
-    if not args.offload_path:
+    if not offload_paths:
         raise OffloadError("--mode offload needs at least one --offload-path PREFIX")
-    if args.backend != "seccomp":
+    if backend != "seccomp":
         raise OffloadError("offload mode needs --backend seccomp (ADDFD placeholders)")
-    args.offload_path = [norm_prefix(p) for p in args.offload_path]
-    return trapped()
+    return trapped(), [norm_prefix(p) for p in offload_paths]
