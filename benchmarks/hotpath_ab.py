@@ -30,7 +30,11 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
 from testbed.bench import writeloop_binary  # noqa: E402
-from testbed.breakdown import task_cpu_ns  # noqa: E402
+from testbed.fastpath import thread_cpu_ns  # noqa: E402
+
+
+def task_cpu_ns(pid: int) -> int:
+    return sum(thread_cpu_ns(pid).values())
 
 
 def free_endpoint() -> str:

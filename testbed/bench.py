@@ -137,15 +137,22 @@ def measure_native(exe: Path, n: int, size: int, tmp: Path) -> dict:
 
 
 def measure_trap_only(exe: Path, n: int, size: int, tmp: Path) -> dict:
-    lat, sync = trap_only_lat(exe, n, size, tmp)
-    return {**_pcts(lat), "sync_wakeup": sync}
+    """Trap-only through the loop ``testbed run`` would use here (C path or Python)."""
+    from testbed import fastpath
+
+    c_path = not fastpath.disabled_by_env() and not isinstance(fastpath.load(), str)
+    lat, sync = trap_only_lat(exe, n, size, tmp, c_path=c_path)
+    return {**_pcts(lat), "sync_wakeup": sync, "c_path": c_path}
 
 
-def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, bool]:
+def trap_only_lat(
+    exe: Path, n: int, size: int, tmp: Path, c_path: bool = False
+) -> tuple[np.ndarray, bool]:
     """Trap every write and continue it at once: the relay's idle path, no network.
 
     Like the relay with no call in flight, the loop waits inside NOTIF_RECV
     (where SYNC_WAKE_UP applies); SIGCHLD and the watchdog timer end the wait.
+    ``c_path``: the loop of the relay's C path (:mod:`testbed.fastpath`) serves.
     """
     from testbed.interpose.seccomp import SeccompBackend
 
@@ -155,16 +162,13 @@ def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, 
     blocking = backend.begin_serving()
     deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline:
-            if not blocking and not select.select([backend.fileno()], [], [], 0.05)[0]:
-                trap = None
-            else:
-                trap = backend.receive()
-            if trap is not None:
-                backend.resume_continue(trap)
-            elif child.poll() is not None and backend.finished():
-                break
+        if c_path:
+            from testbed.fastpath import trap_only
+
+            done = blocking and trap_only(backend, child, deadline)
         else:
+            done = _trap_only_python(backend, child, blocking, deadline)
+        if not done:
             child.kill()
             raise TestbedError("trap-only measurement did not finish within 120 s")
     finally:
@@ -176,23 +180,44 @@ def trap_only_lat(exe: Path, n: int, size: int, tmp: Path) -> tuple[np.ndarray, 
     return _read_lat(out, n), backend.sync_wakeup
 
 
+def _trap_only_python(backend, child, blocking: bool, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if not blocking and not select.select([backend.fileno()], [], [], 0.05)[0]:
+            trap = None
+        else:
+            trap = backend.receive()
+        if trap is not None:
+            backend.resume_continue(trap)
+        elif child.poll() is not None and backend.finished():
+            return True
+    return False
+
+
 def measure_raw_zmq(endpoint: str, n: int, size: int, busy_poll: bool = False) -> dict:
     lat, frame_bytes = raw_zmq_lat(endpoint, n, size, busy_poll)
     return {**_pcts(lat), "frame_bytes": frame_bytes}
 
 
 def raw_zmq_lat(
-    endpoint: str, n: int, size: int, busy_poll: bool = False
+    endpoint: str, n: int, size: int, busy_poll: bool = False, c_client: bool = False
 ) -> tuple[np.ndarray, int]:
     """DEALER round trips to the delegate with a CALL frame of the same size.
 
     ``busy_poll`` spins on ``poll(0)`` for the reply, like ``testbed run --busy-poll``.
+    ``c_client``: the loop runs in C (:func:`testbed.fastpath.zmq_rtt`), same socket.
     """
     ctx, sock, _ = connect(endpoint)
     try:
         frame = wire.encode_call(
             wire.Call(1, os.getpid(), NR_WRITE, (3, 0, size, 0, 0, 0), ((1, bytes(size)),), "cost")
         )
+        if c_client:
+            from testbed.fastpath import zmq_rtt
+
+            got = zmq_rtt(sock, frame, n, busy_poll)
+            if got is None:
+                raise TestbedError(f"raw ZeroMQ from C failed (delegate at {endpoint})")
+            return np.asarray(got, dtype=np.int64), len(frame)
         lat = np.empty(n, dtype=np.int64)
         mono = time.monotonic_ns
         for i in range(n):
@@ -303,7 +328,10 @@ def _all(exe: Path, n: int, size: int, endpoint: str, tmp: Path) -> dict:
 def format_report(r: dict) -> str:
     rows = [
         ("native write", r["native"]),
-        ("trap-only (seccomp)", r["trap_only"]),
+        (
+            "trap-only (seccomp, " + ("C path)" if r["trap_only"].get("c_path") else "Python)"),
+            r["trap_only"],
+        ),
         ("raw ZeroMQ round trip", r["raw_zmq"]),
         ("full forwarded", r["forwarded"]),
         ("raw ZeroMQ, busy-polled", r["raw_zmq_busy"]),

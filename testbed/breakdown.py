@@ -27,9 +27,14 @@ median within the spread.  A stage is wall time on a shared machine: when the
 relay is preempted inside one (busy-polled, often by the ZeroMQ I/O thread its
 send woke), that stage absorbs the next ("send" then holds most of "transport").
 
-CPU per forwarded call: the relay's own (``run.json`` ``cpu``: from the
-program's launch to its exit, so the launch is included) and the
-delegate's (``/proc/PID/task/*/schedstat`` before and after each run).
+CPU per forwarded call, per thread group (schedstat): the relay's
+(``run.json`` ``hot_path.thread_cpu_s``: from the program's launch to its exit,
+the launch itself excluded) and the delegate's (before and after each run):
+libzmq's I/O threads ("zmq") and the rest (the relay loop; the delegate's
+serving thread, with its connection guard).
+
+Each round runs the relay's C path (:mod:`testbed.fastpath`, the default) and
+its Python path (``TESTBED_FASTPATH=0``) side by side, in alternating order.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import bench, rundir, wire
+from testbed import bench, fastpath, rundir, wire
 from testbed.errors import TestbedError
 from testbed.relay import STAGE_TRACE_ENV
 
@@ -52,18 +57,6 @@ OFF_PATH = ("record",)
 
 def cref_binary(name: str) -> Path:
     return bench.compile_c(name, (CREF / f"{name}.c").read_text())
-
-
-def task_cpu_ns(pid: int) -> int:
-    """CPU time (ns) of every thread of ``pid`` (schedstat: ns resolution)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # thread ended in between
-    return total
 
 
 def _run_c(args: list[str]) -> str:
@@ -86,20 +79,31 @@ def tcp_c(exe: Path, n: int, req: int, resp: int, busy: bool, tmp: Path) -> np.n
 
 
 def forwarded_stages(
-    exe: Path, n: int, size: int, endpoint: str, delegate_pid: int | None, tmp: Path, busy: bool
+    exe: Path,
+    n: int,
+    size: int,
+    endpoint: str,
+    delegate_pid: int | None,
+    tmp: Path,
+    busy: bool,
+    python_path: bool = False,
 ) -> dict:
-    """One ``testbed run`` of the write loop; per-call stages (ns) and CPU per call."""
-    tag = "busy" if busy else "sleep"
+    """One ``testbed run`` of the write loop; per-call stages (ns) and CPU per call.
+
+    ``python_path``: with the relay's C path turned off (:data:`testbed.fastpath.ENV`).
+    """
+    tag = ("busy" if busy else "sleep") + ("-py" if python_path else "")
     out, starts, trace = tmp / f"fwd-{tag}.bin", tmp / f"start-{tag}.bin", tmp / f"st-{tag}.bin"
     run_dir = tmp / f"run-{tag}-{os.urandom(4).hex()}"
     cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
            "--forward", "write", "-o", str(run_dir), *(["--busy-poll"] if busy else []),
            "--", str(exe), str(n), str(size), str(out), str(starts)]  # fmt: skip
-    d0 = task_cpu_ns(delegate_pid) if delegate_pid else 0
-    res = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, STAGE_TRACE_ENV: str(trace)}
-    )
-    d1 = task_cpu_ns(delegate_pid) if delegate_pid else 0
+    d0 = fastpath.thread_cpu_ns(delegate_pid) if delegate_pid else {}
+    env = {**os.environ, STAGE_TRACE_ENV: str(trace)}
+    if python_path:
+        env[fastpath.ENV] = "0"
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    d1 = fastpath.cpu_since(d0, delegate_pid) if delegate_pid else {}
     if res.returncode != 0:
         raise TestbedError(f"forwarded run failed: {res.stderr.strip().splitlines()[-1:]}")
     run = rundir.load(run_dir)
@@ -127,13 +131,18 @@ def forwarded_stages(
         "record": t_rec - r["t_resume"],
     }
     count = run.meta["calls"]["count"]
-    cpu = run.meta.get("cpu") or {}
-    relay_cpu = cpu.get("relay_user_s", 0.0) + cpu.get("relay_sys_s", 0.0) if cpu else None
+    threads = run.meta["hot_path"]["thread_cpu_s"]  # the program's lifetime, launch excluded
+    nan = float("nan")
     return {
         "lat": lat,
         "stages": stages,
-        "relay_cpu_us": relay_cpu * 1e6 / count if relay_cpu is not None else float("nan"),
-        "delegate_cpu_us": (d1 - d0) / 1e3 / count if delegate_pid else float("nan"),
+        "c_share": run.meta["hot_path"]["c_calls"] / count if count else 0.0,
+        "relay_cpu_us": sum(threads.values()) * 1e6 / count,
+        "relay_main_us": threads.get("main", nan) * 1e6 / count,
+        "relay_zmq_us": threads.get("zmq", nan) * 1e6 / count,
+        "delegate_cpu_us": sum(d1.values()) * 1e6 / count if d1 else nan,
+        "delegate_serve_us": (sum(d1.values()) - d1.get("zmq", 0.0)) * 1e6 / count if d1 else nan,
+        "delegate_zmq_us": d1.get("zmq", nan) * 1e6 / count,
     }
 
 
@@ -165,51 +174,70 @@ def run_breakdown(endpoint: str | None, n: int, size: int, rounds: int) -> dict:
 
 def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dict:
     result_bytes = len(wire.encode_result(wire.Result(2**20, 0, 0, *(time_ns_like(),) * 4, ())))
-    per: dict[str, list] = {k: [] for k in (
-        "trap_py", "trap_c", "raw_zmq", "fwd", "raw_zmq_busy", "fwd_busy", "tcp_c", "tcp_c_busy")}  # fmt: skip
-    stages: dict[str, dict[str, list]] = {"sleep": {}, "busy": {}}
-    cpu: dict[str, dict[str, list]] = {w: {"relay": [], "delegate": []} for w in ("sleep", "busy")}
-    totals: dict[str, list] = {"sleep": [], "busy": []}
+    per: dict[str, list] = {"trap_py": [], "trap_fast": [], "trap_c": []}
+    for key in ("", "_busy"):
+        for k in ("raw_zmq", "raw_zmq_c", "fwd", "fwd_py", "tcp_c"):
+            per[k + key] = []
+    tags = ("sleep", "busy", "sleep-py", "busy-py")
+    stages: dict[str, dict[str, list]] = {t: {} for t in tags}
+    parts = ("relay", "relay_main", "relay_zmq", "delegate", "delegate_serve", "delegate_zmq")
+    cpu: dict[str, dict[str, list]] = {t: {k: [] for k in (*parts, "c_share")} for t in tags}
+    totals: dict[str, list] = {t: [] for t in tags}
     sync = False
     frame_bytes = 0
     for r in range(rounds):
         print(f"bench: breakdown round {r + 1}/{rounds} ...", file=sys.stderr, flush=True)
-        lat, _ = bench.trap_only_lat(exe, m, size, tmp)
-        per["trap_py"].append(_p50(lat))
+        # A B A B: alternate which path goes first, so drift does not favour one
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for c_path in order:
+            lat, _ = bench.trap_only_lat(exe, m, size, tmp, c_path=c_path)
+            per["trap_fast" if c_path else "trap_py"].append(_p50(lat))
         lat, sync = trap_c(trap_exe, m, size, tmp)
         per["trap_c"].append(_p50(lat))
-        for busy, tag, key in ((False, "sleep", ""), (True, "busy", "_busy")):
-            lat, frame_bytes = bench.raw_zmq_lat(endpoint, m, size, busy)
-            per["raw_zmq" + key].append(_p50(lat))
-            f = forwarded_stages(exe, m, size, endpoint, dpid, tmp, busy)
-            per["fwd" + key].append(_p50(f["lat"]))
-            totals[tag].append(f["lat"])
-            for name, arr in f["stages"].items():
-                stages[tag].setdefault(name, []).append(arr)
-            cpu[tag]["relay"].append(f["relay_cpu_us"])
-            cpu[tag]["delegate"].append(f["delegate_cpu_us"])
+        for busy, key in ((False, ""), (True, "_busy")):
+            for c_client in order:
+                lat, frame_bytes = bench.raw_zmq_lat(endpoint, m, size, busy, c_client=c_client)
+                per[("raw_zmq_c" if c_client else "raw_zmq") + key].append(_p50(lat))
+            for py in (not o for o in order):
+                tag = ("busy" if busy else "sleep") + ("-py" if py else "")
+                f = forwarded_stages(exe, m, size, endpoint, dpid, tmp, busy, python_path=py)
+                per[("fwd_py" if py else "fwd") + key].append(_p50(f["lat"]))
+                totals[tag].append(f["lat"])
+                for name, arr in f["stages"].items():
+                    stages[tag].setdefault(name, []).append(arr)
+                for k in parts:
+                    cpu[tag][k].append(f[_cpu_key(k)])
+                cpu[tag]["c_share"].append(f["c_share"])
             per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
     out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
                  "sync_wakeup": sync, "frame_bytes": frame_bytes, "result_bytes": result_bytes,
                  "p50_us": {k: _spread(v) for k, v in per.items()}}  # fmt: skip
+
+    def diff(a: str, b: str) -> dict[str, float]:
+        return _spread([x - y for x, y in zip(per[a], per[b], strict=True)])
+
+    def ratio(a: list, b: list) -> dict[str, float]:
+        return _spread([x / y for x, y in zip(a, b, strict=True)])
+
     out["targets"] = {
-        "trap_py_over_c": _spread(
-            [a / b for a, b in zip(per["trap_py"], per["trap_c"], strict=True)]
-        ),
-        "fwd_minus_zmq": _spread([a - b for a, b in zip(per["fwd"], per["raw_zmq"], strict=True)]),
-        "fwd_minus_zmq_busy": _spread(
-            [a - b for a, b in zip(per["fwd_busy"], per["raw_zmq_busy"], strict=True)]
-        ),  # fmt: skip
-        "fwd_minus_tcp": _spread([a - b for a, b in zip(per["fwd"], per["tcp_c"], strict=True)]),
-        "fwd_minus_tcp_busy": _spread(
-            [a - b for a, b in zip(per["fwd_busy"], per["tcp_c_busy"], strict=True)]
-        ),  # fmt: skip
-        "zmq_minus_tcp": _spread(
-            [a - b for a, b in zip(per["raw_zmq"], per["tcp_c"], strict=True)]
-        ),
+        "trap_fast_over_c": ratio(per["trap_fast"], per["trap_c"]),
+        "trap_py_over_c": ratio(per["trap_py"], per["trap_c"]),
+        "fwd_minus_zmq": diff("fwd", "raw_zmq"),
+        "fwd_minus_zmq_busy": diff("fwd_busy", "raw_zmq_busy"),
+        "fwd_minus_zmq_c": diff("fwd", "raw_zmq_c"),
+        "fwd_minus_zmq_c_busy": diff("fwd_busy", "raw_zmq_c_busy"),
+        "fwd_py_minus_zmq": diff("fwd_py", "raw_zmq"),
+        "fwd_py_minus_zmq_busy": diff("fwd_py_busy", "raw_zmq_busy"),
+        "fwd_minus_tcp": diff("fwd", "tcp_c"),
+        "fwd_minus_tcp_busy": diff("fwd_busy", "tcp_c_busy"),
+        "zmq_c_minus_tcp": diff("raw_zmq_c", "tcp_c"),
+        "zmq_minus_tcp": diff("raw_zmq", "tcp_c"),
     }
+    for w in ("sleep", "busy"):
+        for k in ("relay", "delegate"):
+            out["targets"][f"{k}_cpu_c_over_py_{w}"] = ratio(cpu[w][k], cpu[w + "-py"][k])
     out["stages"] = {}
-    for tag in ("sleep", "busy"):
+    for tag in tags:
         total = np.concatenate(totals[tag]) / 1e3
         med = {k: float(np.median(np.concatenate(v))) / 1e3 for k, v in stages[tag].items()}
         out["stages"][tag] = {
@@ -220,10 +248,14 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
             "round_trip_p75_us": float(np.percentile(total, 75)),
             "round_trip_p10_us": float(np.percentile(total, 10)),
             "round_trip_p90_us": float(np.percentile(total, 90)),
-            "relay_cpu_us": _spread(cpu[tag]["relay"]),
-            "delegate_cpu_us": _spread(cpu[tag]["delegate"]),
+            **{_cpu_key(k): _spread(cpu[tag][k]) for k in parts},
+            "c_share": _spread(cpu[tag]["c_share"]),
         }
     return out
+
+
+def _cpu_key(part: str) -> str:
+    return part + ("_us" if "_" in part else "_cpu_us")
 
 
 def time_ns_like() -> int:
@@ -247,35 +279,54 @@ def format_breakdown(r: dict, host: dict) -> str:
         f"{r['result_bytes']} B back",
         "  p50 per round: median [min .. max] over rounds",
     ]
-    labels = [("trap_py", "trap-only, Python relay loop"), ("trap_c", "trap-only, C (cref/trapcont.c)"),
-              ("raw_zmq", "raw ZeroMQ round trip"), ("fwd", "full forwarded"),
-              ("raw_zmq_busy", "raw ZeroMQ, busy-polled"), ("fwd_busy", "full forwarded, --busy-poll"),
-              ("tcp_c", "raw C TCP (cref/tcprtt.c)"), ("tcp_c_busy", "raw C TCP, spinning")]  # fmt: skip
+    labels = [("trap_fast", "trap-only, relay C path"), ("trap_py", "trap-only, relay Python path"),
+              ("trap_c", "trap-only, C (cref/trapcont.c)")]  # fmt: skip
+    for key, what in (("", "sleeping"), ("_busy", "busy-polled")):
+        labels += [(f"raw_zmq_c{key}", f"raw ZeroMQ from C, {what}"),
+                   (f"raw_zmq{key}", f"raw ZeroMQ from Python, {what}"),
+                   (f"fwd{key}", f"forwarded, C path, {what}"),
+                   (f"fwd_py{key}", f"forwarded, Python path, {what}"),
+                   (f"tcp_c{key}", "raw C TCP (cref/tcprtt.c)" + (", spinning" if key else ""))]  # fmt: skip
     for key, label in labels:
-        lines.append(f"    {label:34s}{_fmt(p[key])}")
+        lines.append(f"    {label:38s}{_fmt(p[key])}")
     lines += [
         "  targets (per-round ratio or difference, median [min .. max]):",
-        f"    trap-only Python / C              {_fmt(t['trap_py_over_c'], 'x')}   (target <= 1.5x, or p50 <= 6 µs)",
-        f"    forwarded - raw ZeroMQ, sleeping  {_fmt(t['fwd_minus_zmq'], 'µs', True)}   (target <= +15 µs)",
-        f"    forwarded - raw ZeroMQ, busy-poll {_fmt(t['fwd_minus_zmq_busy'], 'µs', True)}   (target <= +15 µs)",
-        f"    forwarded - raw C TCP, sleeping   {_fmt(t['fwd_minus_tcp'], 'µs', True)}",
-        f"    forwarded - raw C TCP, busy/spin  {_fmt(t['fwd_minus_tcp_busy'], 'µs', True)}",
-        f"    raw ZeroMQ - raw C TCP (sleeping) {_fmt(t['zmq_minus_tcp'], 'µs', True)}   (the transport's own share)",
-        "  stages of a forwarded call, median µs over all rounds (sleeping | busy-poll):",
+        f"    trap-only relay C path / C ref       {_fmt(t['trap_fast_over_c'], 'x')}   (target <= 1.5x)",
+        f"    trap-only relay Python path / C ref  {_fmt(t['trap_py_over_c'], 'x')}",
+        f"    forwarded - raw ZeroMQ, sleeping     {_fmt(t['fwd_minus_zmq'], 'µs', True)}   (target <= +15 µs)",
+        f"    forwarded - raw ZeroMQ, busy-poll    {_fmt(t['fwd_minus_zmq_busy'], 'µs', True)}   (target <= +15 µs)",
+        f"    forwarded - raw ZeroMQ from C, sleep {_fmt(t['fwd_minus_zmq_c'], 'µs', True)}",
+        f"    forwarded - raw ZeroMQ from C, busy  {_fmt(t['fwd_minus_zmq_c_busy'], 'µs', True)}",
+        f"    Python path - raw ZeroMQ, sleeping   {_fmt(t['fwd_py_minus_zmq'], 'µs', True)}",
+        f"    Python path - raw ZeroMQ, busy-poll  {_fmt(t['fwd_py_minus_zmq_busy'], 'µs', True)}",
+        f"    forwarded - raw C TCP, sleeping      {_fmt(t['fwd_minus_tcp'], 'µs', True)}",
+        f"    forwarded - raw C TCP, busy/spin     {_fmt(t['fwd_minus_tcp_busy'], 'µs', True)}",
+        f"    raw ZeroMQ from C - raw C TCP        {_fmt(t['zmq_c_minus_tcp'], 'µs', True)}   (the transport's own share)",
+        f"    relay CPU/call C / Python, sleeping  {_fmt(t['relay_cpu_c_over_py_sleep'], 'x')}   (target <= 0.5x)",
+        f"    relay CPU/call C / Python, busy-poll {_fmt(t['relay_cpu_c_over_py_busy'], 'x')}",
+        "  stages of a forwarded call, median µs over all rounds",
+        "    (C path sleeping | busy-poll | Python path sleeping | busy-poll):",
     ]  # fmt: skip
-    sl, bu = r["stages"]["sleep"], r["stages"]["busy"]
+    st = r["stages"]
+    tags = ("sleep", "busy", "sleep-py", "busy-py")
     for k in (*STAGES, *OFF_PATH):
         note = "  (after the resume: off the caller's path)" if k in OFF_PATH else ""
-        lines.append(f"    {k:12s}{sl['median_us'][k]:8.2f} | {bu['median_us'][k]:8.2f}{note}")
-    for tag, s in (("sleeping", sl), ("busy-poll", bu)):
+        row = " | ".join(f"{st[g]['median_us'][k]:8.2f}" for g in tags)
+        lines.append(f"    {k:12s}{row}{note}")
+    for g in tags:
+        s = st[g]
         lines.append(
-            f"    {tag}: stages sum {s['sum_of_medians_us']:.2f} µs, round trip p50 "
+            f"    {g:9s}: stages sum {s['sum_of_medians_us']:.2f} µs, round trip p50 "
             f"{s['round_trip_p50_us']:.2f} µs (p10..p90 {s['round_trip_p10_us']:.2f}.."
-            f"{s['round_trip_p90_us']:.2f})"
+            f"{s['round_trip_p90_us']:.2f}), calls served by C {s['c_share']['median']:.1%}"
         )
     lines.append("  CPU per forwarded call, µs (median [min .. max] over rounds):")
-    for tag, s in (("sleeping", sl), ("busy-poll", bu)):
+    for g in tags:
+        s = st[g]
         lines.append(
-            f"    {tag:10s} relay {_fmt(s['relay_cpu_us'])}, delegate {_fmt(s['delegate_cpu_us'])}"
+            f"    {g:9s} relay {_fmt(s['relay_cpu_us'])} (main {s['relay_main_us']['median']:.1f}"
+            f" + libzmq {s['relay_zmq_us']['median']:.1f}), delegate "
+            f"{_fmt(s['delegate_cpu_us'])} (serving {s['delegate_serve_us']['median']:.1f}"
+            f" + libzmq {s['delegate_zmq_us']['median']:.1f})"
         )
     return "\n".join(lines)

@@ -216,6 +216,8 @@ class Relay:
         self.stages: list[tuple[int, int, int]] | None = None
         self._t_sent: dict[int, int] = {}
         self._t_decoded = 0
+        #: the common case in C (testbed.fastpath.attach), None: Python serves all
+        self.fast = None
 
     # ------------------------------------------------------------ calls
     def on_trap(self, trap: Trap) -> None:
@@ -313,6 +315,8 @@ class Relay:
         ret: int = 0,
     ) -> None:
         self._last_released = trap
+        if self.fast is not None:
+            self.fast.drain()  # its records come first: they are older
         if not self.backend.resume_continue(trap):
             flags = (flags & ~rundir.F_UNREADABLE) | rundir.F_CALLER_GONE
             self.stats.caller_gone += 1
@@ -396,13 +400,14 @@ class Relay:
         mono = time.monotonic_ns
         busy_poll = self.busy_poll
         blocking = self.backend.begin_serving()
+        fast = self.fast
         try:
             while True:
                 if blocking and status is None and not inflight:
                     # Idle: wait inside NOTIF_RECV (the kernel's synchronous wake-up
                     # applies there, not to poll).  SIGCHLD or the watchdog timer
                     # interrupts it (EINTR -> None) so the exit is seen.
-                    trap = receive()
+                    trap = fast.serve() if fast is not None and not self.peer_down else receive()
                     if trap is not None:
                         on_trap(trap)
                         continue

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from testbed import cpus, rundir, syscalls
+from testbed import cpus, fastpath, rundir, syscalls
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
 from testbed.program import exit_status, forward_signals
@@ -215,6 +215,7 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
                              timeout_s=timeout_s, busy_poll=busy_poll)  # fmt: skip
     else:
         relay = Relay(backend, sock, recorder, mode=mode, timeout_s=timeout_s, busy_poll=busy_poll)
+    why_python = fastpath.attach(relay)  # the common case in C where it applies
     if stage_trace:
         relay.stages = []
     opts = {"program": program, "mode": mode, "policy": policy, "profile": profile,
@@ -225,7 +226,7 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
     # leaves a loadable run directory (records flushed at least every second)
     meta = _relay_meta(opts, backend, relay, started, None, None, 0)
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
-    status = rusage = child = None
+    status = rusage = child = threads = None
     t_exit = 0
     program_cpus = None
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -238,8 +239,10 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
             os.sched_setaffinity(child.pid, pin)
         program_cpus = cpus.affinity(child.pid)
         restore = forward_signals(child.pid)
+        threads0 = fastpath.thread_cpu_ns()
         try:
             status, rusage, t_exit = relay.serve(child.pid)
+            threads = fastpath.cpu_since(threads0)
             if mode == "offload":
                 relay.finish()
         finally:
@@ -250,6 +253,8 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
             child.kill()
             child.wait()
             backend.kill_descendants()
+        if relay.fast is not None:
+            relay.fast.close()  # its last records first
         recorder.close()
         backend.close()
         sock.close()
@@ -265,6 +270,7 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
                    "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
                    "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
                    "cpu_count": os.cpu_count()}  # fmt: skip
+    meta["hot_path"] = {**fastpath.describe(relay, why_python), "thread_cpu_s": threads}
     extra = {"offload": relay.meta()} if mode == "offload" else {}
     meta = finish_rundir(out, meta, extra)
     if launch_error:

@@ -16,8 +16,8 @@ Changelog of ``RUNDIR_VERSION``:
       ``"complete": false`` and rewritten with ``"complete": true`` at the
       end; ``calls.bin`` is flushed at least every ``FLUSH_NS``; flag 16
       (``F_UNREADABLE``).  Version 1 directories still load (complete) (2026-12).
-      Later additive field (no bump; readers need not know it): run.json
-      ``orphan_guard`` (2026-12).
+      Later additive fields (no bump; readers need not know them): run.json
+      ``orphan_guard``, ``hot_path`` (2026-12).
 """
 
 from __future__ import annotations
@@ -123,6 +123,13 @@ class CallRecorder:
         )  # fmt: skip
         self.count += 1
         if len(self._buf) >= self._chunk:
+            self.flush()
+
+    def add_packed(self, data: bytes, n: int) -> None:
+        """Append ``n`` records already packed as ``CALL_DTYPE`` with seq from ``count``."""
+        self._buf.append(data)
+        self.count += n
+        if len(self._buf) >= self._chunk or n >= 256:  # a big block: write it now
             self.flush()
 
     def add_array(self, records: np.ndarray) -> None:

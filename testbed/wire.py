@@ -2,7 +2,8 @@
 
 Every message is one ZeroMQ frame holding one msgpack array whose first two
 items are the protocol version and the message type.  Documented in
-``docs/wire.md``; this module is the only place that builds or parses frames.
+``docs/wire.md``; this module is the only Python code that builds or parses
+frames (``data/fastpath.c`` mirrors the fixed-width CALL and RESULT in C).
 
 Changelog of ``WIRE_VERSION``:
   1 - hello/welcome, call/result, error, bye (2026-11).

@@ -13,7 +13,7 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
     res = run_testbed("bench", "--calls", "2000", "--size", "64", "--json", str(out), timeout=300)
     assert res.returncode == 0, res.stderr
     text = res.stdout.decode()
-    for label in ("native write", "trap-only (seccomp)", "raw ZeroMQ round trip",
+    for label in ("native write", "trap-only (seccomp, C path)", "raw ZeroMQ round trip",
                   "full forwarded", "ratio full/raw-ZeroMQ", "ratio trap-only/native"):  # fmt: skip
         assert label in text, label
     data = json.loads(out.read_text())
@@ -21,6 +21,7 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
         assert data[key]["n"] == 2000
         assert data[key]["p50_us"] > 0 and data[key]["p99_us"] >= data[key]["p50_us"]
     assert data["forwarded"]["faults"] == 0
+    assert data["trap_only"]["c_path"]  # the loop testbed run uses here (cc is installed)
     assert data["raw_zmq"]["frame_bytes"] > 64  # the frame carries the 64-byte buffer
 
 
@@ -59,9 +60,10 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
         assert label in text, label
     data = json.loads(out.read_text())
     assert data["rounds"] == 2 and data["calls_per_round"] == 600
-    for key in ("trap_py", "trap_c", "raw_zmq", "fwd", "raw_zmq_busy", "fwd_busy", "tcp_c"):
+    for key in ("trap_py", "trap_fast", "trap_c", "raw_zmq", "raw_zmq_c", "fwd", "fwd_py",
+                "raw_zmq_busy", "fwd_busy", "fwd_py_busy", "tcp_c"):  # fmt: skip
         assert data["p50_us"][key]["median"] > 0, key
-    for tag in ("sleep", "busy"):
+    for tag in ("sleep", "busy", "sleep-py", "busy-py"):
         s = data["stages"][tag]
         med = s["median_us"]
         assert set(med) == {"trap", "marshal", "send", "transport", "delegate", "decode",
@@ -74,6 +76,9 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
         assert s["sum_of_medians_us"] - med["send"] - med["transport"] < s["round_trip_p10_us"]
         assert med["delegate"] > 0 and med["send"] + med["transport"] > 0 and med["record"] > 0
         assert s["relay_cpu_us"]["median"] > 0 and s["delegate_cpu_us"]["median"] > 0
+        assert s["relay_main_us"]["median"] > 0 and s["relay_zmq_us"]["median"] > 0
+        # the C path served the C rows (all but the odd call), the Python path the others
+        assert s["c_share"]["min"] > 0.9 if tag in ("sleep", "busy") else s["c_share"]["max"] == 0
 
 
 def test_bench_breakdown_rejects_too_many_rounds():

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -566,17 +567,23 @@ def test_unsupported_calls_get_fallback_errnos_and_fd_ops_behave(lab, tmp_path):
         ("tcp://0.0.0.0:5603", (), False),
         ("tcp://*:5603", (), False),
         ("tcp://127.0.0.1:*", (), True),
-        ("ipc:///tmp/tb-offload-test.sock", (), True),
+        ("ipc://{tmp}/offload.sock", (), True),
     ],
 )
 def test_offload_beyond_loopback_needs_curve_or_insecure(tmp_path, listen, extra, ok):
+    listen = listen.format(tmp=tmp_path)  # an IPC path of this test's own
     argv = tb_argv("delegate", "--listen", listen, "--offload-root", str(tmp_path),
                    "--max-calls", "1", *extra)  # fmt: skip
     if ok:
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
-        assert proc.poll() is None  # serving
-        proc.terminate()
+        try:
+            # serving: its status line says so (waited for, however loaded the machine)
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            line = proc.stderr.readline() if ready else ""
+            assert "listening on" in line, line
+            assert proc.poll() is None
+        finally:
+            proc.terminate()
         assert proc.wait(10) == 0
         return
     res = subprocess.run(argv, capture_output=True, text=True, timeout=30)

@@ -30,12 +30,22 @@ ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
 """
 
 
+@pytest.fixture(autouse=True, params=["c-path", "python-path"])
+def hot_path(request, monkeypatch):
+    """Every test here runs with the relay's C path (the default) and with it off."""
+    if request.param == "python-path":
+        monkeypatch.setenv("TESTBED_FASTPATH", "0")
+    else:
+        monkeypatch.delenv("TESTBED_FASTPATH", raising=False)
+    return request.param
+
+
 def _run(delegate, out, forward, *program, timeout=120, extra=()):
     return run_testbed("run", "--delegate", delegate.endpoint, "--forward", forward,
                        "-o", str(out), *extra, "--", *program, timeout=timeout)  # fmt: skip
 
 
-def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path):
+def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path, hot_path):
     program = ["gzip", "-6", "-c", str(payload)]
     native = subprocess.run(program, capture_output=True, check=True).stdout
     res = _run(delegate, tmp_path / "run", "read,write", *program)
@@ -55,6 +65,7 @@ def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path
     writes = calls[calls["nr"] == 1]
     assert int(writes["bytes_in"].sum()) == len(native)  # write buffers were marshalled
     assert run.meta["exit_status"] == 0 and run.meta["calls"]["faults"] == 0
+    assert run.meta["hot_path"]["c"] == (hot_path == "c-path")
     assert "f_c" in res.stderr.decode() and str(tmp_path / "run") in res.stderr.decode()
 
 
@@ -115,6 +126,30 @@ def test_exit_status_and_signal_death(delegate, tmp_path):
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
 
 
+def test_sigterm_to_the_relay_reaches_a_program_busy_in_forwarded_calls(delegate, tmp_path):
+    """The relay passes SIGTERM on even while its loop is serving (the C path
+    returns to Python at least every 50 ms for that)."""
+    mark = tmp_path / "writing"
+    loop = ("import os, sys\nfor i in range(200):\n    os.write(1, b'x' * 64)\n"
+            "open(sys.argv[1], 'w').close()\nwhile True:\n    os.write(1, b'x' * 64)\n")  # fmt: skip
+    proc = subprocess.Popen(
+        tb_argv("run", "--delegate", delegate.endpoint, "--forward", "write",
+                "-o", str(tmp_path / "r"), "--", sys.executable, "-c", loop, str(mark)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mark.exists(), "the program never got going"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    run = rundir.load(tmp_path / "r")
+    assert run.complete and run.meta["calls"]["count"] > 100, run.meta["calls"]
+    assert run.meta["calls"]["faults"] == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,9 +181,11 @@ def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_p
                         "-o", str(tmp_path / "r"), "--", sys.executable, "-c", slow),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        time.sleep(1.0)
+        first = run.stdout.readline()  # the relay is connected and the program runs
+        time.sleep(0.5)
         d.send_signal(signal.SIGKILL)
         out, err = run.communicate(timeout=60)
+        out = first + out
     finally:
         d.kill()
         d.wait()

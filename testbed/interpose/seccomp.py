@@ -270,7 +270,10 @@ class SeccompBackend(BackendBase):
             if exc.errno in (E.ENOENT, E.EINTR, E.EAGAIN):
                 return None  # the caller was interrupted / died before we took it
             raise
-        t = _mono()
+        return self.take(buf, _mono())
+
+    def take(self, buf: bytes | bytearray, t: int) -> Trap | None:
+        """A notification already received into ``buf`` (seen at ``t``), as ``receive``."""
         v = _unpack_notif(buf)
         nr = v[3]
         if nr in EXEC_NRS:
