@@ -41,7 +41,8 @@ from analysis.profiles import Profile, from_run
 from testbed import rundir
 from testbed.errors import TestbedError
 
-#: The paper's same-node number (section IV-B: mktrace, max measured f_c).
+#: The paper's same-node number (section IV-B: mktrace, max measured f_c): a labelled
+#: reference line in figures, never a data row.
 PAPER_MKTRACE_FC_S = 40e-6
 
 
@@ -469,18 +470,17 @@ def mechanism_table(
     profiles: list[Profile],
     policy: str = "min-freq:20%",
     gammas=(2.0, 10.0),
-    include_paper: bool = True,
 ) -> pd.DataFrame:
-    """Same-node vs remote, side by side: one row per mechanism with its f_c (the
-    per-call mean, which totals scale with), CI and the predicted S_r at each
-    gamma for each profiled workload under ``policy``."""
+    """Same-node vs remote, side by side: one row per *measured* mechanism with its
+    f_c (the per-call mean, which totals scale with), CI and the predicted S_r at
+    each gamma for each profiled workload under ``policy``.  The paper's figure
+    (``PAPER_MKTRACE_FC_S``) is never a row: it is the reference line of
+    ``figures.fig_fc_mechanisms``."""
     rows = []
     src = [
         (m.mechanism, m.f_c_mean_s, m.f_c_mean_lo_s, m.f_c_mean_hi_s, int(m.calls))
         for m in mech_fits.itertuples()
     ] if len(mech_fits) else []  # fmt: skip
-    if include_paper:
-        src.append(("paper mktrace kthread (reported max)", PAPER_MKTRACE_FC_S, np.nan, np.nan, 0))
     gam = np.asarray(gammas, dtype=float)
     for mech, fc, lo, hi, calls in src:
         row = {"mechanism": mech, "f_c_s": fc, "f_c_lo_s": lo, "f_c_hi_s": hi, "calls": calls}

@@ -312,7 +312,8 @@ def fig_fc_mechanisms(samples: dict[str, np.ndarray], reference: float | None = 
         ax.set_xticks(range(1, len(names) + 1), names, rotation=15, fontsize=8)
     if reference:
         ax.axhline(reference, color="grey", ls="--", lw=1,
-                   label=f"paper: mktrace same-node, max {human_time(reference)}")  # fmt: skip
+                   label=f"reference, not measured here: paper's mktrace same-node max "
+                         f"{human_time(reference)}")  # fmt: skip
         ax.legend(fontsize=7)
     ax.set_yscale("log")
     _time_axis(ax.yaxis)

@@ -968,7 +968,28 @@ def build_parser() -> argparse.ArgumentParser:
     q3.add_argument(
         "--install", action="store_true", help="apt-get install missing packages (root)"
     )
-    for q in (vm_sub.choices["run"], q2):
+    q4 = vm_sub.add_parser(
+        "experiment",
+        help="run experiment plans in the guest with the mktrace module loaded",
+        description="Boot a guest, load the mktrace module and run each PLAN with "
+        "testbed experiment; results come back as run directories in DIR/<plan>/. "
+        "Delegates: kthread, local (the guest's loopback) and tcp://10.0.2.100:PORT, "
+        "a delegate started on this host's 127.0.0.1 (docs/vm.md).",
+    )
+    q4.add_argument("plans", nargs="+", metavar="PLAN", help="experiment plan (YAML or JSON)")
+    q4.add_argument(
+        "-o", "--output", default="results/vm", metavar="DIR",
+        help="results folder on the host (default results/vm)",
+    )  # fmt: skip
+    q4.add_argument(
+        "--module", metavar="KO",
+        help="mktrace.ko built for the guest kernel (default: build kmod/ now)",
+    )  # fmt: skip
+    q4.add_argument(
+        "--timeout", type=timeout_seconds, default=3600.0, metavar="S",
+        help="kill the guest after S seconds (default 3600)",
+    )  # fmt: skip
+    for q in (vm_sub.choices["run"], q2, q4):
         q.add_argument("--memory", default="2G", metavar="M", help="guest memory (default 2G)")
         q.add_argument(
             "--cpus", type=positive_int, default=2, metavar="N", help="guest CPUs (default 2)"

@@ -42,6 +42,7 @@ A plan::
       - {name: node3, endpoint: "tcp://10.213.47.3:5555"}
       - kthread                    # the mktrace module's kernel thread on this node
       - {name: kt20, kthread: {delay_us: 20, faithful: false}}
+      - {name: ktf, kthread: {delay_us: 20, faithful: true, flush_caller_tlb: true}}
     pin: false                     # true: program, relay (and a local delegate)
                                    # on separate CPUs; refused with < 2 CPUs
 
@@ -173,6 +174,7 @@ class DelegateSpec:
     endpoint: str  # "local" = start one on loopback, "kthread" = the module's kernel thread
     delay_us: float = 0.0  # kthread: spin per leg
     faithful: bool = False  # kthread: the mktrace-faithful variant
+    flush_caller_tlb: bool = False  # kthread, faithful only: flush the caller's CPU too
 
     @property
     def kthread(self) -> bool:
@@ -182,6 +184,8 @@ class DelegateSpec:
         out: dict[str, Any] = {"name": self.name, "endpoint": self.endpoint}
         if self.kthread:
             out.update(delay_us=self.delay_us, faithful=self.faithful)
+            if self.flush_caller_tlb:
+                out["flush_caller_tlb"] = True
         return out
 
 
@@ -389,13 +393,18 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
     return DelegateSpec(_label(str(name)), ep)
 
 
+KTHREAD_KEYS = {"delay_us", "faithful", "flush_caller_tlb"}
+
+
 def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
     opts = item["kthread"]
     if opts is True or opts is None:
         opts = {}
     unknown = set(item) - {"name", "kthread"}
-    if not isinstance(opts, dict) or unknown or set(opts) - {"delay_us", "faithful"}:
-        raise PlanError(f"{where}: a kthread delegate is {{name, kthread: {{delay_us, faithful}}}}")
+    if not isinstance(opts, dict) or unknown or set(opts) - KTHREAD_KEYS:
+        raise PlanError(
+            f"{where}: a kthread delegate is {{name, kthread: {{delay_us, faithful, flush_caller_tlb}}}}"
+        )
     try:
         delay = float(opts.get("delay_us", 0.0))
     except (TypeError, ValueError):
@@ -403,9 +412,13 @@ def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
     if not 0 <= delay <= 1e6:
         raise PlanError(f"{where}: kthread delay_us must be a number in [0, 1000000]")
     faithful = opts.get("faithful", False)
-    if not isinstance(faithful, bool):
-        raise PlanError(f"{where}: kthread faithful must be true or false")
-    return DelegateSpec(_label(str(item.get("name") or "kthread")), "kthread", delay, faithful)
+    flush = opts.get("flush_caller_tlb", False)
+    if not isinstance(faithful, bool) or not isinstance(flush, bool):
+        raise PlanError(f"{where}: kthread faithful and flush_caller_tlb must be true or false")
+    if flush and not faithful:
+        raise PlanError(f"{where}: kthread flush_caller_tlb needs faithful: true")
+    name = _label(str(item.get("name") or "kthread"))
+    return DelegateSpec(name, "kthread", delay, faithful, flush)
 
 
 def _list(data: dict, key: str, where: str) -> list:
@@ -570,6 +583,10 @@ def ping(endpoint: str, timeout_s: float = 5.0, curve_keys: str | None = None) -
     return welcome
 
 
+#: How long a local delegate may take to answer (Python under QEMU TCG starts slowly).
+LOCAL_DELEGATE_START_S = 120.0
+
+
 class LocalDelegate:
     """A delegate on loopback for the duration of a plan (always stopped)."""
 
@@ -589,7 +606,7 @@ class LocalDelegate:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      preexec_fn=_pinner(self.cpus), env=_testbed_env())  # fmt: skip
         try:
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + LOCAL_DELEGATE_START_S
             while True:
                 if self.proc.poll() is not None:
                     raise TestbedError(f"local delegate exited with status {self.proc.returncode}")
@@ -947,7 +964,11 @@ def _mechanism_args(d: DelegateSpec, endpoint: str, plan: Plan) -> list[str]:
     """``testbed run`` options that choose the mechanism of a cell."""
     if d.kthread:
         args = ["--backend", "kmod", "--mode", "kthread", "--delay-us", f"{d.delay_us:g}"]
-        return args + (["--faithful"] if d.faithful else [])
+        return (
+            args
+            + (["--faithful"] if d.faithful else [])
+            + (["--flush-caller-tlb"] if d.flush_caller_tlb else [])
+        )
     return ["--delegate", endpoint, "--mode", plan.mode, "--backend", plan.backend]
 
 

@@ -17,7 +17,9 @@ Changelog of ``RUNDIR_VERSION``:
       end; ``calls.bin`` is flushed at least every ``FLUSH_NS``; flag 16
       (``F_UNREADABLE``).  Version 1 directories still load (complete) (2026-12).
       Later additive fields (no bump; readers need not know them): run.json
-      ``orphan_guard``, ``hot_path`` (2026-12).
+      ``orphan_guard``, ``hot_path`` (2026-12); ``host.virtualization``
+      (virtual machine? emulated CPU, e.g. QEMU TCG?
+      ``testbed.hostinfo.virtualization``) (2026-12).
 """
 
 from __future__ import annotations

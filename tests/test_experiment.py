@@ -74,6 +74,8 @@ def _write(path: Path, text: str) -> Path:
          "a kthread delegate is"),
         ("workloads: [gzip]\nforward: [read]\ndelegates: [{kthread: {faithful: 2}}]\n",
          "kthread faithful"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [{kthread: {flush_caller_tlb: true}}]\n",
+         "kthread flush_caller_tlb needs faithful: true"),
         ("mode: offload\noffload_path: /x\nworkloads: [gzip]\ndelegates: [kthread]\n",
          "kthread delegates measure cost only"),
         ("mode: offload\nworkloads: [gzip]\ndelegates: [local]\n", "needs offload_path"),
@@ -144,9 +146,10 @@ def test_kthread_delegates_are_node_local_and_kept(tmp_path):
     plan = _write(
         tmp_path / "p.yml",
         "workloads: [cat]\nforward: [read]\n"
-        "delegates: [local, kthread, {name: kt20, kthread: {delay_us: 20, faithful: true}}]\n",
+        "delegates: [local, kthread, {name: kt20, kthread: {delay_us: 20, faithful: true}},\n"
+        "  {name: ktf, kthread: {faithful: true, flush_caller_tlb: true}}]\n",
     )
-    specs = experiment.load_plan(plan).delegates
+    specs = experiment.load_plan(plan).delegates[:3]
     assert [(d.name, d.kthread, d.delay_us, d.faithful) for d in specs] == [
         ("local", False, 0.0, False),
         ("kthread", True, 0.0, False),
@@ -154,13 +157,15 @@ def test_kthread_delegates_are_node_local_and_kept(tmp_path):
     ]
     # --delegate (what experiment.yml passes) replaces the network delegates only
     over = experiment.load_plan(plan, ["node3=tcp://10.213.47.3:5555"]).delegates
-    assert [d.name for d in over] == ["node3", "kthread", "kt20"]
+    assert [d.name for d in over] == ["node3", "kthread", "kt20", "ktf"]
+    assert experiment._mechanism_args(over[3], "kthread", experiment.load_plan(plan))[-2:] == [
+        "--faithful", "--flush-caller-tlb"]  # fmt: skip
     d = over[2]
     assert experiment._mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
         "--backend", "kmod", "--mode", "kthread", "--delay-us", "20", "--faithful",
     ]  # fmt: skip
     proc = tb("experiment", str(plan), "--check", "--delegate", "n=tcp://127.0.0.1:9")
-    assert proc.returncode == 0 and proc.stdout.strip() == "plan p: valid, 3 runs", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == "plan p: valid, 4 runs", proc.stderr
 
 
 @pytest.mark.root

@@ -381,6 +381,78 @@ def test_bitmap_and_config_validation():
             dev.set_config(**{"mode": "relay", **kwargs})
 
 
+def test_guestfwd_carries_one_connection_to_loopback_both_ways():
+    """testbed/vm/guestfwd.py as QEMU runs it: stdin/stdout a socket, bytes both ways."""
+    import socket
+
+    fwd = REPO / "testbed" / "vm" / "guestfwd.py"
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    guest, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(fwd), str(port)], stdin=theirs,
+                            stdout=theirs, stderr=theirs)  # fmt: skip
+    theirs.close()
+    conn, _ = srv.accept()
+    conn.settimeout(30)
+    guest.settimeout(30)
+    payload = os.urandom(300_000)
+    guest.sendall(payload)
+    guest.shutdown(socket.SHUT_WR)  # half-close: the host side sees EOF after the bytes
+    got = b""
+    while chunk := conn.recv(65536):
+        got += chunk
+    assert got == payload
+    conn.sendall(b"reply")
+    conn.close()
+    back = b""
+    while chunk := guest.recv(65536):
+        back += chunk
+    assert back == b"reply"
+    assert proc.wait(timeout=30) == 0
+    srv.close()
+    # nothing listening: the forwarder exits, the guest's connection closes
+    guest2, theirs2 = socket.socketpair()
+    dead = subprocess.run([sys.executable, "-I", "-S", str(fwd), str(port)], stdin=theirs2,
+                          stdout=theirs2, stderr=theirs2, timeout=30)  # fmt: skip
+    assert dead.returncode == 1
+    theirs2.close()
+    guest2.settimeout(10)
+    assert guest2.recv(10) == b""
+
+
+def test_guestfwd_rules_reach_only_the_host_loopback():
+    from testbed.errors import TestbedError
+    from testbed.vm import boot
+
+    (rule,) = boot._guestfwd_rules([(5555, 40001)])
+    assert rule.startswith("tcp:10.0.2.100:5555-cmd:") and rule.endswith("guestfwd.py 40001")
+    for bad in [(0, 1), (5555, 70000), ("x", 1), (1, 2, 3), "5555"]:
+        with pytest.raises(TestbedError):
+            boot._guestfwd_rules([bad])
+
+
+@pytest.mark.parametrize(
+    "endpoint, where",
+    [("tcp://127.0.0.1:5555", "the guest's own loopback"),
+     ("tcp://10.0.2.2:5555", "outside the guest"),
+     ("tcp://192.0.2.7:5555", "outside the guest")],
+)  # fmt: skip
+def test_vm_experiment_refuses_delegates_the_guest_cannot_reach(tmp_path, endpoint, where):
+    plan = tmp_path / "p.yml"
+    plan.write_text(f"backend: kmod\nworkloads: [cat]\nforward: [read]\n"
+                    f"delegates: [kthread, {{name: far, endpoint: '{endpoint}'}}]\n")  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "testbed", "vm", "experiment", str(plan), "-o",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"testbed: error: plan p: delegate far ({endpoint}) is {where}; in the guest a plan "
+        "may use kthread, local, or tcp://10.0.2.100:PORT (a delegate on this host)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- VM tests
 
 vm_only = [pytest.mark.vm, pytest.mark.slow]
@@ -690,3 +762,120 @@ def test_dmesg_has_no_warnings(guest):
     assert part["bad"] == [], "\n".join(part["bad"])
     assert part["loaded_lines"] >= 3  # three loads
     assert part["unloaded_lines"] >= 3
+
+
+# ---------------------------------------------------------------- three mechanisms, TLB (VM)
+
+MECH_PLAN = """name: mech
+backend: kmod
+workloads:
+  - {name: cat, size_mb: 0.3}
+  - {name: gzip, size_mb: 0.3}
+forward: ["read,write"]
+delegates:
+  - kthread
+  - local
+  - {name: host, endpoint: "tcp://10.0.2.100:5555"}
+"""
+TLB_PLAN = """name: tlb
+backend: kmod
+workloads:
+  - {name: gain, gamma: [1, 2, 8], phases: 2, samples: 2000000}
+forward: [write]
+delegates:
+  - {name: kt, kthread: {}}
+  - {name: ktfc, kthread: {faithful: true, flush_caller_tlb: true}}
+"""
+THREE = {"kmod-kthread/same-node", "kmod/loopback", "kmod/remote"}
+
+
+@pytest.fixture(scope="module")
+def vm_experiment(built):
+    """``testbed vm experiment`` of two small plans in one boot, then ``testbed analyze``."""
+    if built["build_rc"] != 0:
+        pytest.skip("the module did not build (see test_module_builds_without_warnings)")
+    share = built["share"]
+    plans = []
+    for name, text in (("mech", MECH_PLAN), ("tlb", TLB_PLAN)):
+        (share / f"{name}.yml").write_text(text)
+        plans.append(str(share / f"{name}.yml"))
+    out = share / "vmexp"
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "testbed", "vm", "experiment", *plans, "-o", str(out),
+         "--module", str(share / "build" / "mktrace.ko"), "--timeout", "1500"],
+        capture_output=True, text=True, timeout=1700, cwd=REPO,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    reports = {}
+    for name in ("mech", "tlb"):
+        rep = share / f"report-{name}"
+        a = subprocess.run([sys.executable, "-m", "testbed", "analyze", str(out / name), "-o",
+                            str(rep)], capture_output=True, text=True, timeout=600)  # fmt: skip
+        reports[name] = {"rc": a.returncode, "stderr": a.stderr, "dir": rep}
+    print(f"\nvm experiment took {took:.0f} s (guest + host delegate); results in {out}")
+    return {"res": res, "out": out, "reports": reports}
+
+
+def _report(vm_experiment, name: str):
+    import pandas as pd
+
+    res = vm_experiment["res"]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rep = vm_experiment["reports"][name]
+    assert rep["rc"] == 0, rep["stderr"]
+    return rep["dir"], (rep["dir"] / "report.md").read_text(), pd
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_three_mechanisms_plan_in_the_guest(vm_experiment):
+    from testbed import rundir
+
+    rep, text, pd = _report(vm_experiment, "mech")
+    assert "experiment mech: ran=6 skipped=0 failed=0" in vm_experiment["res"].stdout
+    side = pd.read_csv(rep / "tables" / "mechanisms_fc.csv")
+    assert set(side["mechanism"]) == THREE  # three *measured* mechanisms, no paper row
+    assert (side["calls"] > 0).all() and (side["runs"] == 2).all()
+    for _, m in side.iterrows():
+        print(f"f_c {m['mechanism']}: median {m['median (µs)']:.1f} us [{m['median lo']:.1f}, "
+              f"{m['median hi']:.1f}], mean {m['mean (µs)']:.1f} us [{m['mean lo']:.1f}, "
+              f"{m['mean hi']:.1f}]; median ratio to the cheapest {m['median ratio']:.2f} "
+              f"[{m['ratio lo']:.2f}, {m['ratio hi']:.2f}], mean ratio {m['mean ratio']:.2f}")  # fmt: skip
+    per = pd.read_csv(rep / "tables" / "mechanisms_per_workload.csv")
+    assert len(per) == 6 and per["predicted_S_r"].notna().all()
+    assert "only ratios between mechanisms measured in one guest" in text.lower()
+    hosts = {}
+    for d in sorted((vm_experiment["out"] / "mech" / "guest").glob("*.r1")):
+        run = rundir.load(d)
+        cell = json.loads((d / "experiment.json").read_text())
+        assert cell["output_matches_native"] and run.meta["exit_status"] == 0, d
+        assert run.meta["host"]["virtualization"]["emulated"] is True  # stamped: QEMU TCG
+        hosts[cell["delegate"]] = (run.meta.get("delegate") or {}).get("host")
+    # the "host" delegate really ran on this machine; "local" and kthread in the guest
+    import socket
+
+    assert hosts == {"kthread": "testbed-vm", "local": "testbed-vm", "host": socket.gethostname()}
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tlb_experiment_in_the_guest(vm_experiment):
+    rep, text, pd = _report(vm_experiment, "tlb")
+    assert "experiment tlb: ran=6 skipped=0 failed=0" in vm_experiment["res"].stdout
+    t = pd.read_csv(rep / "tables" / "tlb_experiment.csv")
+    faithful, default = "kmod-kthread-faithful-flushcaller/same-node", "kmod-kthread/same-node"
+    assert set(t["mechanism"]) == {faithful, default}
+    assert sorted(t["gamma"]) == [1, 1, 2, 2, 8, 8]
+    above = t[t["gamma"] > 1]  # predicted from the γ = 1 run of the same variant
+    assert (above["predicted_runs"] == 1).all() and above["mean_abs_error"].notna().all()
+    for r in t.itertuples():
+        print(f"TLB {r.mechanism} γ={r.gamma}: f_c(γ=1) {r.f_c_gamma1_us:.1f} us, measured "
+              f"{r.measured_t_d_s:.3f} s, predicted {r.predicted_t_d_s:.3f} s, error "
+              f"{r.mean_error:+.1%}")  # fmt: skip
+    assert "## TLB experiment" in text and "What TCG cannot show" in text
+    verdict = [ln for ln in text.splitlines() if ln.startswith(f"- `{faithful}` vs `{default}`")]
+    assert len(verdict) == 1 and "explain" in verdict[0], verdict
+    print(verdict[0])

@@ -139,6 +139,32 @@ def _hostfwd_rules(hostfwd: Iterable) -> list[str]:
     return rules
 
 
+#: The guest's address for connections carried to the host's loopback (``guestfwd``).
+GUESTFWD_ADDR = "10.0.2.100"
+GUESTFWD_SCRIPT = Path(__file__).resolve().parent / "guestfwd.py"
+
+
+def _guestfwd_rules(guestfwd: Iterable) -> list[str]:
+    """Each rule ``(guest_port, host_port)``: the guest's connections to
+    ``GUESTFWD_ADDR:guest_port`` reach ``127.0.0.1:host_port`` on the host, one
+    :mod:`testbed.vm.guestfwd` process per connection (nothing else is reachable)."""
+    rules = []
+    for rule in guestfwd:
+        try:
+            guest_port, host_port = (int(x) for x in rule)
+        except (TypeError, ValueError):
+            raise TestbedError(
+                f"guestfwd rule {rule!r}: expected (guest_port, host_port)"
+            ) from None
+        if not (0 < guest_port < 65536 and 0 < host_port < 65536):
+            raise TestbedError(f"guestfwd rule {rule!r}: ports must be 1..65535")
+        cmd = shlex.join([sys.executable, "-I", "-S", str(GUESTFWD_SCRIPT), str(host_port)])
+        if "," in cmd:
+            raise TestbedError(f"guestfwd: {cmd!r} has a comma (QEMU option syntax)")
+        rules.append(f"tcp:{GUESTFWD_ADDR}:{guest_port}-cmd:{cmd}")
+    return rules
+
+
 @dataclasses.dataclass
 class Boot:
     """One running QEMU process and its control directory."""
@@ -186,6 +212,7 @@ def start(
     overlay: bool,
     kernel_args: str = "",
     extra_files: dict[str, tuple[bytes, int]] | None = None,
+    guestfwd: Iterable = (),
 ) -> Boot:
     qemu = find_qemu()
     kernel = kernel or find_kernel()
@@ -194,7 +221,8 @@ def start(
         raise TestbedError("cpus must be >= 1")
     mem = _memory(memory)
     rules = _hostfwd_rules(hostfwd)
-    if rules:
+    grules = _guestfwd_rules(guestfwd)
+    if rules or grules:
         net = True
     if share is not None:
         share = Path(share).resolve()
@@ -236,7 +264,8 @@ def start(
                 "security_model=none,multidevs=remap",
             ]
         if net:
-            netdev = "user,id=n0,restrict=on" + "".join(f",hostfwd={r}" for r in rules)
+            netdev = ("user,id=n0,restrict=on" + "".join(f",hostfwd={r}" for r in rules)
+                      + "".join(f",guestfwd={r}" for r in grules))  # fmt: skip
             argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
         log = open(ctl / "qemu.log", "wb")  # noqa: SIM115 - handed to the child
         try:
@@ -299,6 +328,7 @@ def run(
     hostroot_cache: str = "loose",
     overlay: bool = True,
     kernel_args: str = "",
+    guestfwd: Iterable = (),
 ) -> VMResult:
     """Boot a guest, run ``command`` as root, power off; return its output and status.
 
@@ -308,7 +338,9 @@ def run(
     ``PYTHONPATH``; ``env`` adds variables.  ``share`` is a host directory mounted
     read-write at :data:`RESULTS_DIR`.  ``net=True`` adds a NIC (10.0.2.15/24 via
     QEMU user networking, restricted: the guest reaches nothing outside);
-    ``hostfwd`` rules ``(host_port, guest_port)`` forward 127.0.0.1 ports into it.
+    ``hostfwd`` rules ``(host_port, guest_port)`` forward 127.0.0.1 ports into it;
+    ``guestfwd`` rules ``(guest_port, host_port)`` let the guest reach the host's
+    ``127.0.0.1:host_port`` as ``10.0.2.100:guest_port`` (nothing else).
     ``kernel_args`` are appended to :data:`BASE_KERNEL_ARGS` (later ones win,
     e.g. ``"mitigations=auto"``).
 
@@ -321,7 +353,7 @@ def run(
     boot = start(
         command, share=share, memory=memory, cpus=cpus, net=net, hostfwd=hostfwd, cwd=cwd,
         env=env, kernel=kernel, hostroot_cache=hostroot_cache, overlay=overlay,
-        kernel_args=kernel_args,
+        kernel_args=kernel_args, guestfwd=guestfwd,
     )  # fmt: skip
     try:
         try:

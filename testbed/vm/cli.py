@@ -1,4 +1,4 @@
-"""``testbed vm check|run|up``: the command line of the VM harness (docs/vm.md)."""
+"""``testbed vm check|run|up|experiment``: the command line of the VM harness (docs/vm.md)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def main_vm(args) -> int:  # noqa: ANN001 - argparse.Namespace
         return 0
     if action == "up":
         return _main_up(args)
+    if action == "experiment":
+        from testbed.vm.experiment import main_vm_experiment
+
+        return main_vm_experiment(args)
     command = list(args.command or [])
     if command and command[0] == "--":
         command = command[1:]
