@@ -127,7 +127,7 @@ def test_request_stats_records_why_a_delegate_gave_none(reply, expect):
 def test_request_stats_skips_late_frames_and_reads_the_answer():
     from testbed.delegate import Delegate
 
-    with Delegate("tcp://127.0.0.1:*").start() as d:
+    with Delegate("tcp://127.0.0.1:*") as d:  # __enter__ starts it
         s = zmq.Context.instance().socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(d.bound_endpoint)
