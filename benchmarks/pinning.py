@@ -14,8 +14,8 @@ block alone (OUTDIR/report-A1 ...: the machine's load drifts between blocks),
 and prints one line for each: the best cross-validated predictor's mean and
 max |error| and bias (with and without the paired natives), the relay's and
 delegate's CPU share, the error at a relay share below and above 20 %, the
-natives' wall/CPU (1 = nobody else took the CPU) and spread.  19 minutes at a
-load average of 7-12 on the project's 2 vCPUs (about 8 expected when quiet).
+natives' wall/CPU (1 = nobody else took the CPU) and spread.  6 min 17 s on
+the project's 2 vCPUs when quiet, 19 min at a load average of 7-12.
 Resumable (finished runs are skipped).
 """
 
