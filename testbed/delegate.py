@@ -457,7 +457,13 @@ class Delegate:
         return what
 
     def start(self) -> Delegate:
-        """Bind and serve in a background thread; returns self."""
+        """Bind and serve in a background thread; returns self (once: a second call is a no-op).
+
+        ``with Delegate(...).start()`` is therefore safe: a second serving thread
+        on the same socket would make libzmq abort.
+        """
+        if self._thread is not None:
+            return self
         self.bind()
         self._thread = threading.Thread(target=self._serve_catch, name="tb-delegate", daemon=True)
         self._thread.start()
