@@ -257,11 +257,24 @@ def cpu_share(r: DelegatedRun, who: str) -> float:
     """CPU seconds of the relay or delegate during the run, per second of the run."""
     cpu = r.cell.get("cpu") if isinstance(r.cell.get("cpu"), dict) else {}
     v = cpu.get(f"{who}_cpu_s")
-    if v is None and who == "relay":
-        m = r.meta.get("cpu") or {}
-        if "relay_user_s" in m:
-            v = float(m["relay_user_s"]) + float(m.get("relay_sys_s") or 0.0)
+    m = r.meta.get("cpu") or {}
+    if v is None and who == "relay" and "relay_user_s" in m:
+        v = float(m["relay_user_s"]) + float(m.get("relay_sys_s") or 0.0)
+    if v is None and who == "delegate":  # its stats replies, recorded by the relay
+        v = m.get("delegate_cpu_s")
     return float(v) / r.wall if v is not None and r.wall > 0 else np.nan
+
+
+def delegate_cpus_shared(r: DelegatedRun) -> str:
+    """Which CPUs the delegate shared with the program: "0,1", "none", "other kernel", "–"."""
+    cpu = r.cell.get("cpu") if isinstance(r.cell.get("cpu"), dict) else {}
+    m = r.meta.get("cpu") or {}
+    if cpu.get("delegate_same_kernel", m.get("delegate_same_kernel")) is False:
+        return "other kernel"
+    v = cpu.get("delegate_shared_cpus", m.get("delegate_shared_cpus"))
+    if v is None:
+        return "–"
+    return ",".join(str(c) for c in v) if v else "none"
 
 
 def _shared(r: DelegatedRun) -> object:
@@ -326,6 +339,7 @@ def predictions(runs: list[DelegatedRun], natives: list[NativeRun], fallback: di
                 "relay_cpu_share": cpu_share(r, "relay"),
                 "delegate_cpu_share": cpu_share(r, "delegate"),
                 "relay_shares_program_cpus": _shared(r),
+                "delegate_shared_cpus": delegate_cpus_shared(r),
                 "flag": ref.flag + ("" if f else f"nothing to train on ({scheme}); "),
             }
             for p in PREDICTORS:
@@ -394,8 +408,8 @@ def model_accuracy(pred: pd.DataFrame, scheme: str, predictor: str) -> pd.DataFr
     d["rel_error"] = d[f"err_{predictor}"] if predictor else np.nan
     lead = ["workload", "policy", "gamma", "measured", *[f"pred_{p}" for p in PREDICTORS],
             "best_predictor", "predicted", "rel_error", "relay_cpu_share", "delegate_cpu_share",
-            "relay_shares_program_cpus", "t_nd", "C", "t_nd_source", "paired_native_s",
-            "native_spread", "native_wall_per_cpu",
+            "relay_shares_program_cpus", "delegate_shared_cpus", "t_nd", "C", "t_nd_source",
+            "paired_native_s", "native_spread", "native_wall_per_cpu",
             "mechanism", "host", "repetition", "run", "forwarded_calls", "train_runs",
             "f_c_pooled_s", *[f"err_{p}" for p in PREDICTORS], "scheme", "flag"]  # fmt: skip
     return d[lead].reset_index(drop=True)
@@ -405,8 +419,9 @@ def error_terms(acc: pd.DataFrame) -> pd.DataFrame:
     """Per class, the size of each candidate error term next to the error itself.
 
     noise: spread of the native runs (and their wall/CPU ratio: other processes
-    taking the CPU); interference: relay CPU share and the
-    correlation of the error with it; launch: the fixed per-run term relative
+    taking the CPU); interference: relay and delegate CPU share, the
+    correlation of the error with the relay's and the error below / above a
+    relay share of 20 %; launch: the fixed per-run term relative
     to t_d; per-syscall and size: how far those predictors move from pooled.
     """
     if not len(acc) or acc["predicted"].isna().all():
@@ -433,6 +448,9 @@ def error_terms(acc: pd.DataFrame) -> pd.DataFrame:
             "contention: native wall/CPU": float(g["native_wall_per_cpu"].mean()),
             "interference: relay CPU share": float(share.mean()),
             "corr(error, relay share)": corr,
+            "|error| at relay share < 20 %": float(g["rel_error"][share < 0.2].abs().mean()),
+            "|error| at relay share ≥ 20 %": float(g["rel_error"][share >= 0.2].abs().mean()),
+            "interference: delegate CPU share": float(g["delegate_cpu_share"].mean()),
             "launch: |fixed term|/t_d": float(((g["pred_pooled+fixed"] - g["pred_pooled"]).abs()
                                                 / m).mean()),
             "per-syscall vs pooled": float(((g["pred_per_syscall"] - g["pred_pooled"]).abs()
@@ -629,7 +647,10 @@ def analyse(
         markdown_table(terms),
         "Per-syscall f_c(s) (mean with t CI; `tables/fc_per_syscall.csv`): see the CSV.",
         "",
-        "Per run (headline scheme; relay CPU share = relay CPU seconds per second of the run):",
+        "Per run (headline scheme; relay / delegate CPU share = CPU seconds of the relay / the "
+        "whole delegate process, every client it served, per second of the run, the delegate's "
+        "from its `stats` replies wherever it runs; delegate_shared_cpus = the CPUs it could "
+        "share with the program, `other kernel` when it runs on another machine):",
         "",
         markdown_table(
             acc[
@@ -643,6 +664,7 @@ def analyse(
                     "relay_cpu_share",
                     "delegate_cpu_share",
                     "relay_shares_program_cpus",
+                    "delegate_shared_cpus",
                     "t_nd_source",
                     "flag",
                 ]

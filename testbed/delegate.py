@@ -6,6 +6,7 @@ every frame with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``):
 * HELLO  -> WELCOME (host, pid, workers, delay, mode, versions)
 * CALL   -> RESULT with the four delegate-clock timestamps, or ERROR
 * BYE    -> BYE with the accounting of that client
+* STATS  -> STATS: the delegate's CPU time and CPUs (``testbed.cpus.process_stats``)
 * anything malformed -> ERROR to that client; the delegate keeps serving.
 
 Threading (one of three layouts, chosen by ``workers`` and ``--service-us``):
@@ -55,7 +56,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from testbed import keys, wire
+from testbed import cpus, keys, wire
 from testbed.connguard import ConnectionGuard
 from testbed.errors import TestbedError
 from testbed.privileges import drop_privileges
@@ -212,6 +213,9 @@ class _Handler:
                 if self.d.offload is not None:
                     self.d.offload.forget(ident)
                 return wire.encode_bye(self.d.client_stats(ident))
+            if kind == wire.STATS:  # CPU time for the relay's run record (testbed.cpus)
+                calls = self.d.client_stats(ident)["calls"]
+                return wire.encode_stats(cpus.process_stats(self.d.answered, calls))
             raise wire.WireError(wire.E_UNSUPPORTED, f"a delegate does not accept {kind!r}")
         except wire.WireError as exc:
             client.errors += 1
@@ -453,7 +457,13 @@ class Delegate:
         return what
 
     def start(self) -> Delegate:
-        """Bind and serve in a background thread; returns self."""
+        """Bind and serve in a background thread; returns self (once: a second call is a no-op).
+
+        ``with Delegate(...).start()`` is therefore safe: a second serving thread
+        on the same socket would make libzmq abort.
+        """
+        if self._thread is not None:
+            return self
         self.bind()
         self._thread = threading.Thread(target=self._serve_catch, name="tb-delegate", daemon=True)
         self._thread.start()

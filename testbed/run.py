@@ -226,9 +226,10 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
     # leaves a loadable run directory (records flushed at least every second)
     meta = _relay_meta(opts, backend, relay, started, None, None, 0)
     rundir.write_meta(out, {**meta, "exit_status": None, "complete": False})
-    status = rusage = child = threads = None
+    status = rusage = child = threads = stats1 = None
     t_exit = 0
     program_cpus = None
+    stats0 = cpus.request_stats(sock)  # the delegate's CPU time, wherever it runs
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         child = backend.launch(program, stdout=stdout)
@@ -245,6 +246,8 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
             threads = fastpath.cpu_since(threads0)
             if mode == "offload":
                 relay.finish()
+            lost = getattr(relay, "peer_down", False)
+            stats1 = {"error": "delegate lost during the run"} if lost else cpus.request_stats(sock)
         finally:
             restore()
         child.returncode = exit_status(status)
@@ -270,6 +273,8 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
                    "relay_sys_s": cpu1.ru_stime - cpu0.ru_stime,
                    "relay_cpus": cpus.affinity(0), "program_cpus": program_cpus,
                    "cpu_count": os.cpu_count()}  # fmt: skip
+    if stats1 is not None:
+        meta["cpu"].update(cpus.delegate_cpu(stats0, stats1, program_cpus))
     meta["hot_path"] = {**fastpath.describe(relay, why_python), "thread_cpu_s": threads}
     extra = {"offload": relay.meta()} if mode == "offload" else {}
     meta = finish_rundir(out, meta, extra)

@@ -11,6 +11,9 @@ Changelog of ``WIRE_VERSION``:
       -2**63 .. 2**63-1 and the four delegate timestamps 0 .. 2**63-1 (v1
       allowed up to 2**64-1, which a relay could not record); an ``error``
       message is at most ``MAX_ERROR_TEXT`` characters (2026-12).
+  2 (addition) - optional ``stats`` request/reply (a map both ways; the reply
+      carries its own ``stats_version``, see ``testbed.cpus``).  A delegate
+      that predates it answers ``unsupported``, which the relay records (2026-12).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ CALL = "call"
 RESULT = "result"
 ERROR = "error"
 BYE = "bye"
+STATS = "stats"
 
 #: Error codes carried by ERROR frames.
 E_MALFORMED = "malformed"
@@ -162,6 +166,10 @@ def encode_bye(info: dict) -> bytes:
     return _packb([WIRE_VERSION, BYE, info])
 
 
+def encode_stats(info: dict) -> bytes:
+    return _packb([WIRE_VERSION, STATS, info])
+
+
 def encode_call(call: Call) -> bytes:
     """A CALL frame (fixed-width layout when the values fit it, else general msgpack)."""
     return encode_call_fields(*call)
@@ -234,7 +242,7 @@ def decode(frame: bytes) -> tuple[str, Any]:
     """Decode any frame into ``(type, payload)``.
 
     Payloads: ``Call`` for CALL, ``Result`` for RESULT, a dict for
-    HELLO/WELCOME/BYE, ``WireError`` (not raised) for ERROR.
+    HELLO/WELCOME/BYE/STATS, ``WireError`` (not raised) for ERROR.
     Raises :class:`WireError` for anything malformed.
     """
     n = len(frame)
@@ -252,7 +260,7 @@ def decode(frame: bytes) -> tuple[str, Any]:
         return CALL, _decode_call(msg)
     if kind == RESULT:
         return RESULT, _decode_result(msg)
-    if kind in (HELLO, WELCOME, BYE):
+    if kind in (HELLO, WELCOME, BYE, STATS):
         if len(msg) != 3 or not isinstance(msg[2], dict):
             raise WireError(E_MALFORMED, f"{kind} frame must be [version, {kind!r}, map]")
         return kind, msg[2]

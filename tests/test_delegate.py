@@ -615,3 +615,16 @@ def test_delegate_in_one_namespace_client_in_another():
     assert got["welcome"]["pid"] > 0 and got["bye"]["calls"] == 50
     assert [s[:2] for s in got["stamps"]] == [["result", i] for i in range(50)]
     assert all(s[2] <= s[3] for s in got["stamps"])
+
+
+def test_start_twice_serves_once():
+    """``with Delegate(...).start()`` starts one serving thread, not two on one socket."""
+    import threading
+
+    from testbed.delegate import Delegate
+
+    d = Delegate("tcp://127.0.0.1:*")
+    with d.start():
+        assert d.start() is d
+        assert [t.name for t in threading.enumerate()].count("tb-delegate") == 1
+    assert d.wait(5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed import gain, rundir
+from testbed import errors, gain, rundir
 from tests.conftest import run_testbed, strace_counts
 
 DESIGN_CALLS = ",".join(sorted({*gain.MIX, *gain.ONCE}))
@@ -127,7 +127,10 @@ def test_short_sweep_gives_figs_12_13_and_model_accuracy(tmp_path):
 def test_placement_pins_apart_only_with_two_cpus():
     from testbed.cpus import parse_cpus, placement
 
-    assert placement(True, {0}).program is None and "only 1 CPU" in placement(True, {0}).note
+    with pytest.raises(
+        errors.TestbedError, match="pin: true needs at least 2 CPUs.*has 1 available"
+    ):
+        placement(True, {0})
     two = placement(True, {2, 5})
     assert (two.program, two.relay, two.delegate) == ({2}, {5}, {5})
     four = placement(True, {0, 1, 2, 3})

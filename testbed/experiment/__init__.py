@@ -44,7 +44,7 @@ A plan::
       - {name: kt20, kthread: {delay_us: 20, faithful: false}}
       - {name: ktf, kthread: {delay_us: 20, faithful: true, flush_caller_tlb: true}}
     pin: false                     # true: program, relay (and a local delegate)
-                                   # on separate CPUs where there are >= 2
+                                   # on separate CPUs; refused with < 2 CPUs
 
 A ``kthread`` delegate runs its cells with ``testbed run --backend kmod
 --mode kthread`` (same-node, no network); it stays in the plan when

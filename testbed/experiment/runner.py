@@ -297,8 +297,6 @@ class Runner:
             }
         sha = _sha256(out)
         cpu = run.meta.get("cpu") or {}
-        relay_cpus = cpu.get("relay_cpus")
-        program_cpus = cpu.get("program_cpus")
         delegate_cpus = (
             sorted(self.place.delegate) if self.place.delegate is not None and dpid
             else cpus.affinity(dpid) if dpid else None
@@ -312,18 +310,7 @@ class Runner:
             "backend": run.meta.get("backend", self.plan.backend),
             "native_run": f"native/{cell.run_id}",
             "native_paired_wall_s": paired.get("wall_s"),
-            "cpu": {
-                "cpu_count": os.cpu_count(),
-                "program_cpus": program_cpus,
-                "relay_cpus": relay_cpus,
-                "delegate_cpus": delegate_cpus,
-                "relay_cpu_s": (cpu.get("relay_user_s") or 0) + (cpu.get("relay_sys_s") or 0)
-                if cpu
-                else None,
-                "delegate_cpu_s": d1 - d0 if d0 is not None and d1 is not None else None,
-                "relay_shares_program_cpus": cpus.shared(relay_cpus, program_cpus),
-                "delegate_shares_program_cpus": cpus.shared(delegate_cpus, program_cpus),
-            },
+            "cpu": cpus.cell_cpu(cpu, delegate_cpus, d1 - d0 if None not in (d0, d1) else None),
             "exit_status": run.meta.get("exit_status", proc.returncode),
             "elapsed_s": elapsed,
             "output_bytes": out.stat().st_size,
@@ -426,6 +413,7 @@ def run_plan(
 ) -> dict[str, int]:
     """Run every unfinished cell of ``plan``; returns counts ran/skipped/failed."""
     check_results_dir(plan, results)
+    cpus.placement(plan.pin)  # pin: true on a node with < 2 CPUs: refused before any run
     results.mkdir(parents=True, exist_ok=True)
     (results / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     all_cells = cells(plan)
