@@ -90,6 +90,7 @@ def delegated_run(
         meta["policy"] = policy
     if native:
         meta["native"] = {"wall_s": t_nd}
+    rows, meta["summary"] = rundir.summarize_all(out / rundir.CALLS_BIN)  # as testbed run does
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
     if cell is not None:

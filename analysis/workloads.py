@@ -1,162 +1,117 @@
-"""Small real workloads to profile (we have no SPEC CPU): inputs are generated.
+"""Profiling the catalogue's workloads (``testbed.workloads``), as the shipped profiles were.
 
-Each workload function takes a scratch directory, writes its (seeded,
-reproducible) input there and returns the argv to profile.  Sizes are chosen
-so the whole set profiles in a few seconds on a 2-core machine; ``scale``
-multiplies the input sizes.
+The workloads are those ``testbed experiment`` runs (one catalogue, one input
+generator: ``testbed/workloads.py``), so a shipped profile in
+``analysis/data/profiles`` is the profile of the experiment's workload of the
+same name.  ``scale`` multiplies each workload's default input size.
 
-    bzip2    compress ~2 MB of generated text        (few calls, read/write heavy)
-    gzip     compress the same text
-    tar      archive a tree of 300 small files       (open/close/fstat heavy)
-    sqlite3  2000 inserts in 40 transactions         (pwrite/fsync heavy)
-    python   import modules, compute, write files    (openat/newfstatat/mmap heavy)
-    gcc      compile and link 3 small C files        (multi-process: gcc, cc1, as, ld)
+Re-take the shipped profiles (perf: g(s) closer to native than strace's;
+``--fifo``: SCHED_FIFO, so other load on the machine does not end up in g(s))::
+
+    python3 -m analysis.workloads analysis/data/profiles --method perf --fifo 50
 """
 
 from __future__ import annotations
 
-import random
+import argparse
+import os
 import shutil
 import sys
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
 
 from testbed.errors import TestbedError
+from testbed.workloads import CATALOGUE, expand
+from testbed.workloads import prepare as prepare_inputs
 
-_WORDS = [
-    "forward",
-    "delegate",
-    "kernel",
-    "syscall",
-    "network",
-    "compute",
-    "plane",
-    "data",
-    "latency",
-    "gain",
-    "model",
-    "speedup",
-    "profile",
-    "relay",
-    "zeromq",
-    "msgpack",
-    "seccomp",
-    "module",
-    "thread",
-    "spin",
-    "cost",
-    "policy",
-    "frequency",
-]
-
-
-def _text(path: Path, size: int, seed: int = 1) -> Path:
-    rng = random.Random(seed)
-    lines, total = [], 0
-    while total < size:
-        line = " ".join(rng.choice(_WORDS) for _ in range(12)) + f" {rng.randrange(10**6)}\n"
-        lines.append(line)
-        total += len(line)
-    path.write_text("".join(lines))
-    return path
-
-
-def bzip2(d: Path, scale: float = 1.0) -> list[str]:
-    return ["bzip2", "-k", "-f", str(_text(d / "bzip2-input.txt", int(2e6 * scale)))]
-
-
-def gzip(d: Path, scale: float = 1.0) -> list[str]:
-    return ["gzip", "-k", "-f", str(_text(d / "gzip-input.txt", int(4e6 * scale)))]
-
-
-def tar(d: Path, scale: float = 1.0) -> list[str]:
-    tree = d / "tar-tree"
-    for i in range(int(300 * scale)):
-        sub = tree / f"dir{i % 10}"
-        sub.mkdir(parents=True, exist_ok=True)
-        _text(sub / f"file{i}.txt", 2000 + 37 * i, seed=i)
-    return ["tar", "-cf", str(d / "out.tar"), "-C", str(tree), "."]
-
-
-def sqlite3(d: Path, scale: float = 1.0) -> list[str]:
-    rows = int(2000 * scale)
-    sql = ["CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, v REAL);"]
-    for start in range(0, rows, 50):
-        sql.append("BEGIN;")
-        sql += [
-            f"INSERT INTO t(k, v) VALUES ('key{i}', {i * 0.5});" for i in range(start, start + 50)
-        ]
-        sql.append("COMMIT;")
-    sql.append("SELECT count(*), sum(v) FROM t;")
-    script = d / "sqlite3-script.sql"
-    script.write_text("\n".join(sql) + "\n")
-    db = d / "sqlite3.db"
-    db.unlink(missing_ok=True)
-    return ["sqlite3", str(db), f".read {script}"]
-
-
-def python(d: Path, scale: float = 1.0) -> list[str]:
-    code = (
-        "import json, csv, decimal, email.parser, sys, pathlib\n"
-        f"d = pathlib.Path({str(d)!r})\n"
-        f"s = sum(i * i for i in range({int(300000 * scale)}))\n"
-        "for i in range(200):\n"
-        "    (d / f'py{i}.json').write_text(json.dumps({'i': i, 's': s}))\n"
-        "print(s, file=open('/dev/null', 'w'))\n"
-    )
-    return [sys.executable, "-c", code]
-
-
-def gcc(d: Path, scale: float = 1.0) -> list[str]:
-    srcs = []
-    for j in range(3):
-        body = "\n".join(
-            f"int f{j}_{i}(int x) {{ return x * {i} + {j}; }}" for i in range(int(60 * scale))
-        )
-        main = "int main(void) { return f0_1(0); }\n" if j == 0 else ""
-        src = d / f"gcc-unit{j}.c"
-        src.write_text(f"#include <stdio.h>\n{body}\n{main}")
-        srcs.append(str(src))
-    return ["gcc", "-O1", "-o", str(d / "gcc-prog"), *srcs]
-
-
-WORKLOADS: dict[str, Callable[[Path, float], list[str]]] = {
-    "bzip2": bzip2,
-    "gzip": gzip,
-    "tar": tar,
-    "sqlite3": sqlite3,
-    "python": python,
-    "gcc": gcc,
-}
+#: The workloads of the shipped profiles (the catalogue's programs with a
+#: syscall mix of their own: xz, cat, sha256sum, wc, tar and sqlite3 are read/write loops
+#: over one file like gzip).
+PROFILED = ("bzip2", "gzip", "tar-tree", "sqlite3-tx", "python", "gcc")
+#: The input sizes of the shipped profiles: ``scale`` times the catalogue default.
+SHIPPED_SCALE = 1.0
+SHIPPED_SEED = 1
 
 
 def available(names=None) -> list[str]:
-    """The workloads whose program is installed (all of ``WORKLOADS`` by default)."""
+    """The workloads whose program is installed (all of :data:`PROFILED` by default)."""
     out = []
-    for name in names or WORKLOADS:
-        if name not in WORKLOADS:
-            raise TestbedError(f"unknown workload {name!r} (one of {', '.join(WORKLOADS)})")
-        if name == "python" or shutil.which(name):
+    for name in names or PROFILED:
+        if name not in CATALOGUE:
+            raise TestbedError(f"unknown workload {name!r} (one of {', '.join(CATALOGUE)})")
+        if shutil.which(CATALOGUE[name].program):
             out.append(name)
     return out
 
 
-def prepare(name: str, scratch: Path, scale: float = 1.0) -> list[str]:
-    """Write the input of workload ``name`` beneath ``scratch``; return its argv."""
+def prepare(name: str, scratch: Path, scale: float = 1.0, seed: int = SHIPPED_SEED) -> list[str]:
+    """Write the inputs of workload ``name`` beneath ``scratch``; return its argv."""
+    if name not in CATALOGUE:
+        raise TestbedError(f"unknown workload {name!r} (one of {', '.join(CATALOGUE)})")
+    spec = CATALOGUE[name]
     d = Path(scratch) / name
-    d.mkdir(parents=True, exist_ok=True)
-    return WORKLOADS[name](d, scale)
+    prepare_inputs(d, spec.size_mb * scale, seed, name)
+    return expand(spec.argv, d)
 
 
-def profile_all(outdir: Path, scratch: Path, names=None, scale: float = 1.0, method: str = "auto"):
-    """Profile each workload into ``outdir/<name>``; return the run directories."""
+def profile_all(
+    outdir: Path, scratch: Path, names=None, scale: float = 1.0, method: str = "auto"
+) -> list[Path]:
+    """Profile each workload into ``outdir/<name>`` (stdout to a file, as in an
+    experiment); return the run directories."""
     from testbed.profile import profile
 
     paths = []
     for name in available(names):
         argv = prepare(name, scratch, scale)
-        path, meta = profile(argv, Path(outdir) / name, method, extra={"workload": name})
+        extra = {"workload": name, "size_mb": CATALOGUE[name].size_mb * scale,
+                 "seed": SHIPPED_SEED, "made_by": "analysis.workloads.profile_all",
+                 "loadavg_1m": round(os.getloadavg()[0], 2), "scheduler": scheduler()}  # fmt: skip
+        with open(Path(scratch) / f"{name}.out", "wb") as out:
+            path, meta = profile(argv, Path(outdir) / name, method, extra=extra, stdout=out)
         if meta["exit_status"] != 0:
             raise TestbedError(f"workload {name} exited with status {meta['exit_status']}")
         paths.append(path)
     return paths
+
+
+def scheduler() -> str:
+    """This process's scheduling policy (the profiled programs inherit it)."""
+    policy = os.sched_getscheduler(0)
+    name = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR",
+            os.SCHED_BATCH: "SCHED_BATCH", os.SCHED_IDLE: "SCHED_IDLE"}.get(policy, str(policy))  # fmt: skip
+    prio = os.sched_getparam(0).sched_priority
+    return f"{name} {prio}" if prio else name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m analysis.workloads", description=__doc__)
+    ap.add_argument("outdir", type=Path, help="where the profile run directories go")
+    ap.add_argument("--method", default="perf", choices=("auto", "perf", "strace"))
+    ap.add_argument("--scale", type=float, default=SHIPPED_SCALE)
+    ap.add_argument("--fifo", type=int, metavar="PRIO",
+                    help="profile under SCHED_FIFO at this priority (root; 1-99)")  # fmt: skip
+    ap.add_argument("names", nargs="*", help=f"workloads (default: {' '.join(PROFILED)})")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        if args.fifo is not None:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
+            except (OSError, OverflowError) as exc:
+                raise TestbedError(f"--fifo {args.fifo}: {exc}") from None
+        with tempfile.TemporaryDirectory(prefix="testbed-workloads-") as scratch:
+            for name in available(args.names or None):
+                target = args.outdir / name
+                if target.exists():
+                    shutil.rmtree(target)  # rundir.create refuses a non-empty folder
+            for path in profile_all(args.outdir, Path(scratch), args.names or None, args.scale,
+                                    args.method):  # fmt: skip
+                print(path)
+    except TestbedError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from testbed import rundir
-from testbed.bench import LocalDelegate
+from testbed.localdelegate import LocalDelegate
 
 
 def forward_writes(endpoint: str, n: int, out: Path) -> tuple[float, int]:

@@ -39,8 +39,8 @@ os.environ["PYTHONPATH"] = TOP + (
 )
 
 from testbed import rundir  # noqa: E402
-from testbed.bench import LocalDelegate  # noqa: E402
 from testbed.hostinfo import host_metadata  # noqa: E402
+from testbed.localdelegate import LocalDelegate  # noqa: E402
 
 IOLOOP_C = r"""
 /* ioloop w|r N SIZE PATH OUT: N timed write(2)/read(2) of SIZE bytes on PATH; ns (u64) to OUT */

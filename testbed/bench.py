@@ -31,6 +31,7 @@ import numpy as np
 from testbed import wire
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
+from testbed.localdelegate import LocalDelegate
 from testbed.relay import connect
 
 WRITELOOP_C = r"""
@@ -265,38 +266,6 @@ def measure_forwarded(
     lat["relay_f_c_p50_us"] = rundir.fc_estimates(calls)["median"]
     lat["faults"] = res.calls["faults"]
     return lat
-
-
-class LocalDelegate:
-    """A delegate subprocess on a free loopback port (for bench and demo)."""
-
-    def __init__(self, extra: list[str] | None = None, curve_keys: str | None = None):
-        self.curve_keys = curve_keys
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "testbed", "delegate", "--quiet", "--listen", self.endpoint]
-        self.proc = subprocess.Popen(cmd + (extra or []))
-
-    def __enter__(self) -> LocalDelegate:
-        try:
-            connect(self.endpoint, timeout_s=10.0, curve_keys=self.curve_keys)[1].close()
-        except TestbedError:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def run_bench(endpoint: str | None, n: int, size: int) -> dict:

@@ -48,6 +48,7 @@ import numpy as np
 
 from testbed import bench, fastpath, rundir, wire
 from testbed.errors import TestbedError
+from testbed.localdelegate import LocalDelegate
 from testbed.relay import STAGE_TRACE_ENV
 
 CREF = Path(__file__).with_name("cref")
@@ -165,7 +166,7 @@ def run_breakdown(endpoint: str | None, n: int, size: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="testbed-breakdown-") as t:
         tmp = Path(t)
         if endpoint is None:
-            with bench.LocalDelegate() as d:
+            with LocalDelegate() as d:
                 return _rounds(
                     exe, trap_exe, tcp_exe, n // rounds, size, rounds, d.endpoint, d.proc.pid, tmp
                 )

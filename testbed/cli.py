@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from testbed.errors import TestbedError
+from testbed.procs import program_argv
 
 # ---------------------------------------------------------------- validators
 
@@ -128,15 +129,6 @@ def syscall_set(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _program(args: argparse.Namespace) -> list[str]:
-    prog = list(args.program or [])
-    if prog and prog[0] == "--":
-        prog = prog[1:]
-    if not prog:
-        raise TestbedError("no program given (put it after --, e.g. -- gzip -k FILE)")
-    return prog
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -171,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from testbed.run import run, summary_lines
 
     result = run(
-        _program(args),
+        program_argv(args.program),
         delegate=args.delegate,
         forward=args.forward,
         policy=args.policy,
@@ -199,7 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from testbed.profile import profile
 
-    out, meta = profile(_program(args), args.output, args.method, native=args.native_runs)
+    out, meta = profile(
+        program_argv(args.program), args.output, args.method, native=args.native_runs
+    )
     if not args.quiet:
         print(
             f"testbed profile: {meta['n_total']} calls of {meta['syscall_types']} types, "
@@ -877,6 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
         "that is not 'local'",
     )
     p.add_argument("--check", action="store_true", help="validate the plan and exit")
+    p.add_argument("--json", action="store_true",
+                   help="with --check: print the validated plan as JSON (versioned, host-stamped)")  # fmt: skip
     p.set_defaults(func=cmd_experiment)
     p = sub.add_parser(
         "gamma",

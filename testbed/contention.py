@@ -35,7 +35,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,8 @@ import numpy as np
 
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
+from testbed.localdelegate import wait_ready
+from testbed.procs import free_port, testbed_env
 
 CONTENTION_VERSION = 2
 CYCLES_BIN = "cycles.bin"
@@ -163,19 +164,6 @@ def check_capacity(sweep: Sweep) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def _cpu_sample() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine from /proc/stat."""
     with open("/proc/stat") as f:
@@ -192,35 +180,28 @@ def _sleep_until(t_ns: int) -> None:
 
 def _start_delegate(sweep: Sweep, w: int, cell: Path, topo=None) -> tuple[subprocess.Popen, str]:
     """The cell's delegate: on loopback, or in the topology's ``dlg`` node."""
-    from testbed.experiment import ping
-
     host = topo.addr("dlg") if topo is not None else "127.0.0.1"
-    ep = f"tcp://{host}:{_free_port()}"
+    ep = f"tcp://{host}:{free_port()}"
     cmd = [sys.executable, "-m", "testbed", "delegate", "--quiet", "--listen", ep,
            "--workers", str(w), "--service-us", repr(sweep.service_us),
            "--service", sweep.service, "--service-dist", sweep.service_dist,
            "--seed", str(sweep.seed), "--record", str(cell / "delegate")]  # fmt: skip
     if topo is not None:
-        proc = topo.popen("dlg", cmd, env=_env(), stdin=subprocess.DEVNULL)
-        probe = [sys.executable, "-c", "import sys; from testbed.experiment import ping; "
+        proc = topo.popen("dlg", cmd, env=testbed_env(), stdin=subprocess.DEVNULL)
+        probe = [sys.executable, "-c", "import sys; from testbed.localdelegate import ping; "
                  "ping(sys.argv[1], 15.0)", ep]  # fmt: skip
-        res = topo.run("c0", probe, env=_env(), timeout=30, capture_output=True)
+        res = topo.run("c0", probe, env=testbed_env(), timeout=30, capture_output=True)
         if res.returncode != 0:
             _stop(proc)
             raise TestbedError(f"delegate at {ep} did not answer from node c0")
         return proc, ep
-    proc = subprocess.Popen(cmd, env=_env(), stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            raise TestbedError(f"delegate exited with status {proc.returncode}")
-        try:
-            ping(ep, timeout_s=0.5)
-            return proc, ep
-        except TestbedError:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise TestbedError(f"delegate at {ep} did not answer") from None
+    proc = subprocess.Popen(cmd, env=testbed_env(), stdin=subprocess.DEVNULL)
+    try:
+        wait_ready(proc, ep)
+    except TestbedError:
+        _stop(proc)
+        raise
+    return proc, ep
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
@@ -276,7 +257,7 @@ def _launch_all(cmds: list[list[str]], where: Path, timeout_s: float) -> list[su
                 # stderr to a file, never a pipe: a caller outliving its relay would
                 # hold a pipe open and block whoever reads it
                 with open(_err_file(where, len(procs)), "wb") as err_f:
-                    procs.append(subprocess.Popen(cmds[len(procs)], env=_env(),
+                    procs.append(subprocess.Popen(cmds[len(procs)], env=testbed_env(),
                                                   stdin=subprocess.DEVNULL, stderr=err_f))  # fmt: skip
             dead = [i for i, p in enumerate(procs) if p.poll() is not None]
             if dead:

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from testbed import rundir
-from testbed.bench import LocalDelegate
 from testbed.errors import TestbedError
-from testbed.experiment import generate_input
+from testbed.localdelegate import LocalDelegate
 from testbed.profile import profile
 from testbed.run import run
+from testbed.workloads import generate_input
 
 REPEATS = 3
 

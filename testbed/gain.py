@@ -207,7 +207,7 @@ def main_gamma(args) -> int:
                       args.forward or DEFAULT_SETS, args.backend, args.pin)  # fmt: skip
     plan = experiment.parse_plan(data, "gamma", "testbed gamma", args.delegate or None)
     results = Path(args.output).absolute()
-    host = experiment._label(args.host_label or socket.gethostname())
+    host = experiment.label(args.host_label or socket.gethostname())
     if args.check:
         print(json.dumps(plan.to_json(), indent=2))
         print(f"plan {plan.name}: valid, {len(experiment.cells(plan))} runs")

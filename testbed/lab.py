@@ -35,7 +35,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -44,11 +43,19 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
+from testbed.netns import (
+    NetnsError,
+    add_namespace,
+    add_veth,
+    kill_namespace_pids,
+    namespace_inode,
+    namespace_pids,
+    pid_alive,
+)
 
 LAB_STATE_VERSION = 1
 DEFAULT_DIR = "/run/testbed-lab"
 DEFAULT_SUBNET = "10.213.47.0/24"
-NETNS_DIR = Path("/run/netns")
 SSHD = "/usr/sbin/sshd"
 SSH_WAIT_S = 15.0
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -77,28 +84,6 @@ def _run(cmd: list[str], check: bool = True, timeout: float = 30.0) -> subproces
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise LabError(f"{' '.join(cmd)}: {msg[-1] if msg else f'exit {proc.returncode}'}")
     return proc
-
-
-def _ns_inode(name: str) -> int | None:
-    try:
-        return os.stat(NETNS_DIR / name).st_ino
-    except FileNotFoundError:
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _ns_pids(ns: str) -> list[int]:
-    proc = _run(["ip", "netns", "pids", ns], check=False)
-    return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
 def _port_open(addr: str, port: int, timeout: float = 0.5) -> bool:
@@ -379,21 +364,20 @@ def _build(directory: Path, state: dict[str, Any], count: int, hosts: list, pref
     known = []
     for i in range(1, count + 1):
         name, ns, addr = f"node{i}", f"tblab-{state['id']}-node{i}", str(hosts[i - 1])
-        _run(["ip", "netns", "add", ns])
-        node: dict[str, Any] = {
-            "name": name,
-            "netns": ns,
-            "address": addr,
-            "ns_inode": _ns_inode(ns),
-        }
+        try:
+            inode = add_namespace(ns)
+        except NetnsError as exc:
+            raise LabError(str(exc)) from None
+        node: dict[str, Any] = {"name": name, "netns": ns, "address": addr, "ns_inode": inode}
         state["nodes"].append(node)
         _save_state(directory, state)
         veth = f"tbl{state['id']}n{i}"
-        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "link", "set", veth, "master", br, "up"])
+        try:
+            add_veth(veth, ns, bridge=br)
+        except NetnsError as exc:
+            raise LabError(str(exc)) from None
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefix}", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         node_dir = directory / "nodes" / name
         node_dir.mkdir(exist_ok=True)
         (directory / "state" / name).mkdir(exist_ok=True)
@@ -410,22 +394,6 @@ def _build(directory: Path, state: dict[str, Any], count: int, hosts: list, pref
 
 
 # ---------------------------------------------------------------- down
-
-
-def _kill_all(pids: list[int], grace: float = 3.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _close_control_masters(directory: Path) -> None:
@@ -448,18 +416,15 @@ def lab_down(directory: Path) -> list[str]:
     refused = []
     for node in state["nodes"]:
         ns = node["netns"]
-        inode = _ns_inode(ns)
+        inode = namespace_inode(ns)
         if inode is None:
             continue
         if inode != node.get("ns_inode"):
             refused.append(ns)
             continue
-        for _ in range(3):  # processes may fork while we kill: repeat, bounded
-            pids = _ns_pids(ns)
-            if not pids:
-                break
-            _kill_all(pids)
-            done.append(f"killed {len(pids)} process(es) in {ns}")
+        killed = kill_namespace_pids(ns, grace=3.0)  # bounded rounds: processes may fork
+        if killed:
+            done.append(f"killed {killed} process(es) in {ns}")
         _run(["ip", "netns", "del", ns])
         done.append(f"deleted namespace {ns}")
     br = state.get("bridge")
@@ -486,11 +451,11 @@ def lab_status(directory: Path) -> dict[str, Any] | None:
     if state is None:
         return None
     for node in state["nodes"]:
-        present = _ns_inode(node["netns"]) == node.get("ns_inode")
+        present = namespace_inode(node["netns"]) == node.get("ns_inode")
         node["present"] = present
-        node["sshd_alive"] = bool(node.get("sshd_pid")) and _pid_alive(node["sshd_pid"])
+        node["sshd_alive"] = bool(node.get("sshd_pid")) and pid_alive(node["sshd_pid"])
         node["ssh_port_open"] = present and _port_open(node["address"], 22)
-        node["processes"] = len(_ns_pids(node["netns"])) if present else 0
+        node["processes"] = len(namespace_pids(node["netns"])) if present else 0
     state["inventory"] = str(directory / "inventory")
     return state
 

@@ -17,6 +17,15 @@ Cleanup is guaranteed on exit of the ``with`` block (also on exceptions), by
 through :meth:`popen` / :meth:`run` and every process still inside one of the
 namespaces is killed, then the namespaces are deleted.  The helper refuses to
 delete or enter any namespace it did not create.
+
+The module is the one namespace manager of the project: the local lab
+(``testbed/lab.py``, namespaces that outlive the process, recorded in a state
+file) creates, empties and deletes its namespaces with the same functions
+(:func:`add_namespace`, :func:`add_veth`, :func:`namespace_inode`,
+:func:`namespace_pids`, :func:`kill_namespace_pids`, :func:`ip`).
+It drives iproute2 rather than netlink (pyroute2): the namespaces must be
+the named ones ``ip netns exec``, sshd and Ansible use anyway, and creating a
+topology is a few dozen ``ip`` calls.
 """
 
 from __future__ import annotations
@@ -64,11 +73,55 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _ip(*argv: str) -> None:
-    proc = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30, check=False)
+NETNS_DIR = "/run/netns"
+
+
+def ip(*argv: str) -> None:
+    """``ip ARGV...``; a NetnsError with ip's last error line when it fails."""
+    try:
+        proc = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30,
+                              check=False)  # fmt: skip
+    except FileNotFoundError:
+        raise NetnsError("ip: command not found (install iproute2)") from None
+    except subprocess.TimeoutExpired:
+        raise NetnsError(f"ip {' '.join(argv)}: timed out after 30 s") from None
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         raise NetnsError(f"ip {' '.join(argv)}: {err}")
+
+
+def namespace_inode(name: str) -> int | None:
+    """The identity (nsfs inode) of namespace ``name``, None when it does not exist."""
+    try:
+        return os.stat(os.path.join(NETNS_DIR, name)).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def add_namespace(name: str) -> int:
+    """Create namespace ``name`` with loopback up; refuses an existing one; its inode."""
+    if name in list_namespaces():
+        raise NetnsError(f"namespace {name} already exists; refusing to reuse it")
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+    except NetnsError:
+        ip("netns", "delete", name)
+        raise
+    inode = namespace_inode(name)
+    if inode is None:
+        raise NetnsError(f"namespace {name} vanished right after it was created")
+    return inode
+
+
+def add_veth(name: str, peer_ns: str, ns: str | None = None, bridge: str | None = None) -> None:
+    """A veth pair: ``name`` in namespace ``ns`` (None: this one), its peer ``eth0`` in
+    ``peer_ns``; ``name`` is enslaved to ``bridge`` (if given) and set up."""
+    where = ["-n", ns] if ns else []
+    ip(*where, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", peer_ns)
+    if bridge:
+        ip(*where, "link", "set", name, "master", bridge)
+    ip(*where, "link", "set", name, "up")
 
 
 class Topology:
@@ -139,57 +192,24 @@ class Topology:
                 self._add_ns(name)
             if self._hub is None and len(self.nodes) == 2:
                 a, b = (self._ns[n] for n in self.nodes)
-                _ip(
-                    "-n",
-                    a,
-                    "link",
-                    "add",
-                    "eth0",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    b,
-                )
+                add_veth("eth0", b, ns=a)
             elif self._hub is not None:
-                _ip("-n", self._hub, "link", "add", "br0", "type", "bridge")
-                _ip("-n", self._hub, "link", "set", "br0", "up")
+                ip("-n", self._hub, "link", "add", "br0", "type", "bridge")
+                ip("-n", self._hub, "link", "set", "br0", "up")
                 for i, node in enumerate(self.nodes):
-                    port = f"p{i}"
-                    ns = self._ns[node]
-                    _ip(
-                        "-n",
-                        self._hub,
-                        "link",
-                        "add",
-                        port,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth0",
-                        "netns",
-                        ns,
-                    )
-                    _ip("-n", self._hub, "link", "set", port, "master", "br0")
-                    _ip("-n", self._hub, "link", "set", port, "up")
+                    add_veth(f"p{i}", self._ns[node], ns=self._hub, bridge="br0")
             for node in self.nodes if len(self.nodes) > 1 else []:
                 ns = self._ns[node]
-                _ip("-n", ns, "addr", "add", f"{self._addr[node]}/24", "dev", "eth0")
-                _ip("-n", ns, "link", "set", "eth0", "up")
+                ip("-n", ns, "addr", "add", f"{self._addr[node]}/24", "dev", "eth0")
+                ip("-n", ns, "link", "set", "eth0", "up")
         except BaseException:
             self.close()
             raise
         return self
 
     def _add_ns(self, name: str) -> None:
-        if name in list_namespaces():
-            raise NetnsError(f"namespace {name} already exists; refusing to reuse it")
-        _ip("netns", "add", name)
+        add_namespace(name)
         self._created.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
 
     def close(self) -> None:
         """Kill every process started here or left in the namespaces; delete them."""
@@ -199,11 +219,11 @@ class Topology:
         for proc in self._procs:
             _kill_tree(proc)
         for name in reversed(self._created):
-            _kill_namespace_pids(name)
+            kill_namespace_pids(name)
         errors = []
         for name in reversed(self._created):
             try:
-                _ip("netns", "delete", name)
+                ip("netns", "delete", name)
             except NetnsError as exc:
                 errors.append(str(exc))
         self._created.clear()
@@ -300,22 +320,44 @@ def _kill_tree(proc: subprocess.Popen, grace: float = 2.0) -> None:
             pass
 
 
-def _namespace_pids(name: str) -> list[int]:
+def namespace_pids(name: str) -> list[int]:
+    """The processes living in namespace ``name`` (``ip netns pids``)."""
     proc = subprocess.run(
         ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30, check=False
     )
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
-def _kill_namespace_pids(name: str, grace: float = 2.0) -> None:
-    """Kill every process still living in namespace ``name`` (one we created)."""
-    pids = _namespace_pids(name)
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when it belongs to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_namespace_pids(name: str, grace: float = 2.0, rounds: int = 3) -> int:
+    """Kill every process living in namespace ``name`` (one we created): SIGTERM,
+    SIGKILL after ``grace`` s, repeated (bounded) for processes forked meanwhile.
+    Returns how many processes were signalled."""
+    signalled: set[int] = set()
+    for _ in range(rounds):
+        pids = namespace_pids(name)
+        if not pids:
+            break
+        signalled.update(pids)
+        _signal_all(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace  # gone, not just out of the namespace
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_all([p for p in pids if pid_alive(p)], signal.SIGKILL)
+    deadline = time.monotonic() + grace  # SIGKILLed ones: until the kernel has reaped them
+    while any(pid_alive(p) for p in signalled) and time.monotonic() < deadline:
         time.sleep(0.05)
-        pids = _namespace_pids(name)
-    _signal_all(pids, signal.SIGKILL)
+    return len(signalled)
 
 
 def _signal_all(pids: Iterable[int], sig: int) -> None:

@@ -347,8 +347,9 @@ def profile_rows(table: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def native_runs(program: Sequence[str], runs: int) -> dict:
-    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer).
+def native_runs(program: Sequence[str], runs: int, stdout: Any = None) -> dict:
+    """Time ``runs`` untraced runs of ``program`` (same shim, no tracer), their output
+    where the traced run's went (``tar -cf -`` skips its reads into /dev/null).
 
     Returns ``{"wall_s": median, "walls_s": [...], "user_s": median, "sys_s":
     median, "runs": runs}``; the tracer's overhead makes the traced wall time an
@@ -361,7 +362,7 @@ def native_runs(program: Sequence[str], runs: int) -> dict:
         with tempfile.TemporaryDirectory(prefix="testbed-native-") as d:
             times_path = Path(d) / "times.json"
             subprocess.run([sys.executable, "-c", _SHIM, str(times_path), *argv],
-                           stdout=subprocess.DEVNULL, check=False)  # fmt: skip
+                           stdout=stdout, check=False)  # fmt: skip
             if not times_path.exists():
                 raise ProfileError(f"native run of {program[0]} failed")
             t = json.loads(times_path.read_text())
@@ -430,7 +431,7 @@ def profile(
         **(extra or {}),
     }
     if native and times["status"] == 0:
-        meta["native"] = native_runs(program, native)
+        meta["native"] = native_runs(program, native, stdout)
     rundir.write_meta(out, meta)
     rundir.write_syscalls(out, rows)
     return out, meta

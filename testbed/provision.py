@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
+from testbed.procs import testbed_env
 
 PLAYBOOKS_DIR = Path(
     os.environ.get("TESTBED_PLAYBOOKS") or Path(__file__).resolve().parent.parent / "playbooks"
@@ -198,6 +199,8 @@ def run_playbook(
     bindir = str(Path(sys.executable).parent)
     envvars = {
         "PATH": bindir + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
+        # controller-side tasks (the plan check) run this checkout, as the lab's nodes do
+        "PYTHONPATH": testbed_env()["PYTHONPATH"],
         "ANSIBLE_ROLES_PATH": str(PLAYBOOKS_DIR / "roles"),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",

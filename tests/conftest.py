@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.bench import LocalDelegate
+from testbed.localdelegate import LocalDelegate
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -81,7 +81,7 @@ def delegate():
 @pytest.fixture(scope="session")
 def payload(tmp_path_factory) -> Path:
     """A few MB of compressible, deterministic input."""
-    from testbed.experiment import generate_input
+    from testbed.workloads import generate_input
 
     p = tmp_path_factory.mktemp("data") / "payload.txt"
     generate_input(p, 3, seed=2026)

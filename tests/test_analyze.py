@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +22,50 @@ FIGURES = ["fig2_naive", "fig3_table1", "fig4_policies_gamma", "fig5_gamma_fc", 
            "fig11_runtimes", "measured_vs_predicted", "fc_per_mechanism"]  # fmt: skip
 
 
-def tb(*args, timeout=300):
-    return subprocess.run([PY, "-m", "testbed", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+def tb(*args, timeout=300, stdout: Path | None = None):
+    """``testbed ARGS``; a workload's (binary) stdout goes to the file ``stdout``."""
+    if stdout is None:
+        return subprocess.run([PY, "-m", "testbed", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+    with open(stdout, "wb") as f:
+        return subprocess.run([PY, "-m", "testbed", *map(str, args)], stdout=f,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout)  # fmt: skip
+
+
+def check_image_files(figdir: Path, name: str) -> str:
+    """The PNG and SVG of figure ``name`` are well-formed images; the SVG's text."""
+    assert (figdir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    svg = (figdir / f"{name}.svg").read_text()
+    assert ET.fromstring(svg.encode()).tag.endswith("svg"), name
+    return svg
+
+
+def scatter_points(svg: str) -> int:
+    """Markers drawn by scatter plots in a matplotlib SVG (legend handles included)."""
+    return sum(
+        g.count("<use") for g in re.findall(r'<g id="PathCollection_\d+">(.*?)</g>', svg, re.S)
+    )
+
+
+def check_figure_data(report: Path) -> None:
+    """The data figures show the report's numbers, not just some picture."""
+    from analysis import figures
+
+    tabs, figdir = report / "tables", report / "figures"
+    pvm = pd.read_csv(tabs / "predicted_vs_measured.csv")
+    shown = pvm.dropna(subset=["measured_t_d_s", "predicted_t_d_s"])
+    assert len(shown) > 0
+    svg = check_image_files(figdir, "measured_vs_predicted")
+    # one marker per run with both times, plus one legend marker per mechanism
+    assert scatter_points(svg) == len(shown) + shown["mechanism"].nunique()
+    runs = pd.read_csv(tabs / "runs.csv")
+    ax = figures.fig11_runtimes(runs).axes[0]
+    bars = sorted(round(p.get_height(), 12) for p in ax.patches)
+    means = runs.groupby(["workload", "group"])["wall_s"].mean()
+    assert bars == sorted(round(v, 12) for v in means), "Fig. 11: one bar per group, its mean"
+    svg = check_image_files(figdir, "fc_per_mechanism")
+    fc = pd.read_csv(tabs / "fc_per_mechanism.csv")
+    assert all(m in svg for m in fc["mechanism"])  # one box per mechanism, labelled
 
 
 def one_error_line(r) -> str:
@@ -35,10 +78,9 @@ def one_error_line(r) -> str:
 def check_report(report: Path, inputs: list[Path]) -> str:
     md = (report / "report.md").read_text()
     for name in FIGURES:
-        for ext in ("png", "svg"):
-            f = report / "figures" / f"{name}.{ext}"
-            assert f.stat().st_size > 2000, f
+        check_image_files(report / "figures", name)
         assert f"figures/{name}.png" in md
+    check_figure_data(report)
     for p in inputs:
         assert str(p) in md
     metas = json.loads((report / "runs.json").read_text())
@@ -50,11 +92,12 @@ def check_report(report: Path, inputs: list[Path]) -> str:
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
     """A native profile and three delegated runs of gzip through the real relay and delegate."""
-    from testbed.bench import LocalDelegate
+    from testbed.localdelegate import LocalDelegate
 
     base = tmp_path_factory.mktemp("real")
     argv = prepare("gzip", base / "in", 0.5)
-    r = tb("profile", "--quiet", "--native-runs", "2", "-o", base / "prof", "--", *argv)
+    r = tb("profile", "--quiet", "--native-runs", "2", "-o", base / "prof", "--", *argv,
+           stdout=base / "native.out")  # fmt: skip
     assert r.returncode == 0, r.stderr
     paths = [base / "prof"]
     with LocalDelegate() as d:
@@ -70,8 +113,11 @@ def real_runs(tmp_path_factory):
                 base / f"run{i}",
                 "--",
                 *argv,
+                stdout=base / f"run{i}.out",
             )
             assert r.returncode == 0, r.stderr
+            # the traced profile run and its 2 untraced native runs wrote one copy each
+            assert (base / f"run{i}.out").read_bytes() * 3 == (base / "native.out").read_bytes()
             paths.append(base / f"run{i}")
     return base, paths
 
@@ -164,8 +210,26 @@ def test_model_prints_table1_and_profiles(tmp_path):
     assert len(row.split()) == 1 + 4 + 2  # workload, p, types, forwarded, fwd_calls, S_n, S_r
     for name in ("fig2_naive", "fig3_table1", "fig4_policies_gamma", "fig5_gamma_fc", "fig6_cdf",
                  "fig7_fc_proportion", "fig8_gamma_proportion", "fig9_policies_fc"):  # fmt: skip
-        assert (tmp_path / "f" / f"{name}.png").stat().st_size > 2000
-        assert (tmp_path / "f" / f"{name}.svg").exists()
+        check_image_files(tmp_path / "f", name)
+
+
+def test_model_figures_plot_the_model():
+    """What Figs. 2 and 6 draw: S_n = 1/(p + (1-p)/gamma), and CDFs of n(s) ending at 100 %."""
+    from analysis import figures
+    from analysis.profiles import shipped_profiles
+
+    lines = figures.fig2_naive(gammas=(2, 10)).axes[0].get_lines()
+    assert len(lines) == 2
+    for gamma, line in zip((2, 10), lines, strict=True):
+        p = line.get_xdata() / 100
+        assert line.get_ydata() == pytest.approx(1 / (p + (1 - p) / gamma))
+    profs = shipped_profiles()
+    steps = figures.fig6_cdf(profs).axes[0].get_lines()
+    assert len(steps) == len(profs)
+    for prof, line in zip(profs, steps, strict=True):
+        y = line.get_ydata()
+        assert len(y) == int((prof.n > 0).sum()) and y[-1] == pytest.approx(100)
+        assert (y[1:] >= y[:-1]).all() and y[0] == pytest.approx(100 * prof.n.max() / prof.n.sum())
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from testbed import rundir
 from tests.conftest import run_testbed
@@ -23,6 +26,19 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
     assert data["forwarded"]["faults"] == 0
     assert data["trap_only"]["c_path"]  # the loop testbed run uses here (cc is installed)
     assert data["raw_zmq"]["frame_bytes"] > 64  # the frame carries the 64-byte buffer
+    p50 = {k: v["p50_us"] for k, v in data.items() if isinstance(v, dict) and "p50_us" in v}
+    fw = data["forwarded"]
+    # structural orderings (each path contains the one before it), not timings:
+    # a trapped write does the native one plus a seccomp round trip; a forwarded
+    # one the trap plus a ZeroMQ round trip, which the relay measures inside it
+    assert p50["native"] < p50["trap_only"] < p50["forwarded"], p50
+    assert p50["raw_zmq"] < p50["forwarded"] and p50["raw_zmq_busy"] < p50["forwarded_busy"], p50
+    assert fw["relay_rtt_p50_us"] <= fw["relay_overhead_p50_us"] <= fw["p50_us"], fw
+    # the printed ratios are the measured ones
+    ratio = re.search(r"ratio full/raw-ZeroMQ\s+([\d.]+)", text)
+    assert ratio and float(ratio[1]) == pytest.approx(p50["forwarded"] / p50["raw_zmq"], abs=0.006)
+    ratio = re.search(r"ratio trap-only/native\s+([\d.]+)", text)
+    assert ratio and float(ratio[1]) == pytest.approx(p50["trap_only"] / p50["native"], abs=0.006)
 
 
 def test_bench_rejects_bad_size():

@@ -12,11 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 
-from testbed import experiment, rundir
+from testbed import experiment, rundir, workloads
 
 #: Inherited by everything the tested commands start, so that leftovers of
 #: *these* tests can be told from processes of other test suites.
@@ -158,10 +159,10 @@ def test_kthread_delegates_are_node_local_and_kept(tmp_path):
     # --delegate (what experiment.yml passes) replaces the network delegates only
     over = experiment.load_plan(plan, ["node3=tcp://10.213.47.3:5555"]).delegates
     assert [d.name for d in over] == ["node3", "kthread", "kt20", "ktf"]
-    assert experiment._mechanism_args(over[3], "kthread", experiment.load_plan(plan))[-2:] == [
+    assert experiment.mechanism_args(over[3], "kthread", experiment.load_plan(plan))[-2:] == [
         "--faithful", "--flush-caller-tlb"]  # fmt: skip
     d = over[2]
-    assert experiment._mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
+    assert experiment.mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
         "--backend", "kmod", "--mode", "kthread", "--delay-us", "20", "--faithful",
     ]  # fmt: skip
     proc = tb("experiment", str(plan), "--check", "--delegate", "n=tcp://127.0.0.1:9")
@@ -250,10 +251,37 @@ def test_generated_input_is_reproducible(tmp_path):
     experiment.generate_input(a, 0.2, 7)
     experiment.generate_input(b, 0.2, 7)
     assert a.read_bytes() == b.read_bytes() and a.stat().st_size == 200_000
-    if shutil.which("gzip"):
-        gz = subprocess.run(["gzip", "-c", str(a)], capture_output=True, check=True).stdout
-        assert len(gz) < a.stat().st_size / 2, "input should be compressible text"
-    assert os.path.getsize(a) == 200_000
+    assert len(zlib.compress(a.read_bytes(), 6)) < 200_000 / 2, "input should be compressible text"
+    assert a.stat().st_mtime == workloads.INPUT_MTIME  # gzip and tar record it
+
+
+@pytest.mark.parametrize("name", sorted(workloads.CATALOGUE))
+def test_catalogue_workload_is_reproducible_and_uses_its_input(tmp_path, name):
+    """Each catalogue workload gives the same bytes twice, and different bytes for other input."""
+    spec = workloads.CATALOGUE[name]
+    if shutil.which(spec.program) is None:
+        pytest.skip(f"{spec.program} is not installed (bash .ci/setup installs it)")
+    outs = []
+    for d, seed in ((tmp_path / "a", 1), (tmp_path / "a", 1), (tmp_path / "b", 2)):
+        workloads.prepare(d, spec.size_mb / 4, seed, name)
+        proc = subprocess.run(workloads.expand(spec.argv, d), capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1] and len(outs[0]) > 0
+    assert outs[2] != outs[0], "the output depends on the generated input"
+
+
+def test_check_json_is_versioned_and_host_stamped(tmp_path):
+    plan = _write(tmp_path / "p.yml", "name: j\nrepetitions: 2\nworkloads: [cat, {name: gzip, size_mb: 1}]\n"
+                  "forward: [read, 'read,write']\ndelegates: [local]\n")  # fmt: skip
+    proc = tb("experiment", str(plan), "--check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["check_version"] == experiment.CHECK_JSON_VERSION == 1 and out["valid"] is True
+    assert out["plan"] == "j" and out["runs"] == 2 * 2 * 2 * 1
+    assert out["host"]["kernel"] == os.uname().release
+    sizes = {w["name"]: w["size_mb"] for w in out["normalised"]["workloads"]}
+    assert sizes == {"cat": workloads.CATALOGUE["cat"].size_mb, "gzip": 1.0}
 
 
 def test_results_of_another_plan_are_never_resumed(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lab
+from testbed import lab, netns
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -74,7 +74,7 @@ def test_up_status_down_leaves_nothing(labdir):
     state = json.loads((labdir / "state.json").read_text())
     node = state["nodes"][0]
     assert node["address"] == "10.213.49.1" and node["netns"] in _netns()
-    pids = lab._ns_pids(node["netns"])
+    pids = netns.namespace_pids(node["netns"])
     assert node["sshd_pid"] in pids
 
     # the node is reachable over SSH with the lab's key and really is another netns
@@ -123,7 +123,7 @@ def test_up_status_down_leaves_nothing(labdir):
     assert node["netns"] not in _netns()
     assert not Path(f"/sys/class/net/{state['bridge']}").exists()
     assert not labdir.exists()
-    assert not any(lab._pid_alive(p) for p in pids)
+    assert not any(netns.pid_alive(p) for p in pids)
     listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
     assert "10.213.49." not in listening
 
@@ -148,7 +148,7 @@ def test_down_refuses_a_namespace_it_did_not_create(labdir):
     state = lab.lab_up(labdir, 1, SUBNET, 1)
     ns = state["nodes"][0]["netns"]
     # someone else's namespace now carries the lab's name
-    lab._kill_all(lab._ns_pids(ns))
+    netns.kill_namespace_pids(ns)
     subprocess.run(["ip", "netns", "del", ns], check=True)
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:

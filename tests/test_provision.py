@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lab, rundir
+from testbed import lab, netns, rundir
 from testbed.errors import TestbedError as _TestbedError
+from testbed.procs import free_port
 
 SUBNET = "10.213.48.0/24"
 NODE3 = "10.213.48.3"
@@ -199,7 +200,9 @@ def test_delegate_answers_distributed_keys_and_refuses_others(lab3, tmp_path):
     child = _delegate_child_pid(d)
     assert welcome["pid"] == child and welcome["curve"] is True
     node3 = next(n for n in lab3["state"]["nodes"] if n["name"] == "node3")
-    assert child in lab._ns_pids(node3["netns"]), "the delegate must live in node3's namespace"
+    assert child in netns.namespace_pids(node3["netns"]), (
+        "the delegate must live in node3's namespace"
+    )
 
     # from compute node node1, over SSH: its distributed keys work, no keys are refused
     run = (
@@ -297,16 +300,10 @@ def test_bad_plan_stops_experiment_yml_before_the_nodes(lab3):
         assert not (tmp / "bad-results").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(WHY is not None, reason=WHY or "")
 def test_unreachable_host_is_named_and_nothing_is_left(tmp_path):
     inv = tmp_path / "hosts.ini"
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     inv.write_text(
         f"[compute_nodes]\nghost ansible_host=127.0.0.1 ansible_port={port} ansible_user=root\n"
         "[all:vars]\nansible_ssh_common_args='-o StrictHostKeyChecking=no "
@@ -356,7 +353,7 @@ def test_teardown_then_lab_down_leaves_nothing(lab3):
         s.settimeout(2)
         assert s.connect_ex((NODE3, 5555)) != 0, "the delegate must be stopped"
 
-    pids = [p for n in state["nodes"] for p in lab._ns_pids(n["netns"])]
+    pids = [p for n in state["nodes"] for p in netns.namespace_pids(n["netns"])]
     assert pids, "the sshds are still there before lab down"
     down = tb("lab", "down", "--dir", str(d))
     assert down.returncode == 0, down.stderr
@@ -365,7 +362,7 @@ def test_teardown_then_lab_down_leaves_nothing(lab3):
         assert n["netns"] not in names
     assert not Path(f"/sys/class/net/{state['bridge']}").exists()
     assert not d.exists()
-    assert not any(lab._pid_alive(p) for p in pids)
+    assert not any(netns.pid_alive(p) for p in pids)
     for proc_dir in Path("/proc").iterdir():  # no ssh control master, no node process
         if proc_dir.name.isdigit():
             try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from testbed import rundir
+from testbed.procs import free_port
 from testbed.relay import connect
 from tests.conftest import run_testbed, strace_counts, tb_argv
 
@@ -70,7 +70,7 @@ def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path
 
 
 def test_multithreaded_program_calls_in_flight_together(tmp_path):
-    from testbed.bench import LocalDelegate
+    from testbed.localdelegate import LocalDelegate
 
     script = tmp_path / "threads.py"
     script.write_text(THREADS_PY)
@@ -150,16 +150,10 @@ def test_sigterm_to_the_relay_reaches_a_program_busy_in_forwarded_calls(delegate
     assert run.meta["calls"]["faults"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_no_delegate_listening_fails_fast_and_starts_nothing(tmp_path):
     marker = "97.4321"
     t0 = time.monotonic()
-    res = run_testbed("run", "--delegate", f"tcp://127.0.0.1:{_free_port()}", "--forward",
+    res = run_testbed("run", "--delegate", f"tcp://127.0.0.1:{free_port()}", "--forward",
                       "write", "-o", str(tmp_path / "r"), "--", "sleep", marker, timeout=30)  # fmt: skip
     assert time.monotonic() - t0 < 10
     assert res.returncode != 0
@@ -170,7 +164,7 @@ def test_no_delegate_listening_fails_fast_and_starts_nothing(tmp_path):
 
 
 def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_path):
-    port = _free_port()
+    port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     d = subprocess.Popen(tb_argv("delegate", "--quiet", "--listen", endpoint))
     try:
@@ -270,8 +264,8 @@ def test_policy_errors_are_one_line(delegate, tmp_path):
 
 
 def test_curve_authenticated_delegate(tmp_path):
-    from testbed.bench import LocalDelegate
     from testbed.keys import make_curve_keys
+    from testbed.localdelegate import LocalDelegate
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))
