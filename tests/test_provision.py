@@ -242,9 +242,21 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
     proc, summary = provision(
         lab3["inventory"], "experiment.yml", tmp,
         "-e", f"experiment_plan={plan}", "-e", f"experiment_results_dir={results}",
+        "-e", "experiment_serial=1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sorted(summary["hosts"]) == ["node1", "node2", "node3"]
+    # experiment_serial=1: every run of one node (natives included) ends before
+    # the other node's first run starts (started_at has a 1 s resolution)
+    spans = {}
+    for node in ("node1", "node2"):
+        metas = [json.loads(f.read_text()) for f in (results / node).rglob("run.json")]
+        starts = [time.mktime(time.strptime(m["started_at"], "%Y-%m-%dT%H:%M:%S%z")) for m in metas]
+        ends = [t + m["wall_s"] for t, m in zip(starts, metas, strict=True)]
+        spans[node] = (min(starts), max(ends))
+        assert len(metas) >= 2, f"{node}: its native and forwarded runs"
+    first, second = sorted(spans.values())
+    assert first[1] <= second[0] + 1.0, spans
     assert summary["hosts"]["node3"]["changed"] == 0  # only its settings were read
     for node in ("node1", "node2"):  # the kthread delegate stays, and is skipped: no module here
         assert f"skipping delegate(s) kthread on {node} (1 runs): mktrace module not loaded" in (
