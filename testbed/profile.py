@@ -63,6 +63,7 @@ from typing import Any
 from testbed import rundir
 from testbed.errors import TestbedError
 from testbed.hostinfo import host_metadata
+from testbed.program import exit_status
 from testbed.syscalls import NR_BY_NAME
 
 METHOD_PERF = "perf trace -s"
@@ -325,11 +326,6 @@ def count_threads(text: str, method: str, exclude: Sequence[int] = ()) -> int:
     return len(tids - set(exclude))
 
 
-def _exit_status(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
 def profile_rows(table: dict[str, dict]) -> list[dict]:
     """syscalls.csv rows, most time first: name, nr, n, g_ns, errors."""
     rows = [
@@ -407,7 +403,7 @@ def profile(
     meta = {
         "kind": "profile",
         "command": list(program),
-        "exit_status": _exit_status(times["status"]),
+        "exit_status": exit_status(times["status"]),
         "wall_s": wall,
         "user_s": user,
         "sys_s": sys_t,

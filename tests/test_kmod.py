@@ -525,7 +525,7 @@ def guest(built):
     from testbed import vm
 
     if built["build_rc"] != 0:
-        pytest.skip("the module did not build (see test_module_builds_without_warnings)")
+        pytest.fail("the module did not build (see test_module_builds_without_warnings)")
     share = built["share"]
     t0 = time.monotonic()
     res = vm.run(
@@ -793,7 +793,7 @@ THREE = {"kmod-kthread/same-node", "kmod/loopback", "kmod/remote"}
 def vm_experiment(built):
     """``testbed vm experiment`` of two small plans in one boot, then ``testbed analyze``."""
     if built["build_rc"] != 0:
-        pytest.skip("the module did not build (see test_module_builds_without_warnings)")
+        pytest.fail("the module did not build (see test_module_builds_without_warnings)")
     share = built["share"]
     plans = []
     for name, text in (("mech", MECH_PLAN), ("tlb", TLB_PLAN)):

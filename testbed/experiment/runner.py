@@ -36,6 +36,7 @@ from testbed.hostinfo import host_metadata
 from testbed.localdelegate import LocalDelegate, ping
 from testbed.procs import pinner, testbed_env
 from testbed.procs import wait4 as _wait4
+from testbed.program import exit_status
 
 #: Version of ``testbed experiment --check --json``.
 #: 1: check_version, valid, plan (name), runs, normalised (as plan.json), host.
@@ -102,7 +103,7 @@ class Runner:
                 proc.wait()
                 raise TestbedError(f"native run of {w.name} timed out") from None
             wall = time.monotonic() - t0
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.returncode = exit_status(status)  # 128 + N when killed, like run
         return {
             "workload": w.name,
             "argv": argv,

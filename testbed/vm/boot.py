@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -115,12 +114,6 @@ def _command_script(command: str | Sequence[str], env: dict[str, str]) -> str:
         body,
     ]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _hostfwd_rules(hostfwd: Iterable) -> list[str]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from testbed.errors import TestbedError
+from testbed.procs import program_argv
 from testbed.vm.boot import VMFailed, VMTimeout, run
 from testbed.vm.guest import Guest
 from testbed.vm.initramfs import build_initramfs
@@ -32,11 +33,7 @@ def main_vm(args) -> int:  # noqa: ANN001 - argparse.Namespace
         from testbed.vm.experiment import main_vm_experiment
 
         return main_vm_experiment(args)
-    command = list(args.command or [])
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise TestbedError("no command given (put it after --, e.g. testbed vm run -- uname -r)")
+    command = program_argv(args.command, example="testbed vm run -- uname -r")
     if len(command) == 1 and any(ch in command[0] for ch in " ;|&$<>"):
         command = command[0]  # one quoted shell snippet
     try:

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from testbed.errors import TestbedError
-from testbed.vm.boot import Boot, VMResult, VMTimeout, failure_hint, free_port, guest_env, start
+from testbed.procs import free_port
+from testbed.vm.boot import Boot, VMResult, VMTimeout, failure_hint, guest_env, start
 from testbed.vm.kernel import Kernel
 
 _SSHD_CONFIG = """\
