@@ -30,10 +30,15 @@ def test_bench_measures_all_four_side_by_side(tmp_path):
     fw = data["forwarded"]
     # structural orderings (each path contains the one before it), not timings:
     # a trapped write does the native one plus a seccomp round trip; a forwarded
-    # one the trap plus a ZeroMQ round trip, which the relay measures inside it
+    # one the trap plus a ZeroMQ round trip.  Per call, the relay's ZeroMQ round
+    # trip and its overhead (held - the delegate's residence) both lie inside the
+    # time the program measured around that call, so their medians do too.  (Not
+    # asserted: raw ZeroMQ < forwarded. The raw client is Python and the relay's
+    # C path is not, so the forwarded call can be the faster of the two.)
     assert p50["native"] < p50["trap_only"] < p50["forwarded"], p50
-    assert p50["raw_zmq"] < p50["forwarded"] and p50["raw_zmq_busy"] < p50["forwarded_busy"], p50
-    assert fw["relay_rtt_p50_us"] <= fw["relay_overhead_p50_us"] <= fw["p50_us"], fw
+    assert p50["trap_only"] < p50["forwarded_busy"], p50
+    assert fw["relay_rtt_p50_us"] <= fw["p50_us"], fw
+    assert fw["relay_overhead_p50_us"] <= fw["p50_us"], fw
     # the printed ratios are the measured ones
     ratio = re.search(r"ratio full/raw-ZeroMQ\s+([\d.]+)", text)
     assert ratio and float(ratio[1]) == pytest.approx(p50["forwarded"] / p50["raw_zmq"], abs=0.006)
