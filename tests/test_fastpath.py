@@ -15,7 +15,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 
 import msgpack
 import numpy as np
@@ -24,6 +23,7 @@ import zmq
 
 from testbed import fastpath, rundir, wire
 from tests.conftest import run_testbed, strace_counts
+from tests.fakerouter import FakeRouter
 
 ON = {k: v for k, v in os.environ.items() if k != fastpath.ENV}  # whatever the caller set
 OFF = {**ON, fastpath.ENV: "0"}
@@ -193,58 +193,42 @@ def test_no_compiler_means_the_python_path(delegate, tmp_path):
     assert not hot["c"] and hot["python_calls"] == 2 and "compiler" in hot["why_python"], hot
 
 
-class OddDelegate:
+class OddDelegate(FakeRouter):
     """A ROUTER answering the k-th CALL in one of several odd ways (see REPLIES)."""
 
     REPLIES = ("fixed", "general", "error", "late-then-fixed", "envelope", "errno-5000",
                "garbage")  # fmt: skip
 
     def __init__(self, ctx: zmq.Context):
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        super().__init__(ctx)
         self.k = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(50):
-                continue
-            ident, frame = self.sock.recv_multipart()
-            kind, msg = wire.decode(frame)
-            if kind != wire.CALL:
-                self.sock.send_multipart([ident, wire.encode_welcome({"host": "odd"})])
-                continue
-            how = self.REPLIES[self.k % len(self.REPLIES)]
-            self.k += 1
-            res = wire.Result(msg.call_id, self.k, 0, 1, 2, 3, 4, ())
-            fixed = wire.encode_result(res)
-            parts = {
-                "fixed": [fixed],
-                "general": [msgpack.packb([2, "result", msg.call_id, self.k, 0, [1, 2, 3, 4], []])],
-                "error": [wire.encode_error(wire.E_INTERNAL, "odd", msg.call_id)],
-                "late-then-fixed": [wire.encode_result(res._replace(call_id=msg.call_id + 10**6))],
-                "envelope": [b"", fixed],
-                "errno-5000": [
-                    msgpack.packb([2, "result", msg.call_id, 0, 5000, [1, 2, 3, 4], []])
-                ],
-                "garbage": [b"\xc1garbage"],
-            }[how]
-            if how == "envelope":
-                self.sock.send_multipart([ident, *parts])
-            else:
-                for p in parts:
-                    self.sock.send_multipart([ident, p])
-            if how == "late-then-fixed":
-                self.sock.send_multipart([ident, fixed])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close(0)
+    def answer(self, ident: bytes, frame: bytes) -> None:
+        kind, msg = wire.decode(frame)
+        if kind != wire.CALL:
+            self.sock.send_multipart([ident, wire.encode_welcome({"host": "odd"})])
+            return
+        how = self.REPLIES[self.k % len(self.REPLIES)]
+        self.k += 1
+        res = wire.Result(msg.call_id, self.k, 0, 1, 2, 3, 4, ())
+        fixed = wire.encode_result(res)
+        parts = {
+            "fixed": [fixed],
+            "general": [msgpack.packb([2, "result", msg.call_id, self.k, 0, [1, 2, 3, 4], []])],
+            "error": [wire.encode_error(wire.E_INTERNAL, "odd", msg.call_id)],
+            "late-then-fixed": [wire.encode_result(res._replace(call_id=msg.call_id + 10**6))],
+            "envelope": [b"", fixed],
+            "errno-5000": [msgpack.packb([2, "result", msg.call_id, 0, 5000, [1, 2, 3, 4], []])],
+            "garbage": [b"\xc1garbage"],
+        }[how]
+        if how == "envelope":
+            self.sock.send_multipart([ident, *parts])
+        else:
+            for p in parts:
+                self.sock.send_multipart([ident, p])
+        if how == "late-then-fixed":
+            self.sock.send_multipart([ident, fixed])
 
 
 def test_odd_replies_errors_and_timeouts_behave_as_the_python_path(tmp_path):

@@ -26,6 +26,7 @@ from testbed.delegate import MAX_BACKLOG, MAX_CLIENTS, Delegate, _Handler
 from testbed.errors import TestbedError as _TestbedError
 from tests import rawzmtp
 from tests.conftest import PY, REPO, run_testbed, tb_argv
+from tests.fakerouter import FakeRouter
 from tests.test_delegate import Client, DelegateProc
 
 
@@ -263,36 +264,22 @@ def test_a_peer_that_never_reads_costs_bounded_memory(dproc, ctx):
 # ------------------------------------------------ 5: legal wire value crashing the relay
 
 
-class FakeDelegate:
+class FakeDelegate(FakeRouter):
     """A ROUTER that answers HELLO and replies to every CALL with ``ret``."""
 
     def __init__(self, ctx: zmq.Context, ret: int):
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        super().__init__(ctx)
         self.ret = ret
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(50):
-                continue
-            ident, frame = self.sock.recv_multipart()
-            msg = msgpack.unpackb(frame)
-            if msg[1] == "hello":
-                reply = wire.encode_welcome({"host": "fake"})
-            else:  # a v1-legal reply the run directory cannot hold
-                reply = msgpack.packb([wire.WIRE_VERSION, "result", msg[2], self.ret, 0,
-                                       [1, 2, 3, 4], []])  # fmt: skip
-            self.sock.send_multipart([ident, reply])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close(0)
+    def answer(self, ident: bytes, frame: bytes) -> None:
+        msg = msgpack.unpackb(frame)
+        if msg[1] == "hello":
+            reply = wire.encode_welcome({"host": "fake"})
+        else:  # a v1-legal reply the run directory cannot hold
+            reply = msgpack.packb([wire.WIRE_VERSION, "result", msg[2], self.ret, 0,
+                                   [1, 2, 3, 4], []])  # fmt: skip
+        self.sock.send_multipart([ident, reply])
 
 
 @pytest.mark.parametrize("ret", [1 << 63, (1 << 64) - 1])
