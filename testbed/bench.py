@@ -238,6 +238,38 @@ def raw_zmq_lat(
         sock.close()
 
 
+def raw_zmtp_lat(endpoint: str, n: int, size: int, busy_poll: bool = False) -> np.ndarray:
+    """As :func:`raw_zmq_lat` from C, but speaking ZMTP on a plain TCP socket: no
+    libzmq, so no I/O thread, on the client's side (the delegate is unchanged).
+
+    What a relay that spoke ZMTP itself would see (docs/design-notes.md, issue 14).
+    """
+    from testbed import zmtp
+    from testbed.fastpath import zmtp_rtt
+
+    sock = zmtp.connect(endpoint)
+    try:
+        sock.settimeout(5.0)
+        sock.sendall(
+            zmtp.frame(wire.encode_hello({"host": os.uname().nodename, "pid": os.getpid()}))
+        )
+        kind, _payload = wire.decode(zmtp.read_message(sock)[-1])
+        if kind != wire.WELCOME:
+            raise TestbedError(f"delegate at {endpoint} refused the raw ZMTP client ({kind})")
+        sock.settimeout(None)
+        call = wire.encode_call(
+            wire.Call(1, os.getpid(), NR_WRITE, (3, 0, size, 0, 0, 0), ((1, bytes(size)),), "cost")
+        )
+        got = zmtp_rtt(sock.fileno(), zmtp.frame(call), n, busy_poll)
+        if got is None:
+            raise TestbedError(f"raw ZMTP from C failed (delegate at {endpoint})")
+        return np.asarray(got, dtype=np.int64)
+    except (OSError, wire.WireError) as exc:
+        raise TestbedError(f"raw ZMTP client to {endpoint}: {exc}") from None
+    finally:
+        sock.close()
+
+
 def measure_forwarded(
     exe: Path, n: int, size: int, endpoint: str, tmp: Path, busy_poll: bool = False
 ) -> dict:

@@ -5,6 +5,8 @@ measurement alike), each of ``calls / rounds`` ``write(fd, buf, SIZE)`` calls:
 
   trap-only  Python (the relay's idle loop)  vs  C (``cref/trapcont.c``, SYNC_WAKE_UP)
   forwarded  ``testbed run`` sleeping and ``--busy-poll``  vs  raw ZeroMQ, same waiting
+  raw ZMTP   the raw C client's frames on a plain TCP socket speaking ZMTP itself
+             (:mod:`testbed.zmtp`): no libzmq, so no I/O thread, on the client's side
   raw C TCP  loopback round trip of the same sizes (``cref/tcprtt.c``), blocking and spinning
 
 Per forwarded call, from the relay's records, its stage stamps
@@ -31,7 +33,9 @@ CPU per forwarded call, per thread group (schedstat): the relay's
 (``run.json`` ``hot_path.thread_cpu_s``: from the program's launch to its exit,
 the launch itself excluded) and the delegate's (before and after each run):
 libzmq's I/O threads ("zmq") and the rest (the relay loop; the delegate's
-serving thread, with its connection guard).
+serving thread, with its connection guard); and the raw C clients' own CPU per
+round trip (libzmq's DEALER with its I/O thread, against raw ZMTP): what a
+relay speaking ZMTP itself would save (docs/design-notes.md).
 
 Each round runs the relay's C path (:mod:`testbed.fastpath`, the default) and
 its Python path (``TESTBED_FASTPATH=0``) side by side, in alternating order.
@@ -177,8 +181,11 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
     result_bytes = len(wire.encode_result(wire.Result(2**20, 0, 0, *(time_ns_like(),) * 4, ())))
     per: dict[str, list] = {"trap_py": [], "trap_fast": [], "trap_c": []}
     for key in ("", "_busy"):
-        for k in ("raw_zmq", "raw_zmq_c", "fwd", "fwd_py", "tcp_c"):
+        for k in ("raw_zmq", "raw_zmq_c", "raw_zmtp_c", "fwd", "fwd_py", "tcp_c"):
             per[k + key] = []
+    # the raw C clients' own CPU per round trip (this process: its thread, libzmq's)
+    client_cpu = {c + key: {"main": [], "zmq": []} for c in ("zmq_c", "zmtp_c")
+                  for key in ("", "_busy")}  # fmt: skip
     tags = ("sleep", "busy", "sleep-py", "busy-py")
     stages: dict[str, dict[str, list]] = {t: {} for t in tags}
     parts = ("relay", "relay_main", "relay_zmq", "delegate", "delegate_serve", "delegate_zmq")
@@ -197,8 +204,14 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
         per["trap_c"].append(_p50(lat))
         for busy, key in ((False, ""), (True, "_busy")):
             for c_client in order:
+                before = fastpath.thread_cpu_ns()
                 lat, frame_bytes = bench.raw_zmq_lat(endpoint, m, size, busy, c_client=c_client)
                 per[("raw_zmq_c" if c_client else "raw_zmq") + key].append(_p50(lat))
+                if c_client:
+                    _client_cpu(client_cpu["zmq_c" + key], before, m)
+            before = fastpath.thread_cpu_ns()
+            per["raw_zmtp_c" + key].append(_p50(bench.raw_zmtp_lat(endpoint, m, size, busy)))
+            _client_cpu(client_cpu["zmtp_c" + key], before, m)
             for py in (not o for o in order):
                 tag = ("busy" if busy else "sleep") + ("-py" if py else "")
                 f = forwarded_stages(exe, m, size, endpoint, dpid, tmp, busy, python_path=py)
@@ -212,7 +225,9 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
             per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
     out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
                  "sync_wakeup": sync, "frame_bytes": frame_bytes, "result_bytes": result_bytes,
-                 "p50_us": {k: _spread(v) for k, v in per.items()}}  # fmt: skip
+                 "p50_us": {k: _spread(v) for k, v in per.items()},
+                 "client_cpu_us": {c: {k: _spread(v) for k, v in parts_.items()}
+                                   for c, parts_ in client_cpu.items()}}  # fmt: skip
 
     def diff(a: str, b: str) -> dict[str, float]:
         return _spread([x - y for x, y in zip(per[a], per[b], strict=True)])
@@ -233,7 +248,16 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
         "fwd_minus_tcp_busy": diff("fwd_busy", "tcp_c_busy"),
         "zmq_c_minus_tcp": diff("raw_zmq_c", "tcp_c"),
         "zmq_minus_tcp": diff("raw_zmq", "tcp_c"),
+        "zmtp_c_minus_zmq_c": diff("raw_zmtp_c", "raw_zmq_c"),
+        "zmtp_c_minus_zmq_c_busy": diff("raw_zmtp_c_busy", "raw_zmq_c_busy"),
+        "zmtp_c_minus_tcp": diff("raw_zmtp_c", "tcp_c"),
     }
+    for key in ("", "_busy"):
+        zmq_total = [a + b for a, b in zip(client_cpu["zmq_c" + key]["main"],
+                                           client_cpu["zmq_c" + key]["zmq"], strict=True)]  # fmt: skip
+        out["targets"]["client_cpu_zmtp_over_zmq" + key] = ratio(
+            client_cpu["zmtp_c" + key]["main"], zmq_total
+        )
     for w in ("sleep", "busy"):
         for k in ("relay", "delegate"):
             out["targets"][f"{k}_cpu_c_over_py_{w}"] = ratio(cpu[w][k], cpu[w + "-py"][k])
@@ -253,6 +277,14 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
             "c_share": _spread(cpu[tag]["c_share"]),
         }
     return out
+
+
+def _client_cpu(into: dict[str, list], before: dict[str, int], calls: int) -> None:
+    """Add this process's CPU since ``before``, µs per round trip: its main thread's
+    and libzmq's I/O thread's."""
+    cpu = fastpath.cpu_since(before)
+    into["main"].append(cpu.get("main", 0.0) / calls * 1e6)
+    into["zmq"].append(cpu.get("zmq", 0.0) / calls * 1e6)
 
 
 def _cpu_key(part: str) -> str:
@@ -284,12 +316,13 @@ def format_breakdown(r: dict, host: dict) -> str:
               ("trap_c", "trap-only, C (cref/trapcont.c)")]  # fmt: skip
     for key, what in (("", "sleeping"), ("_busy", "busy-polled")):
         labels += [(f"raw_zmq_c{key}", f"raw ZeroMQ from C, {what}"),
+                   (f"raw_zmtp_c{key}", f"raw ZMTP from C (no libzmq), {what}"),
                    (f"raw_zmq{key}", f"raw ZeroMQ from Python, {what}"),
                    (f"fwd{key}", f"forwarded, C path, {what}"),
                    (f"fwd_py{key}", f"forwarded, Python path, {what}"),
                    (f"tcp_c{key}", "raw C TCP (cref/tcprtt.c)" + (", spinning" if key else ""))]  # fmt: skip
     for key, label in labels:
-        lines.append(f"    {label:38s}{_fmt(p[key])}")
+        lines.append(f"    {label:42s}{_fmt(p[key])}")
     lines += [
         "  targets (per-round ratio or difference, median [min .. max]):",
         f"    trap-only relay C path / C ref       {_fmt(t['trap_fast_over_c'], 'x')}   (target <= 1.5x)",
@@ -303,6 +336,9 @@ def format_breakdown(r: dict, host: dict) -> str:
         f"    forwarded - raw C TCP, sleeping      {_fmt(t['fwd_minus_tcp'], 'µs', True)}",
         f"    forwarded - raw C TCP, busy/spin     {_fmt(t['fwd_minus_tcp_busy'], 'µs', True)}",
         f"    raw ZeroMQ from C - raw C TCP        {_fmt(t['zmq_c_minus_tcp'], 'µs', True)}   (the transport's own share)",
+        f"    raw ZMTP from C - raw ZeroMQ from C  {_fmt(t['zmtp_c_minus_zmq_c'], 'µs', True)}   (sleeping; libzmq off the client)",
+        f"    the same, busy-polled                {_fmt(t['zmtp_c_minus_zmq_c_busy'], 'µs', True)}",
+        f"    raw ZMTP from C - raw C TCP          {_fmt(t['zmtp_c_minus_tcp'], 'µs', True)}   (what the delegate's libzmq adds)",
         f"    relay CPU/call C / Python, sleeping  {_fmt(t['relay_cpu_c_over_py_sleep'], 'x')}   (target <= 0.5x)",
         f"    relay CPU/call C / Python, busy-poll {_fmt(t['relay_cpu_c_over_py_busy'], 'x')}",
         "  stages of a forwarded call, median µs over all rounds",
@@ -320,6 +356,14 @@ def format_breakdown(r: dict, host: dict) -> str:
             f"    {g:9s}: stages sum {s['sum_of_medians_us']:.2f} µs, round trip p50 "
             f"{s['round_trip_p50_us']:.2f} µs (p10..p90 {s['round_trip_p10_us']:.2f}.."
             f"{s['round_trip_p90_us']:.2f}), calls served by C {s['c_share']['median']:.1%}"
+        )
+    cc = r["client_cpu_us"]
+    lines.append("  client CPU per raw round trip, µs (median [min .. max] over rounds):")
+    for key, what in (("", "sleeping"), ("_busy", "busy-polled")):
+        z, m = cc["zmq_c" + key], cc["zmtp_c" + key]
+        lines.append(
+            f"    {what:11s} ZeroMQ from C {z['main']['median']:.1f} + libzmq {z['zmq']['median']:.1f};"
+            f" ZMTP from C {_fmt(m['main'])}; ratio {_fmt(t['client_cpu_zmtp_over_zmq' + key], 'x')}"
         )
     lines.append("  CPU per forwarded call, µs (median [min .. max] over rounds):")
     for g in tags:

@@ -368,6 +368,25 @@ def zmq_rtt(sock: zmq.Socket, frame: bytes, n: int, busy: bool) -> list[int] | N
         lib.tb_free(ptr)
 
 
+def zmtp_rtt(fd: int, message: bytes, n: int, busy: bool) -> list[int] | None:
+    """``testbed bench --breakdown``'s raw ZMTP row: n round trips of ``message`` (one
+    message in ZMTP frames, :mod:`testbed.zmtp`) on the connected TCP socket ``fd``.
+
+    Latencies in ns, or None where the C path is unavailable or a round trip failed.
+    """
+    loaded = load()
+    if isinstance(loaded, str):
+        return None
+    lib = loaded[0]
+    lat = (ctypes.c_uint32 * n)()
+    cap = 1 << 20
+    body = ctypes.create_string_buffer(cap)
+    rc = lib.tb_zmtp_rtt(ctypes.c_int(fd), message, ctypes.c_size_t(len(message)),
+                         ctypes.c_long(n), ctypes.c_int(int(busy)), lat, body,
+                         ctypes.c_size_t(cap))  # fmt: skip
+    return None if rc else list(lat)
+
+
 def thread_cpu_ns(pid: int | str = "self") -> dict[str, int]:
     """CPU time (ns, schedstat) of the threads of ``pid``: "main", "zmq" (libzmq's), others by name."""
     out: dict[str, int] = {}

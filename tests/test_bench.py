@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
+import time
 
 import pytest
 
@@ -82,8 +85,17 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path):
     data = json.loads(out.read_text())
     assert data["rounds"] == 2 and data["calls_per_round"] == 600
     for key in ("trap_py", "trap_fast", "trap_c", "raw_zmq", "raw_zmq_c", "fwd", "fwd_py",
-                "raw_zmq_busy", "fwd_busy", "fwd_py_busy", "tcp_c"):  # fmt: skip
+                "raw_zmq_busy", "fwd_busy", "fwd_py_busy", "tcp_c", "raw_zmtp_c",
+                "raw_zmtp_c_busy"):  # fmt: skip
         assert data["p50_us"][key]["median"] > 0, key
+    assert "raw ZMTP from C (no libzmq), busy-polled" in text
+    # the raw ZMTP client's calls do not go through libzmq: its I/O threads (still
+    # alive for the process's other sockets) do a small fraction of what they do
+    # for the libzmq client's
+    for key in ("", "_busy"):
+        zmtp, zmq_c = data["client_cpu_us"]["zmtp_c" + key], data["client_cpu_us"]["zmq_c" + key]
+        assert zmtp["main"]["median"] > 0 and zmq_c["zmq"]["median"] > 0
+        assert zmtp["zmq"]["median"] < 0.2 * zmq_c["zmq"]["median"], (zmtp, zmq_c)
     for tag in ("sleep", "busy", "sleep-py", "busy-py"):
         s = data["stages"][tag]
         med = s["median_us"]
@@ -106,3 +118,33 @@ def test_bench_breakdown_rejects_too_many_rounds():
     res = run_testbed("bench", "--breakdown", "--calls", "300", "--rounds", "5")
     assert res.returncode == 2
     assert "testbed: error: --rounds" in res.stderr.decode()
+
+
+def test_raw_zmtp_client_round_trips_and_refuses_what_it_cannot_speak(tmp_path):
+    from testbed import bench
+    from testbed.errors import TestbedError
+    from testbed.localdelegate import LocalDelegate
+
+    with LocalDelegate() as d:
+        lat = bench.raw_zmtp_lat(d.endpoint, 50, 64)
+        assert len(lat) == 50 and (lat > 0).all()
+    with pytest.raises(TestbedError, match="tcp://HOST:PORT"):
+        bench.raw_zmtp_lat(f"ipc://{tmp_path}/d.sock", 1, 64)
+    # a TCP peer that is not ZMTP: one clear error, not a hang or a traceback
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def answer_garbage():
+        conn, _ = srv.accept()
+        conn.sendall(b"HTTP/1.0 200 OK\r\n" + b"x" * 80)
+        time.sleep(1)
+        conn.close()
+
+    t = threading.Thread(target=answer_garbage, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(TestbedError, match="does not speak ZMTP 3"):
+            bench.raw_zmtp_lat(f"tcp://127.0.0.1:{port}", 1, 64)
+    finally:
+        t.join(5)
+        srv.close()

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -515,6 +516,73 @@ int tb_zmq_rtt(struct tb_ctx *c, const uint8_t *frame, size_t len, long n, uint3
 			return -1;
 		}
 		c->zclose(&m);
+		lat[i] = (uint32_t)(now_ns() - t0);
+	}
+	return 0;
+}
+
+/* Read exactly len bytes from fd (spinning with MSG_DONTWAIT when busy); 0, or -1. */
+static int zmtp_read(int fd, uint8_t *p, size_t len, int busy, int64_t t0)
+{
+	while (len) {
+		ssize_t r = recv(fd, p, len, busy ? MSG_DONTWAIT : 0);
+
+		if (r < 0 && (errno == EINTR || errno == EAGAIN)) {
+			if (now_ns() - t0 > 5000000000LL)
+				return -1;
+			continue;
+		}
+		if (r <= 0)
+			return -1;
+		p += r;
+		len -= (size_t)r;
+	}
+	return 0;
+}
+
+/*
+ * The benchmark's "raw ZMTP from C" row: n round trips of msg (one message,
+ * already in ZMTP frames) on fd, a TCP connection past the ZMTP handshake
+ * (testbed/zmtp.py); no libzmq on this side.  Each reply's frames are read
+ * up to the last part; commands between them are skipped.  body (cap bytes)
+ * holds a frame's body.
+ */
+int tb_zmtp_rtt(int fd, const uint8_t *msg, size_t len, long n, int busy, uint32_t *lat,
+		uint8_t *body, size_t cap)
+{
+	for (long i = 0; i < n; i++) {
+		int64_t t0 = now_ns();
+		size_t off = 0;
+		int more = 1;
+
+		while (off < len) {
+			ssize_t w = send(fd, msg + off, len - off, MSG_NOSIGNAL);
+
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w <= 0)
+				return -1;
+			off += (size_t)w;
+		}
+		while (more) {
+			uint8_t head[9];
+			uint64_t size;
+
+			if (zmtp_read(fd, head, 2, busy, t0))
+				return -1;
+			size = head[1];
+			if (head[0] & 0x02) {
+				if (zmtp_read(fd, head + 2, 7, busy, t0))
+					return -1;
+				size = 0;
+				for (int k = 1; k < 9; k++)
+					size = size << 8 | head[k];
+			}
+			if (size > cap || zmtp_read(fd, body, (size_t)size, busy, t0))
+				return -1;
+			if (!(head[0] & 0x04))
+				more = head[0] & 0x01;
+		}
 		lat[i] = (uint32_t)(now_ns() - t0);
 	}
 	return 0;
