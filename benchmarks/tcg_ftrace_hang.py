@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = vm.run(script, share=share, memory="1G", cwd="/", timeout=args.timeout,
                          kernel_args="loglevel=8")  # fmt: skip
-        except vm.VMTimeout as exc:
+        except (vm.VMTimeout, vm.VMFailed) as exc:  # a soft lockup panics the guest
             res = exc.result
         console, output, timed_out = res.console, res.output, res.timed_out
     except (TestbedError, subprocess.CalledProcessError) as exc:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rips = re.findall(r"RIP: 0010:(\S+)", console)
     modules = re.search(r"modules: (.*)", output)
     print(f"toggles finished: {done[-1] if done else 0} of {args.toggles}; "
-          f"guest {'timed out' if timed_out else 'ended'}; soft lockups: {len(lockups)} "
+          f"guest {'timed out' if timed_out else 'ended' if res.exit_status is not None else 'panicked'}; soft lockups: {len(lockups)} "
           f"({', '.join(sorted(set(lockups))) or '-'}) at {', '.join(sorted(set(rips))) or '-'}; "
           f"modules loaded: {modules.group(1).strip() if modules else '?'}")  # fmt: skip
     return 0
