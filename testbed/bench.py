@@ -207,7 +207,7 @@ def raw_zmq_lat(
     ``busy_poll`` spins on ``poll(0)`` for the reply, like ``testbed run --busy-poll``.
     ``c_client``: the loop runs in C (:func:`testbed.fastpath.zmq_rtt`), same socket.
     """
-    ctx, sock, _ = connect(endpoint)
+    ctx, sock, _ = connect(endpoint, transport="libzmq")  # the row measures libzmq
     try:
         frame = wire.encode_call(
             wire.Call(1, os.getpid(), NR_WRITE, (3, 0, size, 0, 0, 0), ((1, bytes(size)),), "cost")

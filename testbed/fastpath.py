@@ -55,7 +55,7 @@ ENV = "TESTBED_FASTPATH"
 WAIT_NS = 1_000_000_000
 #: tb_forward returns to Python at least this often (signal handlers run then).
 SLICE_NS = 50_000_000
-TB_ABI = 1
+TB_ABI = 2
 TB_ERROR, TB_NONE, TB_FULL, TB_TRAP, TB_INFLIGHT, TB_FRAME, TB_REPLY = -1, 0, 1, 2, 3, 4, 5
 _ZMQ_FUNCS = ("zmq_send", "zmq_poll", "zmq_msg_init", "zmq_msg_recv", "zmq_msg_data",
               "zmq_msg_size", "zmq_msg_more", "zmq_msg_close")  # fmt: skip
@@ -82,6 +82,12 @@ class _Ctx(ctypes.Structure):
         ("frame", ctypes.c_void_p),
         ("frame_len", ctypes.c_int64),
         ("notif", ctypes.c_uint8 * 80),
+        *(
+            (n, ctypes.c_int64)
+            for n in ("raw_fd", "raw_err", "rpos", "rlen", "tail_off", "tail_len")
+        ),
+        ("rbuf", ctypes.c_void_p),
+        ("outp", ctypes.c_void_p),
     ]
 
 
@@ -202,7 +208,12 @@ class FastPath:
         c.busy = int(relay.busy_poll)
         c.wait_ns = min(relay.timeout_ns, WAIT_NS)
         c.slice_ns = SLICE_NS
-        _set_socket(c, relay.sock, libzmq)
+        from testbed import zmtp
+
+        #: the relay's raw ZMTP connection (C sends and receives on its fd), or None
+        self.raw = relay.sock if isinstance(relay.sock, zmtp.Dealer) else None
+        if self.raw is None:
+            _set_socket(c, relay.sock, libzmq)
         for nr, (kind, arg, size_arg) in call_kinds().items():
             lib.tb_set_kind(self._ptr, nr, kind, arg, size_arg)
         self._forward = lib.tb_forward
@@ -225,13 +236,20 @@ class FastPath:
             self.started = True
             self.ctx.listener = backend.fileno()  # known once launched
             self.ctx.stages = int(self.relay.stages is not None)
-        relay, c = self.relay, self.ctx
+        relay, c, raw = self.relay, self.ctx, self.raw
+        if raw is not None:
+            if not raw.c_ready():  # bytes buffered on Python's side, or no connection
+                return backend.receive()
+            c.raw_fd = raw.fileno()
         c.next_id = relay._next_id
         c.seq = relay.recorder.count
         rc = self._forward(self._ptr)
         relay._next_id = c.next_id
         if c.nrec:
             self.drain()
+        frame = None
+        if raw is not None:
+            frame = self._raw_handback(c, raw, rc)
         if rc <= TB_FULL:
             if rc == TB_ERROR:
                 raise OSError(c.err, f"seccomp NOTIF_RECV: {os.strerror(c.err)}")
@@ -247,10 +265,28 @@ class FastPath:
             return None
         relay.inflight[c.call_id] = (trap, c.t_send, c.nbytes)
         if rc == TB_FRAME:
-            frame = ctypes.string_at(c.frame, c.frame_len)
+            if frame is None:
+                frame = ctypes.string_at(c.frame, c.frame_len)
             self.lib.tb_frame_done(self._ptr)
             relay.on_frame(frame)
         return None
+
+    def _raw_handback(self, c: _Ctx, raw, rc: int) -> bytes | None:
+        """Give the raw connection back to Python: the unsent rest of a CALL, bytes
+        read past the reply, a failed connection.  Returns TB_FRAME's frame (copied
+        first: it lies in the read buffer)."""
+        frame = ctypes.string_at(c.frame, c.frame_len) if rc == TB_FRAME else None
+        if c.tail_len:
+            raw.queue_raw(ctypes.string_at(c.outp + c.tail_off, c.tail_len))
+            c.tail_len = c.tail_off = 0
+        if c.rlen > c.rpos:
+            raw.feed(ctypes.string_at(c.rbuf + c.rpos, c.rlen - c.rpos))
+        c.rpos = c.rlen = 0
+        if c.raw_err:
+            err = c.raw_err
+            c.raw_err = 0
+            raw.lost("the peer closed the connection" if err < 0 else os.strerror(err))
+        return frame
 
     def drain(self) -> None:
         """Move the records C wrote into the relay's recorder (in call order)."""

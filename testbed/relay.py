@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from testbed import keys, rundir, syscalls, wire
+from testbed import keys, rundir, syscalls, wire, zmtp
 from testbed.errors import TestbedError
 from testbed.interpose import Backend, CallerGone, Trap
 from testbed.syscalls import ArgKind
@@ -54,12 +54,21 @@ def connect(
     ctx: zmq.Context | None = None,
     info: dict | None = None,
     curve_keys: str | None = None,
-) -> tuple[zmq.Context, zmq.Socket, dict]:
+    transport: str | None = None,
+) -> tuple[zmq.Context | None, zmq.Socket | zmtp.Dealer, dict]:
     """Open a DEALER to ``endpoint`` and complete the HELLO/WELCOME handshake.
 
     With ``curve_keys`` (a directory made by ``testbed keys new``, see :mod:`testbed.keys`)
-    the connection is CURVE-authenticated and encrypted.
+    the connection is CURVE-authenticated and encrypted.  ``transport``
+    ``"zmtp"`` (the default where :func:`testbed.zmtp.transport` allows it) is a
+    :class:`testbed.zmtp.Dealer` speaking ZMTP itself; ``"libzmq"`` a pyzmq socket.
     """
+    if (transport or zmtp.transport(endpoint, curve_keys)) == "zmtp":
+        try:
+            sock = zmtp.Dealer(endpoint)
+        except TestbedError as exc:
+            raise DelegateUnreachable(str(exc)) from None
+        return ctx, sock, _handshake(sock, endpoint, timeout_s, info, curve_keys)
     ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -76,12 +85,22 @@ def connect(
     except zmq.ZMQError as exc:
         sock.close()
         raise DelegateUnreachable(f"cannot connect to {endpoint}: {exc}") from None
-    hello = {"host": os.uname().nodename, "pid": os.getpid(), **(info or {})}
-    sock.send(wire.encode_hello(hello))
+    return ctx, sock, _handshake(sock, endpoint, timeout_s, info, curve_keys)
+
+
+def _handshake(sock, endpoint: str, timeout_s: float, info: dict | None, curve_keys) -> dict:
+    """HELLO, then the WELCOME (closing ``sock`` on failure)."""
+    hello = wire.encode_hello({"host": os.uname().nodename, "pid": os.getpid(), **(info or {})})
+    raw = isinstance(sock, zmtp.Dealer)
+    sock.send(hello)
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
-        if not sock.poll(int(left * 1000) + 1):
-            break
+        if raw and not sock.connected:  # refused: dial again (libzmq retries too)
+            time.sleep(min(left, sock.RECONNECT_S))
+            sock.send(hello)
+            continue
+        if not sock.poll(int(min(left, 0.1 if raw else left) * 1000) + 1):
+            continue
         try:
             kind, payload = wire.decode(sock.recv())
         except wire.WireError as exc:
@@ -91,7 +110,7 @@ def connect(
             raise DelegateUnreachable(f"delegate at {endpoint} answered in another wire "
                                       f"protocol version: {exc}") from None  # fmt: skip
         if kind == wire.WELCOME:
-            return ctx, sock, payload
+            return payload
         if kind == wire.ERROR:
             sock.close()
             raise DelegateUnreachable(f"delegate at {endpoint} refused the handshake: {payload}")
@@ -192,7 +211,7 @@ class Relay:
     def __init__(
         self,
         backend: Backend,
-        sock: zmq.Socket,
+        sock: zmq.Socket | zmtp.Dealer,
         recorder: rundir.CallRecorder,
         mode: str = "cost",
         timeout_s: float = 2.0,
@@ -384,7 +403,7 @@ class Relay:
         bfd = self.backend.fileno()
         pidfd = os.pidfd_open(child_pid)
         sock = self.sock
-        poller = zmq.Poller()
+        poller = zmtp.Poller() if isinstance(sock, zmtp.Dealer) else zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(bfd, zmq.POLLIN)
         poller.register(pidfd, zmq.POLLIN)

@@ -183,6 +183,7 @@ def resolve_forward(
 def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, output,
                timeout_s, connect_timeout_s, busy_poll, curve_keys, offload_paths, pin,
                stdout, stage_trace) -> RunResult:  # fmt: skip
+    from testbed import zmtp
     from testbed.interpose import make_backend
     from testbed.relay import Relay, check_timeout, connect
 
@@ -220,7 +221,8 @@ def _run_relay(program, endpoint, forward, policy, profile, mode, backend_name, 
         relay.stages = []
     opts = {"program": program, "mode": mode, "policy": policy, "profile": profile,
             "forwarded": forwarded, "endpoint": endpoint, "timeout_s": timeout_s,
-            "busy_poll": busy_poll, "curve": bool(curve_keys), "welcome": welcome}  # fmt: skip
+            "busy_poll": busy_poll, "curve": bool(curve_keys), "welcome": welcome,
+            "transport": "zmtp" if isinstance(sock, zmtp.Dealer) else "libzmq"}  # fmt: skip
     started = time.time()
     # run.json exists from the start, marked incomplete: a relay killed mid-run
     # leaves a loadable run directory (records flushed at least every second)
@@ -322,6 +324,7 @@ def _relay_meta(opts, backend, relay, started, status, rusage, t_exit) -> dict[s
         "timeout_s": opts["timeout_s"],
         "busy_poll": opts["busy_poll"],
         "curve": opts["curve"],
+        "transport": opts["transport"],
         "delegate": opts["welcome"],
         "host": host_metadata(),
         "calls": {

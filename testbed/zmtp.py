@@ -91,3 +91,417 @@ def connect(
         s.close()
         raise
     return s
+
+
+# ---------------------------------------------------------------- the relay's connection
+
+#: ``0``/``off``/``no``/``false`` in the environment: the relay keeps libzmq.
+ENV = "TESTBED_ZMTP"
+_TCP = re.compile(r"tcp://([A-Za-z0-9.-]+):(\d+)")
+_CMD_PING = b"\x04PING"
+
+
+def disabled_by_env() -> bool:
+    import os
+
+    return os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
+
+
+def transport(endpoint: str, curve_keys: str | None = None) -> str:
+    """``"zmtp"`` (the relay speaks ZMTP itself, :class:`Dealer`) or ``"libzmq"``.
+
+    Raw ZMTP serves ``tcp://HOST:PORT`` (IPv4 or a name) and ``ipc://PATH``
+    without CURVE; CURVE, any other endpoint and ``TESTBED_ZMTP=0`` keep libzmq.
+    """
+    if curve_keys or disabled_by_env():
+        return "libzmq"
+    if _TCP.fullmatch(endpoint) or (endpoint.startswith("ipc://") and len(endpoint) > 6):
+        return "zmtp"
+    return "libzmq"
+
+
+class Dealer:
+    """What the relay uses of a pyzmq DEALER, speaking ZMTP 3.0 (NULL) itself.
+
+    One non-blocking TCP (``tcp://``) or Unix (``ipc://``) socket, no libzmq
+    and no I/O thread.  ``send`` frames a message and writes it at once (what
+    the kernel does not take waits in a buffer of at most ``MAX_OUT`` bytes,
+    beyond which ``send`` raises ``zmq.Again`` as a full DEALER does);
+    ``recv`` returns the next message part.  Reading happens only while no
+    complete part is buffered, so at most one read's worth (``READ``) of parts
+    waits here.  ``poll`` counts buffered parts as ready even when the fd is
+    not readable.  A connection the peer closes is dropped; the next ``send``
+    (at least ``RECONNECT_S`` later) dials again and redoes the greeting, as
+    libzmq reconnects; a message sent while no connection can be made is lost
+    (the relay times such calls out, as with libzmq).  While unconnected,
+    ``fileno`` is a pipe that never becomes readable.
+    """
+
+    MAX_OUT = 8 << 20
+    MAX_FRAME = 64 << 20
+    READ = 1 << 18
+    RECONNECT_S = 0.1
+
+    def __init__(self, endpoint: str, socket_type: bytes = b"DEALER") -> None:
+        import os
+
+        self.endpoint = endpoint
+        m = _TCP.fullmatch(endpoint)
+        if m:
+            try:
+                info = socket.getaddrinfo(m.group(1), int(m.group(2)), socket.AF_INET,
+                                          socket.SOCK_STREAM)  # fmt: skip
+            except (OSError, ValueError) as exc:
+                raise TestbedError(f"cannot connect to {endpoint}: {exc}") from None
+            self._family, self._addr = socket.AF_INET, info[0][4]
+        elif endpoint.startswith("ipc://") and len(endpoint) > 6:
+            self._family, self._addr = socket.AF_UNIX, endpoint[6:]
+        else:
+            raise TestbedError(f"raw ZMTP serves tcp://HOST:PORT and ipc://PATH, not {endpoint!r}")
+        self._hello = GREETING + ready_command(socket_type)
+        self._idle_r, self._idle_w = os.pipe()
+        self._sock: socket.socket | None = None
+        self._connecting = False
+        self._greeted = False
+        self._ready = False  # the peer's READY seen: messages may go
+        self._out = bytearray()
+        self._held = bytearray()  # messages sent before that (libzmq waits too)
+        self._in = bytearray()
+        self._parts: list[bytes] = []  # complete message parts, oldest first
+        self._next = 0  # index of the next part to return
+        self._dropped_at = -1e9
+        self.dials = 0
+        self.drops = 0
+        self.last_error = ""
+        self.closed = False
+        self._dial()
+
+    # ---------------------------------------------------------- connection
+    @property
+    def connected(self) -> bool:
+        """A connection is up (or being made)."""
+        return self._sock is not None
+
+    def _dial(self) -> None:
+        import errno
+        import time
+
+        s = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        if self._family == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.dials += 1
+        rc = s.connect_ex(self._addr)
+        if rc not in (0, errno.EINPROGRESS):
+            s.close()
+            self._dropped_at = time.monotonic()
+            self._out.clear()
+            self._held.clear()
+            self.last_error = f"cannot connect: {errno.errorcode.get(rc, rc)}"
+            return
+        self._sock = s
+        self._connecting = rc != 0
+        self._greeted = self._ready = False
+        self._in.clear()
+        self._out[:0] = self._hello
+        if not self._connecting:
+            self._flush()
+
+    def _drop(self, why: str) -> None:
+        import time
+
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self.drops += 1
+        self._connecting = self._greeted = self._ready = False
+        self._in.clear()
+        self._out.clear()
+        self._held.clear()
+        self._dropped_at = time.monotonic()
+        self.last_error = why
+
+    def queue_raw(self, data: bytes) -> None:
+        """Bytes of a frame already begun on the connection (the C path's unsent rest)."""
+        self._out += data
+
+    def lost(self, why: str) -> None:
+        """The connection failed (seen by the C path): drop it, as a failed read would."""
+        self._drop(why)
+
+    def _flush(self) -> None:
+        if not self._out or self._connecting or self._sock is None:
+            return
+        try:
+            n = self._sock.send(self._out, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(f"send: {exc.strerror}")
+            return
+        del self._out[:n]
+
+    def _read(self) -> None:
+        if self._sock is None or self._connecting:
+            return
+        try:
+            data = self._sock.recv(self.READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(f"recv: {exc.strerror}")
+            return
+        if not data:
+            self._drop("the peer closed the connection")
+            return
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the connection (also by the C path): parse what is complete."""
+        buf = self._in
+        buf += data
+        pos = 0
+        if not self._greeted:
+            if len(buf) < 64:
+                return
+            if buf[0] != 0xFF or buf[9] != 0x7F or buf[10] < 3:
+                self._drop(f"{self.endpoint} does not speak ZMTP 3")
+                return
+            self._greeted, pos = True, 64
+        n = len(buf)
+        while n - pos >= 2:
+            flags, size = buf[pos], buf[pos + 1]
+            head = 2
+            if flags & _FLAG_LONG:
+                if n - pos < 9:
+                    break
+                size, head = struct.unpack_from(">Q", buf, pos + 1)[0], 9
+                if size > self.MAX_FRAME:
+                    self._drop(f"a frame of {size} bytes from {self.endpoint}")
+                    return
+            if n - pos < head + size:
+                break
+            body = bytes(buf[pos + head : pos + head + size])
+            pos += head + size
+            if flags & _FLAG_COMMAND:
+                if body.startswith(_CMD_PING):  # heartbeat (libzmq's ZMQ_HEARTBEAT_IVL)
+                    ctx = body[5 + 2 :][:16]
+                    pong = b"\x04PONG" + ctx
+                    self._out += bytes([_FLAG_COMMAND, len(pong)]) + pong
+                elif not self._ready:  # its READY (a NULL-mechanism peer sends nothing else)
+                    self._ready = True
+                    self._out += self._held
+                    self._held.clear()
+                continue
+            self._parts.append(body)
+        if pos:
+            del buf[:pos]
+        if self._out:
+            self._flush()
+
+    def _events(self, ev: int) -> None:
+        """Act on poll events of the connection's fd."""
+        import select
+
+        if self._connecting and ev & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                import os
+
+                self._drop(f"cannot connect: {os.strerror(err)}")
+                return
+            self._connecting = False
+        if self._out and ev & select.POLLOUT:
+            self._flush()
+        if ev & (select.POLLIN | select.POLLERR | select.POLLHUP) and not self.has_message():
+            self._read()
+
+    def want(self) -> int:
+        """Poll events the connection's fd needs now."""
+        import select
+
+        if self._out or self._connecting:
+            return select.POLLIN | select.POLLOUT
+        return select.POLLIN
+
+    def has_message(self) -> bool:
+        return self._next < len(self._parts)
+
+    def c_ready(self) -> bool:
+        """Nothing buffered either way and the handshake seen: C may use the fd directly."""
+        return (self._sock is not None and self._ready and not self._connecting and not self._out
+                and not self._held and not self._in and not self.has_message())  # fmt: skip
+
+    # ---------------------------------------------------------- the pyzmq subset
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._sock is not None else self._idle_r
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        """Queue one single-part message; ``zmq.Again`` when ``MAX_OUT`` is reached."""
+        import time
+
+        import zmq
+
+        if self.closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK, "the raw ZMTP connection is closed")
+        if self._sock is None and time.monotonic() - self._dropped_at >= self.RECONNECT_S:
+            self._dial()
+        if self._sock is None:
+            return  # lost, as queued to a peer that never comes back
+        n = len(data)
+        head = bytes([_FLAG_LONG]) + struct.pack(">Q", n) if n > 255 else bytes([0, n])
+        if not self._ready:
+            if self._held and len(self._held) + n > self.MAX_OUT:
+                raise zmq.Again()
+            self._held += head
+            self._held += data
+            return
+        if self._out and len(self._out) + n > self.MAX_OUT:
+            self._flush()
+            if flags & zmq.NOBLOCK:
+                if len(self._out) + n > self.MAX_OUT:
+                    raise zmq.Again()
+            else:
+                self._wait_room(n)
+            if self._sock is None:
+                return
+        if self._out or self._connecting:
+            self._out += head
+            self._out += data
+            return
+        try:
+            sent = self._sock.sendmsg((head, data), (), socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._drop(f"send: {exc.strerror}")
+            return
+        if sent < len(head) + n:
+            self._out += (head + data)[sent:]
+
+    def _wait_room(self, n: int, timeout_s: float = 5.0) -> None:
+        import select
+        import time
+
+        import zmq
+
+        deadline = time.monotonic() + timeout_s
+        while self._sock is not None and self._out and len(self._out) + n > self.MAX_OUT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise zmq.Again()
+            p = select.poll()
+            p.register(self._sock.fileno(), self.want())
+            for _fd, ev in p.poll(int(left * 1000) + 1):
+                self._events(ev)
+
+    def recv(self, flags: int = 0) -> bytes:
+        """The next message part (``zmq.Again`` with ``NOBLOCK`` when none is complete)."""
+        import zmq
+
+        if not self.has_message():
+            if flags & zmq.NOBLOCK:
+                self._flush()
+                self._read()
+                if not self.has_message():
+                    raise zmq.Again()
+            else:
+                while not self.poll(1000):
+                    pass
+        part = self._parts[self._next]
+        self._next += 1
+        if self._next == len(self._parts):
+            self._parts.clear()
+            self._next = 0
+        return part
+
+    def poll(self, timeout: int | None = None, flags: int = 1) -> int:
+        """``zmq.POLLIN`` when a part can be received within ``timeout`` ms (None: wait),
+        ``zmq.POLLOUT`` (with that flag) when ``send`` would not refuse; else 0."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        p = select.poll()
+        while True:
+            if flags & 1 and self.has_message():
+                return 1
+            if flags & 2 and len(self._out) < self.MAX_OUT:
+                return 2
+            fd = self.fileno()
+            p.register(fd, self.want() if self._sock is not None else select.POLLIN)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = p.poll(None if left is None else int(left * 1000 + 0.999))
+            p.unregister(fd)
+            for _fd, ev in ready:
+                self._events(ev)
+            if not ready and left is not None and time.monotonic() >= deadline:
+                return 1 if flags & 1 and self.has_message() else 0
+
+    def close(self, linger: int | None = None) -> None:
+        import os
+
+        if self.closed:
+            return
+        if self._sock is not None:
+            if self._out and not self._connecting:
+                self._flush()  # e.g. a BYE: one best-effort write, no lingering
+            self._sock.close()
+            self._sock = None
+        os.close(self._idle_r)
+        os.close(self._idle_w)
+        self.closed = True
+
+
+class Poller:
+    """``zmq.Poller`` for a :class:`Dealer` and plain fds (the relay's loop).
+
+    A dealer with a buffered message part is reported at once (timeout 0 for
+    the rest); its fd's events drive its connection (connect, flush, read).
+    """
+
+    def __init__(self) -> None:
+        import select
+
+        self._p = select.poll()
+        self._fds: dict[int, object] = {}
+        self._dealer: Dealer | None = None
+        self._dfd = -1
+        self._dev = 0
+
+    def register(self, obj: object, events: int = 1) -> None:
+        if isinstance(obj, Dealer):
+            self._dealer = obj
+            return
+        self._fds[obj] = obj
+        self._p.register(obj, events)
+
+    def unregister(self, obj: object) -> None:
+        if obj is self._dealer:
+            if self._dfd >= 0:
+                self._p.unregister(self._dfd)
+            self._dealer, self._dfd = None, -1
+            return
+        del self._fds[obj]
+        self._p.unregister(obj)
+
+    def poll(self, timeout: int | None = None) -> list[tuple[object, int]]:
+        d = self._dealer
+        if d is None:
+            return self._p.poll(timeout)
+        if d.has_message():
+            timeout = 0
+        fd, ev = d.fileno(), d.want()
+        if fd != self._dfd or ev != self._dev:
+            if self._dfd >= 0:
+                self._p.unregister(self._dfd)
+            self._p.register(fd, ev)
+            self._dfd, self._dev = fd, ev
+        out: list[tuple[object, int]] = []
+        for f, e in self._p.poll(timeout):
+            if f == fd:
+                d._events(e)
+            else:
+                out.append((self._fds[f], e))
+        if d.has_message():
+            out.insert(0, (d, 1))
+        return out

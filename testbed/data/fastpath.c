@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -26,7 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TB_ABI 1
+#define TB_ABI 2
 
 /* struct seccomp_notif / seccomp_notif_resp (linux/seccomp.h, stable ABI) */
 #define NOTIF_SIZE 80
@@ -53,6 +54,8 @@ typedef struct {
 #define CALL_FIX 80
 #define BUF_HEAD 7
 #define RESULT_SIZE 68
+#define TB_RCAP (1 << 18)   /* raw ZMTP: bytes read ahead before Python takes over */
+#define OUT_HEAD 16         /* room for a ZMTP frame header before the CALL */
 
 /* flags of a record (testbed.rundir) */
 #define F_CALLER_GONE 4
@@ -111,6 +114,15 @@ struct tb_ctx {
 	void *frame;
 	int64_t frame_len;
 	uint8_t notif[NOTIF_SIZE];
+	/*
+	 * Raw ZMTP (testbed.zmtp.Dealer): raw_fd >= 0 replaces the libzmq socket.
+	 * Python hands over with nothing buffered on its side; on return it takes
+	 * rbuf[rpos..rlen) (bytes read past the reply), out[tail_off..+tail_len)
+	 * (a CALL the kernel took only in part) and raw_err (the connection
+	 * failed: -1 closed by the peer, else errno).
+	 */
+	int64_t raw_fd, raw_err, rpos, rlen, tail_off, tail_len;
+	uint8_t *rbuf, *outp;
 	/* private */
 	int8_t kind[TB_NR_MAX], buf_arg[TB_NR_MAX], size_arg[TB_NR_MAX];
 	int32_t mem_tid[TB_MEMFDS], mem_fd[TB_MEMFDS];
@@ -118,7 +130,8 @@ struct tb_ctx {
 	int msg_open;
 	struct tb_record rec[TB_CAP];
 	int64_t stage[TB_CAP][3];
-	uint8_t out[CALL_FIX + BUF_HEAD + TB_MAX_BUFFER + 8];
+	uint8_t out[OUT_HEAD + CALL_FIX + BUF_HEAD + TB_MAX_BUFFER + 8];
+	uint8_t rb[TB_RCAP];
 };
 
 static inline int64_t now_ns(void)
@@ -153,6 +166,9 @@ struct tb_ctx *tb_new(void)
 		return NULL;
 	c->abi = TB_ABI;
 	c->next_id = 1;
+	c->raw_fd = -1;
+	c->rbuf = c->rb;
+	c->outp = c->out;
 	for (int i = 0; i < TB_MEMFDS; i++)
 		c->mem_fd[i] = -1;
 	return c;
@@ -327,6 +343,99 @@ static int resume(struct tb_ctx *c, uint64_t nid)
 	return -1;
 }
 
+/*
+ * Raw ZMTP: the next message part buffered in rbuf (commands skipped) into
+ * frame/frame_len, 1 (*more set); 0: incomplete; -1: a part too large for
+ * rbuf (Python reads it).
+ */
+static int raw_part(struct tb_ctx *c, int *more)
+{
+	for (;;) {
+		uint8_t *p = c->rbuf + c->rpos;
+		int64_t avail = c->rlen - c->rpos;
+		uint64_t size;
+		int64_t head = 2;
+
+		if (avail < 2)
+			return 0;
+		size = p[1];
+		if (p[0] & 0x02) {
+			if (avail < 9)
+				return 0;
+			size = rd64(p + 1);
+			head = 9;
+		}
+		if (size > TB_RCAP - 9)
+			return -1;
+		if ((uint64_t)avail < (uint64_t)head + size)
+			return 0;
+		c->rpos += head + (int64_t)size;
+		if (p[0] & 0x04)
+			continue; /* a command (e.g. PING): Python answers those it must */
+		c->frame = p + head;
+		c->frame_len = (int64_t)size;
+		*more = p[0] & 0x01;
+		return 1;
+	}
+}
+
+/* Raw ZMTP: wait (poll, or spin with timeout 0) for the next part; as wait_reply's loop. */
+static int raw_wait(struct tb_ctx *c, int64_t until, int *more)
+{
+	struct pollfd items[2] = {{(int)c->raw_fd, POLLIN, 0}, {(int)c->listener, POLLIN, 0}};
+	int64_t deadline = c->t_send + c->wait_ns;
+
+	for (;;) {
+		int got = raw_part(c, more);
+
+		if (got > 0)
+			return TB_NONE;
+		if (got < 0)
+			return TB_INFLIGHT;
+		if (c->rpos == c->rlen) {
+			c->rpos = c->rlen = 0;
+		} else if (c->rlen == TB_RCAP) {
+			memmove(c->rbuf, c->rbuf + c->rpos, (size_t)(c->rlen - c->rpos));
+			c->rlen -= c->rpos;
+			c->rpos = 0;
+		}
+		int ms = 0;
+
+		if (!c->busy) {
+			int64_t left = deadline - now_ns();
+
+			if (left <= 0)
+				return TB_INFLIGHT;
+			ms = (int)(left / 1000000) + 1;
+		}
+		int rc = poll(items, 2, ms);
+
+		if (rc < 0)
+			return TB_INFLIGHT;
+		if (rc == 0) {
+			int64_t now = now_ns();
+
+			if (!c->busy || now >= deadline || now >= until)
+				return TB_INFLIGHT;
+			continue;
+		}
+		if (items[0].revents) {
+			ssize_t r = recv((int)c->raw_fd, c->rbuf + c->rlen, (size_t)(TB_RCAP - c->rlen),
+					 MSG_DONTWAIT);
+
+			if (r > 0) {
+				c->rlen += r;
+				continue;
+			}
+			if (r < 0 && (errno == EAGAIN || errno == EINTR))
+				continue;
+			c->raw_err = r == 0 ? -1 : errno;
+			return TB_INFLIGHT;
+		}
+		return TB_INFLIGHT; /* the listener: another call is pending */
+	}
+}
+
 /* Wait for the reply to call_id; TB_NONE once it is released and recorded. */
 static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr, int64_t until)
 {
@@ -335,6 +444,18 @@ static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr, i
 	int64_t t_decoded;
 	int rc;
 
+	if (c->raw_fd >= 0) {
+		int more = 0;
+
+		rc = raw_wait(c, until, &more);
+		if (rc != TB_NONE)
+			return rc;
+		c->t_reply = now_ns();
+		if (more ||
+		    !tb_parse_result(c->frame, (size_t)c->frame_len, c->call_id, &c->ret, c->stamps))
+			return TB_FRAME;
+		goto parsed;
+	}
 	for (;;) {
 		long ms = 0;
 
@@ -373,6 +494,7 @@ static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr, i
 	if (c->zmore(&c->msg) ||
 	    !tb_parse_result(c->frame, (size_t)c->frame_len, c->call_id, &c->ret, c->stamps))
 		return TB_FRAME;
+parsed:
 	t_decoded = now_ns();
 	tb_frame_done(c);
 	rc = resume(c, nid);
@@ -407,11 +529,47 @@ static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr, i
 	return TB_NONE;
 }
 
+/*
+ * Raw ZMTP: send the message out[0..n) as one frame (its header goes in the
+ * OUT_HEAD bytes before out).  0: all sent; 1: in part (tail_off/tail_len);
+ * -1: nothing sent (EAGAIN, or an error in raw_err).
+ */
+static int raw_send(struct tb_ctx *c, uint8_t *out, size_t n)
+{
+	uint8_t *h;
+
+	if (n > 255) {
+		h = out - 9;
+		h[0] = 0x02;
+		be64(h + 1, n);
+	} else {
+		h = out - 2;
+		h[0] = 0;
+		h[1] = (uint8_t)n;
+	}
+	size_t total = n + (size_t)(out - h);
+	ssize_t w;
+
+	do
+		w = send((int)c->raw_fd, h, total, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (w < 0 && errno == EINTR);
+	if (w <= 0) {
+		if (w < 0 && errno != EAGAIN)
+			c->raw_err = errno;
+		return -1;
+	}
+	if ((size_t)w == total)
+		return 0;
+	c->tail_off = (h - c->out) + w;
+	c->tail_len = (int64_t)total - w;
+	return 1;
+}
+
 /* Serve calls until one needs Python, the record buffer fills or slice_ns passed. */
 int tb_forward(struct tb_ctx *c)
 {
 	int64_t until = now_ns() + c->slice_ns;
-	uint8_t *out = c->out;
+	uint8_t *out = c->out + OUT_HEAD;
 
 	for (int first = 1;; first = 0) {
 		if (c->nrec >= TB_CAP)
@@ -477,11 +635,22 @@ int tb_forward(struct tb_ctx *c)
 		}
 		c->nbytes = nbytes;
 		c->t_send = now_ns();
-		if (c->zsend(c->sock, out, n, ZMQ_DONTWAIT) < 0)
+		int partial = 0;
+
+		if (c->raw_fd >= 0) {
+			int sent = raw_send(c, out, n);
+
+			if (sent < 0)
+				return TB_TRAP; /* Python sends it (buffered), or notes the error */
+			partial = sent > 0;
+		} else if (c->zsend(c->sock, out, n, ZMQ_DONTWAIT) < 0) {
 			return TB_TRAP; /* Python sends again, or releases it unsent */
+		}
 		c->call_id = c->next_id++;
 		if (c->stages)
 			c->t_sent = now_ns();
+		if (partial)
+			return TB_INFLIGHT; /* Python writes the rest, then waits */
 		int rc = wait_reply(c, nid, (int32_t)tid, (int16_t)nr, until);
 
 		if (rc != TB_NONE)
