@@ -91,15 +91,10 @@ def connect(
 def _handshake(sock, endpoint: str, timeout_s: float, info: dict | None, curve_keys) -> dict:
     """HELLO, then the WELCOME (closing ``sock`` on failure)."""
     hello = wire.encode_hello({"host": os.uname().nodename, "pid": os.getpid(), **(info or {})})
-    raw = isinstance(sock, zmtp.Dealer)
-    sock.send(hello)
+    sock.send(hello)  # (a refused dial is retried inside poll, as libzmq does)
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
-        if raw and not sock.connected:  # refused: dial again (libzmq retries too)
-            time.sleep(min(left, sock.RECONNECT_S))
-            sock.send(hello)
-            continue
-        if not sock.poll(int(min(left, 0.1 if raw else left) * 1000) + 1):
+        if not sock.poll(int(left * 1000) + 1):
             continue
         try:
             kind, payload = wire.decode(sock.recv())

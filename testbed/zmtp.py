@@ -10,9 +10,15 @@ multipart message frames.  No CURVE, no heartbeats, no reconnection.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import select
 import socket
 import struct
+import time
+
+import zmq
 
 from testbed.errors import TestbedError
 
@@ -102,7 +108,6 @@ _CMD_PING = b"\x04PING"
 
 
 def disabled_by_env() -> bool:
-    import os
 
     return os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
 
@@ -130,11 +135,13 @@ class Dealer:
     ``recv`` returns the next message part.  Reading happens only while no
     complete part is buffered, so at most one read's worth (``READ``) of parts
     waits here.  ``poll`` counts buffered parts as ready even when the fd is
-    not readable.  A connection the peer closes is dropped; the next ``send``
-    (at least ``RECONNECT_S`` later) dials again and redoes the greeting, as
-    libzmq reconnects; a message sent while no connection can be made is lost
-    (the relay times such calls out, as with libzmq).  While unconnected,
-    ``fileno`` is a pipe that never becomes readable.
+    not readable.  Messages wait (``MAX_OUT`` bytes at most) until the peer's
+    READY arrived, as libzmq's do.  A connection the peer closes is dropped
+    (what was written in part is lost); the next ``send`` dials again and redoes
+    the greeting, and while the dial fails ``poll`` (or :class:`Poller`) retries
+    every ``RECONNECT_S``, as libzmq reconnects.  There is no I/O thread: the
+    connection progresses only inside ``send``, ``recv`` and ``poll``.  While
+    unconnected, ``fileno`` is a pipe that never becomes readable.
     """
 
     MAX_OUT = 8 << 20
@@ -143,7 +150,6 @@ class Dealer:
     RECONNECT_S = 0.1
 
     def __init__(self, endpoint: str, socket_type: bytes = b"DEALER") -> None:
-        import os
 
         self.endpoint = endpoint
         m = _TCP.fullmatch(endpoint)
@@ -183,8 +189,6 @@ class Dealer:
         return self._sock is not None
 
     def _dial(self) -> None:
-        import errno
-        import time
 
         s = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         if self._family == socket.AF_INET:
@@ -195,7 +199,6 @@ class Dealer:
             s.close()
             self._dropped_at = time.monotonic()
             self._out.clear()
-            self._held.clear()
             self.last_error = f"cannot connect: {errno.errorcode.get(rc, rc)}"
             return
         self._sock = s
@@ -207,7 +210,6 @@ class Dealer:
             self._flush()
 
     def _drop(self, why: str) -> None:
-        import time
 
         if self._sock is not None:
             self._sock.close()
@@ -215,8 +217,7 @@ class Dealer:
             self.drops += 1
         self._connecting = self._greeted = self._ready = False
         self._in.clear()
-        self._out.clear()
-        self._held.clear()
+        self._out.clear()  # (what was written in part cannot go on another connection)
         self._dropped_at = time.monotonic()
         self.last_error = why
 
@@ -300,13 +301,10 @@ class Dealer:
 
     def _events(self, ev: int) -> None:
         """Act on poll events of the connection's fd."""
-        import select
 
         if self._connecting and ev & (select.POLLOUT | select.POLLERR | select.POLLHUP):
             err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                import os
-
                 self._drop(f"cannot connect: {os.strerror(err)}")
                 return
             self._connecting = False
@@ -317,11 +315,21 @@ class Dealer:
 
     def want(self) -> int:
         """Poll events the connection's fd needs now."""
-        import select
 
         if self._out or self._connecting:
             return select.POLLIN | select.POLLOUT
         return select.POLLIN
+
+    def redial_in(self) -> float | None:
+        """Seconds until the next dial (0: due), None: connected or nothing to send."""
+        if self._sock is not None or not self._held or self.closed:
+            return None
+
+        return max(0.0, self._dropped_at + self.RECONNECT_S - time.monotonic())
+
+    def redial_if_due(self) -> None:
+        if self.redial_in() == 0:
+            self._dial()
 
     def has_message(self) -> bool:
         return self._next < len(self._parts)
@@ -337,16 +345,9 @@ class Dealer:
 
     def send(self, data: bytes, flags: int = 0) -> None:
         """Queue one single-part message; ``zmq.Again`` when ``MAX_OUT`` is reached."""
-        import time
-
-        import zmq
 
         if self.closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "the raw ZMTP connection is closed")
-        if self._sock is None and time.monotonic() - self._dropped_at >= self.RECONNECT_S:
-            self._dial()
-        if self._sock is None:
-            return  # lost, as queued to a peer that never comes back
         n = len(data)
         head = bytes([_FLAG_LONG]) + struct.pack(">Q", n) if n > 255 else bytes([0, n])
         if not self._ready:
@@ -354,6 +355,7 @@ class Dealer:
                 raise zmq.Again()
             self._held += head
             self._held += data
+            self.redial_if_due()
             return
         if self._out and len(self._out) + n > self.MAX_OUT:
             self._flush()
@@ -379,10 +381,6 @@ class Dealer:
             self._out += (head + data)[sent:]
 
     def _wait_room(self, n: int, timeout_s: float = 5.0) -> None:
-        import select
-        import time
-
-        import zmq
 
         deadline = time.monotonic() + timeout_s
         while self._sock is not None and self._out and len(self._out) + n > self.MAX_OUT:
@@ -396,7 +394,6 @@ class Dealer:
 
     def recv(self, flags: int = 0) -> bytes:
         """The next message part (``zmq.Again`` with ``NOBLOCK`` when none is complete)."""
-        import zmq
 
         if not self.has_message():
             if flags & zmq.NOBLOCK:
@@ -417,8 +414,6 @@ class Dealer:
     def poll(self, timeout: int | None = None, flags: int = 1) -> int:
         """``zmq.POLLIN`` when a part can be received within ``timeout`` ms (None: wait),
         ``zmq.POLLOUT`` (with that flag) when ``send`` would not refuse; else 0."""
-        import select
-        import time
 
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         p = select.poll()
@@ -430,15 +425,18 @@ class Dealer:
             fd = self.fileno()
             p.register(fd, self.want() if self._sock is not None else select.POLLIN)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            redial = self.redial_in()
+            if redial is not None:
+                left = redial if left is None else min(left, redial)
             ready = p.poll(None if left is None else int(left * 1000 + 0.999))
             p.unregister(fd)
             for _fd, ev in ready:
                 self._events(ev)
+            self.redial_if_due()
             if not ready and left is not None and time.monotonic() >= deadline:
                 return 1 if flags & 1 and self.has_message() else 0
 
     def close(self, linger: int | None = None) -> None:
-        import os
 
         if self.closed:
             return
@@ -460,7 +458,6 @@ class Poller:
     """
 
     def __init__(self) -> None:
-        import select
 
         self._p = select.poll()
         self._fds: dict[int, object] = {}
@@ -490,6 +487,10 @@ class Poller:
             return self._p.poll(timeout)
         if d.has_message():
             timeout = 0
+        redial = d.redial_in()
+        if redial is not None:
+            ms = int(redial * 1000) + 1
+            timeout = ms if timeout is None or timeout < 0 else min(timeout, ms)
         fd, ev = d.fileno(), d.want()
         if fd != self._dfd or ev != self._dev:
             if self._dfd >= 0:
@@ -502,6 +503,7 @@ class Poller:
                 d._events(e)
             else:
                 out.append((self._fds[f], e))
+        d.redial_if_due()
         if d.has_message():
             out.insert(0, (d, 1))
         return out

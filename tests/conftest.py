@@ -78,6 +78,16 @@ def delegate():
         yield d
 
 
+@pytest.fixture(params=["zmtp", "libzmq"])
+def relay_transport(request, monkeypatch):
+    """The relay's transport to the delegate: raw ZMTP (the default) or libzmq (TESTBED_ZMTP=0)."""
+    if request.param == "libzmq":
+        monkeypatch.setenv("TESTBED_ZMTP", "0")
+    else:
+        monkeypatch.delenv("TESTBED_ZMTP", raising=False)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def payload(tmp_path_factory) -> Path:
     """A few MB of compressible, deterministic input."""

@@ -14,6 +14,7 @@ from testbed import rundir
 from tests.conftest import run_testbed
 
 
+@pytest.mark.usefixtures("relay_transport")  # the forwarded rows on both
 def test_bench_measures_all_four_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     res = run_testbed("bench", "--calls", "2000", "--size", "64", "--json", str(out), timeout=300)

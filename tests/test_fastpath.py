@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
-from testbed import fastpath, rundir, wire
+from testbed import fastpath, rundir, wire, zmtp
 from tests.conftest import run_testbed, strace_counts
 from tests.fakerouter import FakeRouter
 
@@ -100,7 +100,14 @@ def test_result_parser_accepts_exactly_the_fixed_result_of_its_call(lib):
             pass
 
 
+pytestmark = pytest.mark.usefixtures("relay_transport")  # raw ZMTP and libzmq
+
+
 def _run(endpoint, out, forward, program, env=None, extra=()):
+    if env is not None:  # the transport relay_transport chose
+        env = {k: v for k, v in env.items() if k != zmtp.ENV}
+        if zmtp.ENV in os.environ:
+            env[zmtp.ENV] = os.environ[zmtp.ENV]
     return run_testbed("run", "--delegate", endpoint, "--forward", forward, "-o", str(out),
                        *extra, "--", *program, env=env, timeout=120)  # fmt: skip
 

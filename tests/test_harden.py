@@ -102,6 +102,7 @@ NON_DUMPABLE = (
 )
 
 
+@pytest.mark.usefixtures("relay_transport")
 def test_non_dumpable_program_is_answered_not_hung(delegate, tmp_path):
     """Defect 1: a relay without CAP_SYS_PTRACE cannot open /proc/TID/mem of a
     non-dumpable program; the call must still be answered (run locally)."""
@@ -283,6 +284,7 @@ class FakeDelegate(FakeRouter):
 
 
 @pytest.mark.parametrize("ret", [1 << 63, (1 << 64) - 1])
+@pytest.mark.usefixtures("relay_transport")
 def test_out_of_range_reply_is_a_delegate_error_not_a_relay_crash(ctx, tmp_path, ret):
     """Defect 5: ret = 2**63 crashed the relay (struct.error), forwarded calls
     then failed with ENOSYS and neither calls.bin nor run.json was written."""
@@ -312,6 +314,7 @@ SLOW_WRITER = (
 )
 
 
+@pytest.mark.usefixtures("relay_transport")
 def test_sigkilled_relay_leaves_a_loadable_run_and_no_program(delegate, tmp_path):
     """Defect 6: after SIGKILL of the relay the program ran on with every
     forwarded call failing, calls.bin was empty and run.json missing."""
@@ -526,6 +529,7 @@ def test_ci_turns_skips_into_failures(tmp_path):
         assert res.returncode in (0, 5) and summary in res.stdout, res.stdout  # 5: none ran
 
 
+@pytest.mark.usefixtures("relay_transport")
 def test_rundir_v2_marks_completion_in_run_json(delegate, tmp_path):
     res = run_testbed("run", "--delegate", delegate.endpoint, "--forward", "write",
                       "-o", str(tmp_path / "r"), "--", "echo", "x")  # fmt: skip
@@ -535,6 +539,7 @@ def test_rundir_v2_marks_completion_in_run_json(delegate, tmp_path):
     assert meta["complete"] is True and meta["exit_status"] == 0
 
 
+@pytest.mark.usefixtures("relay_transport")
 def test_delegate_of_another_wire_version_is_one_clear_line(ctx, tmp_path):
     """Wire v2 changed ranges: a v1 delegate answers a v2 hello with a v1
     error frame; the relay says so at once instead of "no delegate answering"."""

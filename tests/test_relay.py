@@ -40,12 +40,19 @@ def hot_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _both_transports(relay_transport):
+    """... and on both transports to the delegate (raw ZMTP, libzmq)."""
+
+
 def _run(delegate, out, forward, *program, timeout=120, extra=()):
     return run_testbed("run", "--delegate", delegate.endpoint, "--forward", forward,
                        "-o", str(out), *extra, "--", *program, timeout=timeout)  # fmt: skip
 
 
-def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path, hot_path):
+def test_gzip_byte_identical_and_counts_match_strace(
+    delegate, payload, tmp_path, hot_path, relay_transport
+):
     program = ["gzip", "-6", "-c", str(payload)]
     native = subprocess.run(program, capture_output=True, check=True).stdout
     res = _run(delegate, tmp_path / "run", "read,write", *program)
@@ -66,6 +73,7 @@ def test_gzip_byte_identical_and_counts_match_strace(delegate, payload, tmp_path
     assert int(writes["bytes_in"].sum()) == len(native)  # write buffers were marshalled
     assert run.meta["exit_status"] == 0 and run.meta["calls"]["faults"] == 0
     assert run.meta["hot_path"]["c"] == (hot_path == "c-path")
+    assert run.meta["transport"] == relay_transport
     assert "f_c" in res.stderr.decode() and str(tmp_path / "run") in res.stderr.decode()
 
 
