@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import bench, fastpath, rundir, wire
+from testbed import bench, fastpath, rundir, wire, zmtp
 from testbed.errors import TestbedError
 from testbed.localdelegate import LocalDelegate
 from testbed.relay import STAGE_TRACE_ENV
@@ -144,7 +144,7 @@ def forwarded_stages(
         "c_share": run.meta["hot_path"]["c_calls"] / count if count else 0.0,
         "relay_cpu_us": sum(threads.values()) * 1e6 / count,
         "relay_main_us": threads.get("main", nan) * 1e6 / count,
-        "relay_zmq_us": threads.get("zmq", nan) * 1e6 / count,
+        "relay_zmq_us": threads.get("zmq", 0.0) * 1e6 / count,  # none: raw ZMTP (zmtp.Dealer)
         "delegate_cpu_us": sum(d1.values()) * 1e6 / count if d1 else nan,
         "delegate_serve_us": (sum(d1.values()) - d1.get("zmq", 0.0)) * 1e6 / count if d1 else nan,
         "delegate_zmq_us": d1.get("zmq", nan) * 1e6 / count,
@@ -224,6 +224,7 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
                 cpu[tag]["c_share"].append(f["c_share"])
             per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
     out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
+                 "relay_transport": zmtp.transport(endpoint),  # the forwarded rows' (run.json)
                  "sync_wakeup": sync, "frame_bytes": frame_bytes, "result_bytes": result_bytes,
                  "p50_us": {k: _spread(v) for k, v in per.items()},
                  "client_cpu_us": {c: {k: _spread(v) for k, v in parts_.items()}
@@ -306,7 +307,7 @@ def format_breakdown(r: dict, host: dict) -> str:
     t = r["targets"]
     lines = [
         f"testbed bench --breakdown: {r['rounds']} interleaved rounds x {r['calls_per_round']} "
-        f"x write({r['size']} B) on {r['endpoint']}",
+        f"x write({r['size']} B) on {r['endpoint']}, relay transport {r['relay_transport']}",
         f"  kernel {host['kernel']}, {host['cores']} cores, {host['cpu_model']}, "
         f"SYNC_WAKE_UP {'yes' if r['sync_wakeup'] else 'no'}; frames {r['frame_bytes']} B out, "
         f"{r['result_bytes']} B back",
