@@ -5,8 +5,9 @@ case - cost mode, seccomp backend, no other call in flight, a call with no
 input buffer or exactly one sized input buffer (``write``, ``read``,
 ``pwrite64``, ``sendto`` ...) - :func:`attach` lets the relay's idle wait run
 ``tb_forward`` instead: blocking ``NOTIF_RECV``, one ``pread``, the
-fixed-width CALL frame, ``zmq_send`` on the relay's own DEALER, the wait for
-the reply (sleeping in ``zmq_poll``, or spinning with ``--busy-poll``), the
+fixed-width CALL frame, ``zmq_send`` on the relay's own DEALER (or, on the raw
+ZMTP transport, one ``send`` of the framed CALL on that connection's fd), the
+wait for the reply (sleeping in ``zmq_poll``/``poll``, or spinning with ``--busy-poll``), the
 fixed-width RESULT, ``NOTIF_SEND`` CONTINUE and one ``calls.bin`` record.
 Anything else comes back with the notification in hand and the Python path
 serves it from where C stopped, so the semantics are the Python path's:

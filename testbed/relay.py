@@ -1,7 +1,8 @@
 """The relay: one event loop between an interposition backend and a delegate.
 
-It polls the backend's fd (calls trapped in the program), a ZeroMQ DEALER
-socket (replies from the delegate) and the program's pidfd.  Each trapped
+It polls the backend's fd (calls trapped in the program), its connection to
+the delegate (replies; a :class:`testbed.zmtp.Dealer` speaking ZMTP itself, or
+a pyzmq DEALER for CURVE and other endpoints) and the program's pidfd.  Each trapped
 call is marshalled (number, six arguments, input-buffer bytes), sent, and the
 caller is released when the reply arrives (cost mode: continue locally) or
 when its per-call timeout expires (released locally, counted as a fault).

@@ -1,11 +1,12 @@
 """ZMTP 3.0 (the ZeroMQ wire protocol, NULL mechanism) over a plain TCP socket.
 
 The delegate's ROUTER speaks it through libzmq; a peer that speaks it directly
-needs no libzmq and no I/O thread of its own.  Used by ``testbed bench
---breakdown``'s "raw ZMTP from C" row (what a relay without libzmq's I/O thread
-would gain, docs/design-notes.md) and by tests that must misbehave below libzmq.
-Only what those need: the greeting, the READY command, single-part and
-multipart message frames.  No CURVE, no heartbeats, no reconnection.
+needs no libzmq and no I/O thread of its own.  :class:`Dealer` is the relay's
+connection to the delegate by default (:func:`transport`, docs/seccomp.md);
+:func:`connect` and the frame helpers serve ``testbed bench --breakdown``'s
+"raw ZMTP from C" row and tests that must misbehave below libzmq.  Only what
+those need: the greeting, READY, PING/PONG, single-part and multipart
+message frames, re-dialling.  No CURVE (that stays with libzmq).
 """
 
 from __future__ import annotations
