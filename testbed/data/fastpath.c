@@ -371,7 +371,7 @@ static int raw_part(struct tb_ctx *c, int *more)
 			return 0;
 		c->rpos += head + (int64_t)size;
 		if (p[0] & 0x04)
-			continue; /* a command (e.g. PING): Python answers those it must */
+			continue; /* a command: skipped (the delegate sends none after READY) */
 		c->frame = p + head;
 		c->frame_len = (int64_t)size;
 		*more = p[0] & 0x01;
