@@ -174,6 +174,8 @@ class Dealer:
         self._out = bytearray()
         self._held = bytearray()  # messages sent before that (libzmq waits too)
         self._in = bytearray()
+        self._rbuf = bytearray(self.READ)  # reused by every read
+        self._rview = memoryview(self._rbuf)
         self._parts: list[bytes] = []  # complete message parts, oldest first
         self._next = 0  # index of the next part to return
         self._dropped_at = -1e9
@@ -246,18 +248,18 @@ class Dealer:
         if self._sock is None or self._connecting:
             return
         try:
-            data = self._sock.recv(self.READ)
+            n = self._sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._drop(f"recv: {exc.strerror}")
             return
-        if not data:
+        if not n:
             self._drop("the peer closed the connection")
             return
-        self.feed(data)
+        self.feed(self._rview[:n])
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Bytes read from the connection (also by the C path): parse what is complete."""
         buf = self._in
         buf += data
