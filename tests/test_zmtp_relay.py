@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -142,6 +143,63 @@ def test_send_buffer_is_bounded_when_the_peer_stops_reading():
         d.close()
         conn.close()
         lsock.close()
+
+
+def _listener() -> tuple[socket.socket, str]:
+    """A plain TCP listener on loopback and its endpoint (a peer we script by hand)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    return lsock, f"tcp://127.0.0.1:{lsock.getsockname()[1]}"
+
+
+def test_garbage_and_oversized_frames_drop_the_connection():
+    lsock, endpoint = _listener()
+    d = zmtp.Dealer(endpoint)
+    conn, _addr = lsock.accept()
+    try:
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n" + b"x" * 64)  # not ZMTP
+        assert d.poll(1000) == 0 and not d.connected
+        assert "does not speak ZMTP 3" in d.last_error
+        conn.close()
+        d.send(b"again")  # dials again
+        conn, _addr = lsock.accept()
+        huge = bytes([0x02]) + (zmtp.Dealer.MAX_FRAME + 1).to_bytes(8, "big")
+        conn.sendall(zmtp.GREETING + zmtp.ready_command(b"ROUTER") + huge)
+        assert d.poll(1000) == 0 and not d.connected and "a frame of" in d.last_error
+        assert d.drops == 2
+    finally:
+        d.close()
+        conn.close()
+        lsock.close()
+
+
+def test_a_peer_that_is_not_zmtp_is_one_clear_error(tmp_path):
+    lsock, endpoint = _listener()
+    stop = time.monotonic() + 30
+
+    def serve():
+        lsock.settimeout(0.2)
+        while time.monotonic() < stop:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                continue
+            c.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + b"\0" * 64)
+            c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        res = run_testbed("run", "--delegate", endpoint, "--connect-timeout", "1", "--forward",
+                          "write", "-o", str(tmp_path / "r"), "--", "true", timeout=60)  # fmt: skip
+    finally:
+        stop = 0
+        t.join(5)
+        lsock.close()
+    err = res.stderr.decode().strip().splitlines()
+    assert res.returncode != 0
+    assert len(err) == 1 and err[0].startswith("testbed: error: no delegate answering"), err
 
 
 def test_dealer_redials_after_the_peer_restarts():
