@@ -146,7 +146,7 @@ class Dealer:
     """
 
     MAX_OUT = 8 << 20
-    MAX_FRAME = 64 << 20
+    MAX_FRAME = 16 << 20  # (the delegate's own limit is 4 MiB, WELCOME max_frame)
     READ = 1 << 18
     RECONNECT_S = 0.1
 
