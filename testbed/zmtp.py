@@ -109,7 +109,6 @@ _CMD_PING = b"\x04PING"
 
 
 def disabled_by_env() -> bool:
-
     return os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
 
 
@@ -151,7 +150,6 @@ class Dealer:
     RECONNECT_S = 0.1
 
     def __init__(self, endpoint: str, socket_type: bytes = b"DEALER") -> None:
-
         self.endpoint = endpoint
         m = _TCP.fullmatch(endpoint)
         if m:
@@ -192,7 +190,6 @@ class Dealer:
         return self._sock is not None
 
     def _dial(self) -> None:
-
         s = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         if self._family == socket.AF_INET:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -213,7 +210,6 @@ class Dealer:
             self._flush()
 
     def _drop(self, why: str) -> None:
-
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -384,7 +380,6 @@ class Dealer:
             self._out += (head + data)[sent:]
 
     def _wait_room(self, n: int, timeout_s: float = 5.0) -> None:
-
         deadline = time.monotonic() + timeout_s
         while self._sock is not None and self._out and len(self._out) + n > self.MAX_OUT:
             left = deadline - time.monotonic()
@@ -440,7 +435,6 @@ class Dealer:
                 return 1 if flags & 1 and self.has_message() else 0
 
     def close(self, linger: int | None = None) -> None:
-
         if self.closed:
             return
         if self._sock is not None:
@@ -461,7 +455,6 @@ class Poller:
     """
 
     def __init__(self) -> None:
-
         self._p = select.poll()
         self._fds: dict[int, object] = {}
         self._dealer: Dealer | None = None
