@@ -434,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
         "relays' public keys in DIR/authorized/*.key (make them with: testbed keys new DIR)",
     )
     p.add_argument(
+        "--transport",
+        choices=("auto", "zmtp", "libzmq"),
+        default="auto",
+        help="zmtp: speak ZMTP on plain sockets in the serving thread (no libzmq, about "
+        "half the CPU per call); libzmq: a ZeroMQ ROUTER. auto (default): zmtp for "
+        "tcp://ADDR:PORT (IPv4 or *) and ipc://PATH with one worker, no CURVE and no "
+        "--service-us, unless TESTBED_ZMTP=0; libzmq otherwise (docs/wire.md)",
+    )
+    p.add_argument(
         "--user",
         "--offload-user",
         dest="user",

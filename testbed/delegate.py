@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from testbed import cpus, keys, wire
+from testbed import cpus, keys, router, wire, zmtp
 from testbed.connguard import ConnectionGuard
 from testbed.errors import TestbedError
 from testbed.privileges import drop_privileges
@@ -88,6 +88,10 @@ MAX_PARTS = 3
 #: Open connections accepted (further ones are shut down at once); lowered to
 #: fit under ``RLIMIT_NOFILE`` (see :func:`connection_cap`).
 MAX_CONNECTIONS = 4096
+
+#: How the delegate is reached: "auto" picks "zmtp" (:mod:`testbed.router`, no
+#: libzmq) where it serves, else "libzmq".
+TRANSPORTS = ("auto", "zmtp", "libzmq")
 
 #: Linger (ms) when closing sockets on shutdown: long enough for the replies
 #: already handed to libzmq to leave, bounded so shutdown never hangs.
@@ -280,6 +284,7 @@ class Delegate:
         on_stop: Callable[[], None] | None = None,
         curve_keys: str | None = None,
         service: Any = None,
+        transport: str = "auto",
     ):
         if workers < 1:
             raise TestbedError(f"workers must be >= 1, not {workers}")
@@ -294,6 +299,13 @@ class Delegate:
         self.on_stop = on_stop
         self.curve_keys = curve_keys
         self.service = service  # a testbed.service.Service: one FIFO queue, W servers
+        if transport not in TRANSPORTS:
+            raise TestbedError(
+                f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}"
+            )
+        self.transport_asked = transport
+        self.transport = ""  # "zmtp" or "libzmq", chosen in bind()
+        self._raw: router.Router | None = None
         self._auth = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
@@ -343,6 +355,7 @@ class Delegate:
             "clock": "CLOCK_MONOTONIC",
             "max_frame": wire.MAX_FRAME,
             "curve": self.curve_keys is not None,
+            "transport": self.transport,
             **(self.service.info() if self.service is not None else {}),
         }
 
@@ -350,7 +363,8 @@ class Delegate:
         return (
             f"testbed delegate: listening on {self.bound_endpoint} "
             f"(workers {self.workers}, delay {self.delay_us:g} us, mode {self.mode}, "
-            f"wire v{wire.WIRE_VERSION}{', CURVE' if self.curve_keys else ''}, pid {os.getpid()})"
+            f"wire v{wire.WIRE_VERSION}{', CURVE' if self.curve_keys else ''}, "
+            f"transport {self.transport}, pid {os.getpid()})"
         )
 
     # ------------------------------------------------------------ accounting
@@ -412,25 +426,41 @@ class Delegate:
             keys.parse_endpoint(self.listen)
         except keys.EndpointError as exc:
             raise TestbedError(f"cannot listen on {self.listen}: {exc}") from None
+        self.transport = self._choose_transport()
+        if self.transport == "zmtp":
+            self._raw = router.Router(
+                self.listen,
+                max_connections=connection_cap(self.workers),
+                max_frame=HARD_MAX_FRAME,
+                max_backlog=MAX_BACKLOG,
+                max_parts=MAX_PARTS,
+                on_close=self._forget,
+            )
+            try:
+                self._endpoint = self._raw.bind()
+            except BaseException:
+                self._close()
+                raise
+            return self._endpoint
         ctx = zmq.Context()
         self._ctx = ctx
         try:
-            router = self._router = ctx.socket(zmq.ROUTER)
-            router.setsockopt(zmq.LINGER, 0)
-            router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
-            router.setsockopt(zmq.SNDHWM, SEND_HWM)  # per peer; beyond it ROUTER drops replies
-            router.setsockopt(zmq.RCVHWM, RECV_HWM)  # per peer; beyond it TCP pushes back
+            rsock = self._router = ctx.socket(zmq.ROUTER)
+            rsock.setsockopt(zmq.LINGER, 0)
+            rsock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
+            rsock.setsockopt(zmq.SNDHWM, SEND_HWM)  # per peer; beyond it ROUTER drops replies
+            rsock.setsockopt(zmq.RCVHWM, RECV_HWM)  # per peer; beyond it TCP pushes back
             if self.curve_keys is not None:
-                self._auth = keys.setup_server(ctx, router, self.curve_keys)
+                self._auth = keys.setup_server(ctx, rsock, self.curve_keys)
             try:
                 if self.workers == 1:  # first, so LAST_ENDPOINT names the listening one
-                    router.bind(self._ctl_endpoint)
-                router.bind(self.listen)
+                    rsock.bind(self._ctl_endpoint)
+                rsock.bind(self.listen)
             except zmq.ZMQError as exc:
                 raise TestbedError(
                     f"cannot listen on {self.listen}: {zmq.strerror(exc.errno)}"
                 ) from None
-            endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            endpoint = rsock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._start_guard()
             if self.workers > 1 and self.service is None:
                 self._setup_pool()
@@ -441,6 +471,30 @@ class Delegate:
             raise
         self._endpoint = endpoint
         return self._endpoint
+
+    def _choose_transport(self) -> str:
+        """``"zmtp"`` (:class:`testbed.router.Router`, no libzmq) where it serves, else ``"libzmq"``."""
+        if self.transport_asked == "libzmq":
+            return "libzmq"
+        why = None
+        if self.curve_keys is not None:
+            why = "CURVE needs libzmq"
+        elif self.workers > 1 or self.service is not None:
+            why = "--workers > 1 and --service-us serve through libzmq's inproc sockets"
+        elif not router.serves(self.listen):
+            why = "it serves tcp://ADDR:PORT (IPv4 or *) and ipc://PATH only"
+        elif self.transport_asked == "auto" and zmtp.disabled_by_env():
+            why = f"{zmtp.ENV}=0"
+        if why is None:
+            return "zmtp"
+        if self.transport_asked == "zmtp":
+            raise TestbedError(f"cannot serve {self.listen} with transport zmtp: {why}")
+        return "libzmq"
+
+    def _forget(self, ident: bytes) -> None:
+        """A raw-ZMTP connection closed: its identity is never seen again."""
+        if self.offload is not None:
+            self.offload.forget(ident)
 
     def _start_guard(self) -> None:
         self._guard = ConnectionGuard(
@@ -534,6 +588,9 @@ class Delegate:
         self.stop()
 
     def _wake(self) -> None:
+        if self._raw is not None:
+            self._raw.wake()
+            return
         ctx = self._ctx
         if ctx is None or self._stopped.is_set():
             return
@@ -562,6 +619,8 @@ class Delegate:
                 from testbed.service import serve_queued
 
                 serve_queued(self)
+            elif self._raw is not None:
+                self._serve_raw()
             elif self.workers == 1:
                 self._serve_direct()
             else:
@@ -578,6 +637,8 @@ class Delegate:
         ``Context.destroy`` closes any socket still open, so a failure half-way
         through setup can never leave ``term()`` waiting forever.
         """
+        if self._raw is not None:
+            self._raw.close()
         if self._guard is not None:
             self._guard.stop()
             self._guard = None
@@ -599,6 +660,18 @@ class Delegate:
         handler = _Handler(self)
         self._handlers.append(handler)
         self._loop(self._router, handler)
+
+    def _serve_raw(self) -> None:
+        """Transport ``zmtp``: the :class:`testbed.router.Router` loop, no libzmq."""
+        handler = _Handler(self)
+        self._handlers.append(handler)
+        self._raw.serve(
+            handler.handle,
+            functools.partial(_answer_parts, handler),
+            lambda: self._stop_requested,
+            DRAIN_NS,
+            CLOSE_LINGER_MS * 1_000_000,
+        )
 
     def _loop(self, sock: zmq.Socket, handler: _Handler) -> None:
         """Receive, answer, repeat until stopped; then answer what is queued.
@@ -661,9 +734,8 @@ class Delegate:
             nbytes += len(frame)
             if parts <= MAX_PARTS:
                 frames.append(frame.bytes)
-        if parts == 2 and frames[0] == b"":  # [identity, "", payload]: a REQ client
-            return handler.handle(ident, frames[1], t_recv), (ident, b"")
-        return handler.bad_envelope(ident, parts, nbytes, t_recv), (ident,)
+        reply, env = _answer_parts(handler, ident, frames, parts, nbytes, t_recv)
+        return reply, (ident, *env)
 
     def _setup_pool(self) -> None:
         """``workers > 1``: create every socket before serving (errors surface in bind)."""
@@ -740,6 +812,16 @@ class Delegate:
             self._loop(sock, handler)
         finally:
             sock.close(CLOSE_LINGER_MS)
+
+
+def _answer_parts(
+    handler: _Handler, ident: bytes, frames: list[bytes], parts: int, nbytes: int, t_recv: int
+) -> tuple[bytes, tuple[bytes, ...]]:
+    """The reply to a message of ``parts`` parts (``frames``: the first MAX_PARTS of them)
+    and the envelope parts that go before it (after the routing identity)."""
+    if parts == 2 and frames[0] == b"":  # ["", payload]: a REQ client
+        return handler.handle(ident, frames[1], t_recv), (b"",)
+    return handler.bad_envelope(ident, parts, nbytes, t_recv), ()
 
 
 def _forward(src: zmq.Socket, dst: zmq.Socket, guard: Callable[[int], None] | None) -> None:
@@ -829,6 +911,7 @@ def delegate_from_args(args: Any) -> Delegate:
         max_calls=getattr(args, "max_calls", None),
         curve_keys=getattr(args, "curve_keys", None),
         service=service,
+        transport=getattr(args, "transport", "auto"),
     )
 
 

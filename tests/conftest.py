@@ -80,7 +80,8 @@ def delegate():
 
 @pytest.fixture(params=["zmtp", "libzmq"])
 def relay_transport(request, monkeypatch):
-    """The relay's transport to the delegate: raw ZMTP (the default) or libzmq (TESTBED_ZMTP=0)."""
+    """The transport between relay and delegate: raw ZMTP on both ends (the default) or
+    libzmq on both (TESTBED_ZMTP=0; also what the delegates started under it use)."""
     if request.param == "libzmq":
         monkeypatch.setenv("TESTBED_ZMTP", "0")
     else:

@@ -29,6 +29,10 @@ from tests.conftest import PY, REPO, run_testbed, tb_argv
 from tests.fakerouter import FakeRouter
 from tests.test_delegate import Client, DelegateProc
 
+#: the delegate's transports (``--transport``), and its serving layouts with them
+TRANSPORTS = ["zmtp", "libzmq"]
+LAYOUTS = [("1", "zmtp"), ("1", "libzmq"), ("3", "auto")]
+
 
 @pytest.fixture
 def dproc():
@@ -174,13 +178,13 @@ def test_launcher_dies_with_a_relay_killed_before_the_handoff():
 # ------------------------------------------------ 3: unbounded multipart
 
 
-@pytest.mark.parametrize("workers", ["1", "3"])
-def test_unterminated_multipart_message_cannot_grow_the_delegate(dproc, ctx, workers):
+@pytest.mark.parametrize(("workers", "transport"), LAYOUTS)
+def test_unterminated_multipart_message_cannot_grow_the_delegate(dproc, ctx, workers, transport):
     """Defect 3: parts all marked "more" were buffered without limit (RSS
     33 -> 535 MiB for 500 MiB sent); now the connection is cut, whatever the
     worker layout (``--workers > 1`` once used libzmq's proxy, which hid the
     connection of each message from the guard)."""
-    d = dproc("--workers", workers)
+    d = dproc("--workers", workers, "--transport", transport)
     good = Client(ctx, d.endpoint, ident=b"good")
     assert good.call(1)[0] == wire.RESULT
     before = rawzmtp.rss_mib(d.proc.pid)
@@ -208,11 +212,11 @@ def test_unterminated_multipart_message_cannot_grow_the_delegate(dproc, ctx, wor
     assert rc == 0 and "without completing a message" in err
 
 
-@pytest.mark.parametrize("workers", ["1", "3"])
-def test_a_heavy_legitimate_client_is_never_cut(dproc, ctx, workers):
+@pytest.mark.parametrize(("workers", "transport"), LAYOUTS)
+def test_a_heavy_legitimate_client_is_never_cut(dproc, ctx, workers, transport):
     """The backlog bound counts bytes since a connection's last whole message,
     not in total: 1.5 x MAX_BACKLOG of real calls goes through."""
-    d = dproc("--workers", workers)
+    d = dproc("--workers", workers, "--transport", transport)
     c = Client(ctx, d.endpoint, ident=b"heavy")
     data = b"w" * (1 << 20)
     n = int(1.5 * MAX_BACKLOG) // len(data)
@@ -227,9 +231,10 @@ def test_a_heavy_legitimate_client_is_never_cut(dproc, ctx, workers):
 # ------------------------------------------------ 4: reply amplification
 
 
-def test_error_replies_are_small_whatever_the_request(dproc, ctx):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_error_replies_are_small_whatever_the_request(dproc, ctx, transport):
     """Defect 4: a 4 MiB request echoed as a 16 MiB repr() reply."""
-    d = dproc()
+    d = dproc("--transport", transport)
     c = Client(ctx, d.endpoint)
     for frame in (
         msgpack.packb([wire.WIRE_VERSION, "\u20ac" * ((4 << 20) // 3 - 16), {}]),
@@ -243,10 +248,11 @@ def test_error_replies_are_small_whatever_the_request(dproc, ctx):
         assert wire.decode(reply)[0] == wire.ERROR
 
 
-def test_a_peer_that_never_reads_costs_bounded_memory(dproc, ctx):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_peer_that_never_reads_costs_bounded_memory(dproc, ctx, transport):
     """Defect 4: a client that never reads its replies grew the delegate to
     1 GB (100 000 queued replies); the send queue is now bounded."""
-    d = dproc()
+    d = dproc("--transport", transport)
     good = Client(ctx, d.endpoint)
     assert good.call(1)[0] == wire.RESULT
     before = rawzmtp.rss_mib(d.proc.pid)
@@ -400,14 +406,16 @@ def test_client_table_evicts_in_constant_time_least_recent_first():
     assert b"c0" in h.clients and b"c1" not in h.clients and b"c5001" in h.clients
 
 
-def test_connection_cap_refuses_new_connections_and_keeps_serving(ctx):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_connection_cap_refuses_new_connections_and_keeps_serving(ctx, transport):
     """Defect 8: connections were accepted until the process ran out of fds."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
 
     proc = subprocess.Popen(
-        [PY, "-m", "testbed", "delegate", "--listen", "tcp://127.0.0.1:*"],
+        [PY, "-m", "testbed", "delegate", "--listen", "tcp://127.0.0.1:*",
+         "--transport", transport],
         stderr=subprocess.PIPE, text=True, preexec_fn=limit,
     )  # fmt: skip
     socks = []
