@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -417,6 +418,7 @@ static int raw_wait(struct tb_ctx *c, int64_t until, int *more)
 
 			if (!c->busy || now >= deadline || now >= until)
 				return TB_INFLIGHT;
+			sched_yield(); /* spinning: let a peer woken on this CPU run (the delegate) */
 			continue;
 		}
 		if (items[0].revents) {
@@ -475,6 +477,7 @@ static int wait_reply(struct tb_ctx *c, uint64_t nid, int32_t tid, int16_t nr, i
 			/* spinning: back to Python at the slice's end too (signals) */
 			if (!c->busy || now >= deadline || now >= until)
 				return TB_INFLIGHT;
+			sched_yield(); /* let a peer woken on this CPU run (the delegate) */
 			continue;
 		}
 		if (items[0].revents & ZMQ_POLLIN) {
