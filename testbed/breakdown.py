@@ -52,7 +52,7 @@ import numpy as np
 
 from testbed import bench, fastpath, rundir, wire, zmtp
 from testbed.errors import TestbedError
-from testbed.localdelegate import LocalDelegate
+from testbed.localdelegate import LocalDelegate, ping
 from testbed.relay import STAGE_TRACE_ENV
 
 CREF = Path(__file__).with_name("cref")
@@ -92,10 +92,12 @@ def forwarded_stages(
     tmp: Path,
     busy: bool,
     python_path: bool = False,
+    libzmq: bool = False,
 ) -> dict:
     """One ``testbed run`` of the write loop; per-call stages (ns) and CPU per call.
 
-    ``python_path``: with the relay's C path turned off (:data:`testbed.fastpath.ENV`).
+    ``python_path``: with the relay's C path turned off (:data:`testbed.fastpath.ENV`);
+    ``libzmq``: the relay's connection through libzmq (:data:`testbed.zmtp.ENV`).
     """
     tag = ("busy" if busy else "sleep") + ("-py" if python_path else "")
     out, starts, trace = tmp / f"fwd-{tag}.bin", tmp / f"start-{tag}.bin", tmp / f"st-{tag}.bin"
@@ -107,6 +109,8 @@ def forwarded_stages(
     env = {**os.environ, STAGE_TRACE_ENV: str(trace)}
     if python_path:
         env[fastpath.ENV] = "0"
+    if libzmq:
+        env[zmtp.ENV] = "0"
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     d1 = fastpath.cpu_since(d0, delegate_pid) if delegate_pid else {}
     if res.returncode != 0:
@@ -147,7 +151,7 @@ def forwarded_stages(
         "relay_zmq_us": threads.get("zmq", 0.0) * 1e6 / count,  # none: raw ZMTP (zmtp.Dealer)
         "delegate_cpu_us": sum(d1.values()) * 1e6 / count if d1 else nan,
         "delegate_serve_us": (sum(d1.values()) - d1.get("zmq", 0.0)) * 1e6 / count if d1 else nan,
-        "delegate_zmq_us": d1.get("zmq", nan) * 1e6 / count,
+        "delegate_zmq_us": d1.get("zmq", 0.0) * 1e6 / count if d1 else nan,
     }
 
 
@@ -170,14 +174,21 @@ def run_breakdown(endpoint: str | None, n: int, size: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="testbed-breakdown-") as t:
         tmp = Path(t)
         if endpoint is None:
-            with LocalDelegate() as d:
-                return _rounds(
-                    exe, trap_exe, tcp_exe, n // rounds, size, rounds, d.endpoint, d.proc.pid, tmp
-                )
+            # the delegate as it comes (raw ZMTP unless TESTBED_ZMTP=0), and one through
+            # libzmq for the baselines: the relay and delegate as they were before
+            with LocalDelegate() as d, LocalDelegate(["--transport", "libzmq"]) as b:
+                return _rounds(exe, trap_exe, tcp_exe, n // rounds, size, rounds, d.endpoint,
+                               d.proc.pid, tmp, base=(b.endpoint, b.proc.pid))  # fmt: skip
         return _rounds(exe, trap_exe, tcp_exe, n // rounds, size, rounds, endpoint, None, tmp)
 
 
-def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dict:
+#: Baselines for the CPU target: (tag, Python path) through libzmq on both ends
+#: (a ``--transport libzmq`` delegate, ``TESTBED_ZMTP=0`` relay).  "filed" is
+#: the code as issue 14 found it (the relay in Python); "libzmq" its C path.
+BASELINES = (("libzmq", False), ("filed", True))
+
+
+def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp, base=None) -> dict:
     result_bytes = len(wire.encode_result(wire.Result(2**20, 0, 0, *(time_ns_like(),) * 4, ())))
     per: dict[str, list] = {"trap_py": [], "trap_fast": [], "trap_c": []}
     for key in ("", "_busy"):
@@ -187,9 +198,12 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
     client_cpu = {c + key: {"main": [], "zmq": []} for c in ("zmq_c", "zmtp_c")
                   for key in ("", "_busy")}  # fmt: skip
     tags = ("sleep", "busy", "sleep-py", "busy-py")
+    base_tags = tuple(f"{w}-{b}" for w in ("sleep", "busy") for b, _py in BASELINES) if base else ()
     stages: dict[str, dict[str, list]] = {t: {} for t in tags}
     parts = ("relay", "relay_main", "relay_zmq", "delegate", "delegate_serve", "delegate_zmq")
-    cpu: dict[str, dict[str, list]] = {t: {k: [] for k in (*parts, "c_share")} for t in tags}
+    cpu: dict[str, dict[str, list]] = {t: {k: [] for k in (*parts, "c_share")}
+                                       for t in (*tags, *base_tags)}  # fmt: skip
+    base_p50: dict[str, list] = {t: [] for t in base_tags}
     totals: dict[str, list] = {t: [] for t in tags}
     sync = False
     frame_bytes = 0
@@ -222,9 +236,18 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
                 for k in parts:
                     cpu[tag][k].append(f[_cpu_key(k)])
                 cpu[tag]["c_share"].append(f["c_share"])
+            for name, py in BASELINES if base else ():
+                tag = ("busy-" if busy else "sleep-") + name
+                f = forwarded_stages(exe, m, size, base[0], base[1], tmp, busy, python_path=py,
+                                     libzmq=True)  # fmt: skip
+                base_p50[tag].append(_p50(f["lat"]))
+                for k in parts:
+                    cpu[tag][k].append(f[_cpu_key(k)])
+                cpu[tag]["c_share"].append(f["c_share"])
             per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
     out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
                  "relay_transport": zmtp.transport(endpoint),  # the forwarded rows' (run.json)
+                 "delegate_transport": ping(endpoint).get("transport", "libzmq"),  # (WELCOME)
                  "sync_wakeup": sync, "frame_bytes": frame_bytes, "result_bytes": result_bytes,
                  "p50_us": {k: _spread(v) for k, v in per.items()},
                  "client_cpu_us": {c: {k: _spread(v) for k, v in parts_.items()}
@@ -262,6 +285,17 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp) -> dic
     for w in ("sleep", "busy"):
         for k in ("relay", "delegate"):
             out["targets"][f"{k}_cpu_c_over_py_{w}"] = ratio(cpu[w][k], cpu[w + "-py"][k])
+
+    def both(tag: str) -> list[float]:
+        return [a + b for a, b in zip(cpu[tag]["relay"], cpu[tag]["delegate"], strict=True)]
+
+    out["baselines"] = {}
+    for tag in base_tags:
+        w, name = tag.split("-")
+        out["targets"][f"cpu_over_{name}_{w}"] = ratio(both(w), both(tag))
+        out["baselines"][tag] = {"p50_us": _spread(base_p50[tag]),
+                                 "c_share": _spread(cpu[tag]["c_share"]),
+                                 **{_cpu_key(k): _spread(cpu[tag][k]) for k in parts}}  # fmt: skip
     out["stages"] = {}
     for tag in tags:
         total = np.concatenate(totals[tag]) / 1e3
@@ -307,7 +341,8 @@ def format_breakdown(r: dict, host: dict) -> str:
     t = r["targets"]
     lines = [
         f"testbed bench --breakdown: {r['rounds']} interleaved rounds x {r['calls_per_round']} "
-        f"x write({r['size']} B) on {r['endpoint']}, relay transport {r['relay_transport']}",
+        f"x write({r['size']} B) on {r['endpoint']}, relay transport {r['relay_transport']}, delegate transport "
+        f"{r['delegate_transport']}",
         f"  kernel {host['kernel']}, {host['cores']} cores, {host['cpu_model']}, "
         f"SYNC_WAKE_UP {'yes' if r['sync_wakeup'] else 'no'}; frames {r['frame_bytes']} B out, "
         f"{r['result_bytes']} B back",
@@ -339,7 +374,7 @@ def format_breakdown(r: dict, host: dict) -> str:
         f"    raw ZeroMQ from C - raw C TCP        {_fmt(t['zmq_c_minus_tcp'], 'µs', True)}   (the transport's own share)",
         f"    raw ZMTP from C - raw ZeroMQ from C  {_fmt(t['zmtp_c_minus_zmq_c'], 'µs', True)}   (sleeping; libzmq off the client)",
         f"    the same, busy-polled                {_fmt(t['zmtp_c_minus_zmq_c_busy'], 'µs', True)}",
-        f"    raw ZMTP from C - raw C TCP          {_fmt(t['zmtp_c_minus_tcp'], 'µs', True)}   (what the delegate's libzmq adds)",
+        f"    raw ZMTP from C - raw C TCP          {_fmt(t['zmtp_c_minus_tcp'], 'µs', True)}   (what the delegate adds to a C echo)",
         f"    relay CPU/call C / Python, sleeping  {_fmt(t['relay_cpu_c_over_py_sleep'], 'x')}   (target <= 0.5x)",
         f"    relay CPU/call C / Python, busy-poll {_fmt(t['relay_cpu_c_over_py_busy'], 'x')}",
         "  stages of a forwarded call, median µs over all rounds",
@@ -367,12 +402,24 @@ def format_breakdown(r: dict, host: dict) -> str:
             f" ZMTP from C {_fmt(m['main'])}; ratio {_fmt(t['client_cpu_zmtp_over_zmq' + key], 'x')}"
         )
     lines.append("  CPU per forwarded call, µs (median [min .. max] over rounds):")
-    for g in tags:
-        s = st[g]
+    for g, s in (*((g, st[g]) for g in tags), *r.get("baselines", {}).items()):
         lines.append(
             f"    {g:9s} relay {_fmt(s['relay_cpu_us'])} (main {s['relay_main_us']['median']:.1f}"
             f" + libzmq {s['relay_zmq_us']['median']:.1f}), delegate "
             f"{_fmt(s['delegate_cpu_us'])} (serving {s['delegate_serve_us']['median']:.1f}"
             f" + libzmq {s['delegate_zmq_us']['median']:.1f})"
         )
+    if r.get("baselines"):
+        d = r["delegate_transport"]
+        lines += [
+            "    (sleep-libzmq, busy-libzmq: C path, libzmq on both ends; sleep-filed, busy-filed:",
+            "     Python path, libzmq on both ends, as issue 14 found them)",
+            f"  relay + delegate CPU per call, delegate transport {d} / baseline (per round):",
+        ]
+        for w, what in (("sleep", "sleeping"), ("busy", "busy-poll")):
+            lines.append(f"    / as filed, {what:9s}  {_fmt(t[f'cpu_over_filed_{w}'], 'x')}"
+                         f"   (target <= 0.5x)")  # fmt: skip
+            lines.append(f"    / C path + libzmq, {what:9s} {_fmt(t[f'cpu_over_libzmq_{w}'], 'x')}")
+    else:
+        lines.append("  (no baselines: they need the bench's own delegates, not --delegate)")
     return "\n".join(lines)

@@ -112,12 +112,27 @@ def test_bench_breakdown_stages_add_up_to_the_round_trip(tmp_path, relay_transpo
         assert med["delegate"] > 0 and med["send"] + med["transport"] > 0 and med["record"] > 0
         assert s["relay_cpu_us"]["median"] > 0 and s["delegate_cpu_us"]["median"] > 0
         assert s["relay_main_us"]["median"] > 0
-        if relay_transport == "libzmq":
-            assert s["relay_zmq_us"]["median"] > 0
-        else:  # raw ZMTP: no libzmq I/O thread runs in the relay
-            assert s["relay_zmq_us"]["max"] == 0
+        if relay_transport == "libzmq":  # TESTBED_ZMTP=0: libzmq on both ends
+            assert s["relay_zmq_us"]["median"] > 0 and s["delegate_zmq_us"]["median"] > 0
+        else:  # raw ZMTP: no libzmq I/O thread runs in the relay or the delegate
+            assert s["relay_zmq_us"]["max"] == 0 and s["delegate_zmq_us"]["max"] == 0
         # the C path served the C rows (all but the odd call), the Python path the others
         assert s["c_share"]["min"] > 0.9 if tag in ("sleep", "busy") else s["c_share"]["max"] == 0
+    assert data["delegate_transport"] == relay_transport
+    # the baselines of the CPU target: libzmq on both ends (its I/O threads do run),
+    # C path and Python path; the printed ratios are the measured ones
+    for w in ("sleep", "busy"):
+        for name, c_path in (("libzmq", True), ("filed", False)):
+            b = data["baselines"][f"{w}-{name}"]
+            assert b["relay_zmq_us"]["min"] > 0 and b["delegate_zmq_us"]["min"] > 0, b
+            assert b["c_share"]["min"] > 0.9 if c_path else b["c_share"]["max"] == 0
+            assert b["p50_us"]["median"] > 0
+            ratio = data["targets"][f"cpu_over_{name}_{w}"]
+            assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["min"] > 0
+            line = f"/ {'as filed' if name == 'filed' else 'C path + libzmq'}, " + (
+                "sleeping" if w == "sleep" else "busy-poll"
+            )
+            assert re.search(re.escape(line) + rf"\s+{ratio['median']:.2f} x", text), line
 
 
 def test_bench_breakdown_rejects_too_many_rounds():
