@@ -1,7 +1,10 @@
-"""The delegate daemon: answers forwarded system calls from relays over ZeroMQ.
+"""The delegate daemon: answers forwarded system calls from relays (ZMTP, the ZeroMQ protocol).
 
-``testbed delegate --listen ENDPOINT`` binds a ZeroMQ ROUTER socket and answers
-every frame with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``):
+``testbed delegate --listen ENDPOINT`` binds a ROUTER and answers every frame
+with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``).  The ROUTER is
+:class:`testbed.router.Router` (ZMTP served on plain sockets, no libzmq:
+``--transport zmtp``, the default where it serves) or a libzmq ROUTER socket
+(CURVE, ``workers > 1``, ``--service-us``, other endpoints, ``TESTBED_ZMTP=0``):
 
 * HELLO  -> WELCOME (host, pid, workers, delay, mode, versions)
 * CALL   -> RESULT with the four delegate-clock timestamps, or ERROR
@@ -9,9 +12,12 @@ every frame with a :mod:`testbed.wire` frame (protocol in ``docs/wire.md``):
 * STATS  -> STATS: the delegate's CPU time and CPUs (``testbed.cpus.process_stats``)
 * anything malformed -> ERROR to that client; the delegate keeps serving.
 
-Threading (one of three layouts, chosen by ``workers`` and ``--service-us``):
+Threading (one of four layouts, chosen by the transport, ``workers`` and ``--service-us``):
 
-``workers == 1`` (the measured path)
+transport ``zmtp`` (``workers == 1``; the measured path)
+    One thread runs the router's ``epoll`` loop: read, stamp ``t_recv``,
+    decode, spin the injected delay, stamp, encode, send.  No other thread.
+``workers == 1`` (libzmq)
     One thread serves the ROUTER directly: receive, stamp ``t_recv``, decode,
     spin the injected delay, stamp, encode, send.  No inproc hop.
 ``workers > 1``
