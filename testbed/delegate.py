@@ -595,7 +595,8 @@ class Delegate:
 
     def _wake(self) -> None:
         if self._raw is not None:
-            self._raw.wake()
+            if not self._stopped.is_set():
+                self._raw.wake()
             return
         ctx = self._ctx
         if ctx is None or self._stopped.is_set():

@@ -34,6 +34,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -116,6 +117,7 @@ class Router:
         self._listener: socket.socket | None = None
         self._unlink: str | None = None
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.RLock()  # a wake-up never writes to a closed (reused) fd
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
         self._idents: set[bytes] = set()
@@ -174,11 +176,15 @@ class Router:
         return s
 
     def wake(self) -> None:
-        """Make :meth:`serve` look at its stop condition now (thread- and signal-safe)."""
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass  # closed already, or the counter is full: a wake-up is pending anyway
+        """Make :meth:`serve` look at its stop condition now (thread-safe; from a signal
+        handler only while no other thread of this process calls it or :meth:`close`)."""
+        with self._wake_lock:
+            if self._wake_fd < 0:
+                return
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass  # the counter is full: a wake-up is pending anyway
 
     def close(self) -> None:
         """Close every connection and the listener (idempotent)."""
@@ -194,7 +200,10 @@ class Router:
                     pass
         if not self._ep.closed:
             self._ep.close()
-            os.close(self._wake_fd)
+        with self._wake_lock:
+            if self._wake_fd >= 0:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
 
     @property
     def connections(self) -> int:
