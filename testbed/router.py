@@ -233,6 +233,8 @@ class Router:
                 if deadline is None:
                     deadline = time.monotonic_ns() + drain_ns
                     timeout = 0
+                    self._ep.unregister(lfd)  # no new connections while draining
+                    self._accept_paused = 0.0
                 elif time.monotonic_ns() > deadline:
                     break
             if self._accept_paused:
@@ -252,8 +254,7 @@ class Router:
                     if ev & ~_EPOLLOUT and conn.fd in conns:
                         read(conn)
                 elif fd == lfd:
-                    if deadline is None:
-                        self._accept()
+                    self._accept()
                 elif fd == wfd:
                     try:
                         os.eventfd_read(wfd)
