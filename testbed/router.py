@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from testbed.errors import TestbedError
-from testbed.zmtp import GREETING, ready_command
+from testbed.zmtp import GREETING, frame_head, ready_command
 
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 _EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -365,13 +365,8 @@ class Router:
                 return
             conn.state, pos = _READY_STATE, 64
         max_frame = self.max_frame
-        while n - pos >= 2:
-            flags, size = data[pos], data[pos + 1]
-            head = 2
-            if flags & _LONG:
-                if n - pos < 9:
-                    break
-                size, head = struct.unpack_from(">Q", data, pos + 1)[0], 9
+        while (fh := frame_head(data, pos, n)) is not None:
+            flags, size, head = fh
             if size > max_frame:
                 self.cut += 1
                 self._warn("frame", f"testbed delegate: dropped a connection that sent a frame "

@@ -43,6 +43,19 @@ def ready_command(socket_type: bytes) -> bytes:
     return bytes([_FLAG_COMMAND, len(body)]) + body
 
 
+def frame_head(buf, pos: int, n: int) -> tuple[int, int, int] | None:
+    """(flags, body size, header length) of the frame at ``buf[pos:n]``; None while
+    its header is incomplete."""
+    if n - pos < 2:
+        return None
+    flags = buf[pos]
+    if flags & _FLAG_LONG:
+        if n - pos < 9:
+            return None
+        return flags, struct.unpack_from(">Q", buf, pos + 1)[0], 9
+    return flags, buf[pos + 1], 2
+
+
 def read_exactly(s: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
@@ -268,16 +281,11 @@ class Dealer:
                 return
             self._greeted, pos = True, 64
         n = len(buf)
-        while n - pos >= 2:
-            flags, size = buf[pos], buf[pos + 1]
-            head = 2
-            if flags & _FLAG_LONG:
-                if n - pos < 9:
-                    break
-                size, head = struct.unpack_from(">Q", buf, pos + 1)[0], 9
-                if size > self.MAX_FRAME:
-                    self._drop(f"a frame of {size} bytes from {self.endpoint}")
-                    return
+        while (fh := frame_head(buf, pos, n)) is not None:
+            flags, size, head = fh
+            if size > self.MAX_FRAME:
+                self._drop(f"a frame of {size} bytes from {self.endpoint}")
+                return
             if n - pos < head + size:
                 break
             body = bytes(buf[pos + head : pos + head + size])

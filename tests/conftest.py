@@ -78,6 +78,16 @@ def delegate():
         yield d
 
 
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context for the test's own clients, destroyed without lingering."""
+    import zmq
+
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
 @pytest.fixture(params=["zmtp", "libzmq"])
 def relay_transport(request, monkeypatch):
     """The transport between relay and delegate: raw ZMTP on both ends (the default) or

@@ -65,13 +65,6 @@ class DelegateProc:
 
 
 @pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
-@pytest.fixture
 def dproc():
     procs: list[DelegateProc] = []
 

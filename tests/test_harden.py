@@ -47,13 +47,6 @@ def dproc():
         p.kill()
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def _wait_gone(pid: int, timeout: float) -> bool:
     """True once ``pid`` no longer runs (gone or a zombie) within ``timeout`` s."""
     deadline = time.monotonic() + timeout

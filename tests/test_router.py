@@ -22,13 +22,6 @@ from tests import rawzmtp
 
 
 @pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
-@pytest.fixture
 def raw_delegate():
     d = Delegate("tcp://127.0.0.1:*", transport="zmtp").start()
     assert d.transport == "zmtp"
