@@ -83,7 +83,7 @@ def build(tmp: Path) -> Path:
     return exe
 
 
-def calibrate(exe: Path, threads: int, work_ms: float) -> int:
+def calibrate(exe: Path, work_ms: float) -> int:
     """Iterations that take ``work_ms`` per compute thread, natively and alone."""
     probe = 20_000_000
     out = subprocess.run([str(exe), "1", str(probe), "0"], capture_output=True, text=True)
@@ -129,7 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t, LocalDelegate() as d:
         tmp = Path(t)
         exe = build(tmp)
-        iters = calibrate(exe, args.threads, args.work_ms)
+        iters = calibrate(exe, args.work_ms)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
             order = modes[r % 3 :] + modes[: r % 3]

@@ -233,17 +233,13 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp, base=N
                 totals[tag].append(f["lat"])
                 for name, arr in f["stages"].items():
                     stages[tag].setdefault(name, []).append(arr)
-                for k in parts:
-                    cpu[tag][k].append(f[_cpu_key(k)])
-                cpu[tag]["c_share"].append(f["c_share"])
+                _add_cpu(cpu[tag], f)
             for name, py in BASELINES if base else ():
                 tag = ("busy-" if busy else "sleep-") + name
                 f = forwarded_stages(exe, m, size, base[0], base[1], tmp, busy, python_path=py,
                                      libzmq=True)  # fmt: skip
                 base_p50[tag].append(_p50(f["lat"]))
-                for k in parts:
-                    cpu[tag][k].append(f[_cpu_key(k)])
-                cpu[tag]["c_share"].append(f["c_share"])
+                _add_cpu(cpu[tag], f)
             per["tcp_c" + key].append(_p50(tcp_c(tcp_exe, m, frame_bytes, result_bytes, busy, tmp)))
     out: dict = {"calls_per_round": m, "rounds": rounds, "size": size, "endpoint": endpoint,
                  "relay_transport": zmtp.transport(endpoint),  # the forwarded rows' (run.json)
@@ -312,6 +308,12 @@ def _rounds(exe, trap_exe, tcp_exe, m, size, rounds, endpoint, dpid, tmp, base=N
             "c_share": _spread(cpu[tag]["c_share"]),
         }
     return out
+
+
+def _add_cpu(into: dict[str, list], f: dict) -> None:
+    """Add one forwarded run's CPU per call (each part) and C-path share to ``into``."""
+    for k in into:
+        into[k].append(f["c_share"] if k == "c_share" else f[_cpu_key(k)])
 
 
 def _client_cpu(into: dict[str, list], before: dict[str, int], calls: int) -> None:

@@ -49,6 +49,23 @@ _TCP_INFO_LEN = 136
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+class ThrottledLog:
+    """One line per ``kind`` at most every ``every_s`` seconds (no log flooding), to
+    ``log`` or standard error.  The delegate's limits report through it, under
+    libzmq (:class:`ConnectionGuard`) and raw ZMTP (:class:`testbed.router.Router`)."""
+
+    def __init__(self, log=None, every_s: float = 10.0) -> None:
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def __call__(self, line: str, kind: str = "") -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) >= self.every_s:
+            self._last[kind] = now
+            self._log(line)
+
+
 def bytes_received(fd: int) -> int | None:
     """``tcpi_bytes_received`` of TCP socket ``fd`` (None if not a TCP socket)."""
     buf = ctypes.create_string_buffer(_TCP_INFO_LEN)
@@ -79,7 +96,7 @@ class ConnectionGuard:
         self.max_backlog = max_backlog
         self.refused = 0  # connections shut down at accept (over the cap)
         self.cut = 0  # connections shut down for their backlog
-        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._warn = ThrottledLog(log)  # one line for both kinds at most every 10 s
         self._mon = sock.get_monitor_socket(
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
         )
@@ -89,7 +106,6 @@ class ConnectionGuard:
         self._stop = threading.Event()
         self._sock = sock
         self._thread: threading.Thread | None = None
-        self._last_warn = 0.0
 
     def delivered(self, fd: int) -> None:
         """Called by the serving loop for every whole message received from ``fd``."""
@@ -162,9 +178,3 @@ class ConnectionGuard:
                     f"testbed delegate: dropped a connection that sent {now - base} bytes "
                     f"without completing a message (limit {self.max_backlog})"
                 )
-
-    def _warn(self, line: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warn >= 10.0:  # at most one line per 10 s: no log flooding
-            self._last_warn = now
-            self._log(line)

@@ -33,15 +33,15 @@ import re
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
 
+from testbed.connguard import ThrottledLog
 from testbed.errors import TestbedError
-from testbed.zmtp import GREETING, frame_head, ready_command
+from testbed.zmtp import GREETING, frame, frame_head, ready_command
 
-_MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
+_MORE, _COMMAND = 0x01, 0x04
 _EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 _EPOLLRD = select.EPOLLIN | select.EPOLLRDHUP
 _PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")
@@ -67,8 +67,7 @@ def serves(endpoint: str) -> bool:
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "ident", "state", "inbuf", "out", "parts", "nparts", "nbytes",
-                 "events")  # fmt: skip
+    __slots__ = ("sock", "fd", "ident", "state", "inbuf", "out", "parts", "nparts", "nbytes")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -80,7 +79,6 @@ class _Conn:
         self.parts: list[bytes] = []  # kept parts of an unfinished multipart message
         self.nparts = 0
         self.nbytes = 0
-        self.events = _EPOLLRD
 
 
 #: answer(identity, payload, t_recv_ns) -> reply, for a single-part message.
@@ -112,8 +110,7 @@ class Router:
         self.max_backlog = max_backlog
         self.max_parts = max_parts
         self.on_close = on_close
-        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._last_warn: dict[str, float] = {}
+        self._log = ThrottledLog(log, WARN_EVERY_S)
         self._listener: socket.socket | None = None
         self._unlink: str | None = None
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -297,7 +294,7 @@ class Router:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock)
             self._conns[conn.fd] = conn
-            self._ep.register(conn.fd, conn.events)
+            self._ep.register(conn.fd, _EPOLLRD)
             self._write(conn, self._hello)
 
     def _drop(self, conn: _Conn) -> None:
@@ -314,10 +311,7 @@ class Router:
                 self.on_close(conn.ident)
 
     def _warn(self, kind: str, line: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warn.get(kind, -1e9) >= WARN_EVERY_S:  # no log flooding
-            self._last_warn[kind] = now
-            self._log(line)
+        self._log(line, kind)
 
     # ------------------------------------------------------------ bytes in
 
@@ -466,16 +460,15 @@ class Router:
     # ------------------------------------------------------------ bytes out
 
     def _reply(self, conn: _Conn, reply: bytes, env: tuple[bytes, ...]) -> None:
-        n = len(reply)
-        frame = (b"\x00" + bytes((n,)) if n < 256 else b"\x02" + struct.pack(">Q", n)) + reply
+        data = frame(reply)
         if env:
-            frame = b"".join(_part(e) for e in env) + frame
-        if conn.out and len(conn.out) + len(frame) > MAX_OUT:
+            data = b"".join(frame(e, more=True) for e in env) + data
+        if conn.out and len(conn.out) + len(data) > MAX_OUT:
             self.dropped_replies += 1
             self._warn("out", f"testbed delegate: a client does not read its replies; "
                               f"dropped {self.dropped_replies} so far")  # fmt: skip
             return
-        self._write(conn, frame)
+        self._write(conn, data)
 
     def _write(self, conn: _Conn, data: bytes) -> None:
         if conn.out:
@@ -490,8 +483,7 @@ class Router:
             return
         if sent < len(data):
             conn.out += data[sent:]
-            conn.events = _EPOLLRD | _EPOLLOUT
-            self._ep.modify(conn.fd, conn.events)
+            self._ep.modify(conn.fd, _EPOLLRD | _EPOLLOUT)  # until out is empty again
 
     def _flush(self, conn: _Conn) -> None:
         try:
@@ -503,13 +495,7 @@ class Router:
             return
         del conn.out[:sent]
         if not conn.out:
-            conn.events = _EPOLLRD
-            self._ep.modify(conn.fd, conn.events)
-
-
-def _part(data: bytes) -> bytes:
-    n = len(data)
-    return (bytes((_MORE, n)) if n < 256 else bytes((_MORE | _LONG,)) + struct.pack(">Q", n)) + data
+            self._ep.modify(conn.fd, _EPOLLRD)
 
 
 def _properties(raw: bytes) -> dict[bytes, bytes] | None:
