@@ -27,11 +27,11 @@ answered as soon as its last frame is read.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import select
 import socket
+import stat
 import struct
 import threading
 import time
@@ -157,15 +157,10 @@ class Router:
         return self.bound
 
     def _bind_ipc(self, path: str) -> socket.socket:
+        prepare_ipc_path(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            try:
-                s.bind(path)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or _ipc_alive(path):
-                    raise
-                os.unlink(path)  # a stale socket file nobody listens on
-                s.bind(path)
+            s.bind(path)
         except OSError as exc:
             s.close()
             raise TestbedError(f"cannot listen on ipc://{path}: {exc.strerror}") from None
@@ -526,3 +521,30 @@ def _ipc_alive(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def prepare_ipc_path(path: str) -> None:
+    """Make ``path`` free for an ``ipc://`` listener, or refuse with one line.
+
+    Only a *stale* Unix socket (nobody listens on it) is removed.  Anything
+    else at ``path`` is left alone: a regular file, a directory or any other
+    non-socket ("exists and is not a socket"), and a live socket ("another
+    process listens on it").  Both transports call this before binding (libzmq
+    would otherwise unlink whatever is there, a live listener's socket too).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TestbedError(f"cannot listen on ipc://{path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TestbedError(f"cannot listen on ipc://{path}: it exists and is not a socket")
+    if _ipc_alive(path):
+        raise TestbedError(f"cannot listen on ipc://{path}: it is in use (another process listens on it)")
+    try:
+        os.unlink(path)  # a stale socket file nobody listens on
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise TestbedError(f"cannot listen on ipc://{path}: {exc.strerror}") from None
