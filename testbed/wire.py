@@ -18,6 +18,7 @@ Changelog of ``WIRE_VERSION``:
 
 from __future__ import annotations
 
+import reprlib
 import struct
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -53,9 +54,14 @@ I64_MAX = (1 << 63) - 1
 MAX_ERROR_TEXT = 200
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3  # a peer's value nested 1000 deep must not recurse (RecursionError)
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
 def short(value: Any, limit: int = 40) -> str:
     """A bounded printable form of a value taken from a peer (never echo it whole)."""
-    text = repr(value)
+    text = _SHORT.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -5,8 +5,10 @@ the tests of this module, in file order:
 
   site.yml succeeds on all three and again with changed=0 (kmod: seccomp-only;
   CURVE keys made on the controller and distributed, secrets 0600; the
-  delegate serves as the lab's unprivileged service user) -> the delegate
-  answers node1's distributed keys and refuses no keys and wrong keys ->
+  delegate serves as the lab's unprivileged service user; its keys are
+  root's) -> the delegate answers node1's distributed keys and refuses no
+  keys and wrong keys -> the service user can neither read the delegate's
+  secret nor admit a key, and site.yml removes a key planted there ->
   experiment.yml: node1 and node2 forward a real workload to node3 over CURVE
   and the run directories come back complete -> bad plans and hosts fail
   clearly -> teardown.yml (service user and relay keys gone) -> lab down
@@ -106,6 +108,11 @@ def _mode(p: Path) -> int:
     return stat.S_IMODE(p.lstat().st_mode)
 
 
+def _owner_mode(p: Path) -> tuple[int, int, int]:
+    st = p.lstat()
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
 def _thread_creds(pid: int) -> set[tuple[str, str, str]]:
     """(Uid, Gid, CapEff) of every thread of ``pid``, as /proc shows them."""
     out = set()
@@ -146,18 +153,25 @@ def test_site_succeeds_then_changes_nothing(lab3):
     assert sorted(p.name for p in (keys_dir / "relays").iterdir()) == ["node1", "node2", "node3"]
     for p in keys_dir.rglob("*.key_secret"):
         assert _mode(p) == 0o600, p
-    # node3: the delegate's directory belongs to the service user, secrets 0600
+    # node3: the delegate's keys belong to root (it reads them before dropping
+    # to the service user, who owns nothing there), secrets 0600
     pw = pwd.getpwnam(user)
     curve = d / "state" / "node3" / "delegate" / "curve"
-    assert (curve.stat().st_uid, _mode(curve)) == (pw.pw_uid, 0o700)
+    assert _owner_mode(curve.parent) == (0, 0, 0o755)
+    assert _owner_mode(curve) == (0, 0, 0o700)
     assert sorted(p.name for p in curve.iterdir()) == [
         "authorized", "client.key", "client.key_secret", "server.key", "server.key_secret"
     ]  # fmt: skip
     for name in ("server.key_secret", "client.key_secret"):
-        assert ((curve / name).stat().st_uid, _mode(curve / name)) == (pw.pw_uid, 0o600)
+        assert _owner_mode(curve / name) == (0, 0, 0o600)
+    for name in ("server.key", "client.key"):
+        assert _owner_mode(curve / name) == (0, 0, 0o644)
+    assert _owner_mode(curve / "authorized") == (0, 0, 0o700)
     assert sorted(p.name for p in (curve / "authorized").iterdir()) == [
         "node1.key", "node2.key", "node3.key"
     ]  # fmt: skip
+    for p in (curve / "authorized").iterdir():
+        assert _owner_mode(p) == (0, 0, 0o644), p
     # compute nodes: the delegate's public key and their own pair, nothing else
     for node in ("node1", "node2"):
         rk = d / "state" / node / "curve"
@@ -224,6 +238,88 @@ def test_delegate_answers_distributed_keys_and_refuses_others(lab3, tmp_path):
     shutil.copy(d / "curve-keys" / "server.key", tmp_path / "mine" / "server.key")
     with pytest.raises(_TestbedError, match="no delegate answering"):
         ping(endpoint, timeout_s=2, curve_keys=str(tmp_path / "mine"))
+
+
+@needs_lab
+@pytest.mark.netns
+@pytest.mark.slow
+def test_service_user_can_neither_read_the_secret_nor_admit_a_key(lab3, tmp_path):
+    """Issue 19, item 8: code that takes over the dropped delegate (it runs as
+    the service user) can neither read the server's secret nor add a key to
+    authorized/ that would admit it after a restart; a key that got there
+    anyway (an older role let the service user write there) is removed by the
+    next site.yml, which restarts the delegate: started as root with --user,
+    it reads its keys again and answers an authorized relay."""
+    from testbed.experiment import ping
+    from testbed.keys import generate
+
+    d, state = lab3["dir"], lab3["state"]
+    user = lab.service_user(state)
+    pw = pwd.getpwnam(user)
+    sdir = d / "state" / "node3" / "delegate"
+    curve = sdir / "curve"
+    endpoint = f"tcp://{NODE3}:5555"
+    node1_keys = str(d / "state" / "node1" / "curve")
+
+    def as_user(command: str) -> subprocess.CompletedProcess:
+        return _ssh(d, "node3", f"runuser -u {user} -- {command}")
+
+    # The lab directory is 0700; a real delegate_state_dir sits beneath
+    # /var/lib (0755).  Let others search the lab's own directories above
+    # delegate_state_dir for this check, so that only the role's modes decide.
+    opened = [d, d / "state", d / "state" / "node3"]
+    before = {p: _mode(p) for p in opened}
+    try:
+        for p in opened:
+            os.chmod(p, before[p] | 0o001)
+        reach = as_user(f"ls {sdir}")
+        assert reach.returncode == 0 and "curve" in reach.stdout.split(), reach.stderr
+        for name in ("server.key_secret", "client.key_secret"):
+            read = as_user(f"cat {curve / name}")
+            assert read.returncode != 0 and "ecret" not in read.stdout, f"{user} read {name}"
+            assert "Permission denied" in read.stderr, read.stderr
+        listing = as_user(f"ls {curve}")
+        assert listing.returncode != 0 and "Permission denied" in listing.stderr
+        for target in ("authorized/evil.key", "evil", "authorized"):
+            add = as_user(f"touch {curve / target}")
+            assert add.returncode != 0, f"{user} could create or touch curve/{target}"
+        rename = as_user(f"mv {curve} {sdir / 'curve.old'}")
+        assert rename.returncode != 0 and curve.is_dir()
+    finally:
+        for p in opened:
+            os.chmod(p, before[p])
+    assert not (curve / "authorized" / "evil.key").exists()
+    assert not (curve / "evil").exists()
+
+    # A key planted by someone else (here: root, as an old role's service user
+    # could have) admits its holder once the delegate restarts...
+    generate(tmp_path / "evil")
+    (tmp_path / "evil" / "server.key").unlink()
+    shutil.copy(d / "curve-keys" / "server.key", tmp_path / "evil" / "server.key")
+    planted = curve / "authorized" / "evil.key"
+    shutil.copy(tmp_path / "evil" / "client.key", planted)
+    supervise = f"{sys.executable} {sdir}/testbed-supervise.py"
+    restart = _ssh(d, "node3", f"{supervise} stop {sdir} && {supervise} ensure {sdir}")
+    assert restart.returncode == 0, restart.stderr
+    assert ping(endpoint, timeout_s=10, curve_keys=str(tmp_path / "evil"))["curve"] is True
+    # ... so the role removes what the controller does not admit, and restarts it
+    proc, summary = provision(lab3["inventory"], "site.yml", lab3["tmp"], "--limit", "node3")
+    assert proc.returncode == 0, proc.stderr
+    assert summary["hosts"]["node3"]["changed"] > 0
+    assert not planted.exists()
+    assert sorted(p.name for p in (curve / "authorized").iterdir()) == [
+        "node1.key", "node2.key", "node3.key"
+    ]  # fmt: skip
+    with pytest.raises(_TestbedError, match="no delegate answering"):
+        ping(endpoint, timeout_s=2, curve_keys=str(tmp_path / "evil"))
+    child = _delegate_child_pid(d)
+    welcome = ping(endpoint, timeout_s=10, curve_keys=node1_keys)
+    assert welcome["pid"] == child and welcome["curve"] is True
+    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+    assert b"--user" in argv and b"--curve-keys" in argv
+    assert _thread_creds(child) == {
+        (f"{pw.pw_uid}/{pw.pw_uid}", str(pw.pw_gid), "0000000000000000")
+    }
 
 
 @needs_lab

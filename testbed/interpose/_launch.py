@@ -1,8 +1,12 @@
-"""Launcher for the seccomp backend: install the filter, then exec the program.
+"""Launcher of the traced program, shared by the seccomp and kmod backends.
 
-Run as a fresh process (``python -m testbed.interpose._launch``), never forked
-from the relay (which runs ZeroMQ threads).  It imports nothing heavy so it
-starts quickly.  Protocol with the relay:
+Run as a fresh process, never forked from the relay (which runs ZeroMQ
+threads).  It imports nothing but the standard library, so it starts quickly
+and also runs as a plain file (``python -I -S .../_launch.py``: the kmod
+backend's helper, see :func:`main_kmod`).  Both backends get the same
+parent-death guarantee from :func:`die_with_parent` (below).
+
+seccomp backend (``python -m testbed.interpose._launch``), protocol with the relay:
 
 1. set ``no_new_privs`` and install a filter that returns
    ``SECCOMP_RET_USER_NOTIF`` for the forwarded set *and always for execve /
@@ -29,6 +33,25 @@ cgroup directory or ``-``; testbed/interpose/orphans.py), whose sentinel kills
 every descendant when the relay dies.  Usage (internal)::
 
     python -m testbed.interpose._launch STATUS_FD RELAY_PID CGROUP NR,NR,... PROGRAM [ARGS...]
+
+kmod backend (:func:`main_kmod`, started by ``testbed.interpose.kmod.helper_argv``)::
+
+    python -I -S _launch.py kmod FD REQUEST STATUS_FD RELAY_PID CPUS -- PROGRAM [ARGS...]
+
+It inherits the session's open file FD of ``/dev/mktrace``, asks for the same
+parent-death signal and checks its parent is still RELAY_PID (exit 125
+otherwise: a relay already gone would leave the program unforwarded), pins
+itself to CPUS (``0,2``; empty: no pinning), sets ``no_new_privs`` (the module
+forwards only such tasks), writes ``exec MONOTONIC_NS USER_S SYS_S`` on
+STATUS_FD (-1: none) just before ``ioctl(FD, REQUEST)`` registers it as the
+session's target, and execs PROGRAM (searched in PATH before registering:
+after it only ``execve`` itself is traced).  A failure is one line on
+STATUS_FD (stderr without one), exit 126, or 127 when PROGRAM cannot be
+executed.  As with seccomp, a program whose relay dies is killed rather than
+left running with its calls released to run locally.
+
+The parent of ``PR_SET_PDEATHSIG`` is the *thread* that started the launcher:
+a relay starts it from a thread that outlives the program (the main thread).
 """
 
 from __future__ import annotations
@@ -122,7 +145,57 @@ def die_with_parent(relay_pid: int) -> bool:
     return os.getppid() == relay_pid  # checked after the prctl: no window left
 
 
+def main_kmod(argv: list[str]) -> int:
+    """The kmod backend's helper (see the module docstring); returns only on failure."""
+    import fcntl
+    import time
+
+    fd, request, status_fd, relay_pid = (int(a) for a in argv[:4])
+    cpus, program = argv[4], argv[6:]  # argv[5] is "--"
+    os.set_inheritable(fd, False)  # the session's file is the relay's alone after execve
+    if status_fd >= 0:
+        os.set_inheritable(status_fd, False)
+
+    def fail(message: str, code: int) -> int:
+        os.write(status_fd if status_fd >= 0 else 2, (message + "\n").encode())
+        return code
+
+    try:
+        if not die_with_parent(relay_pid):
+            return 125  # the relay died before we started: nobody would serve the session
+    except OSError as exc:
+        return fail(f"cannot set the parent-death signal: {exc}", 126)
+    if not program:
+        return fail("no program given", 127)
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    prog = program[0]
+    if "/" not in prog:  # search PATH now: after REGISTER only execve itself is traced
+        for d in os.get_exec_path():
+            cand = os.path.join(d, prog)
+            if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+                prog = cand
+                break
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return fail(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}", 126)
+    if status_fd >= 0:  # before REGISTER: after it, any call of ours may be forwarded
+        t = os.times()
+        os.write(status_fd, b"exec %d %r %r\n" % (time.monotonic_ns(), t.user, t.system))
+    try:
+        fcntl.ioctl(fd, request)
+    except OSError as exc:
+        return fail(f"mktrace register failed: {exc.strerror}", 126)
+    try:
+        os.execv(prog, program)
+    except OSError as exc:
+        return fail(f"cannot execute {program[0]}: {exc.strerror}", 127)
+    return 127  # not reached
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "kmod":
+        return main_kmod(argv[1:])
     status_fd = int(argv[0])
     relay_pid = int(argv[1])
     cgroup = argv[2]

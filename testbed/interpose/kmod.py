@@ -9,10 +9,11 @@ protocol in :class:`KmodBackend`.
 
 A session is one open file of the device.  The backend opens it, sets the
 mode and the forwarded set, and launches a *fresh* helper process (a tiny
-``python -I -S`` script, :func:`helper_argv`) that inherits the file, sets
-``no_new_privs`` (the module requires it), registers itself as the session's
-target and ``exec``s the program: the relay process, which runs ZeroMQ
-threads, never forks.
+``python -I -S`` run of the launcher the seccomp backend uses, ``_launch.py``:
+:func:`helper_argv`) that inherits the file, dies with the relay (as the
+seccomp backend's launcher does), sets ``no_new_privs`` (the module requires
+it), registers itself as the session's target and ``exec``s the program: the
+relay process, which runs ZeroMQ threads, never forks.
 
 kthread-mode runs (``testbed run --backend kmod --mode kthread``) are driven
 by ``testbed.kthread``.  Command line::
@@ -157,63 +158,41 @@ __all__ = [
 # ------------------------------------------------------------ launcher
 
 
-# Runs in the fresh helper (``python -I -S``: no site, no project import, fast
-# start): mark the session fd close-on-exec, set no_new_privs (the module
-# forwards only such tasks: no privilege gain by a set-uid execve while
-# traced), register, exec the program.  Just before registering it writes
-# "exec MONOTONIC_NS USER_S SYS_S" on the status fd (the program's start, and
-# the helper's own CPU time); a failure is one line on the status fd (or
-# stderr without one), exit 126/127.
-_HELPER = """\
-import ctypes, fcntl, os, sys, time
-fd, request, status, cpus, argv = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                                   sys.argv[4], sys.argv[6:])
-os.set_inheritable(fd, False)
-if status >= 0:
-    os.set_inheritable(status, False)
-def fail(msg, code):
-    os.write(status if status >= 0 else 2, (msg + "\\n").encode())
-    sys.exit(code)
-if cpus:
-    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
-prog = argv[0]
-if "/" not in prog:  # search PATH now: after REGISTER only execve itself is traced
-    for d in os.get_exec_path():
-        cand = os.path.join(d, prog)
-        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
-            prog = cand
-            break
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
-    fail("cannot set no_new_privs: %s" % os.strerror(ctypes.get_errno()), 126)
-if status >= 0:  # before REGISTER: after it, any syscall of ours may be forwarded
-    t = os.times()
-    os.write(status, b"exec %d %r %r\\n" % (time.monotonic_ns(), t.user, t.system))
-try:
-    fcntl.ioctl(fd, request)
-except OSError as exc:
-    fail("mktrace register failed: %s" % exc.strerror, 126)
-try:
-    os.execv(prog, argv)
-except OSError as exc:
-    fail("cannot execute %s: %s" % (argv[0], exc.strerror), 127)
-"""
+#: The helper is the seccomp backend's launcher, ``_launch.py``, run as a plain
+#: file (``python -I -S``: no site, no project import, fast start; its
+#: ``kmod`` verb, :func:`testbed.interpose._launch.main_kmod`).  Before
+#: anything else it asks for SIGKILL when the relay dies
+#: (``PR_SET_PDEATHSIG``) and checks that its parent is still the relay; then
+#: it marks the session fd close-on-exec, sets no_new_privs (the module
+#: forwards only such tasks: no privilege gain by a set-uid execve while
+#: traced), registers and execs the program.  Just before registering it
+#: writes "exec MONOTONIC_NS USER_S SYS_S" on the status fd (the program's
+#: start, and the helper's own CPU time); a failure is one line on the status
+#: fd (or stderr without one), exit 126/127 (125: the relay was already gone).
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")
 
 
 def helper_argv(
-    fd: int, argv: list[str], status_fd: int = -1, cpus: Iterable[int] | None = None
+    fd: int,
+    argv: list[str],
+    status_fd: int = -1,
+    cpus: Iterable[int] | None = None,
+    relay_pid: int | None = None,
 ) -> list[str]:
     """Command line of the helper that registers on session ``fd`` and execs ``argv``.
 
     ``cpus``: pin the program to these CPUs (kthread mode keeps it off the
-    delegate thread's CPU, as the paper's compute plane).
+    delegate thread's CPU, as the paper's compute plane).  ``relay_pid``: the
+    process that starts the helper (default: this one); the helper and the
+    program die with it.
     """
     if not argv:
         raise TestbedError("no program given")
     cpu_list = ",".join(str(c) for c in sorted(cpus)) if cpus else ""
+    relay = os.getpid() if relay_pid is None else relay_pid
     return [
-        sys.executable, "-I", "-S", "-c", _HELPER,
-        str(fd), str(IOC_REGISTER), str(status_fd), cpu_list, "--", *argv,
+        sys.executable, "-I", "-S", LAUNCHER, "kmod",
+        str(fd), str(IOC_REGISTER), str(status_fd), str(relay), cpu_list, "--", *argv,
     ]  # fmt: skip
 
 
@@ -229,6 +208,9 @@ def launch_registered(
 
     The caller (the relay, which runs ZeroMQ threads) never forks itself:
     ``subprocess`` spawns the helper, which inherits the session's open file.
+    The program is SIGKILLed when the caller dies (more exactly: the calling
+    thread, so call this from one that outlives the program, as the relay's
+    main thread does), as the seccomp backend's is.
     """
     if shutil.which(argv[0] if argv else "", path=(env or os.environ).get("PATH")) is None:
         raise BackendError(f"program not found: {argv[0] if argv else '(none)'}")
