@@ -28,6 +28,24 @@ caller is still waiting in that call.  A call the delegate did not confirm
 (timeout, error frame, delegate lost) returns ``EIO``; after the first
 unconfirmed call every later offloaded call fails with ``EIO`` too (the
 delegate's fd state is unknown), local calls go on.
+
+**Buffers and iovecs as the kernel reads them.**  Whether a data call's
+buffer or iovec array is acceptable (``EFAULT``, ``EINVAL``, the total after
+the kernel's cap) is asked of the relay's own kernel: the same ``read``,
+``write`` or ``writev`` on ``/dev/null``, which validates addresses and
+lengths exactly as for the program and never touches the memory
+(:class:`_Probe`).  The answer travels in ``args[1]`` (``execute.py``), so the
+checks the kernel makes earlier (a write to a read-only fd) still win.  Data
+is read from and written to the caller with ``process_vm_readv``/``writev``:
+what the program itself could not read or write (a hole, a ``PROT_NONE``
+page) ends a transfer short there, as natively, and a read that lands short
+moves the remote offset back by the bytes that did not land.
+
+**Replies are checked before they touch the program** (:meth:`_invalid`):
+``ret`` within the bytes asked for, output buffers only where the call has
+them, of the right size and consistent with ``ret``, an errno only as
+``ret == -errno`` in 1..4095.  Anything else fails that call with ``EIO``
+(one throttled warning line; ``run.json`` ``offload.bad_replies``).
 """
 
 from __future__ import annotations
@@ -83,7 +101,18 @@ ADDFD_FLAG_SEND = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+NR_PROCESS_VM_READV = 310
 NR_PROCESS_VM_WRITEV = 311
+SEEK_CUR = 1
+I32_MAX = (1 << 31) - 1
+#: the data calls (buffers checked by the relay's kernel, ``args[1]`` = its errno)
+READS = frozenset(("read", "pread64", "readv", "preadv", "preadv2"))
+WRITES = frozenset(("write", "pwrite64", "writev", "pwritev", "pwritev2"))
+VECTORS = frozenset(("readv", "preadv", "preadv2", "writev", "pwritev", "pwritev2"))
+#: calls whose success value is not 0 (others must answer exactly 0)
+COUNTING = READS | WRITES | {"getdents64", "readlink", "readlinkat"}
+#: one warning line per kind at most this often (seconds)
+WARN_INTERVAL_S = 10.0
 
 
 class OffloadError(TestbedError):
@@ -96,7 +125,14 @@ class _Iov(ctypes.Structure):
 
 def write_memory(pid: int, chunks: list[tuple[int, bytes]]) -> bool:
     """``process_vm_writev`` the ``(address, bytes)`` chunks into ``pid``; True if all landed."""
+    return write_memory_count(pid, chunks) == sum(len(b) for _a, b in chunks)
+
+
+def write_memory_count(pid: int, chunks: list[tuple[int, bytes]]) -> int:
+    """``process_vm_writev`` the chunks in order; the bytes that landed before the
+    first one the program could not write (a hole, a read-only page)."""
     chunks = [(a, b) for a, b in chunks if b]
+    landed = 0
     for i in range(0, len(chunks), IOV_MAX):
         part = chunks[i : i + IOV_MAX]
         n = len(part)
@@ -110,9 +146,78 @@ def write_memory(pid: int, chunks: list[tuple[int, bytes]]) -> bool:
             ctypes.c_long(NR_PROCESS_VM_WRITEV), ctypes.c_long(pid), local, ctypes.c_ulong(n),
             remote, ctypes.c_ulong(n), ctypes.c_ulong(0),
         )  # fmt: skip
+        landed += max(got, 0)
         if got != total:
-            return False
-    return True
+            break
+    return landed
+
+
+def read_memory_segments(pid: int, segs: list[tuple[int, int]]) -> bytes | None:
+    """``process_vm_readv`` the ``(address, length)`` segments of ``pid`` in order: the
+    bytes up to the first the program itself could not read (a hole, ``PROT_NONE``).
+
+    None if the call is not permitted here (the caller falls back to
+    ``/proc/PID/mem``); raises :class:`CallerGone` if the task is gone.
+    """
+    segs = [(a, n) for a, n in segs if n > 0]
+    total = sum(n for _a, n in segs)
+    if not segs:
+        return b""
+    buf = ctypes.create_string_buffer(total)
+    local = (_Iov * 1)(_Iov(ctypes.addressof(buf), total))
+    done = 0
+    for i in range(0, len(segs), IOV_MAX):
+        part = segs[i : i + IOV_MAX]
+        want = sum(n for _a, n in part)
+        local[0] = _Iov(ctypes.addressof(buf) + done, want)
+        remote = (_Iov * len(part))(*[_Iov(a, n) for a, n in part])
+        got = _libc.syscall(
+            ctypes.c_long(NR_PROCESS_VM_READV), ctypes.c_long(pid), local, ctypes.c_ulong(1),
+            remote, ctypes.c_ulong(len(part)), ctypes.c_ulong(0),
+        )  # fmt: skip
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == E.ESRCH:
+                raise CallerGone(pid)
+            if err == E.EFAULT:
+                break
+            if done == 0:
+                return None  # EPERM, ENOSYS...: not usable here
+            break
+        done += got
+        if got != want:
+            break
+    return buf.raw[:done]
+
+
+class _Probe:
+    """``/dev/null``, on which the relay's kernel judges a caller's buffer or iovec
+    array exactly as the program's kernel would (``access_ok``, ``UIO_MAXIOV``,
+    negative lengths, the ``MAX_RW_COUNT`` cap) without touching the memory."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+
+    def _call(self, nr: int, addr: int | ctypes.Array, count: int) -> int:
+        ptr = addr if isinstance(addr, ctypes.Array) else ctypes.c_ulong(addr & U64)
+        ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_long(self.fd), ptr,
+                            ctypes.c_ulong(count & U64))  # fmt: skip
+        return ret if ret >= 0 else -(ctypes.get_errno() or E.EINVAL)
+
+    def buffer(self, addr: int, count: int, write: bool) -> int:
+        """0, or the errno a ``read``/``write`` of ``count`` bytes at ``addr`` gets."""
+        ret = self._call(NR["write" if write else "read"], addr, count)
+        return -ret if ret < 0 else 0
+
+    def iovecs(self, array: bytes, count: int) -> int:
+        """The total ``writev`` with these iovecs moves (after the kernel's cap), or -errno."""
+        arr = ctypes.create_string_buffer(array, max(len(array), 1))
+        return self._call(NR["writev"], arr, count)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def addfd_send(listener: int, notif_id: int, srcfd: int, cloexec: bool) -> int:
@@ -144,6 +249,9 @@ class Pending:
     prefix: str = ""
     new_cwd: str | None = None
     retry_eagain: bool = False
+    handle: int = -1  # the remote fd of an fd call
+    want: int = 0  # most bytes a read-like call may return / a write-like call was given
+    getfl: bool = False  # fcntl(F_GETFL): answers flags
 
 
 @dataclass
@@ -156,6 +264,7 @@ class OffloadStats:
     remote_closes: int = 0
     lock_retries: int = 0
     cross_device: int = 0
+    bad_replies: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -167,6 +276,7 @@ class OffloadStats:
             "remote_closes": self.remote_closes,
             "lock_retries": self.lock_retries,
             "cross_device": self.cross_device,
+            "bad_replies": self.bad_replies,
         }
 
 
@@ -193,6 +303,8 @@ class OffloadRelay(Relay):
         self.own_calls: set[int] = set()  # call ids of the relay's own closes
         self.lost = False
         self._pipe_dev = self._pipefs_dev()
+        self.judge = _Probe()  # not .probe: the base relay's reconnect method
+        self._throttle: dict[str, tuple[float, int]] = {}
 
     @staticmethod
     def _pipefs_dev() -> int:
@@ -252,8 +364,13 @@ class OffloadRelay(Relay):
     def classify(
         self, tid: int, dirfd: int | None, path: bytes
     ) -> tuple[int | None, bytes, str] | None:
-        """``(handle or None, root-relative path, prefix)`` if offloaded, else None (local)."""
-        if not path:
+        """``(handle or None, root-relative path, prefix)`` if offloaded, else None (local).
+
+        An empty path, or one of ``MAX_PATH`` bytes or more (cut where the relay
+        stopped reading), runs locally: the kernel refuses it (ENOENT,
+        ENAMETOOLONG) as it reads it, and acts on nothing.
+        """
+        if not path or len(path) >= syscalls.MAX_PATH:
             return None
         text = os.fsdecode(path)
         magic = _FD_LINK.match(text)
@@ -303,8 +420,8 @@ class OffloadRelay(Relay):
             self.stats.unreadable += 1
             self._fail(trap, Pending(name, Spec(), b"", 0), rundir.F_UNREADABLE, 0, 0)
             return
-        except _Fault:
-            decision = E.EFAULT
+        except _Fault as exc:
+            decision = exc.errno
         if decision is _ANSWERED:
             self._last_released = trap
             return
@@ -393,10 +510,12 @@ class OffloadRelay(Relay):
         args[spec.fds[0]] = handle
         bufs: list[tuple[int, bytes]] = []
         pending = Pending(name, spec, b"", 0, prefix=self.handle_prefix.get(handle, ""))
+        pending.handle = handle
         if name == "fcntl":
             cmd = args[1] & 0xFFFFFFFF
             if cmd in LOCAL_FCNTL:
                 return None  # fd flags and dup act on the placeholder itself
+            pending.getfl = cmd == F.F_GETFL
             if cmd in LOCK_FCNTL:
                 bufs.append((2, self.backend.read_memory(trap.tid, args[2], 32)))
                 pending.retry_eagain = cmd in BLOCKING_FCNTL
@@ -467,49 +586,152 @@ class OffloadRelay(Relay):
     def _marshal_buffers(
         self, trap: Trap, spec: Spec, args: list[int], bufs: list, pending: Pending
     ) -> None:
-        read = self.backend.read_memory
-        tid = trap.tid
-        if spec.in_buf is not None:
-            arg, len_arg = spec.in_buf
-            n = min(args[len_arg], MAX)
-            data = read(tid, args[arg], n) if n else b""
-            if len(data) < n:
-                raise _Fault()
-            bufs.append((arg, data))
-            args[len_arg] = n
-        if spec.in_iov is not None:
-            arg, cnt = spec.in_iov
-            parts = [
-                read(tid, base, length) for base, length in self._iovecs(tid, args[arg], args[cnt])
-            ]
-            data = b"".join(parts)
-            bufs.append((arg, data))
-            args[2] = len(data)
-        if spec.out_iov is not None:
-            arg, cnt = spec.out_iov
-            pending.out_iov = self._iovecs(tid, args[arg], args[cnt])
-            args[2] = sum(n for _b, n in pending.out_iov)
+        tid, name = trap.tid, pending.name
+        if name in READS or name in WRITES:
+            self._marshal_data(trap, name, args, bufs, pending)
+        elif spec.out_buf is not None:  # getdents64, readlink, readlinkat
+            _arg, len_arg = spec.out_buf
+            count = args[len_arg] & 0xFFFFFFFF  # unsigned int count / int bufsiz
+            if name != "getdents64" and as_fd(count) <= 0:
+                raise _Fault(E.EINVAL)  # readlink: bufsiz <= 0, before anything else
+            pending.want = args[len_arg] = min(count, MAX)
         if spec.in_struct is not None:
             arg, size = spec.in_struct
             if args[arg]:
-                data = read(tid, args[arg], size)
+                data = self._read(tid, [(args[arg], size)])
                 if len(data) < size:
                     raise _Fault()
                 bufs.append((arg, data))
         pending.nbytes = sum(len(b) for _a, b in bufs)
 
-    def _iovecs(self, tid: int, addr: int, count: int) -> list[tuple[int, int]]:
-        count = min(count, IOV_MAX)
-        raw = self.backend.read_memory(tid, addr, count * _IOVEC.size) if count else b""
-        out, total = [], 0
-        for i in range(len(raw) // _IOVEC.size):
-            base, length = _IOVEC.unpack_from(raw, i * _IOVEC.size)
-            length = min(length, MAX - total)
-            if length <= 0:
+    def _marshal_data(self, trap: Trap, name: str, args: list[int], bufs: list, p: Pending) -> None:
+        """A data call: args[1] = the kernel's verdict on the caller's buffers, args[2] =
+        the bytes the kernel would move; the data (writes) or where it goes (reads)."""
+        tid, addr, count = trap.tid, trap.args[1], trap.args[2]
+        write = name in WRITES
+        if name in VECTORS:
+            verdict, segs, total = self._iovecs(tid, addr, count)
+        else:
+            verdict, total = self.judge.buffer(addr, count, write), count
+            segs = [(addr, min(count, MAX))] if count else []
+        if verdict:
+            segs = []
+        if write:
+            data = self._read(tid, segs) if segs else b""
+            if segs and not data:
+                verdict = E.EFAULT  # not one byte readable: the kernel's EFAULT
+            bufs.append((1, data))
+            p.want = len(data)
+        else:
+            p.out_iov = segs
+            p.want = sum(n for _a, n in segs)
+        args[1] = verdict
+        args[2] = total
+
+    def _read(self, tid: int, segs: list[tuple[int, int]]) -> bytes:
+        """The caller's bytes in ``segs``, in order, up to the first it could not read."""
+        data = read_memory_segments(tid, segs)
+        if data is not None:
+            return data
+        parts = []
+        for base, n in segs:  # no process_vm_readv here: /proc/PID/mem
+            part = self.backend.read_memory(tid, base, n)
+            parts.append(part)
+            if len(part) < n:
                 break
-            out.append((base, length))
-            total += length
-        return out
+        return b"".join(parts)
+
+    def _iovecs(self, tid: int, addr: int, count: int) -> tuple[int, list[tuple[int, int]], int]:
+        """``(errno or 0, segments, total)`` of a caller's iovec array, as the kernel reads
+        it: the count truncated to unsigned int, at most ``IOV_MAX`` entries, a length
+        that is negative as ``ssize_t`` EINVAL, a range outside user space EFAULT, the
+        total capped at ``MAX_RW_COUNT`` (the relay's kernel says, on ``/dev/null``).
+        The segments skip zero-length entries and stop at ``MAX`` bytes."""
+        nr = count & 0xFFFFFFFF
+        if nr == 0:
+            return 0, [], 0
+        if nr > IOV_MAX:
+            return E.EINVAL, [], 0
+        raw = self._read(tid, [(addr, nr * _IOVEC.size)])
+        entries = [_IOVEC.unpack_from(raw, i * _IOVEC.size) for i in range(len(raw) // _IOVEC.size)]
+        if len(entries) < nr:  # the kernel reads entries in order until the fault
+            bad = any(length >= 1 << 63 for _b, length in entries)
+            return (E.EINVAL if bad else E.EFAULT), [], 0
+        total = self.judge.iovecs(raw, count)
+        if total < 0:
+            return -total, [], 0
+        segs, left = [], min(total, MAX)
+        for base, length in entries:
+            if left <= 0:
+                break
+            take = min(length, left)
+            if take:
+                segs.append((base, take))
+                left -= take
+        return 0, segs, total
+
+    # ------------------------------------------------------------ reply checks
+    def _invalid(self, p: Pending, res: wire.Result) -> str | None:
+        """Why this reply cannot be the answer to call ``p`` (None: it can)."""
+        ret, err = res.ret, res.errno
+        outs = [a for a, _b in res.outbufs]
+        if len(set(outs)) != len(outs):
+            return "an output buffer twice"
+        if err:
+            if not 0 < err < 4096 or ret != -err:
+                return f"errno {err} with ret {ret}"
+            return "output buffers with an error" if outs else None
+        if ret < 0:
+            return f"ret {ret} without an errno"
+        expect = self._outputs(p)
+        for arg, data in res.outbufs:
+            if arg not in expect:
+                return f"an output buffer at argument {arg}"
+            kind, size = expect[arg]
+            if kind == "ret" and len(data) != ret:
+                return f"{len(data)} bytes of output for ret {ret}"
+            if kind == "struct" and len(data) != size:
+                return f"a {len(data)}-byte struct where {size} are due"
+            if kind == "path" and not _plain_rel(data):
+                return "a directory path that is not plain and relative"
+        if p.name in OPEN_NAMES:
+            return None if ret <= I32_MAX else f"handle {ret}"
+        if p.name in COUNTING:
+            if ret > p.want:
+                return f"ret {ret} for {p.want} bytes asked"
+            if ret and expect and not outs:
+                return f"ret {ret} without its data"
+            return None
+        if p.name == "lseek":
+            return None
+        if p.name == "fcntl" and p.getfl:
+            return None if ret <= I32_MAX else f"flags {ret}"
+        return None if ret == 0 else f"ret {ret} where 0 is due"
+
+    @staticmethod
+    def _outputs(p: Pending) -> dict[int, tuple[str, int]]:
+        """Output buffers call ``p`` may get back: arg -> (kind, size)."""
+        spec = p.spec
+        if p.name in READS:
+            return {1: ("ret", p.want)}
+        if spec.out_buf is not None:
+            return {spec.out_buf[0]: ("ret", p.want)}
+        if spec.out_struct is not None:
+            return {spec.out_struct[0]: ("struct", spec.out_struct[1])}
+        if p.name == "fchdir":
+            return {0: ("path", syscalls.MAX_PATH)}
+        return {}
+
+    def _warn_throttled(self, key: str, text: str) -> None:
+        """One warning line per ``key`` at most every ``WARN_INTERVAL_S`` seconds."""
+        now = time.monotonic()
+        last, quiet = self._throttle.get(key, (None, 0))
+        if last is not None and now - last < WARN_INTERVAL_S:
+            self._throttle[key] = (last, quiet + 1)
+            return
+        more = f" ({quiet} more since the last such line)" if quiet else ""
+        print(f"testbed: warning: {text}{more}", file=sys.stderr, flush=True)
+        self._throttle[key] = (now, 0)
 
     # ------------------------------------------------------------ replies
     def on_frame(self, frame: bytes) -> None:
@@ -547,6 +769,14 @@ class OffloadRelay(Relay):
             self._fail(trap, pending, rundir.F_PEER_ERROR, t_send, t_reply)
             return
         stamps = (payload.t_recv, payload.t_exec_start, payload.t_exec_end, payload.t_send)
+        why = self._invalid(pending, payload)
+        if why is not None:
+            self.ostats.bad_replies += 1
+            self.stats.peer_errors += 1
+            self._warn_throttled("reply", f"invalid reply from the delegate to {pending.name}: "
+                                 f"{why}; the call fails with EIO")  # fmt: skip
+            self._fail(trap, pending, rundir.F_PEER_ERROR, t_send, t_reply)
+            return
         if payload.errno == E.EAGAIN and pending.retry_eagain:
             self.ostats.lock_retries += 1
             self.retries.append((time.monotonic_ns() + LOCK_RETRY_NS, trap, call_id, pending))
@@ -558,10 +788,17 @@ class OffloadRelay(Relay):
         flags = 0
         self._last_released = trap
         nout = sum(len(b) for _a, b in res.outbufs)
+        seen = res.ret if not res.errno else -res.errno  # what the program gets
         if res.errno:
             ok = self.backend.resume_return(trap, -1, res.errno)
         elif p.name in OPEN_NAMES:
             ok = self._install(trap, res.ret, p)
+        elif p.name in READS:
+            ok = self.backend.is_valid(trap)
+            if ok:
+                ret = self._deliver(trap, p, res)
+                seen = ret if ret >= 0 else -E.EFAULT
+                ok = self.backend.resume_return(trap, *((-1, E.EFAULT) if ret < 0 else (ret,)))
         else:
             ok = self.backend.is_valid(trap)
             if ok and res.outbufs and not write_memory(trap.tid, self._placements(trap, p, res)):
@@ -575,22 +812,33 @@ class OffloadRelay(Relay):
             self.stats.caller_gone += 1
         t_resume = time.monotonic_ns()
         self.stats.forwarded += 1
-        self.recorder.add(trap.tid, trap.nr, flags, res.ret if not res.errno else -res.errno,
-                          p.nbytes, nout, trap.t_trap, t_send, t_reply, t_resume, *stamps)  # fmt: skip
+        self.recorder.add(trap.tid, trap.nr, flags, seen, p.nbytes, nout, trap.t_trap, t_send,
+                          t_reply, t_resume, *stamps)  # fmt: skip
+
+    def _deliver(self, trap: Trap, p: Pending, res: wire.Result) -> int:
+        """Write a read's data into the caller's buffer or iovecs in order: the bytes that
+        landed (-1: none of ``ret > 0``).  Bytes that did not land (a hole in the
+        caller's buffer) are given back to the remote offset, as the kernel moves it
+        only by what it copied."""
+        data = dict(res.outbufs).get(1, b"")
+        chunks, pos = [], 0
+        for base, length in p.out_iov:
+            if pos >= len(data):
+                break
+            chunks.append((base, data[pos : pos + length]))
+            pos += length
+        landed = write_memory_count(trap.tid, chunks)
+        short = len(data) - landed
+        if short and (p.name in ("read", "readv") or
+                      (p.name == "preadv2" and trap.args[3] == U64)):  # fmt: skip
+            self._own_call(NR["lseek"], (p.handle, -short & U64, SEEK_CUR))
+        return landed if landed or not data else -1
 
     def _placements(self, trap: Trap, p: Pending, res: wire.Result) -> list[tuple[int, bytes]]:
         out = []
         spec = p.spec
         for arg, data in res.outbufs:
             if p.name == "fchdir":
-                continue
-            if spec.out_iov is not None and arg == spec.out_iov[0]:
-                pos = 0
-                for base, length in p.out_iov:
-                    if pos >= len(data):
-                        break
-                    out.append((base, data[pos : pos + length]))
-                    pos += length
                 continue
             cap = None
             if spec.out_buf is not None and arg == spec.out_buf[0]:
@@ -634,17 +882,22 @@ class OffloadRelay(Relay):
         return True
 
     def _close_remote(self, handle: int) -> None:
+        if self._own_call(NR["close"], (handle,)):
+            self.ostats.remote_closes += 1
+
+    def _own_call(self, nr: int, args: tuple[int, ...]) -> bool:
+        """Send a call of the relay's own (its reply is dropped); False if not sent."""
         call_id = self._next_id
         self._next_id += 1
         frame = wire.encode_call(
-            wire.Call(call_id, 0, NR["close"], (handle,) + (0,) * 5, (), "offload")
+            wire.Call(call_id, 0, nr, args + (0,) * (6 - len(args)), (), "offload")
         )
         try:
             self.sock.send(frame, zmq.NOBLOCK)
-            self.own_calls.add(call_id)
-            self.ostats.remote_closes += 1
         except zmq.Again:
-            pass  # the delegate drops the client's fds at BYE
+            return False  # a close: the delegate drops the client's fds at BYE
+        self.own_calls.add(call_id)
+        return True
 
     def _fail(self, trap: Trap, p: Pending, flags: int, t_send: int, t_reply: int) -> None:
         """An unconfirmed offloaded call: the caller sees EIO, the record says why."""
@@ -718,6 +971,7 @@ class OffloadRelay(Relay):
     def finish(self, timeout_s: float = 2.0) -> None:
         """After the program: close what is left and say BYE (the delegate drops our fds)."""
         self.expire(time.monotonic_ns())
+        self.judge.close()
         for fd in list(self.readers):
             self.hup.unregister(fd)
             os.close(fd)
@@ -742,7 +996,23 @@ class OffloadRelay(Relay):
 
 
 class _Fault(Exception):
-    pass
+    """The call fails at once with ``errno`` (default EFAULT), as the kernel's would."""
+
+    def __init__(self, errno: int = E.EFAULT):
+        super().__init__(errno)
+        self.errno = errno
+
+
+def _plain_rel(path: bytes) -> bool:
+    """A root-relative directory path as ``rel_of`` gives it: ``.`` or plain components."""
+    if path == b".":
+        return True
+    parts = path.split(b"/")
+    return (
+        0 < len(path) <= syscalls.MAX_PATH
+        and b"\0" not in path
+        and all(part not in (b"", b".", b"..") for part in parts)
+    )
 
 
 _ANSWERED = object()

@@ -8,7 +8,21 @@ root (or to a directory handle), input data at the buffer's argument index
 (vectors flattened, total length in ``args[2]``) and output lengths in the
 call's own length arguments (capped at ``syscalls.MAX_BUFFER``).  Output
 buffers come back at their argument index.  Paths are resolved only through
-:class:`~testbed.offload.sandbox.Sandbox`.
+:class:`~testbed.offload.sandbox.Sandbox`, and every name enters the kernel
+as a :class:`~testbed.offload.sandbox.CName` (``_sys`` refuses other bytes).
+
+**Data calls** (``read pread64 readv preadv preadv2`` and the writes) carry,
+instead of the buffer address, ``args[1]``: 0, or the errno the relay's
+kernel found in the caller's buffer or iovecs (``EFAULT``, ``EINVAL``:
+``client.py`` asks its own kernel); ``args[2]``: the bytes the kernel would
+move (the count, or the iovecs' total after the kernel's own cap).  Reads
+move at most ``MAX_BUFFER`` of them into one output buffer (arg 1); writes
+write the data of arg 1 (vectors flattened, zero-length entries dropped).
+The executor first makes the call with no buffer at all, so the checks the
+kernel makes *before* it looks at buffers (bad fd, not open for reading,
+``ESPIPE``, a negative offset...) win over the relay's errno, in the kernel's
+order; then it moves the data with the real call (one iovec for the vector
+calls: their offset and ``RWF_*`` flags mean what they mean natively).
 """
 
 from __future__ import annotations
@@ -32,10 +46,27 @@ from testbed.offload.calls import (
     STAT_SIZE,
     STATFS_SIZE,
     STATX_SIZE,
+    TIMES_SIZE,
     as_fd,
 )
-from testbed.offload.fdtable import IDLE_S, MAX_FDS, MAX_INFLIGHT_BYTES, FdTable, Tables
-from testbed.offload.sandbox import Sandbox
+from testbed.offload.fdtable import (
+    IDLE_S,
+    MAX_FDS,
+    MAX_INFLIGHT_BYTES,
+    MAX_TOTAL_INFLIGHT_BYTES,
+    FdTable,
+    Tables,
+)
+from testbed.offload.sandbox import (
+    LAST_DOT,
+    LAST_DOTDOT,
+    LAST_NORM,
+    CName,
+    Sandbox,
+    cname,
+    fd_path,
+    split_parent,
+)
 
 MAX = syscalls.MAX_BUFFER
 NR = syscalls.NR_BY_NAME
@@ -53,9 +84,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def _sys(nr: int, *args: int | bytes | ctypes.Array) -> int:
-    """A raw system call at the delegate; OSError on failure."""
-    conv = [a if isinstance(a, ctypes.Array | bytes) else ctypes.c_long(a) for a in args]
+def _sys(nr: int, *args: int | CName | ctypes.Array) -> int:
+    """A raw system call at the delegate; OSError on failure.
+
+    Names only as :class:`CName` (``sandbox.cname``): plain bytes are refused.
+    """
+    conv: list = []
+    for a in args:
+        if isinstance(a, int):
+            conv.append(ctypes.c_long(a))
+        elif isinstance(a, CName):
+            conv.append(ctypes.c_char_p(a))
+        elif isinstance(a, ctypes.Array):
+            conv.append(a)
+        else:
+            raise TypeError("names reach the kernel only through sandbox.cname()")
     ret = _libc.syscall(ctypes.c_long(nr), *conv)
     if ret < 0:
         err = ctypes.get_errno()
@@ -94,11 +137,10 @@ class Ctx:
         if p is None:
             raise OSError(E.EFAULT, "path missing")
         if p[:1] == b"\0":  # names the object of a handle (a /proc/self/fd/N path)
-            try:
-                handle = int(p[1:])
-            except ValueError:
-                raise OSError(E.EINVAL, "bad handle path") from None
-            return self.box.rel_of(self.table.get(handle))
+            digits = p[1:]
+            if not digits.isdigit() or len(digits) > 10:
+                raise OSError(E.EINVAL, "bad handle path")
+            return self.box.rel_of(self.table.get(int(digits)))
         return p
 
     def n(self, i: int) -> int:
@@ -135,8 +177,18 @@ def _open(c: Ctx, base: int | None, path: bytes, flags: int, mode: int, resolve:
     if not (flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE):
         mode = 0
     mode &= 0o7777
-    fd = c.box.open(base, path, flags, mode, resolve)
-    return c.table.add(fd), ()
+    return _opened(c, lambda: c.box.open(base, path, flags, mode, resolve)), ()
+
+
+def _opened(c: Ctx, opener: Callable[[], int]) -> int:
+    """A handle for the fd ``opener`` opens; EMFILE at a limit before anything is opened."""
+    handle = c.table.reserve()
+    fd = None
+    try:
+        fd = opener()
+    finally:
+        c.table.place(handle, fd)
+    return handle
 
 
 def x_open(c: Ctx) -> Result:
@@ -158,8 +210,8 @@ def x_openat2(c: Ctx) -> Result:
     flags, mode, resolve = struct.unpack_from("<QQQ", how)
     if flags & ~OPEN_FLAGS & ~os.O_CLOEXEC or mode & ~0o7777:
         raise OSError(E.EINVAL, "bad open_how")
-    fd = c.box.open(c.base(0), c.path(1), flags, mode, resolve)
-    return c.table.add(fd), ()
+    base, path = c.base(0), c.path(1)
+    return _opened(c, lambda: c.box.open(base, path, flags, mode, resolve)), ()
 
 
 def x_close(c: Ctx) -> Result:
@@ -170,37 +222,77 @@ def x_close(c: Ctx) -> Result:
 # ---------------------------------------------------------------- data
 
 
+class _IOVEC(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+#: each data call's vector form (makes the kernel's checks before any buffer)
+_VECTOR = {"read": "readv", "readv": "readv", "pread64": "preadv", "preadv": "preadv",
+           "preadv2": "preadv2", "write": "writev", "writev": "writev", "pwrite64": "pwritev",
+           "pwritev": "pwritev", "pwritev2": "pwritev2"}  # fmt: skip
+_AT_OFFSET = frozenset(("pread64", "preadv", "pwrite64", "pwritev"))
+I64_MAX = (1 << 63) - 1
+
+
+def _transfer(c: Ctx, name: str, data: bytes | None) -> Result:
+    """One read-like (``data`` None) or write-like call: see the module docstring."""
+    a = c.args
+    fd = c.fd(0)
+    pos, flags = _s(a[3]), a[5] & 0xFFFFFFFF
+    verdict = a[1] if a[1] < 4096 else E.EINVAL  # the relay's errno for the caller's buffers
+    requested = a[2]
+    n = min(requested, MAX) if data is None else min(len(data), MAX)
+    vector = NR[_VECTOR[name]]
+    at = name in _AT_OFFSET or (name in ("preadv2", "pwritev2") and pos != -1)
+    if not verdict and at and requested > n and pos >= 0 and requested > I64_MAX - pos:
+        verdict = E.EINVAL  # the kernel checks offset + count with the whole count
+    if verdict:
+        _sys(vector, fd, 0, 0, pos, 0, flags)  # checks made before the buffers: theirs first
+        raise OSError(verdict, os.strerror(verdict))
+    if n and not (flags and name in ("preadv2", "pwritev2")):
+        # the common case, with one buffer: read/pread64 (write/pwrite64) are what the
+        # vector calls do for it, and Python moves the bytes without extra copies
+        if data is None:
+            got_data = os.pread(fd, n, pos) if at else os.read(fd, n)
+            return len(got_data), ((1, got_data),)
+        data = data if len(data) == n else data[:n]
+        return (os.pwrite(fd, data, pos) if at else os.write(fd, data)), ()
+    if data is None:
+        buf = ctypes.create_string_buffer(n)
+        addr = ctypes.addressof(buf)
+    else:
+        data = data[:n]
+        addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    if name in ("read", "write"):
+        got = _sys(NR[name], fd, addr, n)
+    elif name in ("pread64", "pwrite64"):
+        got = _sys(NR[name], fd, addr, n, pos)
+    else:
+        iov = (_IOVEC * 1)(_IOVEC(addr, n))
+        got = _sys(vector, fd, iov, 1 if n else 0, pos, 0, flags)
+    if data is None:
+        return got, ((1, ctypes.string_at(buf, got)),)
+    return got, ()
+
+
 def x_read(c: Ctx) -> Result:
-    data = os.read(c.fd(0), c.n(2))
-    return len(data), ((1, data),)
+    return _transfer(c, "read", None)
 
 
 def x_pread64(c: Ctx) -> Result:
-    data = os.pread(c.fd(0), c.n(2), _s(c.args[3]))
-    return len(data), ((1, data),)
-
-
-def _preadv(c: Ctx, offset: int, flags: int = 0) -> Result:
-    fd, n = c.fd(0), c.n(2)
-    if flags:
-        buf = bytearray(n)
-        got = os.preadv(fd, [buf], offset, flags)
-        data = bytes(buf[:got])
-    else:
-        data = os.read(fd, n) if offset == -1 else os.pread(fd, n, offset)
-    return len(data), ((1, data),)
+    return _transfer(c, "pread64", None)
 
 
 def x_readv(c: Ctx) -> Result:
-    return _preadv(c, -1)
+    return _transfer(c, "readv", None)
 
 
 def x_preadv(c: Ctx) -> Result:
-    return _preadv(c, _s(c.args[3]))
+    return _transfer(c, "preadv", None)
 
 
 def x_preadv2(c: Ctx) -> Result:
-    return _preadv(c, _s(c.args[3]), as_fd(c.args[5]) & 0xFFFFFFFF)
+    return _transfer(c, "preadv2", None)
 
 
 def _data(c: Ctx) -> bytes:
@@ -208,26 +300,23 @@ def _data(c: Ctx) -> bytes:
 
 
 def x_write(c: Ctx) -> Result:
-    return os.write(c.fd(0), _data(c)), ()
+    return _transfer(c, "write", _data(c))
 
 
 def x_pwrite64(c: Ctx) -> Result:
-    return os.pwrite(c.fd(0), _data(c), _s(c.args[3])), ()
+    return _transfer(c, "pwrite64", _data(c))
 
 
 def x_writev(c: Ctx) -> Result:
-    return os.write(c.fd(0), _data(c)), ()
+    return _transfer(c, "writev", _data(c))
 
 
 def x_pwritev(c: Ctx) -> Result:
-    return os.pwrite(c.fd(0), _data(c), _s(c.args[3])), ()
+    return _transfer(c, "pwritev", _data(c))
 
 
 def x_pwritev2(c: Ctx) -> Result:
-    off, flags = _s(c.args[3]), c.args[5] & 0xFFFFFFFF
-    if flags:
-        return os.pwritev(c.fd(0), [_data(c)], off, flags), ()
-    return (os.write(c.fd(0), _data(c)) if off == -1 else os.pwrite(c.fd(0), _data(c), off)), ()
+    return _transfer(c, "pwritev2", _data(c))
 
 
 def x_lseek(c: Ctx) -> Result:
@@ -297,7 +386,7 @@ def x_flock(c: Ctx) -> Result:
 def x_fcntl(c: Ctx) -> Result:
     fd, cmd, arg = c.fd(0), c.args[1] & 0xFFFFFFFF, c.args[2]
     if cmd in (fcntl.F_GETFL, fcntl.F_SETFL):
-        return fcntl.fcntl(fd, cmd, arg & 0xFFFFFFFF if cmd == fcntl.F_SETFL else 0), ()
+        return fcntl.fcntl(fd, cmd, as_fd(arg) if cmd == fcntl.F_SETFL else 0), ()
     ofd = {F_GETLK: F_OFD_GETLK, F_SETLK: F_OFD_SETLK, F_SETLKW: F_OFD_SETLK,
            F_OFD_GETLK: F_OFD_GETLK, F_OFD_SETLK: F_OFD_SETLK, F_OFD_SETLKW: F_OFD_SETLK}  # fmt: skip
     if cmd not in ofd:
@@ -355,10 +444,10 @@ def x_statx(c: Ctx) -> Result:
     sync = flags & 0x6000  # AT_STATX_SYNC_TYPE
     if not path and flags & AT_EMPTY_PATH:
         return 0, (
-            (4, _raw_out(NR["statx"], STATX_SIZE, c.fd(0), b"\0", AT_EMPTY_PATH | sync, mask)),
+            (4, _raw_out(NR["statx"], STATX_SIZE, c.fd(0), cname(b""), AT_EMPTY_PATH | sync, mask)),
         )
     with _opath(c, c.base(0), path, not flags & AT_SYMLINK_NOFOLLOW) as fd:
-        out = _raw_out(NR["statx"], STATX_SIZE, fd, b"\0", AT_EMPTY_PATH | sync, mask)
+        out = _raw_out(NR["statx"], STATX_SIZE, fd, cname(b""), AT_EMPTY_PATH | sync, mask)
     return 0, ((4, out),)
 
 
@@ -367,12 +456,15 @@ def x_statfs(c: Ctx) -> Result:
         return 0, ((1, _raw_out(NR["fstatfs"], STATFS_SIZE, fd)),)
 
 
+AT_EACCESS = 0x200
+
+
 def _access(c: Ctx, base: int | None, path: bytes, mode: int, flags: int) -> Result:
+    mode, flags = mode & 0xFFFFFFFF, flags & 0xFFFFFFFF
+    if mode & ~7 or flags & ~(AT_EACCESS | AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+        raise OSError(E.EINVAL, "bad access mode or flags")
     with _opath(c, base, path, not flags & AT_SYMLINK_NOFOLLOW) as fd:
-        eff = bool(flags & 0x200)  # AT_EACCESS
-        ok = os.access(f"/proc/self/fd/{fd}", mode & 7, effective_ids=eff)
-    if not ok:
-        raise OSError(E.EACCES, "access denied")
+        _sys(NR["faccessat2"], AT_FDCWD, fd_path(fd), mode, flags & AT_EACCESS)
     return 0, ()
 
 
@@ -388,13 +480,47 @@ def x_faccessat2(c: Ctx) -> Result:
     return _access(c, c.base(0), c.path(1), c.args[2], c.args[3])
 
 
+# Entry calls act on one plain name in a confined parent (sandbox.parent).  A
+# final ".", ".." or "/" and trailing slashes get the kernel's answers here,
+# call by call, without ever handing the kernel more than that one plain name.
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _lmode(pfd: int, name: CName) -> int:
+    """``st_mode`` of entry ``name`` in directory ``pfd``, not following it (ENOENT if none)."""
+    buf = ctypes.create_string_buffer(STAT_SIZE)
+    _sys(NR["newfstatat"], pfd, name, buf, AT_SYMLINK_NOFOLLOW)
+    return struct.unpack_from("<I", buf.raw, 24)[0]
+
+
+def _new_entry(pfd: int, name: CName, kind: int, slash: bool) -> None:
+    """The kernel's checks of a name link/symlink are to create (filename_create)."""
+    if kind != LAST_NORM:
+        raise OSError(E.EEXIST, "exists")
+    if slash:  # "new/" names a directory these calls cannot make
+        try:
+            _lmode(pfd, name)
+        except FileNotFoundError:
+            raise OSError(E.ENOENT, "no such directory") from None
+        raise OSError(E.EEXIST, "exists")
+
+
 def _unlink(c: Ctx, base: int | None, path: bytes, flags: int) -> Result:
-    pfd, name = c.box.parent(base, path)
+    flags &= 0xFFFFFFFF
+    if flags & ~AT_REMOVEDIR:
+        raise OSError(E.EINVAL, "bad unlinkat flags")
+    pfd, name, kind, slash = c.box.parent(base, path)
     with _Tmp(pfd):
         if flags & AT_REMOVEDIR:
-            os.rmdir(name, dir_fd=pfd)
-        else:
-            os.unlink(name, dir_fd=pfd)
+            if kind != LAST_NORM:
+                err = {LAST_DOT: E.EINVAL, LAST_DOTDOT: E.ENOTEMPTY}.get(kind, E.EBUSY)
+                raise OSError(err, os.strerror(err))
+        elif kind != LAST_NORM:
+            raise OSError(E.EISDIR, "is a directory")
+        elif slash:  # unlink("x/") never removes anything
+            isdir = stat.S_ISDIR(_lmode(pfd, name))
+            raise OSError(E.EISDIR if isdir else E.ENOTDIR, "trailing slash")
+        _sys(NR["unlinkat"], pfd, name, flags)
     return 0, ()
 
 
@@ -411,14 +537,11 @@ def x_rmdir(c: Ctx) -> Result:
 
 
 def _mkdir(c: Ctx, base: int | None, path: bytes, mode: int) -> Result:
-    try:
-        pfd, name = c.box.parent(base, path)
-    except OSError as exc:
-        if exc.errno in (E.EINVAL, E.EBUSY):  # mkdir of ".", ".." or the root: exists
-            raise OSError(E.EEXIST, "exists") from None
-        raise
+    pfd, name, kind, _slash = c.box.parent(base, path)  # "d/" makes d
     with _Tmp(pfd):
-        os.mkdir(name, mode & 0o7777, dir_fd=pfd)
+        if kind != LAST_NORM:  # mkdir of ".", ".." or the root: exists
+            raise OSError(E.EEXIST, "exists")
+        _sys(NR["mkdirat"], pfd, name, mode & 0o7777)
     return 0, ()
 
 
@@ -431,11 +554,23 @@ def x_mkdirat(c: Ctx) -> Result:
 
 
 def _rename(c: Ctx, ob: int | None, op: bytes, nb: int | None, np: bytes, flags: int) -> Result:
-    opfd, oname = c.box.parent(ob, op)
+    opfd, oname, okind, oslash = c.box.parent(ob, op)
     with _Tmp(opfd):
-        npfd, nname = c.box.parent(nb, np)
+        npfd, nname, nkind, nslash = c.box.parent(nb, np)
         with _Tmp(npfd):
-            _sys(NR["renameat2"], opfd, oname + b"\0", npfd, nname + b"\0", flags)
+            if okind != LAST_NORM:
+                raise OSError(E.EBUSY, "cannot rename . or ..")
+            if nkind != LAST_NORM:
+                err = E.EEXIST if flags & RENAME_NOREPLACE else E.EBUSY
+                raise OSError(err, os.strerror(err))
+            if oslash or nslash:  # then both must be directories
+                if not stat.S_ISDIR(_lmode(opfd, oname)) and (
+                    oslash or (nslash and not flags & RENAME_EXCHANGE)
+                ):
+                    raise OSError(E.ENOTDIR, "not a directory")
+                if nslash and flags & RENAME_EXCHANGE and not stat.S_ISDIR(_lmode(npfd, nname)):
+                    raise OSError(E.ENOTDIR, "not a directory")
+            _sys(NR["renameat2"], opfd, oname, npfd, nname, flags)
     return 0, ()
 
 
@@ -452,15 +587,30 @@ def x_renameat2(c: Ctx) -> Result:
 
 
 def _link(c: Ctx, ob: int | None, op: bytes, nb: int | None, np: bytes, flags: int) -> Result:
-    npfd, nname = c.box.parent(nb, np)
-    with _Tmp(npfd):
-        if flags & AT_SYMLINK_FOLLOW:
-            with _opath(c, ob, op, True) as fd:
-                os.link(f"/proc/self/fd/{fd}", nname, dst_dir_fd=npfd, follow_symlinks=True)
-        else:
-            opfd, oname = c.box.parent(ob, op)
-            with _Tmp(opfd):
-                os.link(oname, nname, src_dir_fd=opfd, dst_dir_fd=npfd, follow_symlinks=False)
+    flags &= 0xFFFFFFFF
+    if flags & ~(AT_SYMLINK_FOLLOW | AT_EMPTY_PATH):
+        raise OSError(E.EINVAL, "bad linkat flags")
+    if flags & AT_SYMLINK_FOLLOW:
+        with _opath(c, ob, op, True) as fd:
+            npfd, nname, nkind, nslash = c.box.parent(nb, np)
+            with _Tmp(npfd):
+                _new_entry(npfd, nname, nkind, nslash)
+                _sys(NR["linkat"], AT_FDCWD, fd_path(fd), npfd, nname, AT_SYMLINK_FOLLOW)
+        return 0, ()
+    _p, _n, okind, oslash = split_parent(op)
+    if okind != LAST_NORM or oslash:  # ".", ".." or "x/": a directory, if anything
+        with _opath(c, ob, op, False):  # the kernel's lookup errors first
+            pass
+        npfd, nname, nkind, nslash = c.box.parent(nb, np)
+        with _Tmp(npfd):
+            _new_entry(npfd, nname, nkind, nslash)
+        raise OSError(E.EPERM, "hard link to a directory")
+    opfd, oname, _k, _s2 = c.box.parent(ob, op)
+    with _Tmp(opfd):
+        npfd, nname, nkind, nslash = c.box.parent(nb, np)
+        with _Tmp(npfd):
+            _new_entry(npfd, nname, nkind, nslash)
+            _sys(NR["linkat"], opfd, oname, npfd, nname, 0)
     return 0, ()
 
 
@@ -473,9 +623,13 @@ def x_linkat(c: Ctx) -> Result:
 
 
 def _symlink(c: Ctx, target: bytes, base: int | None, path: bytes) -> Result:
-    pfd, name = c.box.parent(base, path)
+    content = cname(target)  # stored as is, never resolved here; still no NUL inside
+    if not target:
+        raise OSError(E.ENOENT, "empty symlink target")
+    pfd, name, kind, slash = c.box.parent(base, path)
     with _Tmp(pfd):
-        os.symlink(target, name, dir_fd=pfd)
+        _new_entry(pfd, name, kind, slash)
+        _sys(NR["symlinkat"], content, pfd, name)
     return 0, ()
 
 
@@ -489,8 +643,10 @@ def x_symlinkat(c: Ctx) -> Result:
 
 def _readlink(c: Ctx, base: int | None, path: bytes, arg: int, size: int) -> Result:
     with _opath(c, base, path, False) as fd:
+        if not stat.S_ISLNK(os.fstat(fd).st_mode):  # natively EINVAL ("" on a file: ENOENT)
+            raise OSError(E.EINVAL, "not a symbolic link")
         buf = ctypes.create_string_buffer(max(size, 1))
-        got = _sys(NR["readlinkat"], fd, b"\0", buf, size)
+        got = _sys(NR["readlinkat"], fd, cname(b""), buf, size)
     return got, ((arg, buf.raw[:got]),)
 
 
@@ -512,7 +668,7 @@ def _chmod(c: Ctx, base: int | None, path: bytes, mode: int, flags: int) -> Resu
     with _opath(c, base, path, not flags & AT_SYMLINK_NOFOLLOW) as fd:
         if flags & AT_SYMLINK_NOFOLLOW and stat.S_ISLNK(os.fstat(fd).st_mode):
             raise OSError(E.EOPNOTSUPP, "symlink modes cannot change")
-        os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
+        _sys(NR["fchmodat"], AT_FDCWD, fd_path(fd), mode & 0o7777)
     return 0, ()
 
 
@@ -526,7 +682,7 @@ def x_fchmodat(c: Ctx) -> Result:
 
 def _chown(c: Ctx, base: int | None, path: bytes, uid: int, gid: int, follow: bool) -> Result:
     with _opath(c, base, path, follow) as fd:
-        _sys(NR["fchownat"], fd, b"\0", _u32s(uid), _u32s(gid), AT_EMPTY_PATH)
+        _sys(NR["fchownat"], fd, cname(b""), _u32s(uid), _u32s(gid), AT_EMPTY_PATH)
     return 0, ()
 
 
@@ -548,27 +704,31 @@ def x_fchownat(c: Ctx) -> Result:
 
 def x_utimensat(c: Ctx) -> Result:
     times = c.bufs.get(2)
+    if times is not None and len(times) != TIMES_SIZE:  # the kernel reads exactly two timespecs
+        raise OSError(E.EFAULT, "struct timespec[2] missing")
     tbuf = ctypes.create_string_buffer(times, len(times)) if times else None
     targs = (tbuf,) if tbuf is not None else (0,)
     flags = c.args[3] & 0xFFFFFFFF
-    path = c.bufs.get(1)
-    if path is None:  # futimens(fd, times)
+    if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+        raise OSError(E.EINVAL, "bad utimensat flags")
+    if c.bufs.get(1) is None:  # futimens(fd, times)
         _sys(NR["utimensat"], c.fd(0), 0, *targs, 0)
         return 0, ()
+    path = c.path(1)
     if flags & AT_SYMLINK_NOFOLLOW:
-        pfd, name = c.box.parent(c.base(0), path)
+        pfd, name, kind, slash = c.box.parent(c.base(0), path)
         with _Tmp(pfd):
-            _sys(NR["utimensat"], pfd, name + b"\0", *targs, AT_SYMLINK_NOFOLLOW)
-        return 0, ()
+            if kind == LAST_NORM and not slash:  # a trailing slash follows, as natively
+                _sys(NR["utimensat"], pfd, name, *targs, AT_SYMLINK_NOFOLLOW)
+                return 0, ()
     with _opath(c, c.base(0), path, True) as fd:
-        _sys(NR["utimensat"], AT_FDCWD, f"/proc/self/fd/{fd}\0".encode(), *targs, 0)
+        _sys(NR["utimensat"], AT_FDCWD, fd_path(fd), *targs, 0)
     return 0, ()
 
 
 def x_chdir(c: Ctx) -> Result:
     with _Tmp(c.box.open(None, c.path(0), os.O_PATH | os.O_DIRECTORY)) as fd:
-        if not os.access(f"/proc/self/fd/{fd}", os.X_OK):
-            raise OSError(E.EACCES, "no search permission")
+        _sys(NR["faccessat2"], AT_FDCWD, fd_path(fd), os.X_OK, 0)
     return 0, ()
 
 
@@ -582,8 +742,10 @@ EXECUTORS: dict[int, Callable[[Ctx], Result]] = {
 def out_size(nr: int, args: tuple[int, ...]) -> int:
     """Bytes of output a call may return (for the in-flight budget)."""
     name = syscalls.name_of(nr)
-    if name in ("read", "pread64", "readv", "preadv", "preadv2", "getdents64"):
+    if name in ("read", "pread64", "readv", "preadv", "preadv2", "getdents64", "readlink"):
         return min(args[2], MAX)
+    if name == "readlinkat":
+        return min(args[3], MAX)
     return 4096
 
 
@@ -596,25 +758,31 @@ class Executor:
         max_fds: int = MAX_FDS,
         max_inflight: int = MAX_INFLIGHT_BYTES,
         idle_s: float = IDLE_S,
+        max_total_fds: int | None = None,
+        max_total_inflight: int = MAX_TOTAL_INFLIGHT_BYTES,
     ):
+        """Limits in ``fdtable``; ``max_total_fds`` None: half of what the fd limit
+        (``testbed.limits.fd_limit()``, read now) leaves after ``RESERVED_FDS``."""
         self.box = Sandbox(root)
-        self.tables = Tables(max_fds, max_inflight, idle_s)
+        self.tables = Tables(max_fds, max_inflight, idle_s, max_total_fds, max_total_inflight)
 
     def execute(self, client: bytes, call: wire.Call) -> tuple[int, int, tuple]:
         fn = EXECUTORS.get(call.nr)
         if fn is None:
             return -E.ENOSYS, E.ENOSYS, ()
-        table = self.tables.of(client)
         need = sum(len(b) for _a, b in call.bufs) + out_size(call.nr, call.args)
         try:
-            with table.budget(need):
+            with self.tables.use(client, need) as table:
                 ret, outs = fn(Ctx(self.box, table, call.args, dict(call.bufs)))
         except OSError as exc:
             err = exc.errno if exc.errno and 0 < exc.errno < 4096 else E.EIO
             return -err, err, ()
+        except (ValueError, OverflowError):  # an argument Python refuses: the kernel's EINVAL
+            return -E.EINVAL, E.EINVAL, ()
         return ret, 0, outs
 
     def forget(self, client: bytes) -> None:
+        """Forget ``client`` (any thread; fds of a running call close when it ends)."""
         self.tables.forget(client)
 
     def close(self) -> None:
