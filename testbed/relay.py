@@ -181,9 +181,11 @@ class Marshaller:
         parts, total = [], 0
         for i in range(len(raw) // _IOVEC.size):
             base, length = _IOVEC.unpack_from(raw, i * _IOVEC.size)
-            length = min(length, syscalls.MAX_BUFFER - total)
-            if length <= 0:
+            if total >= syscalls.MAX_BUFFER:
                 break
+            if not length:
+                continue  # a zero-length entry moves nothing; the next ones do (writev(2))
+            length = min(length, syscalls.MAX_BUFFER - total)
             parts.append(self.backend.read_memory(tid, base, length))
             total += length
         return b"".join(parts)
