@@ -12,17 +12,77 @@ its C path, or a libzmq socket.
 Each connection gets a ROUTER identity (``b"\\0"`` + 4 bytes, or the peer's
 ``Identity`` property when it is unused), and every complete message is
 handed to the serving callbacks with the time it was read.  The limits the
-libzmq path needs :mod:`testbed.connguard` for are kept here directly:
+libzmq path needs :mod:`testbed.connguard` for are kept here directly; the
+defaults come from :mod:`testbed.limits`, and every one is a keyword of
+:class:`Router` (and an attribute, read when it is used):
 
-* ``max_connections`` open connections; further ones are closed at once;
-* a frame longer than ``max_frame`` ends its connection (``ZMQ_MAXMSGSIZE``);
-* a connection that sends more than ``max_backlog`` bytes of one unfinished
-  multipart message is cut; only the first ``max_parts`` parts are kept;
-* replies a peer does not read wait in at most ``MAX_OUT`` bytes per
-  connection; further replies to it are dropped (ROUTER policy), counted.
+=====================  ==========================  ==========================================
+limit                  default                     how it is enforced
+=====================  ==========================  ==========================================
+``max_connections``    the caller's (delegate:     at the cap a new connection evicts the
+                       ``connection_cap``)         oldest one still in its handshake (after
+                                                   reading what it already sent); only when
+                                                   none is in its handshake is the new one
+                                                   closed at once (``refused``)
+``handshake_timeout``  ``HANDSHAKE_TIMEOUT_S``     greeting and READY not complete this long
+                                                   after accept: closed (``timed_out``)
+``message_timeout``    ``MESSAGE_TIMEOUT_S``       a frame or multipart message begun and not
+                                                   complete this long: cut (``timed_out``); so
+                                                   is a peer whose out buffer stayed full
+                                                   (not below half) this long while it kept
+                                                   sending
+``idle_timeout``       ``IDLE_TIMEOUT_S``          nothing read from it (PINGs count) this
+                                                   long: closed (``timed_out``)
+``max_frame``          the caller's                a longer frame ends its connection as soon
+                       (``HARD_MAX_FRAME``)        as its header is read (``ZMQ_MAXMSGSIZE``)
+``max_parts``          the caller's (3)            parts of one message kept; later ones are
+                                                   only counted
+``max_backlog``        the caller's                an unfinished multipart message counting
+                       (``MAX_BACKLOG``)           more than this is cut: every part, kept or
+                                                   not, counts its bytes + ``PART_OVERHEAD``,
+                                                   so empty parts count too
+``out_max``            ``OUT_MAX``                 bytes waiting to be sent to one peer,
+                                                   replies and PONGs alike; beyond it further
+                                                   ones are dropped (ROUTER policy) and
+                                                   counted (``dropped_replies``,
+                                                   ``dropped_pongs``)
+``peer_memory_max``    ``PEER_MEMORY_MAX``         bytes held for one peer (its carried input,
+                                                   kept parts with ``PART_OVERHEAD`` each, its
+                                                   out buffer): above it the peer is cut
+``global_memory_max``  ``GLOBAL_MEMORY_MAX``       the same summed over all peers: above it
+                                                   the peer holding most is cut (again, until
+                                                   under it); cutting, not pausing reads,
+                                                   because a paused peer would hold its bytes
+``turn_frames``,       ``TURN_FRAMES``,            fairness: one read or one turn handles at
+``turn_bytes``         ``TURN_BYTES``              most this many frames / bytes of a
+                                                   connection; the rest stays buffered, the
+                                                   connection is not read again until it is
+                                                   handled (TCP pushes back on it), and
+                                                   connections with buffered work get a turn
+                                                   each, round robin, before ``epoll`` blocks
+=====================  ==========================  ==========================================
 
-Nothing is buffered beyond one partial frame per connection: a message is
-answered as soon as its last frame is read.
+Memory is counted in bytes held (``held``, per connection and in all; the
+kernel's socket buffers are not counted).  With the delegate's values one
+peer can hold at most one frame being read (``HARD_MAX_FRAME``) plus one
+read, three kept parts and ``OUT_MAX`` plus one reply: about 26 MiB, under
+``PEER_MEMORY_MAX``; the per-peer check is the backstop for other values,
+the global one is what bounds many peers together.
+
+Timers cost the message path one stored timestamp per read (``last``, which
+is also the loop's clock) and one set when a frame is left incomplete
+(``since``): the clock is read anew only when the loop wakes with nothing
+to do, and a sweep over the connections runs at most every ``SWEEP_S``
+(also the ``epoll`` timeout, so an idle loop still sweeps), never per
+message.  Protocol violations (not ZMTP 3, a security mechanism, the
+as-server flag, a socket type other than DEALER, REQ or ROUTER, a message
+before READY, a second READY, an empty command) close the connection; each
+limit and refusal logs one line at most every ``WARN_EVERY_S`` per kind.
+Counters: ``refused``, ``evicted``, ``timed_out``, ``cut``,
+``dropped_replies``, ``dropped_pongs``, ``held``, ``peak_held``.
+
+A message is answered as soon as its last frame is handled; the replies of
+one read or turn go out in one ``send``.
 """
 
 from __future__ import annotations
@@ -35,8 +95,10 @@ import stat
 import struct
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from testbed import limits
 from testbed.connguard import ThrottledLog
 from testbed.errors import TestbedError
 from testbed.zmtp import GREETING, frame, frame_head, ready_command
@@ -47,8 +109,19 @@ _EPOLLRD = select.EPOLLIN | select.EPOLLRDHUP
 _PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")
 _TCP_BIND = re.compile(r"tcp://(\*|\d{1,3}(?:\.\d{1,3}){3}):(\*|\d{1,5})")
 
-#: Bytes of replies waiting per connection for a peer that does not read.
-MAX_OUT = 8 << 20
+#: Bytes of replies and commands waiting per connection for a peer that does not read.
+MAX_OUT = limits.OUT_MAX
+#: What one kept or counted message part costs beyond its bytes: a Python
+#: ``bytes`` object's header and its list slot (``sys.getsizeof(b"")`` is 33).
+PART_OVERHEAD = 64
+#: Frames one read or one turn handles of a connection, at most (fairness).
+TURN_FRAMES = 8
+#: Bytes of frames one read or one turn handles, at most (at least one frame).
+TURN_BYTES = 64 << 10
+#: Timeouts are looked at this often, at most (s); also the epoll timeout.
+SWEEP_S = 0.25
+#: Handshaking connections read (to see whether they finished) before one is evicted.
+EVICT_TRIES = 8
 #: Bytes taken per read (one buffer, reused).
 READ = 1 << 18
 #: At most one warning line of each kind per this many seconds.
@@ -67,18 +140,28 @@ def serves(endpoint: str) -> bool:
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "ident", "state", "inbuf", "out", "parts", "nparts", "nbytes")
+    __slots__ = ("sock", "fd", "ident", "state", "inbuf", "out", "parts", "nparts", "nbytes",
+                 "counted", "kept", "held", "opened", "last", "since", "full_since",
+                 "pending")  # fmt: skip
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, now: int) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = sock.fileno()  # -1 once dropped
         self.ident = b""
         self.state = _GREETING_STATE
-        self.inbuf = bytearray()  # an incomplete frame (or greeting) carried to the next read
+        self.inbuf = bytearray()  # read, not handled yet: an incomplete frame, a turn's rest
         self.out = bytearray()  # reply bytes the kernel did not take yet
         self.parts: list[bytes] = []  # kept parts of an unfinished multipart message
         self.nparts = 0
-        self.nbytes = 0
+        self.nbytes = 0  # bytes of that message's parts so far
+        self.counted = 0  # the same + PART_OVERHEAD per part: what max_backlog bounds
+        self.kept = 0  # held bytes of the kept parts, + PART_OVERHEAD each
+        self.held = 0  # inbuf + kept + out when last accounted (Router.held sums them)
+        self.opened = now  # accepted (monotonic ns)
+        self.last = now  # last read
+        self.since = 0  # the incomplete frame or message began (0: none)
+        self.full_since = 0  # a reply or PONG was first dropped since out was last half empty
+        self.pending = False  # handled frames wait in inbuf: in Router._pending, not read
 
 
 #: answer(identity, payload, t_recv_ns) -> reply, for a single-part message.
@@ -100,6 +183,14 @@ class Router:
         max_parts: int,
         log: Callable[[str], None] | None = None,
         on_close: Callable[[bytes], None] | None = None,
+        handshake_timeout: float = limits.HANDSHAKE_TIMEOUT_S,
+        message_timeout: float = limits.MESSAGE_TIMEOUT_S,
+        idle_timeout: float = limits.IDLE_TIMEOUT_S,
+        out_max: int = limits.OUT_MAX,
+        peer_memory_max: int = limits.PEER_MEMORY_MAX,
+        global_memory_max: int = limits.GLOBAL_MEMORY_MAX,
+        turn_frames: int = TURN_FRAMES,
+        turn_bytes: int = TURN_BYTES,
     ) -> None:
         if not serves(endpoint):
             raise TestbedError(f"the raw ZMTP delegate serves tcp://ADDR:PORT and ipc://PATH, "
@@ -109,6 +200,14 @@ class Router:
         self.max_frame = max_frame
         self.max_backlog = max_backlog
         self.max_parts = max_parts
+        self.handshake_timeout = handshake_timeout
+        self.message_timeout = message_timeout
+        self.idle_timeout = idle_timeout
+        self.out_max = out_max
+        self.peer_memory_max = peer_memory_max
+        self.global_memory_max = global_memory_max
+        self.turn_frames = max(1, turn_frames)
+        self.turn_bytes = turn_bytes
         self.on_close = on_close
         self._log = ThrottledLog(log, WARN_EVERY_S)
         self._listener: socket.socket | None = None
@@ -117,6 +216,8 @@ class Router:
         self._wake_lock = threading.RLock()  # a wake-up never writes to a closed (reused) fd
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
+        self._handshaking: OrderedDict[int, _Conn] = OrderedDict()  # oldest accepted first
+        self._pending: deque[_Conn] = deque()  # connections with frames left for a turn
         self._idents: set[bytes] = set()
         self._next_ident = struct.unpack("<I", os.urandom(4))[0]
         self._hello = GREETING + ready_command(b"ROUTER")
@@ -124,9 +225,15 @@ class Router:
         self._view = memoryview(self._buf)
         self._accept_paused = 0.0
         self.bound = ""
+        self._now = 0  # the serving loop's last clock reading (ns)
+        self.held = 0  # bytes held for all peers (sum of their inbuf, kept parts, out)
+        self.peak_held = 0
         self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
         self.cut = 0
         self.dropped_replies = 0
+        self.dropped_pongs = 0
 
     # ------------------------------------------------------------ set-up
 
@@ -216,34 +323,37 @@ class Router:
         self._answer, self._answer_parts = answer, answer_parts
         poll = self._ep.poll
         conns = self._conns
+        pending = self._pending
         lfd, wfd = self._listener.fileno(), self._wake_fd
         read = self._read
-        timeout = -1
+        mono = time.monotonic_ns
+        sweep_ns = int(SWEEP_S * 1e9)
+        next_sweep = mono() + sweep_ns
+        timeout = SWEEP_S  # 0 while connections have work left over or on stop
         deadline = None
         while True:
             if stop():
                 if deadline is None:
-                    deadline = time.monotonic_ns() + drain_ns
-                    timeout = 0
+                    deadline = mono() + drain_ns
                     self._ep.unregister(lfd)  # no new connections while draining
                     self._accept_paused = 0.0
-                elif time.monotonic_ns() > deadline:
+                    timeout = 0
+                elif mono() > deadline:
                     break
             if self._accept_paused:
-                timeout = 0.1 if timeout == -1 else timeout
                 if time.monotonic() > self._accept_paused:
                     self._accept_paused = 0.0
                     self._ep.modify(lfd, _EPOLLIN)
-                    timeout = -1 if deadline is None else 0
+                timeout = self._timeout(deadline)
             events = poll(timeout)
-            if not events and deadline is not None:
+            if not events and not pending and deadline is not None:
                 break  # nothing more is readable: drained
             for fd, ev in events:
                 conn = conns.get(fd)
                 if conn is not None:
                     if ev & _EPOLLOUT:
                         self._flush(conn)
-                    if ev & ~_EPOLLOUT and conn.fd in conns:
+                    if ev & ~_EPOLLOUT and conn.fd >= 0:
                         read(conn)
                 elif fd == lfd:
                     self._accept()
@@ -252,7 +362,60 @@ class Router:
                         os.eventfd_read(wfd)
                     except BlockingIOError:
                         pass
+            if pending:
+                self._turns()
+                timeout = self._timeout(deadline)
+            if not events:  # (else a read, an accept took the time: no clock read per message)
+                self._now = mono()
+            if self._now >= next_sweep:
+                self._sweep(self._now)
+                next_sweep = self._now + sweep_ns
         self._linger(linger_ns)
+
+    def _timeout(self, deadline: int | None) -> float:
+        """The epoll timeout (s): 0 while there is work left or on stop, else the sweep's."""
+        if self._pending or deadline is not None:
+            return 0
+        return 0.1 if self._accept_paused else SWEEP_S
+
+    def _turns(self) -> None:
+        """One turn for each connection that has frames left over, oldest first."""
+        pending = self._pending
+        for _ in range(len(pending)):
+            conn = pending.popleft()
+            if conn.fd >= 0:
+                self._parse(conn, conn.inbuf, len(conn.inbuf), time.monotonic_ns(), True, True)
+
+    def _sweep(self, now: int) -> None:
+        """Close connections whose handshake, message or silence took too long."""
+        hs = self._handshaking
+        begun = now - int(self.handshake_timeout * 1e9)
+        while hs:
+            conn = next(iter(hs.values()))
+            if conn.opened > begun:
+                break
+            self._time_out(conn, "handshake", f"did not complete its handshake within "
+                                              f"{self.handshake_timeout:g} s")  # fmt: skip
+        msg_ns = int(self.message_timeout * 1e9)
+        idle_ns = int(self.idle_timeout * 1e9)
+        for conn in list(self._conns.values()):
+            if conn.fd < 0:
+                continue
+            if conn.full_since and now - conn.full_since > msg_ns and conn.last > conn.full_since:
+                self._time_out(conn, "unread", f"kept sending without reading its replies for "
+                                               f"more than {self.message_timeout:g} s")  # fmt: skip
+            elif conn.pending:
+                continue  # the delegate owes it work: its timers wait
+            elif conn.since and now - conn.since > msg_ns:
+                self._time_out(conn, "message", f"left a frame or message incomplete for more "
+                                                f"than {self.message_timeout:g} s")  # fmt: skip
+            elif now - conn.last > idle_ns:
+                self._time_out(conn, "idle", f"sent nothing for {self.idle_timeout:g} s")
+
+    def _time_out(self, conn: _Conn, kind: str, why: str) -> None:
+        self.timed_out += 1
+        self._warn(kind, f"testbed delegate: closed a connection that {why}")
+        self._drop(conn)
 
     def _linger(self, linger_ns: int) -> None:
         end = time.monotonic_ns() + linger_ns
@@ -267,6 +430,8 @@ class Router:
                     self._flush(conn)
 
     def _accept(self) -> None:
+        conns = self._conns
+        self._now = time.monotonic_ns()
         while True:
             try:
                 sock, _addr = self._listener.accept()
@@ -278,25 +443,57 @@ class Router:
                 self._accept_paused = time.monotonic() + 0.1
                 self._ep.modify(self._listener.fileno(), 0)
                 return
-            if len(self._conns) >= self.max_connections:
+            if len(conns) >= self.max_connections:
+                self._evict_one()
+            if len(conns) >= self.max_connections:
                 self.refused += 1
+                self._warn("cap", f"testbed delegate: {len(conns)} connections open "
+                                  f"(limit {self.max_connections}), none in its handshake; "
+                                  f"refusing new ones")  # fmt: skip
                 sock.close()
-                self._warn("cap", f"testbed delegate: {len(self._conns)} connections open "
-                                  f"(limit {self.max_connections}); refusing new ones")  # fmt: skip
                 continue
             sock.setblocking(False)
             if sock.family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock)
-            self._conns[conn.fd] = conn
+            conn = _Conn(sock, time.monotonic_ns())
+            conns[conn.fd] = conn
+            self._handshaking[conn.fd] = conn
             self._ep.register(conn.fd, _EPOLLRD)
             self._write(conn, self._hello)
 
+    def _evict_one(self) -> None:
+        """Close the oldest connection still in its handshake, if there is one.
+
+        What a candidate already sent is read first: a peer whose greeting and
+        READY merely wait in the kernel is handshaken, not evicted.
+        """
+        hs = self._handshaking
+        for _ in range(EVICT_TRIES):
+            if not hs:
+                return
+            conn = next(iter(hs.values()))
+            self._read(conn)
+            if conn.fd < 0:
+                return  # it went away: its place is free
+            if hs.get(conn.fd) is conn:
+                self.evicted += 1
+                self._warn("evict", f"testbed delegate: {len(self._conns)} connections open "
+                                    f"(limit {self.max_connections}); closed the oldest one "
+                                    f"still in its handshake for a new one")  # fmt: skip
+                self._drop(conn)
+                return
+
     def _drop(self, conn: _Conn) -> None:
-        if self._conns.pop(conn.fd, None) is None:
+        fd = conn.fd
+        if fd < 0 or self._conns.get(fd) is not conn:
             return
+        del self._conns[fd]
+        self._handshaking.pop(fd, None)
+        conn.fd = -1
+        self.held -= conn.held
+        conn.held = 0
         try:
-            self._ep.unregister(conn.fd)
+            self._ep.unregister(fd)
         except (OSError, ValueError):
             pass
         conn.sock.close()
@@ -322,21 +519,24 @@ class Router:
         if not n:
             self._drop(conn)
             return
+        conn.last = self._now = t_recv  # (the serving loop's clock too)
         buf = self._buf
         # the measured path: one whole single-part message, nothing carried over
         if not conn.inbuf and conn.state == _OPEN and buf[0] == 0 and buf[1] + 2 == n \
                 and not conn.nparts:  # fmt: skip
             reply = self._answer(conn.ident, bytes(self._view[2:n]), t_recv)
-            if conn.fd in self._conns:
+            if conn.fd >= 0:
                 self._reply(conn, reply, ())
             return
         if conn.inbuf:
             conn.inbuf += self._view[:n]
-            self._parse(conn, conn.inbuf, len(conn.inbuf), t_recv, carried=True)
+            self._parse(conn, conn.inbuf, len(conn.inbuf), t_recv, True, False)
         else:
-            self._parse(conn, self._view, n, t_recv, carried=False)
+            self._parse(conn, self._view, n, t_recv, False, False)
 
-    def _parse(self, conn: _Conn, data, n: int, t_recv: int, carried: bool) -> None:
+    def _parse(self, conn: _Conn, data, n: int, t_recv: int, carried: bool, turn: bool) -> None:
+        """Handle the frames in ``data[:n]`` (``conn.inbuf`` when ``carried``), at
+        most one turn's worth; keep the rest in ``conn.inbuf``."""
         pos = 0
         if conn.state == _GREETING_STATE:
             if n < 64:
@@ -344,6 +544,7 @@ class Router:
                     self._refuse(conn, "does not speak ZMTP")
                     return
                 self._carry(conn, data, 0, n, carried)
+                self._account(conn)
                 return
             if data[0] != 0xFF or data[9] != 0x7F or data[10] < 3:
                 self._refuse(conn, "does not speak ZMTP 3")
@@ -352,8 +553,15 @@ class Router:
                 self._refuse(conn, "asks for a security mechanism (start the delegate with "
                                    "--curve-keys for CURVE)")  # fmt: skip
                 return
+            if data[32]:
+                self._refuse(conn, "set the as-server flag in its greeting (a client "
+                                   "must not)")  # fmt: skip
+                return
             conn.state, pos = _READY_STATE, 64
         max_frame = self.max_frame
+        frames_left, bytes_end = self.turn_frames, pos + self.turn_bytes
+        outq = bytearray()  # this turn's replies and PONGs: one send at the end
+        done = hit = False  # a message or command completed / the turn is used up
         while (fh := frame_head(data, pos, n)) is not None:
             flags, size, head = fh
             if size > max_frame:
@@ -364,20 +572,28 @@ class Router:
                 return
             if n - pos < head + size:
                 break
+            if not frames_left or pos >= bytes_end:
+                hit = True
+                break
+            frames_left -= 1
             start, pos = pos + head, pos + head + size
             if flags & _COMMAND:
-                if not self._command(conn, bytes(data[start:pos])):
+                if not self._command(conn, data[start:pos], outq):
                     return
+                done = True
                 continue
             if conn.state != _OPEN:
                 self._refuse(conn, "sent a message before its READY command")
                 return
             if flags & _MORE:
+                cost = size + PART_OVERHEAD
                 conn.nparts += 1
                 conn.nbytes += size
+                conn.counted += cost
                 if conn.nparts <= self.max_parts:
                     conn.parts.append(bytes(data[start:pos]))
-                if conn.nbytes > self.max_backlog:
+                    conn.kept += cost
+                if conn.counted > self.max_backlog:
                     self._cut_backlog(conn)
                     return
                 continue
@@ -386,48 +602,75 @@ class Router:
                 parts, nparts, nbytes = conn.parts, conn.nparts + 1, conn.nbytes + size
                 if nparts <= self.max_parts:
                     parts.append(body)
-                conn.parts, conn.nparts, conn.nbytes = [], 0, 0
+                conn.parts, conn.nparts, conn.nbytes, conn.counted, conn.kept = [], 0, 0, 0, 0
                 reply, env = self._answer_parts(conn.ident, parts, nparts, nbytes, t_recv)
             else:
                 reply, env = self._answer(conn.ident, body, t_recv), ()
-            if conn.fd not in self._conns:
+            done = True
+            if conn.fd < 0:
                 return
-            self._reply(conn, reply, env)
-        if conn.nparts and conn.nbytes + (n - pos) > self.max_backlog:
-            self._cut_backlog(conn)
-            return
+            data_out = frame(reply)
+            if env:
+                data_out = b"".join(frame(e, more=True) for e in env) + data_out
+            self._queue(conn, outq, data_out, False)
+        if outq:
+            self._write(conn, outq)
+            if conn.fd < 0:
+                return
+        if hit:
+            conn.since = 0  # what is left is the delegate's to do, not the peer's
+        else:
+            if conn.nparts and conn.counted + (n - pos) > self.max_backlog:
+                self._cut_backlog(conn)
+                return
+            if pos < n or conn.nparts:  # a frame or message is incomplete
+                if done or not conn.since:
+                    conn.since = t_recv
+            else:
+                conn.since = 0
         self._carry(conn, data, pos, n, carried)
+        if hit:
+            if turn or not conn.pending:
+                self._pending.append(conn)
+            if not conn.pending:
+                conn.pending = True
+                self._ep.modify(conn.fd, _EPOLLOUT if conn.out else 0)  # not read meanwhile
+        elif conn.pending:
+            conn.pending = False
+            self._ep.modify(conn.fd, _EPOLLRD | _EPOLLOUT if conn.out else _EPOLLRD)
+        self._account(conn)
 
     def _carry(self, conn: _Conn, data, pos: int, n: int, carried: bool) -> None:
-        """Keep ``data[pos:n]`` (an incomplete frame) for the next read."""
+        """Keep ``data[pos:n]`` (an incomplete frame, or frames for a later turn)."""
         if carried:
             if pos:
-                del conn.inbuf[:pos]
+                del conn.inbuf[:pos]  # (O(1) at the front of a bytearray)
         elif pos < n:
             conn.inbuf += data[pos:n]
 
     def _cut_backlog(self, conn: _Conn) -> None:
         self.cut += 1
         self._warn("backlog", f"testbed delegate: dropped a connection that sent "
-                              f"{conn.nbytes} bytes without completing a message "
-                              f"(limit {self.max_backlog})")  # fmt: skip
+                              f"{conn.nparts} parts, {conn.nbytes} bytes, without completing "
+                              f"a message (counted {conn.counted}, limit {self.max_backlog}: "
+                              f"{PART_OVERHEAD} bytes more per part)")  # fmt: skip
         self._drop(conn)
 
     def _refuse(self, conn: _Conn, why: str) -> None:
         self._warn("proto", f"testbed delegate: closed a connection that {why}")
         self._drop(conn)
 
-    def _command(self, conn: _Conn, body: bytes) -> bool:
+    def _command(self, conn: _Conn, body, outq: bytearray) -> bool:
         """Act on one command frame; False if the connection was dropped."""
         if not body:
             self._refuse(conn, "sent an empty command")
             return False
-        name = body[1 : 1 + body[0]]
+        name = bytes(body[1 : 1 + body[0]])
         if conn.state == _READY_STATE:
             if name != b"READY":
                 self._refuse(conn, f"sent {name[:16]!r} instead of READY")
                 return False
-            props = _properties(body[1 + body[0] :])
+            props = _properties(bytes(body[1 + body[0] :]))
             if props is None or props.get(b"Socket-Type") not in _PEER_TYPES:
                 kind = (props or {}).get(b"Socket-Type", b"no socket type")
                 self._refuse(conn, f"is a {kind[:16].decode('latin-1')} socket, "
@@ -435,10 +678,14 @@ class Router:
                 return False
             conn.ident = self._identity(props.get(b"Identity", b""))
             conn.state = _OPEN
+            self._handshaking.pop(conn.fd, None)
         elif name == b"PING":  # ZMTP 3.1 heartbeat: PONG with its context
-            pong = b"\x04PONG" + body[7:][:16]
-            self._write(conn, bytes([_COMMAND, len(pong)]) + pong)
-        return conn.fd in self._conns
+            pong = b"\x04PONG" + bytes(body[7:23])
+            self._queue(conn, outq, bytes([_COMMAND, len(pong)]) + pong, True)
+        elif name == b"READY":
+            self._refuse(conn, "sent a second READY command")
+            return False
+        return True
 
     def _identity(self, asked: bytes) -> bytes:
         if asked and asked[0] != 0 and len(asked) <= 255 and asked not in self._idents:
@@ -454,20 +701,38 @@ class Router:
 
     # ------------------------------------------------------------ bytes out
 
+    def _queue(self, conn: _Conn, outq: bytearray, data: bytes, pong: bool) -> None:
+        """Add ``data`` to this turn's output unless that passes ``out_max`` (then drop it)."""
+        waiting = len(conn.out) + len(outq)
+        if waiting and waiting + len(data) > self.out_max:
+            self._dropped(conn, pong)
+            return
+        outq += data
+
+    def _dropped(self, conn: _Conn, pong: bool) -> None:
+        if not conn.full_since:
+            conn.full_since = time.monotonic_ns()
+        if pong:
+            self.dropped_pongs += 1
+        else:
+            self.dropped_replies += 1
+        self._warn("out", f"testbed delegate: a client does not read what it is sent; "
+                          f"dropped {self.dropped_replies} replies and {self.dropped_pongs} "
+                          f"PONGs so far")  # fmt: skip
+
     def _reply(self, conn: _Conn, reply: bytes, env: tuple[bytes, ...]) -> None:
         data = frame(reply)
         if env:
             data = b"".join(frame(e, more=True) for e in env) + data
-        if conn.out and len(conn.out) + len(data) > MAX_OUT:
-            self.dropped_replies += 1
-            self._warn("out", f"testbed delegate: a client does not read its replies; "
-                              f"dropped {self.dropped_replies} so far")  # fmt: skip
+        if conn.out and len(conn.out) + len(data) > self.out_max:
+            self._dropped(conn, False)
             return
         self._write(conn, data)
 
-    def _write(self, conn: _Conn, data: bytes) -> None:
+    def _write(self, conn: _Conn, data) -> None:
         if conn.out:
             conn.out += data
+            self._account(conn)
             return
         try:
             sent = conn.sock.send(data, socket.MSG_NOSIGNAL)
@@ -477,8 +742,9 @@ class Router:
             self._drop(conn)
             return
         if sent < len(data):
-            conn.out += data[sent:]
-            self._ep.modify(conn.fd, _EPOLLRD | _EPOLLOUT)  # until out is empty again
+            conn.out += memoryview(data)[sent:]
+            self._ep.modify(conn.fd, _EPOLLOUT if conn.pending else _EPOLLRD | _EPOLLOUT)
+            self._account(conn)
 
     def _flush(self, conn: _Conn) -> None:
         try:
@@ -489,8 +755,39 @@ class Router:
             self._drop(conn)
             return
         del conn.out[:sent]
+        if len(conn.out) <= self.out_max >> 1:
+            conn.full_since = 0  # it reads: no longer "full"
         if not conn.out:
-            self._ep.modify(conn.fd, _EPOLLRD)
+            self._ep.modify(conn.fd, 0 if conn.pending else _EPOLLRD)
+        self._account(conn)
+
+    # ------------------------------------------------------------ memory
+
+    def _account(self, conn: _Conn) -> None:
+        """Record what ``conn`` holds now; cut it, or the biggest holder, past a limit."""
+        held = len(conn.inbuf) + conn.kept + len(conn.out)
+        self.held += held - conn.held
+        conn.held = held
+        if self.held > self.peak_held:
+            self.peak_held = self.held
+        if held > self.peer_memory_max:
+            self._cut_memory(conn, f"(limit {self.peer_memory_max} per client)")
+        while self.held > self.global_memory_max and self._conns:
+            big = max(self._conns.values(), key=_held_of)
+            if not big.held:
+                break  # (nobody holds anything: nothing to cut)
+            self._cut_memory(big, f"the most of {self.held} held for all clients "
+                                  f"(limit {self.global_memory_max})")  # fmt: skip
+
+    def _cut_memory(self, conn: _Conn, why: str) -> None:
+        self.cut += 1
+        self._warn("memory", f"testbed delegate: dropped a connection that made it hold "
+                             f"{conn.held} bytes, {why}")  # fmt: skip
+        self._drop(conn)
+
+
+def _held_of(conn: _Conn) -> int:
+    return conn.held
 
 
 def _properties(raw: bytes) -> dict[bytes, bytes] | None:
@@ -541,7 +838,9 @@ def prepare_ipc_path(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise TestbedError(f"cannot listen on ipc://{path}: it exists and is not a socket")
     if _ipc_alive(path):
-        raise TestbedError(f"cannot listen on ipc://{path}: it is in use (another process listens on it)")
+        raise TestbedError(
+            f"cannot listen on ipc://{path}: it is in use (another process listens on it)"
+        )
     try:
         os.unlink(path)  # a stale socket file nobody listens on
     except FileNotFoundError:

@@ -149,7 +149,9 @@ class Dealer:
     complete part is buffered, so at most one read's worth (``READ``) of parts
     waits here.  ``poll`` counts buffered parts as ready even when the fd is
     not readable.  Messages wait (``MAX_OUT`` bytes at most) until the peer's
-    READY arrived, as libzmq's do.  A connection the peer closes is dropped
+    READY arrived, as libzmq's do.  PONGs answering the peer's PINGs share
+    ``MAX_OUT`` with messages: beyond it they are dropped (``dropped_pongs``),
+    so a peer that pings and never reads cannot grow the relay.  A connection the peer closes is dropped
     (what was written in part is lost); the next ``send`` dials again and redoes
     the greeting, and while the dial fails ``poll`` (or :class:`Poller`) retries
     every ``RECONNECT_S``, as libzmq reconnects.  There is no I/O thread: the
@@ -192,6 +194,7 @@ class Dealer:
         self._dropped_at = -1e9
         self.dials = 0
         self.drops = 0
+        self.dropped_pongs = 0
         self.last_error = ""
         self.closed = False
         self._dial()
@@ -294,7 +297,10 @@ class Dealer:
                 if body.startswith(_CMD_PING):  # heartbeat (libzmq's ZMQ_HEARTBEAT_IVL)
                     ctx = body[5 + 2 :][:16]
                     pong = b"\x04PONG" + ctx
-                    self._out += bytes([_FLAG_COMMAND, len(pong)]) + pong
+                    if self._out and len(self._out) + 2 + len(pong) > self.MAX_OUT:
+                        self.dropped_pongs += 1  # a peer that pings and never reads
+                    else:
+                        self._out += bytes([_FLAG_COMMAND, len(pong)]) + pong
                 elif not self._ready:  # its READY (a NULL-mechanism peer sends nothing else)
                     self._ready = True
                     self._out += self._held
