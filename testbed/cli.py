@@ -133,9 +133,11 @@ def syscall_set(text: str) -> frozenset[int]:
 
 
 def cmd_delegate(args: argparse.Namespace) -> int:
+    from testbed import limits
     from testbed.delegate import delegate_from_args, serve_until_stopped
     from testbed.keys import exposure_warning
 
+    limits.raise_fd_limit()  # first: the executor's and the connections' fd caps derive from it
     delegate = delegate_from_args(args)
 
     def ready(d) -> None:

@@ -38,7 +38,15 @@ being computed is sent, messages already queued are answered (bounded: 0.2 s),
 then the sockets close with a 100 ms linger and the process exits 0.
 ``--curve-keys DIR`` makes the ROUTER a CURVE server admitting only the relay
 keys in ``DIR/authorized`` (:mod:`testbed.keys`); ``--user NAME`` drops root
-after binding and reading the keys (:mod:`testbed.privileges`).
+after binding and reading the keys, every thread (:mod:`testbed.privileges`).
+
+The limits of :mod:`testbed.limits` are kept by :class:`testbed.router.Router`
+itself (``zmtp``) or, under libzmq, by socket options (``ZMQ_HANDSHAKE_IVL``,
+``ZMQ_MAXMSGSIZE``, the high-water marks: :func:`send_hwm`) and by
+:class:`testbed.connguard.ConnectionGuard` (connections, backlog, memory held,
+message and idle timeouts); :func:`connection_cap` shares the fd limit with
+the offload executor.  Offload state belongs to a connection: under libzmq it
+is keyed by identity and socket inode and forgotten when the connection ends.
 
 Cost mode acknowledges a call (ret 0, errno 0) without executing it; offload
 mode is delegated to an :class:`OffloadExecutor` (``testbed.offload``, built
@@ -62,10 +70,10 @@ from typing import Any, Protocol
 
 import zmq
 
-from testbed import cpus, keys, router, wire, zmtp
+from testbed import cpus, keys, limits, router, syscalls, wire, zmtp
 from testbed.connguard import ConnectionGuard
 from testbed.errors import TestbedError
-from testbed.privileges import drop_privileges
+from testbed.privileges import drop_privileges, restrict
 
 #: ZMQ_MAXMSGSIZE: libzmq drops the *connection* of a peer sending a bigger
 #: frame (it never reaches us).  Frames between ``wire.MAX_FRAME`` and this cap
@@ -74,10 +82,12 @@ HARD_MAX_FRAME = wire.MAX_FRAME + (64 << 10)
 
 #: Whole messages queued per peer, each way (ZMQ_RCVHWM / ZMQ_SNDHWM).  libzmq
 #: counts messages, not bytes: a peer's receive queue holds at most
-#: RECV_HWM * HARD_MAX_FRAME bytes; beyond it TCP pushes back on the peer.  A
-#: reply is a RESULT (~80 bytes in cost mode) or an ERROR (< 300 bytes:
+#: RECV_HWM * HARD_MAX_FRAME bytes; beyond it TCP pushes back on the peer.  In
+#: cost mode a reply is a RESULT (~80 bytes) or an ERROR (< 300 bytes:
 #: ``wire.MAX_ERROR_TEXT``), so a peer that never reads costs at most
 #: SEND_HWM small replies; further replies to it are dropped (ROUTER policy).
+#: With offload a reply may carry ``syscalls.MAX_BUFFER`` bytes: see
+#: :func:`send_hwm`.
 RECV_HWM = 8
 SEND_HWM = 256
 
@@ -113,20 +123,43 @@ WORKER_POLL_MS = 50
 #: On stop, queued messages are still answered for at most this long (ns).
 DRAIN_NS = 200_000_000
 
+#: ``workers > 1`` with offload: replies (up to ``syscalls.MAX_BUFFER`` bytes
+#: each) the front loop passes on in a row before it looks at the ROUTER again,
+#: so new requests cannot keep replies waiting in memory.
+REPLIES_PER_TURN = 64
+
 SNDMORE = int(zmq.SNDMORE)  # plain int: enum flags are slow on the hot path
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE_NOBLOCK = SNDMORE | NOBLOCK
+POLLIN = int(zmq.POLLIN)
 SRCFD = int(zmq.SRCFD)
+#: How a BYE frame begins (``[version, "bye", map]``, msgpack).
+_BYE_HEAD = bytes([0x93, wire.WIRE_VERSION]) + b"\xa3" + wire.BYE.encode()
 
 
-def connection_cap(workers: int) -> int:
+def connection_cap(workers: int, offload: bool = False) -> int:
     """Connections to accept: MAX_CONNECTIONS, less if RLIMIT_NOFILE is lower.
 
-    Each connection costs one fd; each worker socket and libzmq's own
-    machinery a few more (reserved here).
+    Each connection costs one fd; ``limits.RESERVED_FDS`` stay free for the
+    delegate itself and each worker's sockets cost 3 more.  With offload the
+    connections get half of the rest: the other half is the offload
+    executor's (its global cap, ``(soft - RESERVED_FDS) // 2``), so neither
+    offloaded files nor connections can starve the other.
     """
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(1, min(MAX_CONNECTIONS, soft - 64 - 3 * workers))
+    soft = limits.fd_limit()
+    free = soft - limits.RESERVED_FDS - 3 * workers
+    if offload:
+        free //= 2
+    return max(1, min(MAX_CONNECTIONS, free))
+
+
+def send_hwm(offload: bool) -> int:
+    """ZMQ_SNDHWM: replies queued for a peer that does not read them, at most
+    ``limits.OUT_MAX`` bytes of them (with offload a reply may carry
+    ``syscalls.MAX_BUFFER`` bytes; cost-mode replies are < 300 bytes)."""
+    if not offload:
+        return SEND_HWM
+    return max(2, limits.OUT_MAX // syscalls.MAX_BUFFER)
 
 
 class OffloadExecutor(Protocol):
@@ -134,8 +167,14 @@ class OffloadExecutor(Protocol):
 
     ``execute`` is called from worker threads (concurrently when
     ``workers > 1``) and must keep per-client state (fd tables) keyed by
-    ``client``, the ROUTER identity.  It returns ``(ret, errno, outbufs)``.
-    ``forget`` is called when a client says BYE.
+    ``client``: a key unique to the client's *connection*, never only the
+    routing identity a peer chooses (a later peer choosing the same identity
+    must not inherit that state).  Raw ZMTP: the identity, which the router
+    gives no other connection while this one is open; libzmq: the identity,
+    NUL and the connection's socket inode (:meth:`ConnectionGuard.conn_key`).
+    It returns ``(ret, errno, outbufs)``.  ``forget`` is called when a client
+    says BYE and when its connection has ended, from the serving thread or the
+    connection guard's, possibly while a call of that client still executes.
     """
 
     def execute(
@@ -185,15 +224,44 @@ def _spin_until(deadline_ns: int, yield_gil: bool) -> None:
             pass
 
 
+#: How a handler keys a client's offload state (:meth:`_Handler.offload_key`).
+KEY_IDENT, KEY_GUARD, KEY_TAG = "ident", "guard", "tag"
+
+
 class _Handler:
     """Turns one received message into one reply; owns one thread's accounting."""
 
-    def __init__(self, delegate: Delegate):
+    def __init__(self, delegate: Delegate, key_mode: str = KEY_IDENT):
         self.d = delegate
         self.clients: OrderedDict[bytes, _Client] = OrderedDict()  # least recently seen first
         self.delay_ns = delegate.delay_ns
         self.yield_gil = delegate.workers > 1
         self.service_slot = None  # (t_recv, found, worker) set by testbed.service
+        #: KEY_IDENT: the identity is the connection's (raw ZMTP: forgotten on close);
+        #: KEY_GUARD: the serving loop reads the ROUTER itself (guard.current);
+        #: KEY_TAG: a worker behind the front loop, which tags offload messages
+        self.key_mode = key_mode
+        self.tag: bytes | None = None  # the key the front loop tagged this message with
+
+    def offload_key(
+        self, ident: bytes, required: bool = True, call_id: int | None = None
+    ) -> bytes | None:
+        """The key of this message's connection for the offload executor (its
+        state belongs to the connection, not to the identity a peer chose)."""
+        mode = self.key_mode
+        if mode == KEY_IDENT:
+            return ident
+        if mode == KEY_TAG:
+            key = self.tag
+        else:
+            guard = self.d._guard
+            try:
+                key = guard.conn_key(ident, guard.current) if guard is not None else None
+            except OSError:
+                key = None  # the connection has ended since the message came
+        if key is None and required:
+            raise wire.WireError(wire.E_INTERNAL, "the connection of this call has ended", call_id)
+        return key
 
     def _client(self, ident: bytes, t_ns: int) -> _Client:
         clients = self.clients
@@ -221,7 +289,9 @@ class _Handler:
                 return wire.encode_welcome(self.d.welcome_info())
             if kind == wire.BYE:
                 if self.d.offload is not None:
-                    self.d.offload.forget(ident)
+                    key = self.offload_key(ident, required=False)
+                    if key is not None:
+                        self.d.offload.forget(key)
                 return wire.encode_bye(self.d.client_stats(ident))
             if kind == wire.STATS:  # CPU time for the relay's run record (testbed.cpus)
                 calls = self.d.client_stats(ident)["calls"]
@@ -260,8 +330,9 @@ class _Handler:
         if self.service_slot is not None:  # --service-us: queued, then served
             self.d.service.serve(*self.service_slot)
         if call.mode == "offload":
+            key = self.offload_key(ident, call_id=call.call_id)
             t_exec_start = mono()
-            ret, err, outbufs = offload.execute(ident, call)
+            ret, err, outbufs = offload.execute(key, call)
             t_exec_end = mono()
         else:
             t_exec_start = t_exec_end = mono()
@@ -326,6 +397,9 @@ class Delegate:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ctl_id = b"\x00tb-ctl-" + os.urandom(8)
+        # heads the tag frame the front loop puts before an offload message for the
+        # workers (``workers > 1``): never sent, so no peer can forge one
+        self._tag_prefix = b"\x00tb-tag-" + os.urandom(16)
         self._ctl_endpoint = f"inproc://tb-delegate-{id(self):x}-ctl"
         self._lock = threading.RLock()
 
@@ -436,7 +510,7 @@ class Delegate:
         if self.transport == "zmtp":
             self._raw = router.Router(
                 self.listen,
-                max_connections=connection_cap(self.workers),
+                max_connections=connection_cap(self.workers, self.offload is not None),
                 max_frame=HARD_MAX_FRAME,
                 max_backlog=MAX_BACKLOG,
                 max_parts=MAX_PARTS,
@@ -448,14 +522,25 @@ class Delegate:
                 self._close()
                 raise
             return self._endpoint
+        path = self.listen[6:] if self.listen.startswith("ipc://") else ""
+        if path and path != "*" and not path.startswith("@"):  # a file, not abstract
+            # libzmq would unlink whatever is there (a file, a live listener's socket)
+            router.prepare_ipc_path(path)
         ctx = zmq.Context()
         self._ctx = ctx
         try:
             rsock = self._router = ctx.socket(zmq.ROUTER)
             rsock.setsockopt(zmq.LINGER, 0)
             rsock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME)
-            rsock.setsockopt(zmq.SNDHWM, SEND_HWM)  # per peer; beyond it ROUTER drops replies
+            # per peer, in messages: at most limits.OUT_MAX bytes; beyond it replies are dropped
+            # (testbed.service's loop sends without NOBLOCK: it keeps SEND_HWM, see _send_again)
+            small = self.offload is not None and self.service is None
+            rsock.setsockopt(zmq.SNDHWM, send_hwm(small))
             rsock.setsockopt(zmq.RCVHWM, RECV_HWM)  # per peer; beyond it TCP pushes back
+            if self.service is None:  # our loops send with NOBLOCK: see _send_again
+                rsock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # greeting, READY (CURVE: HELLO .. READY) complete within this, else closed
+            rsock.setsockopt(zmq.HANDSHAKE_IVL, int(limits.HANDSHAKE_TIMEOUT_S * 1000))
             if self.curve_keys is not None:
                 self._auth = keys.setup_server(ctx, rsock, self.curve_keys)
             try:
@@ -497,14 +582,24 @@ class Delegate:
             raise TestbedError(f"cannot serve {self.listen} with transport zmtp: {why}")
         return "libzmq"
 
-    def _forget(self, ident: bytes) -> None:
-        """A raw-ZMTP connection closed: its identity is never seen again."""
+    def _forget(self, key: bytes) -> None:
+        """A connection ended (raw ZMTP: its identity; libzmq: the key of
+        :meth:`ConnectionGuard.conn_key`): its offload state goes with it."""
         if self.offload is not None:
-            self.offload.forget(ident)
+            self.offload.forget(key)
 
     def _start_guard(self) -> None:
         self._guard = ConnectionGuard(
-            self._ctx, self._router, connection_cap(self.workers), MAX_BACKLOG
+            self._ctx,
+            self._router,
+            connection_cap(self.workers, self.offload is not None),
+            MAX_BACKLOG,
+            message_timeout=limits.MESSAGE_TIMEOUT_S,
+            idle_timeout=limits.IDLE_TIMEOUT_S,
+            peer_memory_max=limits.PEER_MEMORY_MAX,
+            global_memory_max=limits.GLOBAL_MEMORY_MAX,
+            loop_marks=self.service is None,  # testbed.service's loop never clears it
+            on_gone=self._forget,
         )
         self._guard.start()
 
@@ -664,7 +759,7 @@ class Delegate:
 
     def _serve_direct(self) -> None:
         """``workers == 1``: serve the ROUTER in this thread, no inproc hop."""
-        handler = _Handler(self)
+        handler = _Handler(self, KEY_GUARD)
         self._handlers.append(handler)
         self._loop(self._router, handler)
 
@@ -692,7 +787,11 @@ class Delegate:
         mono = time.monotonic_ns
         handle = handler.handle
         ctl = self._ctl_id
-        guard = self._guard.delivered if self._guard is not None and sock is self._router else None
+        g = self._guard if sock is self._router else None  # None: a worker behind the front
+        guard = g.delivered if g is not None else None  # marks the fd, and g.current busy
+        # the ROUTER never blocks on a peer (ROUTER_MANDATORY + NOBLOCK); a worker's
+        # DEALER blocks while the front loop is behind
+        more, last = (SNDMORE_NOBLOCK, NOBLOCK) if sock is self._router else (SNDMORE, 0)
         deadline = None
         while True:
             if self._stop_requested:  # drain what is queued, bounded in count and time
@@ -720,19 +819,34 @@ class Delegate:
                 reply = handle(ident, frame.bytes, t_recv)
                 env = (ident,)
             else:
-                reply, env = self._multipart(sock, handler, ident, frame, t_recv)
+                reply, env = self._multipart(sock, handler, ident, frame, t_recv, g is None)
             try:
                 for part in env:
-                    send(part, SNDMORE)
-                send(reply)
+                    send(part, more)
+                send(reply, last)
+            except zmq.Again:
+                _send_again(sock, (*env, reply))
             except zmq.ZMQError:
-                pass  # peer vanished or its queue is full: ROUTER drops, nothing to do
+                pass  # the peer vanished: nothing to do
+            if g is not None:
+                g.current = -1  # waiting again (the guard's "loop stuck" test)
 
-    @staticmethod
     def _multipart(
-        sock: zmq.Socket, handler: _Handler, ident: bytes, frame: zmq.Frame, t_recv: int
+        self,
+        sock: zmq.Socket,
+        handler: _Handler,
+        ident: bytes,
+        frame: zmq.Frame,
+        t_recv: int,
+        tagged: bool = False,
     ) -> tuple[bytes, tuple[bytes, ...]]:
-        """Reply to a message of several parts; keeps at most MAX_PARTS of them."""
+        """Reply to a message of several parts; keeps at most MAX_PARTS of them.
+
+        ``tagged``: ``sock`` is a worker's, behind the front loop, which may put a
+        tag frame (the offload key of the message's connection) before the
+        identity (:meth:`_tag`); from the ROUTER itself a first part is always
+        the peer's identity, never a tag.
+        """
         frames = [frame.bytes]
         parts, nbytes = 1, len(frame)
         while frame.more:  # libzmq delivers whole messages: every part is here already
@@ -741,6 +855,18 @@ class Delegate:
             nbytes += len(frame)
             if parts <= MAX_PARTS:
                 frames.append(frame.bytes)
+        prefix = self._tag_prefix
+        if tagged and ident[: len(prefix)] == prefix and parts <= MAX_PARTS:
+            handler.tag = ident[len(prefix) :]
+            ident, frames = frames[0], frames[1:]
+            parts, nbytes = parts - 1, nbytes - len(ident)
+            try:
+                if parts == 1:
+                    return handler.handle(ident, frames[0], t_recv), (ident,)
+                reply, env = _answer_parts(handler, ident, frames, parts, nbytes, t_recv)
+            finally:
+                handler.tag = None
+            return reply, (ident, *env)
         reply, env = _answer_parts(handler, ident, frames, parts, nbytes, t_recv)
         return reply, (ident, *env)
 
@@ -753,7 +879,7 @@ class Delegate:
         socks.append(backend)
         backend.setsockopt(zmq.LINGER, 0)
         backend.setsockopt(zmq.SNDHWM, RECV_HWM * self.workers)
-        backend.setsockopt(zmq.RCVHWM, SEND_HWM)
+        backend.setsockopt(zmq.RCVHWM, SEND_HWM)  # replies pass on at once (ROUTER: send_hwm)
         backend.bind(backend_ep)
         for _ in range(self.workers):
             sock = ctx.socket(zmq.DEALER)
@@ -768,7 +894,7 @@ class Delegate:
         backend, *worker_socks = self._pool_socks
         workers = []
         for i, sock in enumerate(worker_socks):
-            handler = _Handler(self)
+            handler = _Handler(self, KEY_TAG)
             self._handlers.append(handler)
             t = threading.Thread(
                 target=self._worker, args=(sock, handler), name=f"tb-delegate-w{i}", daemon=True
@@ -793,12 +919,13 @@ class Delegate:
         :mod:`testbed.connguard`), exactly as :meth:`_loop` does for one worker.
         """
         router = self._router
-        guard = self._guard.delivered if self._guard is not None else None
+        g = self._guard
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(backend, zmq.POLLIN)
         poll = poller.poll
         mono = time.monotonic_ns
+        drain = REPLIES_PER_TURN if self.offload is not None else 0
         deadline = None
         while True:
             if self._stop_requested:  # workers drain for DRAIN_NS; forward their replies
@@ -808,11 +935,65 @@ class Delegate:
                     break
             for sock, _ in poll(WORKER_POLL_MS):
                 if sock is router:
-                    _forward(router, backend, guard)
+                    self._forward_in(router, backend)
+                    if g is not None:
+                        g.current = -1  # waiting again (the guard's "loop stuck" test)
                 else:
-                    _forward(backend, router, None)
+                    _forward_out(backend, router)
+                    for _ in range(drain):  # offload: replies of 1 MiB, pass them on first
+                        if not backend.getsockopt(zmq.EVENTS) & POLLIN:
+                            break
+                        _forward_out(backend, router)
         while backend.poll(0):  # replies the workers computed last
-            _forward(backend, router, None)
+            _forward_out(backend, router)
+
+    def _forward_in(self, router: zmq.Socket, backend: zmq.Socket) -> None:
+        """Move one whole message from the ROUTER to the workers: mark its connection
+        for the guard, and with offload tag a call or BYE with its connection's key."""
+        recv, send = router.recv, backend.send
+        ident = recv(copy=False)  # a whole message is there already
+        frame = recv(copy=False)
+        g = self._guard
+        fd = -1
+        if g is not None:
+            try:
+                fd = frame.get(SRCFD)
+            except zmq.ZMQError:
+                pass  # an inproc peer: no connection to guard
+            else:
+                g.delivered(fd)
+        tag = None
+        head: tuple[zmq.Frame, ...] = ()
+        if fd >= 0 and self.offload is not None:
+            if frame.more and len(frame) == 0:  # ["", payload]: a REQ client
+                head, frame = (frame,), recv(copy=False)
+            if not frame.more:
+                tag = self._tag(ident.bytes, frame, fd)
+        try:
+            if tag is not None:
+                send(tag, SNDMORE)
+            send(ident, SNDMORE)
+            for part in head:
+                send(part, SNDMORE)
+            while frame.more:
+                send(frame, SNDMORE)
+                frame = recv(copy=False)
+            send(frame)
+        except zmq.ZMQError:  # peer vanished or its queue is full: drop the rest
+            while frame.more:
+                frame = recv(copy=False)
+
+    def _tag(self, ident: bytes, frame: zmq.Frame, fd: int) -> bytes | None:
+        """The tag frame for a message whose payload is ``frame`` from connection ``fd``:
+        for an offload call (its encoding always ends with its mode) or a BYE, the
+        prefix and the connection's key; None for anything else."""
+        buf = frame.buffer
+        if buf[-7:] != b"offload" and buf[:6] != _BYE_HEAD:
+            return None
+        try:
+            return self._tag_prefix + self._guard.conn_key(ident, fd)
+        except OSError:
+            return None  # the connection has ended: the worker answers an error
 
     def _worker(self, sock: zmq.Socket, handler: _Handler) -> None:
         try:
@@ -831,25 +1012,43 @@ def _answer_parts(
     return handler.bad_envelope(ident, parts, nbytes, t_recv), ()
 
 
-def _forward(src: zmq.Socket, dst: zmq.Socket, guard: Callable[[int], None] | None) -> None:
-    """Move one whole message from ``src`` to ``dst``; mark its source fd with ``guard``."""
-    recv, send = src.recv, dst.send
-    ident = recv(copy=False)  # ROUTER: the identity; a whole message is there already
-    frame = recv(copy=False)
-    if guard is not None:
-        try:
-            guard(frame.get(SRCFD))
-        except zmq.ZMQError:
-            pass  # an inproc peer: no connection to guard
+def _forward_out(backend: zmq.Socket, router: zmq.Socket) -> None:
+    """Move one whole reply from the workers to the ROUTER (never blocking on a peer)."""
+    recv = backend.recv
+    frame = recv(copy=False)  # the identity; a whole message is there already
+    parts = [frame]
+    while frame.more:
+        frame = recv(copy=False)
+        parts.append(frame)
+    send = router.send
     try:
-        send(ident, SNDMORE)
-        while frame.more:
-            send(frame, SNDMORE)
-            frame = recv(copy=False)
-        send(frame)
-    except zmq.ZMQError:  # peer vanished or its queue is full: drop the rest
-        while frame.more:
-            frame = recv(copy=False)
+        for part in parts[:-1]:
+            send(part, SNDMORE_NOBLOCK)
+        send(parts[-1], NOBLOCK)
+    except zmq.Again:
+        _send_again(router, parts)
+    except zmq.ZMQError:
+        pass  # the peer vanished: nothing to do
+
+
+def _send_again(router: zmq.Socket, parts: tuple | list) -> None:
+    """Send a reply the ROUTER refused as over its high-water mark once more, after it
+    has caught up with what the peer read; if still refused, drop it (ROUTER policy).
+
+    libzmq tells a socket how many messages a peer has read only now and then
+    (every ``(SNDHWM + 1) // 2`` of them, a command the socket processes when it
+    gets to it), so with a small SNDHWM a peer that reads every reply can look
+    full: without ``ROUTER_MANDATORY`` its reply was dropped silently (seen with
+    SNDHWM 8 and 16 and a client making one call at a time).  ``ZMQ_EVENTS``
+    processes the pending commands.
+    """
+    router.getsockopt(zmq.EVENTS)
+    try:
+        for part in parts[:-1]:
+            router.send(part, SNDMORE_NOBLOCK)
+        router.send(parts[-1], NOBLOCK)
+    except zmq.ZMQError:
+        pass  # really full (a peer that does not read), or it vanished: dropped
 
 
 # ---------------------------------------------------------------- CLI
@@ -862,8 +1061,10 @@ def serve_until_stopped(
 ) -> None:
     """``testbed delegate``: bind, serve until SIGINT/SIGTERM or ``max_calls``, close.
 
-    Main thread only (signal handlers).  Started as root with ``user``, drops
-    to that user after binding and reading the keys, before the first message.
+    Main thread only (signal handlers).  Started as root with ``user``, sets
+    what the kernel keeps per thread (``no_new_privs``, the capability bounding
+    set) before any other thread exists, and drops to that user after binding
+    and reading the keys, before the first message (:mod:`testbed.privileges`).
     ``on_ready`` is called once bound (the CLI prints the status line there).
     On return the sockets are closed and SIGINT/SIGTERM are handed back
     (:func:`_after_shutdown`); a failure of the serving thread is raised.
@@ -876,6 +1077,8 @@ def serve_until_stopped(
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
+            if user:  # before the ZeroMQ context, the guard, the authenticator: every thread
+                restrict(user)
             delegate.bind()
             if user:
                 drop_privileges(user)  # after bind and keys, before the first message
