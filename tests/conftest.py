@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,21 @@ def pytest_make_collect_report(collector):
 def tb_argv(*args: str) -> list[str]:
     """argv running the testbed CLI of this checkout with this interpreter."""
     return [PY, "-m", "testbed", *args]
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """True once ``pid`` no longer runs (gone, or a zombie nobody reaps) within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def run_testbed(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

@@ -716,30 +716,56 @@ while dev.status().queued == 0:
     time.sleep(0.01)
 assert dev.read_request().nr == 110   # now in flight, never answered
 print(child.pid, flush=True)
+if sys.argv[4] == "close":            # the session ends with the relay alive
+    sys.stdin.readline()
+    dev.close()
+    print("closed", child.wait(timeout=40), flush=True)
 time.sleep(600)
 """
+
+
+def _relay_with_call_in_flight(sysret: str, out_path: Path, how: str) -> tuple:
+    relay = subprocess.Popen([sys.executable, "-c", _KILLED_RELAY, str(REPO), sysret,
+                              str(out_path), how],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    return relay, int(relay.stdout.readline().decode().strip())
 
 
 def g_faults(bins: Path, tmp: Path, ko: str) -> dict:
     sysret = str(bins / "sysret")
     out: dict = {}
     # 1. the relay dies (SIGKILL) with a call in flight; rmmod meanwhile is refused
+    #    (the program has the parent-death signal: it dies with its relay)
     out_path = tmp / "killed.out"
-    relay = subprocess.Popen([sys.executable, "-c", _KILLED_RELAY, str(REPO), sysret, str(out_path)],
-                             stdout=subprocess.PIPE)  # fmt: skip
-    line = relay.stdout.readline().decode().strip()
-    victim = int(line)
+    relay, victim = _relay_with_call_in_flight(sysret, out_path, "kill")
     rm = _sh(["rmmod", "mktrace"])
-    kill = {"pending_before_kill": 1 if line else 0, "rmmod_refused": rm.returncode != 0,
+    kill = {"pending_before_kill": 1, "rmmod_refused": rm.returncode != 0,
             "still_loaded": os.path.exists("/sys/module/mktrace")}  # fmt: skip
     t0 = time.monotonic()
     relay.kill()
     relay.wait()
     status = _wait_exit(victim, 40)  # orphaned: we are its subreaper
     kill["exited"] = status is not None
+    kill["signal"] = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
     kill["seconds"] = time.monotonic() - t0
-    kill["output"] = out_path.read_text().splitlines()
     out["relay_killed"] = kill
+    # 1b. the session is closed with a call in flight and the relay alive: the
+    #     module releases the caller, which continues locally (a real getppid)
+    out_path = tmp / "closed.out"
+    relay, _victim = _relay_with_call_in_flight(sysret, out_path, "close")
+    t0 = time.monotonic()
+    relay.stdin.write(b"go\n")
+    relay.stdin.flush()
+    said = relay.stdout.readline().decode().split()  # "closed STATUS": the relay's child
+    closed = {
+        "closed": said[:1] == ["closed"],
+        "exit_status": int(said[1]) if len(said) > 1 else None,
+    }
+    closed["seconds"] = time.monotonic() - t0
+    closed["output"] = out_path.read_text().splitlines()
+    relay.kill()
+    relay.wait()
+    out["session_closed"] = closed
 
     # 2. nobody answers: the per-call timeout releases with -EIO, or continues
     for action, n in (("eio", 2), ("continue", 1)):

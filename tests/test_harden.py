@@ -25,7 +25,7 @@ from testbed import rundir, wire
 from testbed.delegate import MAX_BACKLOG, MAX_CLIENTS, Delegate, _Handler
 from testbed.errors import TestbedError as _TestbedError
 from tests import rawzmtp
-from tests.conftest import PY, REPO, run_testbed, tb_argv
+from tests.conftest import PY, REPO, run_testbed, tb_argv, wait_gone
 from tests.fakerouter import FakeRouter
 from tests.test_delegate import Client, DelegateProc
 
@@ -45,20 +45,6 @@ def dproc():
     yield start
     for p in procs:
         p.kill()
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """True once ``pid`` no longer runs (gone or a zombie) within ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _descendants(pid: int, depth: int = 99) -> list[int]:
@@ -161,7 +147,7 @@ def test_launcher_dies_with_a_relay_killed_before_the_handoff():
         time.sleep(0.2)  # now blocked in its own trapped execve
         relay.kill()
         relay.wait()
-        assert _wait_gone(launcher, 10), "the launcher outlived its relay"
+        assert wait_gone(launcher, 10), "the launcher outlived its relay"
     finally:
         relay.kill()
         relay.wait()
@@ -331,7 +317,7 @@ def test_sigkilled_relay_leaves_a_loadable_run_and_no_program(delegate, tmp_path
     relay.send_signal(signal.SIGKILL)
     relay.wait()
     try:
-        assert _wait_gone(program[0], 10), "the program outlived its relay"
+        assert wait_gone(program[0], 10), "the program outlived its relay"
     finally:
         _kill_quietly(program[0])
     printed = len(relay.stdout.read().split()) + 1
@@ -618,7 +604,7 @@ def test_sigkilled_relay_takes_the_programs_children_with_it(delegate, tmp_path)
     relay.send_signal(signal.SIGKILL)
     relay.wait()
     try:
-        left = [p for p in procs if not _wait_gone(p, 10)]
+        left = [p for p in procs if not wait_gone(p, 10)]
         assert not left, f"processes of the run outlived their relay: {left}"
         deadline = time.monotonic() + 10
         while _run_cgroups(relay.pid) and time.monotonic() < deadline:
@@ -657,10 +643,10 @@ def test_clean_run_leaves_a_descendant_outliving_the_program_alone(delegate, tmp
     assert b"descendants of the program still run" in res.stderr, res.stderr
     child = int(res.stdout.split()[0])
     try:
-        assert not _wait_gone(child, 0.5), "the descendant was killed after a clean exit"
+        assert not wait_gone(child, 0.5), "the descendant was killed after a clean exit"
         with open(fifo, "w") as f:
             f.write("go\n")
-        assert _wait_gone(child, 30)
+        assert wait_gone(child, 30)
         assert log.exists()  # it ran to its end
         run = rundir.load(out)
         assert run.complete and run.meta["orphan_guard"] == "cgroup"  # the guard was on
