@@ -985,15 +985,21 @@ class Delegate:
 
     def _tag(self, ident: bytes, frame: zmq.Frame, fd: int) -> bytes | None:
         """The tag frame for a message whose payload is ``frame`` from connection ``fd``:
-        for an offload call (its encoding always ends with its mode) or a BYE, the
-        prefix and the connection's key; None for anything else."""
-        buf = frame.buffer
-        if buf[-7:] != b"offload" and buf[:6] != _BYE_HEAD:
+        the prefix and :meth:`connection_key`; None where that is None."""
+        key = self.connection_key(ident, frame.buffer, fd)
+        return None if key is None else self._tag_prefix + key
+
+    def connection_key(self, ident: bytes, payload, fd: int) -> bytes | None:
+        """For an offload call (its encoding always ends with its mode) or a BYE
+        received from connection ``fd``: the key of that connection's offload state
+        (:meth:`ConnectionGuard.conn_key`); None for anything else, or if the
+        connection has ended (the handler then answers an error)."""
+        if payload[-7:] != b"offload" and payload[:6] != _BYE_HEAD:
             return None
         try:
-            return self._tag_prefix + self._guard.conn_key(ident, fd)
+            return self._guard.conn_key(ident, fd)
         except OSError:
-            return None  # the connection has ended: the worker answers an error
+            return None
 
     def _worker(self, sock: zmq.Socket, handler: _Handler) -> None:
         try:

@@ -220,7 +220,7 @@ def load_record(directory: str | os.PathLike) -> tuple[dict[str, Any], np.ndarra
 
 def serve_queued(d: Delegate) -> None:
     """Serve ``d``'s ROUTER through one FIFO queue shared by ``d.workers`` workers."""
-    from testbed.delegate import MAX_PARTS, SNDMORE, SRCFD, _Handler
+    from testbed.delegate import KEY_IDENT, KEY_TAG, MAX_PARTS, SNDMORE, SRCFD, _Handler
 
     svc: Service = d.service
     ctx, router = d._ctx, d._router
@@ -233,7 +233,8 @@ def serve_queued(d: Delegate) -> None:
 
     def worker(i: int) -> None:
         svc.pending[i] = None
-        handler = _Handler(d)
+        # offload state belongs to the connection: the front loop keys each call (libzmq)
+        handler = _Handler(d, KEY_TAG if keyed else KEY_IDENT)
         d._handlers.append(handler)
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
@@ -248,7 +249,7 @@ def serve_queued(d: Delegate) -> None:
                     continue
                 if done.is_set():  # stopping: what is still queued is dropped
                     return
-                env, payload, t_recv, found = item
+                env, payload, t_recv, found, handler.tag = item
                 t_start = time.monotonic_ns()
                 handler.service_slot = (t_recv, found, i)
                 reply = handler.handle(env[0], payload, t_recv)
@@ -260,6 +261,7 @@ def serve_queued(d: Delegate) -> None:
         finally:
             push.close()
 
+    keyed = d.offload is not None and d._guard is not None
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(d.workers)]
     for t in threads:
         t.start()
@@ -294,11 +296,14 @@ def serve_queued(d: Delegate) -> None:
                 t_recv = mono()
                 if ident == d._ctl_id:
                     continue
+                fd = -1
                 if guard is not None:
                     try:
-                        guard(frame.get(SRCFD))
+                        fd = frame.get(SRCFD)
                     except zmq.ZMQError:
                         pass  # an inproc peer: no connection to guard
+                    else:
+                        guard(fd)
                 env, payload, parts, nbytes = (ident,), frame.bytes, 1, len(frame)
                 if frame.more:  # [identity, "", payload] (REQ) or malformed: bounded parts
                     frames = [frame.bytes]
@@ -317,7 +322,8 @@ def serve_queued(d: Delegate) -> None:
                         continue
                 if deadline is not None:
                     continue  # stopping: no new calls
-                calls.put((env, payload, t_recv, svc.arrived()))
+                key = d.connection_key(ident, payload, fd) if keyed and fd >= 0 else None
+                calls.put((env, payload, t_recv, svc.arrived(), key))
     finally:
         done.set()
         for t in threads:

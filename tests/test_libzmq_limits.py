@@ -414,9 +414,15 @@ def test_unread_offload_replies_are_bounded_in_bytes(dstart, ctx, tmp_path, work
 
 
 @pytest.mark.parametrize(
-    ("transport", "workers"), [("libzmq", "1"), ("libzmq", "3"), ("zmtp", "1")]
+    ("transport", "workers", "extra"),
+    [
+        ("libzmq", "1", ()),
+        ("libzmq", "3", ()),
+        ("libzmq", "2", ("--service-us", "1")),  # testbed.service's queue and workers
+        ("zmtp", "1", ()),
+    ],
 )
-def test_offload_state_belongs_to_the_connection(dstart, ctx, tmp_path, transport, workers):
+def test_offload_state_belongs_to_the_connection(dstart, ctx, tmp_path, transport, workers, extra):
     """Through libzmq a peer choosing routing identity ``alice`` inherited a
     disconnected ``alice``'s offload fds, and those stayed open until BYE or
     the 3600 s idle timeout.  Now they belong to the connection: the new
@@ -425,7 +431,7 @@ def test_offload_state_belongs_to_the_connection(dstart, ctx, tmp_path, transpor
     root = tmp_path / "root"
     root.mkdir()
     (root / "diary").write_bytes(b"alice's secret")
-    d = dstart("--transport", transport, "--workers", workers, "--offload-root", str(root))
+    d = dstart("--transport", transport, "--workers", workers, "--offload-root", str(root), *extra)
     alice = Client(ctx, d.endpoint, ident=b"alice")
     assert alice.ask(wire.encode_hello({}))[0] == wire.WELCOME
     fds = d.fds()
