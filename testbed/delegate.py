@@ -787,8 +787,8 @@ class Delegate:
         mono = time.monotonic_ns
         handle = handler.handle
         ctl = self._ctl_id
-        g = self._guard if sock is self._router else None  # None: a worker behind the front
-        guard = g.delivered if g is not None else None  # marks the fd, and g.current busy
+        # marks each message's fd, and g.current busy; None: a worker behind the front
+        g = self._guard if sock is self._router else None
         # the ROUTER never blocks on a peer (ROUTER_MANDATORY + NOBLOCK); a worker's
         # DEALER blocks while the front loop is behind
         more, last = (SNDMORE_NOBLOCK, NOBLOCK) if sock is self._router else (SNDMORE, 0)
@@ -810,11 +810,8 @@ class Delegate:
             t_recv = mono()
             if ident == ctl:  # a wake-up from request_stop (inproc, never multipart)
                 continue
-            if guard is not None:
-                try:
-                    guard(frame.get(SRCFD))
-                except zmq.ZMQError:
-                    pass  # an inproc peer: no connection to guard
+            if g is not None:
+                mark_delivered(g, frame)
             if not frame.more:  # [identity, payload]: a DEALER client (the relay)
                 reply = handle(ident, frame.bytes, t_recv)
                 env = (ident,)
@@ -953,15 +950,7 @@ class Delegate:
         recv, send = router.recv, backend.send
         ident = recv(copy=False)  # a whole message is there already
         frame = recv(copy=False)
-        g = self._guard
-        fd = -1
-        if g is not None:
-            try:
-                fd = frame.get(SRCFD)
-            except zmq.ZMQError:
-                pass  # an inproc peer: no connection to guard
-            else:
-                g.delivered(fd)
+        fd = mark_delivered(self._guard, frame)
         tag = None
         head: tuple[zmq.Frame, ...] = ()
         if fd >= 0 and self.offload is not None:
@@ -1006,6 +995,20 @@ class Delegate:
             self._loop(sock, handler)
         finally:
             sock.close(CLOSE_LINGER_MS)
+
+
+def mark_delivered(guard: ConnectionGuard | None, frame: zmq.Frame) -> int:
+    """The fd of the connection ``frame`` came from (``ZMQ_SRCFD``), marked as having
+    delivered a whole message for ``guard``; -1 for an inproc peer or without a guard.
+    Every libzmq serving loop takes its messages through here."""
+    if guard is None:
+        return -1
+    try:
+        fd = frame.get(SRCFD)
+    except zmq.ZMQError:
+        return -1  # an inproc peer: no connection to guard
+    guard.delivered(fd)
+    return fd
 
 
 def _answer_parts(

@@ -220,7 +220,7 @@ def load_record(directory: str | os.PathLike) -> tuple[dict[str, Any], np.ndarra
 
 def serve_queued(d: Delegate) -> None:
     """Serve ``d``'s ROUTER through one FIFO queue shared by ``d.workers`` workers."""
-    from testbed.delegate import KEY_IDENT, KEY_TAG, MAX_PARTS, SNDMORE, SRCFD, _Handler
+    from testbed.delegate import KEY_IDENT, KEY_TAG, MAX_PARTS, SNDMORE, _Handler, mark_delivered
 
     svc: Service = d.service
     ctx, router = d._ctx, d._router
@@ -271,7 +271,6 @@ def serve_queued(d: Delegate) -> None:
     mono = time.monotonic_ns
     rx = _Handler(d)  # accounting of malformed envelopes
     d._handlers.append(rx)
-    guard = d._guard.delivered if d._guard is not None else None
     deadline = None
     try:
         while True:
@@ -296,14 +295,7 @@ def serve_queued(d: Delegate) -> None:
                 t_recv = mono()
                 if ident == d._ctl_id:
                     continue
-                fd = -1
-                if guard is not None:
-                    try:
-                        fd = frame.get(SRCFD)
-                    except zmq.ZMQError:
-                        pass  # an inproc peer: no connection to guard
-                    else:
-                        guard(fd)
+                fd = mark_delivered(d._guard, frame)
                 env, payload, parts, nbytes = (ident,), frame.bytes, 1, len(frame)
                 if frame.more:  # [identity, "", payload] (REQ) or malformed: bounded parts
                     frames = [frame.bytes]
