@@ -159,12 +159,6 @@ def tcp_counts(fd: int) -> tuple[int, int] | None:
     return received, acked
 
 
-def bytes_received(fd: int) -> int | None:
-    """``tcpi_bytes_received`` of TCP socket ``fd`` (None if not a TCP socket)."""
-    counts = tcp_counts(fd)
-    return None if counts is None else counts[0]
-
-
 def _queued(fd: int) -> int:
     """Bytes waiting in the kernel to be read from socket ``fd`` (0 on any error)."""
     n = ctypes.c_int(0)

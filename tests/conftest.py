@@ -66,6 +66,16 @@ def wait_gone(pid: int, timeout: float) -> bool:
         time.sleep(0.02)
 
 
+def wait_until(cond, timeout: float, step: float = 0.05) -> bool:
+    """True once ``cond()`` holds, checked every ``step`` s for at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
 def run_testbed(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("capture_output", True)
     return subprocess.run(tb_argv(*args), timeout=timeout, **kw)

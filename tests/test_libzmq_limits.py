@@ -28,8 +28,9 @@ import pytest
 import zmq
 
 from testbed import limits, syscalls, wire, zmtp
+from testbed.privileges import thread_status
 from tests import rawzmtp
-from tests.conftest import PY, REPO, run_testbed
+from tests.conftest import PY, REPO, run_testbed, wait_until
 from tests.test_delegate import Client
 
 U64 = (1 << 64) - 1
@@ -163,15 +164,6 @@ def flood(endpoint: str, max_bytes: int) -> tuple[int, bool]:
         return sent, True
     finally:
         s.close()
-
-
-def wait_until(cond, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 # ------------------------------------------------ 1: memory held, not bytes on the wire
@@ -515,11 +507,6 @@ def test_ipc_path_of_a_stale_socket_is_replaced(dstart, ctx, tmp_path):
 # ------------------------------------------------ 6: --user drops every thread
 
 
-def _status(pid: int, tid: str) -> dict[str, str]:
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
 @pytest.mark.parametrize("transport", ["libzmq", "zmtp"])
 def test_user_drop_covers_every_thread(dstart, ctx, tmp_path, transport):
     """PR_SET_NO_NEW_PRIVS is per thread: only 2 of the delegate's 7 threads had it
@@ -550,7 +537,7 @@ def test_user_drop_covers_every_thread(dstart, ctx, tmp_path, transport):
     assert len(tids) >= (6 if transport == "libzmq" else 3), tids
     bad = []
     for tid in tids:
-        st = _status(d.pid, tid)
+        st = thread_status(tid, d.pid)
         who = f"thread {tid} ({st['Name']})"
         if st["NoNewPrivs"].strip() != "1":
             bad.append(f"{who}: no_new_privs unset")

@@ -27,6 +27,7 @@ from testbed.connguard import ThrottledLog
 from testbed.delegate import Delegate
 from testbed.errors import TestbedError as _TestbedError
 from tests import rawzmtp
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,15 +72,6 @@ def _answered(endpoint: str, i: int = 1, s: socket.socket | None = None) -> bool
             s.close()
 
 
-def _wait(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def _sent(s: socket.socket, data: bytes) -> bool:
     """Send all of ``data``; False if the peer closed the connection instead."""
     s.settimeout(10)
@@ -94,7 +86,7 @@ def _sent(s: socket.socket, data: bytes) -> bool:
 
 def _logged(lines: list[str], text: str) -> bool:
     """A line with ``text`` was logged (it may follow the close the test saw)."""
-    return _wait(lambda: any(text in line for line in lines), 5)
+    return wait_until(lambda: any(text in line for line in lines), 5, 0.01)
 
 
 def _still_open(s: socket.socket) -> bool:
@@ -111,7 +103,7 @@ def test_a_connection_that_never_handshakes_is_closed(make_delegate):
     half.sendall(zmtp.GREETING)  # a greeting, never a READY
     try:
         assert all(rawzmtp.closed_within(s, 5) for s in [*silent, half])
-        assert _wait(lambda: d._raw.connections == 0)
+        assert wait_until(lambda: d._raw.connections == 0, 10, 0.01)
         assert d._raw.timed_out == 6
         assert _logged(lines, "did not complete its handshake"), lines
         assert _answered(d.bound_endpoint)
@@ -140,7 +132,7 @@ def test_a_thousand_silent_connections_do_not_lock_out_a_good_client(make_delega
     finally:
         for s in held:
             s.close()
-    assert _wait(lambda: d._raw.connections <= 1)  # recovered once they closed
+    assert wait_until(lambda: d._raw.connections <= 1, 10, 0.01)  # recovered once they closed
     assert _answered(ep, 4, good)
     assert _answered(ep, 5)
     good.close()
@@ -152,7 +144,7 @@ def test_at_the_cap_handshaken_connections_are_kept_and_new_ones_refused(make_de
     a, b = rawzmtp.connect(ep), rawzmtp.connect(ep)
     silent = rawzmtp.silent(ep)
     try:
-        assert _wait(lambda: d._raw.connections == 3)
+        assert wait_until(lambda: d._raw.connections == 3, 10, 0.01)
         c = rawzmtp.connect(ep)  # evicts the silent one, not a or b
         assert rawzmtp.closed_within(silent, 5)
         assert all(_answered(ep, i, s) for i, s in enumerate((a, b, c)))
@@ -335,11 +327,11 @@ def test_all_peers_together_stay_under_the_global_limit(make_delegate):
             return sum(len(x.inbuf) + len(x.out) for x in list(d._raw._conns.values()))
 
         partial(a, 800 << 10)
-        assert _wait(lambda: held() >= 800 << 10)
+        assert wait_until(lambda: held() >= 800 << 10, 10, 0.01)
         partial(big, 1536 << 10)  # 2.3 MiB in all: over the limit
         assert rawzmtp.closed_within(big, 5)  # the biggest holder went
         partial(c, 512 << 10)
-        assert _wait(lambda: held() >= (800 + 512) << 10)
+        assert wait_until(lambda: held() >= (800 + 512) << 10, 10, 0.01)
         assert _still_open(a) and _still_open(c)
         assert d._raw.cut == 1 and d._raw.held <= 2 << 20
         assert _logged(lines, "held for all clients"), lines
@@ -389,7 +381,7 @@ def test_a_flood_of_tiny_messages_does_not_starve_a_good_client(make_delegate):
 
     good = rawzmtp.connect(ep)
     try:
-        assert _wait(lambda: flooded() > 20_000, 20)  # the flood is under way
+        assert wait_until(lambda: flooded() > 20_000, 20, 0.01)  # the flood is under way
         worst = 0
         for i in range(50):
             before = flooded()
@@ -425,7 +417,7 @@ def test_protocol_violations_close_the_connection_with_one_line(make_delegate, h
     assert rawzmtp.closed_within(s, 5)
     s.close()
     assert _logged(lines, why) and sum(why in line for line in lines) == 1, lines
-    assert _wait(lambda: d._raw.connections == 0)
+    assert wait_until(lambda: d._raw.connections == 0, 10, 0.01)
     assert _answered(d.bound_endpoint)
 
 

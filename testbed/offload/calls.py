@@ -10,6 +10,7 @@ are listed in ``REFUSED`` with the errno a real program falls back on.
 
 from __future__ import annotations
 
+import ctypes
 import errno as E
 from dataclasses import dataclass
 
@@ -26,6 +27,12 @@ STATFS_SIZE = 120
 FLOCK_SIZE = 32
 TIMES_SIZE = 32  # struct timespec[2]
 OPEN_HOW_SIZE = 24
+
+
+class Iovec(ctypes.Structure):
+    """``struct iovec``, for the relay's and the delegate's vector system calls."""
+
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 @dataclass(frozen=True)

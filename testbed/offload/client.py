@@ -75,6 +75,7 @@ from testbed.offload.calls import (
     REFUSED,
     REFUSED_FDS,
     REFUSED_PATHS,
+    Iovec,
     Spec,
     as_fd,
     trapped,
@@ -119,10 +120,6 @@ class OffloadError(TestbedError):
     pass
 
 
-class _Iov(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
 def write_memory(pid: int, chunks: list[tuple[int, bytes]]) -> bool:
     """``process_vm_writev`` the ``(address, bytes)`` chunks into ``pid``; True if all landed."""
     return write_memory_count(pid, chunks) == sum(len(b) for _a, b in chunks)
@@ -137,10 +134,10 @@ def write_memory_count(pid: int, chunks: list[tuple[int, bytes]]) -> int:
         part = chunks[i : i + IOV_MAX]
         n = len(part)
         bufs = [ctypes.create_string_buffer(b, len(b)) for _a, b in part]
-        local = (_Iov * n)(
-            *[_Iov(ctypes.addressof(buf), len(b)) for buf, (_a, b) in zip(bufs, part, strict=True)]
+        local = (Iovec * n)(
+            *[Iovec(ctypes.addressof(buf), len(b)) for buf, (_a, b) in zip(bufs, part, strict=True)]
         )
-        remote = (_Iov * n)(*[_Iov(a, len(b)) for a, b in part])
+        remote = (Iovec * n)(*[Iovec(a, len(b)) for a, b in part])
         total = sum(len(b) for _a, b in part)
         got = _libc.syscall(
             ctypes.c_long(NR_PROCESS_VM_WRITEV), ctypes.c_long(pid), local, ctypes.c_ulong(n),
@@ -164,13 +161,13 @@ def read_memory_segments(pid: int, segs: list[tuple[int, int]]) -> bytes | None:
     if not segs:
         return b""
     buf = ctypes.create_string_buffer(total)
-    local = (_Iov * 1)(_Iov(ctypes.addressof(buf), total))
+    local = (Iovec * 1)(Iovec(ctypes.addressof(buf), total))
     done = 0
     for i in range(0, len(segs), IOV_MAX):
         part = segs[i : i + IOV_MAX]
         want = sum(n for _a, n in part)
-        local[0] = _Iov(ctypes.addressof(buf) + done, want)
-        remote = (_Iov * len(part))(*[_Iov(a, n) for a, n in part])
+        local[0] = Iovec(ctypes.addressof(buf) + done, want)
+        remote = (Iovec * len(part))(*[Iovec(a, n) for a, n in part])
         got = _libc.syscall(
             ctypes.c_long(NR_PROCESS_VM_READV), ctypes.c_long(pid), local, ctypes.c_ulong(1),
             remote, ctypes.c_ulong(len(part)), ctypes.c_ulong(0),

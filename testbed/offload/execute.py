@@ -47,6 +47,7 @@ from testbed.offload.calls import (
     STATFS_SIZE,
     STATX_SIZE,
     TIMES_SIZE,
+    Iovec,
     as_fd,
 )
 from testbed.offload.fdtable import (
@@ -222,10 +223,6 @@ def x_close(c: Ctx) -> Result:
 # ---------------------------------------------------------------- data
 
 
-class _IOVEC(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
 #: each data call's vector form (makes the kernel's checks before any buffer)
 _VECTOR = {"read": "readv", "readv": "readv", "pread64": "preadv", "preadv": "preadv",
            "preadv2": "preadv2", "write": "writev", "writev": "writev", "pwrite64": "pwritev",
@@ -268,7 +265,7 @@ def _transfer(c: Ctx, name: str, data: bytes | None) -> Result:
     elif name in ("pread64", "pwrite64"):
         got = _sys(NR[name], fd, addr, n, pos)
     else:
-        iov = (_IOVEC * 1)(_IOVEC(addr, n))
+        iov = (Iovec * 1)(Iovec(addr, n))
         got = _sys(vector, fd, iov, 1 if n else 0, pos, 0, flags)
     if data is None:
         return got, ((1, ctypes.string_at(buf, got)),)
