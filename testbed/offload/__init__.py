@@ -50,8 +50,6 @@ def executor_from_args(args: Any) -> Executor | None:
         limits["max_fds"] = args.offload_max_fds
     if getattr(args, "offload_idle_timeout", None):
         limits["idle_s"] = args.offload_idle_timeout
-    if getattr(args, "offload_max_total_fds", None):  # (no such flag yet: Executor's default)
-        limits["max_total_fds"] = args.offload_max_total_fds
     return make_executor(args.offload_root, **limits)
 
 
