@@ -17,9 +17,12 @@ commands are thin layers over this API (see ``docs/analysis.md``)::
 
 Modules: ``model`` (maths), ``profiles`` (profiles, Table I), ``fit``
 (f_c estimators), ``compare`` (predicted vs measured, cross-validation,
-mechanisms), ``figures`` (one function per figure), ``report``,
+mechanisms), ``accuracy`` (predictors, nested cross-validation, the
+headline), ``provenance`` (host, mechanism, transport, resolved set of every
+row), ``figures`` (one function per figure), ``figcheck`` (is a figure
+readable), ``report``,
 ``workloads`` (small real programs to profile), ``synthetic`` (run
-directories with a known f_c).  Policies live in :mod:`testbed.policy`.
+directories with a known f_c).  Policies live in :mod:`testbed.core.policy`.
 """
 
 import importlib
@@ -29,7 +32,7 @@ import importlib
 _EXPORTS = {
     "analysis.model": ("S_n", "S_r", "t_nd", "t_d", "t_local", "t_remote", "grid", "p_of"),
     "analysis.profiles": ("Profile", "load_profile", "shipped_profiles", "table1"),
-    "testbed.policy": ("parse_policy", "choose", "resolve_policy"),
+    "testbed.core.policy": ("parse_policy", "choose", "resolve_policy"),
     "analysis.fit": ("per_call", "per_call_fc", "whole_run", "size_aware"),
     "analysis.compare": (
         "load_runs",
@@ -39,7 +42,7 @@ _EXPORTS = {
         "cross_validate",
         "mechanism_table",
     ),  # fmt: skip
-    "analysis.report": ("write_report",),
+    "analysis.report": ("write_report", "build_report"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = [name for names in _EXPORTS.values() for name in names]

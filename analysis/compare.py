@@ -13,8 +13,10 @@ the whole-run fit (runs of the command with different forwarded sets; only
 fits whose f_c CI lies above 0), or else from the profile's traced wall time
 (an overestimate by the tracer's overhead).
 
-The *mechanism* of a run is ``backend/where[+delay]``: ``where`` is
-``loopback`` for a tcp endpoint on 127.0.0.0/8 / ::1 / localhost or an ipc
+The *mechanism* of a run is ``backend/transport/where[+delay]``
+(:mod:`testbed.core.mechanisms`): ``transport`` is what carried the calls
+(``tcp``/``ipc`` raw ZMTP, ``libzmq-tcp`` …), ``where`` is ``loopback`` for a
+tcp endpoint on 127.0.0.0/8 / ::1 / localhost, ``same-node`` for an ipc
 endpoint, ``remote`` otherwise; kthread runs of the mktrace module
 (``testbed run --backend kmod --mode kthread``, the paper's same-node
 baseline) are ``kmod-kthread/same-node``, ``kmod-kthread-faithful/same-node``
@@ -27,7 +29,6 @@ spin per leg for kthread runs); ``/offload`` marks offload-mode runs
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import fit
+from analysis import fit, provenance
 from analysis import model as M
 from analysis.profiles import Profile, from_run
-from testbed import rundir
-from testbed.errors import TestbedError
+from testbed.core import rundir
+from testbed.core.errors import TestbedError
+from testbed.core.mechanisms import mechanism
 
 #: The paper's same-node number (section IV-B: mktrace, max measured f_c): a labelled
 #: reference line in figures, never a data row.
@@ -153,37 +155,6 @@ class DelegatedRun(_Identified):
         return mechanism(self.meta)
 
 
-def _where(endpoint: str) -> str:
-    scheme, _, rest = (endpoint or "").partition("://")
-    if scheme in ("ipc", "inproc"):
-        return "loopback"
-    host = rest.rpartition(":")[0].strip("[]")
-    if host in ("localhost", ""):
-        return "loopback"
-    try:
-        return "loopback" if ipaddress.ip_address(host).is_loopback else "remote"
-    except ValueError:
-        return "remote"
-
-
-def mechanism(meta: dict) -> str:
-    backend = str(meta.get("backend") or "?")
-    deleg = meta.get("delegate") if isinstance(meta.get("delegate"), dict) else {}
-    delay = deleg.get("delay_us")
-    if meta.get("mode") == "kthread":
-        from testbed.kthread import mechanism_label
-
-        label = mechanism_label(bool(deleg.get("faithful")), bool(deleg.get("flush_caller_tlb")))
-        return f"{label}+{float(delay):g}us" if delay else label
-    where = _where(str(meta.get("endpoint") or ""))
-    label = f"{backend}/{where}"
-    if delay:
-        label += f"+{float(delay):g}us"
-    if meta.get("mode") == "offload":  # executes at the delegate: never pooled with cost mode
-        label += "/offload"
-    return label
-
-
 @dataclass
 class NativeRun(_Identified):
     """A measured native run (``kind = "native"``, written by ``testbed experiment``)."""
@@ -243,6 +214,15 @@ def profile_key(p: Profile) -> str:
 
 
 def _unique_names(profiles: list[Profile]) -> None:
+    """Profiles of one workload from several hosts are named ``name @ host``; a name
+    still repeated (two profiles of one host) gets ``#2``, ``#3``."""
+    hosts: dict[str, set[str]] = {}
+    for p in profiles:
+        hosts.setdefault(p.name, set()).add(host_of(p.meta, p.meta.get("experiment") or {}))
+    for p in profiles:
+        h = host_of(p.meta, p.meta.get("experiment") or {})
+        if len(hosts[p.name]) > 1 and h:
+            p.name = f"{p.name} @ {h}"
     seen: dict[str, int] = {}
     for p in profiles:
         if p.name in seen:
@@ -253,13 +233,16 @@ def _unique_names(profiles: list[Profile]) -> None:
 
 
 def runs_frame(runs: list[DelegatedRun]) -> pd.DataFrame:
-    """One row per delegated run."""
+    """One row per delegated run, with its provenance (``analysis.provenance``)."""
+    ids = provenance.set_ids(runs)
+    cols = ["run", "workload", *provenance.COLUMNS, "mode", "group", "forwarded_calls",
+            "faults", "wall_s", "exit_status"]  # fmt: skip
     return pd.DataFrame(
         [
             {
                 "run": r.path.name,
                 "workload": r.workload,
-                "mechanism": r.mechanism,
+                **provenance.columns(r, ids),
                 "mode": r.meta.get("mode", ""),
                 "group": r.group,
                 "forwarded_calls": r.forwarded_calls,
@@ -269,9 +252,8 @@ def runs_frame(runs: list[DelegatedRun]) -> pd.DataFrame:
             }
             for r in runs
         ],
-        columns=["run", "workload", "mechanism", "mode", "group", "forwarded_calls", "faults",
-                 "wall_s", "exit_status"],
-    )  # fmt: skip
+        columns=cols,
+    )
 
 
 def native_times(
@@ -347,6 +329,30 @@ def by_mechanism(runs: list[DelegatedRun]) -> dict[str, list[DelegatedRun]]:
     return dict(sorted(out.items()))
 
 
+def by_host_mechanism(runs: list[DelegatedRun]) -> dict[tuple[str, str], list[DelegatedRun]]:
+    """Runs per (host, mechanism): f_c belongs to one path, from one host."""
+    out: dict[tuple[str, str], list[DelegatedRun]] = {}
+    for r in runs:
+        out.setdefault((r.host, r.mechanism), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def loo_fc(runs: list[DelegatedRun]) -> dict[Path, tuple[float, str]]:
+    """Per run: the pooled mean per-call f_c of every *other* run of its host and
+    mechanism (gamma = 1 or none), and which runs those were (``host/run;...``)."""
+    out: dict[Path, tuple[float, str]] = {}
+    for (host, _), rs in by_host_mechanism(runs).items():
+        parts = {id(r): fit.fc_samples(r.calls, str(r.meta.get("mode") or "cost"))[0]
+                 for r in rs}  # fmt: skip
+        for r in rs:
+            others = [o for o in rs if o is not r and (o.gamma is None or o.gamma == 1)]
+            k = sum(len(parts[id(o)]) for o in others)
+            fc = sum(float(parts[id(o)].sum()) for o in others) / k if k else np.nan
+            names = ";".join(f"{host}/{o.path.name}" if host else o.path.name for o in others)
+            out[r.path] = (fc, names)
+    return out
+
+
 def whole_run_obs(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
     """Observations for :func:`analysis.fit.whole_run`; workloads with one x only are dropped."""
     rows = [{"workload": r.key, "t_d": r.wall, "x": 2.0 * r.forwarded_calls} for r in runs]
@@ -358,13 +364,20 @@ def whole_run_obs(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
     return obs[keep].reset_index(drop=True)
 
 
-def fit_mechanisms(runs: list[DelegatedRun], native: dict, level: float = 0.95) -> pd.DataFrame:
-    """One row per mechanism: per-call f_c (median, CI, mean), whole-run f_c, size term."""
+def fit_mechanisms(
+    runs: list[DelegatedRun], native: dict, level: float = 0.95, by_host: bool = False
+) -> pd.DataFrame:
+    """One row per mechanism (per host and mechanism with ``by_host``): per-call f_c
+    (median, CI, mean), whole-run f_c, size term; ``hosts`` says whose runs were pooled."""
     rows = []
-    for mech, rs in by_mechanism(runs).items():
+    groups = (by_host_mechanism(runs) if by_host
+              else {("", m): rs for m, rs in by_mechanism(runs).items()})  # fmt: skip
+    for (host, mech), rs in groups.items():
         fc, size = pooled_samples(rs)
         pc = fit.per_call(fc, level)
-        row = {"mechanism": mech, "runs": len(rs), **pc.as_row()}
+        row = {"host": host, "mechanism": mech} if by_host else {"mechanism": mech}
+        row.update(runs=len(rs), **pc.as_row())
+        row["hosts"] = ",".join(sorted({r.host or "–" for r in rs}))
         obs = whole_run_obs(rs, native)
         row.update(whole_fc_s=np.nan, whole_lo_s=np.nan, whole_hi_s=np.nan, whole_dof=0)
         if len(obs) and (obs["x"] > 0).any():
@@ -388,21 +401,32 @@ def fit_mechanisms(runs: list[DelegatedRun], native: dict, level: float = 0.95) 
 def predicted_vs_measured(
     runs: list[DelegatedRun],
     native: dict,
-    fc_by_mech: dict[str, float],
+    fc_by_mech: dict[str, float] | None = None,
     profiles: list[Profile] | None = None,
+    fc_by_run: dict[Path, tuple[float, str]] | None = None,
 ) -> pd.DataFrame:
     """Per run: measured t_d, predicted ``t_nd + 2 f_c sum b n`` and relative error.
 
-    ``sum b n`` is the run's own count of forwarded calls.  When a profile of
-    the same command is given, the row also has the prediction made *before*
-    running: ``profile_forwarded_calls`` = the profile's ``sum b(s) n(s)`` for
-    the run's forwarded set, and ``profile_predicted_t_d_s`` from it.
+    ``f_c`` is the run's entry of ``fc_by_run`` (:func:`loo_fc`: fitted on the
+    *other* runs) when given, else its mechanism's entry of ``fc_by_mech``
+    (fitted on all runs, this one included).  ``in_sample`` is True when the
+    prediction's fit includes the run: ``fc_by_mech``, or a t_nd from the
+    whole-run fit's intercept.  ``sum b n`` is the run's own count of forwarded calls.  When a
+    profile of the same command is given, the row also has the prediction made
+    *before* running: ``profile_forwarded_calls`` = the profile's ``sum b(s)
+    n(s)`` for the run's forwarded set, and ``profile_predicted_t_d_s`` from it.
     """
     by_key = {profile_key(p): p for p in profiles or []}
+    ids = provenance.set_ids(runs)
     rows = []
     for r in runs:
         t_nd, src = native.get(r.key, (np.nan, "none"))
-        f_c = fc_by_mech.get(r.mechanism, np.nan)
+        if fc_by_run is not None:
+            f_c, f_from = fc_by_run.get(r.path, (np.nan, ""))
+            in_sample = "intercept" in src  # t_nd fitted on runs that include this one
+        else:
+            f_c, f_from = (fc_by_mech or {}).get(r.mechanism, np.nan), f"all {r.mechanism} runs"
+            in_sample = True
         pred = float(M.t_d(t_nd, np.zeros(1), [r.forwarded_calls], [1.0], 1.0, f_c))
         prof = by_key.get(r.key)
         if prof is not None:
@@ -416,12 +440,14 @@ def predicted_vs_measured(
             {
                 "run": r.path.name,
                 "workload": r.workload,
-                "mechanism": r.mechanism,
+                **provenance.columns(r, ids),
                 "group": r.group,
                 "forwarded_calls": r.forwarded_calls,
                 "t_nd_s": t_nd,
                 "t_nd_source": src,
                 "f_c_s": f_c,
+                "f_c_from": f_from,
+                "in_sample": in_sample,
                 "measured_t_d_s": r.wall,
                 "predicted_t_d_s": pred,
                 "rel_error": (pred - r.wall) / r.wall if r.wall > 0 else np.nan,
@@ -434,9 +460,10 @@ def predicted_vs_measured(
 
 
 def cross_validate(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
-    """Fit f_c (per-call mean) on the runs of one policy, predict the other policies."""
+    """Fit f_c (per-call mean) on the runs of one policy, predict the other policies of
+    the same host and mechanism."""
     rows = []
-    for mech, rs in by_mechanism(runs).items():
+    for (host, mech), rs in by_host_mechanism(runs).items():
         groups: dict[str, list[DelegatedRun]] = {}
         for r in rs:
             groups.setdefault(r.group, []).append(r)
@@ -449,6 +476,7 @@ def cross_validate(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
                 err = pvm["rel_error"].abs()
                 rows.append(
                     {
+                        "host": host,
                         "mechanism": mech,
                         "train": train,
                         "test": test,
@@ -460,7 +488,7 @@ def cross_validate(runs: list[DelegatedRun], native: dict) -> pd.DataFrame:
                 )
     return pd.DataFrame(
         rows,
-        columns=["mechanism", "train", "test", "f_c_train_s", "test_runs", "mean_abs_rel_error",
+        columns=["host", "mechanism", "train", "test", "f_c_train_s", "test_runs", "mean_abs_rel_error",
                  "max_abs_rel_error"],
     )  # fmt: skip
 
@@ -478,12 +506,14 @@ def mechanism_table(
     ``figures.fig_fc_mechanisms``."""
     rows = []
     src = [
-        (m.mechanism, m.f_c_mean_s, m.f_c_mean_lo_s, m.f_c_mean_hi_s, int(m.calls))
+        (getattr(m, "host", None), m.mechanism, m.f_c_mean_s, m.f_c_mean_lo_s, m.f_c_mean_hi_s,
+         int(m.calls))
         for m in mech_fits.itertuples()
     ] if len(mech_fits) else []  # fmt: skip
     gam = np.asarray(gammas, dtype=float)
-    for mech, fc, lo, hi, calls in src:
-        row = {"mechanism": mech, "f_c_s": fc, "f_c_lo_s": lo, "f_c_hi_s": hi, "calls": calls}
+    for host, mech, fc, lo, hi, calls in src:
+        row = {} if host is None else {"host": host}
+        row.update(mechanism=mech, f_c_s=fc, f_c_lo_s=lo, f_c_hi_s=hi, calls=calls)
         for p in profiles:
             s = M.S_r(p.C, p.g, p.n, p.b(policy), gam, fc)
             for g, v in zip(gam, np.atleast_1d(s), strict=True):

@@ -21,6 +21,7 @@ figures, ``write_report(sweeps, outdir)``
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -32,10 +33,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis import queueing  # noqa: E402
+from analysis import figures, model, queueing  # noqa: E402
+from analysis.profiles import shipped_profiles  # noqa: E402
 from analysis.queueing import Station  # noqa: E402
-from testbed.contention import CELL_JSON, SWEEP_JSON, cell_summary, split_sweeps  # noqa: E402
-from testbed.errors import TestbedError  # noqa: E402
+from analysis.tables import markdown_table  # noqa: E402
+from testbed.core.errors import TestbedError  # noqa: E402
+from testbed.core.rundir import derived, usable  # noqa: E402
+from testbed.core.sweep_record import CELL_JSON, SWEEP_JSON, cell_summary, split_sweeps  # noqa: E402
 
 #: The target of issue 13: mean response predicted within this fraction.
 TARGET = 0.10
@@ -203,12 +207,17 @@ def fig_response(df: pd.DataFrame, stations: dict[int, Station]) -> Figure:
                     color="k", ms=4, label="measured mean (95 % CI)")  # fmt: skip
         ax.plot(g["N"], g["R_p50"] * 1e3, "v", color="0.45", ms=4, label="measured p50")
         ax.plot(g["N"], g["R_p99"] * 1e3, "^", color="0.45", ms=4, label="measured p99")
-        ax.axvline(queueing.saturation(stations[w]), color="0.6", ls=":", label="N*")
         ax.set_title(f"W = {w}")
-        ax.set_xlabel("callers N")
+        ax.set_xlabel("callers N (count)")
         ax.set_ylabel("response time per call (ms)")
         ax.set_yscale("log")
-    axes[0][0].legend(fontsize=7)
+        top = float(np.nanmax([*(b["R_hi"] * 1e3), *(g["R_p99"] * 1e3)]))
+        bottom = float(np.nanmin([*(b["R_lo"] * 1e3), *(g["R_p50"] * 1e3)]))
+        ax.vlines(
+            queueing.saturation(stations[w]), bottom / 1.5, top, color="0.6", ls=":", label="N*"
+        )  # up to the data only: the legend sits above it
+        ax.set_ylim(bottom / 1.5, top * 30)  # headroom: the legend sits above the data
+    axes[0][0].legend(fontsize=6, loc="upper left", ncol=2)
     fig.tight_layout()
     return fig
 
@@ -222,16 +231,17 @@ def fig_throughput(df: pd.DataFrame, stations: dict[int, Station]) -> Figure:
         ax.fill_between(res.N, b["X_lo"], b["X_hi"], color=_color(w), alpha=0.12)
         ax.plot(res.N, res.X, "-", color=_color(w), label=f"W = {w}: MVA")
         ax.plot(g["N"], g["X"], "o", color=_color(w), ms=4, label=f"W = {w}: measured")
-    ax.set_xlabel("callers N")
+    ax.set_xlabel("callers N (count)")
     ax.set_ylabel("throughput X (calls/s)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 
 
 def fig_speedup(profile, D: float, S: float, workers=(1, 2, 4), gammas=(1.0, 2.0, 10.0),
-                n_max: int = 64) -> Figure:  # fmt: skip
-    """Predicted S_r vs N for a profile, every call forwarded, f_c(N) from MVA."""
+                n_max: int = 64, note: str = "") -> Figure:  # fmt: skip
+    """Predicted S_r vs N for a profile, every call forwarded, f_c(N) from MVA; ``note``
+    says where D and S come from (a second title line)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     b = np.ones_like(profile.n, dtype=float)
     styles = ["-", "--", ":", "-."]
@@ -242,9 +252,10 @@ def fig_speedup(profile, D: float, S: float, workers=(1, 2, 4), gammas=(1.0, 2.0
                     label=f"γ = {gam:g}, W = {w}")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("compute nodes N sharing the delegate")
-    ax.set_ylabel("predicted S_r")
-    ax.set_title(f"{profile.name}: D = {D * 1e6:.0f} µs, S = {S * 1e6:.0f} µs", fontsize=9)
+    ax.set_xlabel("compute nodes N sharing the delegate (count)")
+    ax.set_ylabel("predicted S_r (×)")
+    title = f"{profile.name}: D = {D * 1e6:.0f} µs, S = {S * 1e6:.0f} µs"
+    ax.set_title(f"{title}\n{note}" if note else title, fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
@@ -254,8 +265,6 @@ def fig_speedup(profile, D: float, S: float, workers=(1, 2, 4), gammas=(1.0, 2.0
 
 
 def _pick_profile(name: str = "gzip"):
-    from analysis.profiles import shipped_profiles
-
     profs = shipped_profiles()
     for p in profs:
         if p.name == name:
@@ -354,11 +363,26 @@ def verdict(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _sizing_section(prof, st: Station, n_max: int) -> list[str]:
+    """Direct sizing answers for this sweep's D and S: the smallest W for a 10 % slowdown,
+    and for keeping the slowdown within 10 % of the uncontended one."""
+    out = ["### Sizing with this delegate's D and S\n"]
+    for nodes in sorted({n_max, 64}):
+        sz = size_delegate(prof, st.D, st.S, nodes, 0.10)
+        out += [f"- {line}" for line in sizing_lines(sz)]
+        rel = size_delegate(prof, st.D, st.S, nodes, sz.floor * 1.10 + 1e-12)
+        if rel.workers is not None:
+            r = rel.table.iloc[-1]
+            out.append(f"- A slowdown of at most 1.1 × the uncontended one ({sz.floor:.0%}) "
+                       f"for {nodes} node(s): W = {rel.workers} (N* = {r['N*']:.1f} at that "
+                       "W).")  # fmt: skip
+    out.append("\nAny profile, slowdown and N: `analysis.contention.size_delegate` "
+               "(docs/analysis.md).\n")  # fmt: skip
+    return out
+
+
 def write_report(sweeps, outdir: str | Path) -> Path:
     """Analyse sweep directories; write ``outdir/contention.md`` (+ figures, tables)."""
-    from analysis import figures
-    from analysis.report import markdown_table
-
     out = Path(outdir)
     figdir, tabdir = out / "figures", out / "tables"
     for d in (out, figdir, tabdir):
@@ -407,14 +431,144 @@ def write_report(sweeps, outdir: str | Path) -> Path:
         prof = _pick_profile()
         if prof is not None and 1 in stations:
             st = stations[1]
-            figures.save(fig_speedup(prof, st.D, st.S, tuple(sorted(stations))), figdir,
-                         f"{tag}_speedup")  # fmt: skip
+            note = (f"S: this sweep's configured {r0['service_us']:g} µs service + overhead, "
+                    "not a real delegate's")  # fmt: skip
+            figures.save(fig_speedup(prof, st.D, st.S, tuple(sorted(stations)), note=note),
+                         figdir, f"{tag}_speedup")  # fmt: skip
+            fc1 = (st.D + st.S) / 2
             parts.append(
                 f"Predicted S_r of the shipped `{prof.name}` profile (every call forwarded) "
-                f"when N nodes share this delegate, with D and S of the W = 1 fit:\n\n"
-                f"![S_r(N)](figures/{tag}_speedup.png)\n"
+                f"when N nodes share this delegate, with D and S of the W = 1 fit. S is "
+                f"this sweep's *configured* service time ({r0['service']}, "
+                f"{r0['service_us']:g} µs per call) plus the delegate's measured overhead "
+                f"({st.S * 1e6:.0f} µs in all), not a real delegate's: every forwarded "
+                f"call costs D + S = {2 * fc1 * 1e3:.2f} ms, so S_r falls below 1 wherever the "
+                f"program's {int(prof.n.sum())} calls cost more than its computation saves "
+                f"(single-caller slowdown at γ = 1: "
+                f"{slowdown_of(prof.C, prof.g, prof.n, np.ones_like(prof.n), 1.0, fc1)[0]:.0%}"
+                f"):\n\n![S_r(N)](figures/{tag}_speedup.png)\n"
             )
+            parts += _sizing_section(prof, st, int(cells["N"].max()))
     pd.concat(all_rows).to_csv(tabdir / "contention.csv", index=False)
     report = out / "contention.md"
     report.write_text("\n".join(parts) + "\n")
     return report
+
+
+# ---------------------------------------------------------------- sizing a delegate
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How many workers a delegate needs for ``nodes`` compute nodes of one profile.
+
+    ``workers``: the smallest W whose predicted slowdown at ``nodes`` is at most
+    ``target`` (None: none up to ``w_max``); ``floor``: the slowdown with no
+    queueing at all (f_c = (D + S)/2, any W); ``table``: per W, N* and the
+    predicted slowdown and S_r at ``nodes``.
+    """
+
+    profile: str
+    nodes: int
+    target: float
+    gamma: float
+    D: float
+    S: float
+    Z: float
+    workers: int | None
+    floor: float
+    table: pd.DataFrame
+
+
+def slowdown_of(C, g, n, b, gamma: float, f_c) -> np.ndarray:
+    """``t_d(f_c) / t_d(f_c = 0) - 1``: what forwarding at ``f_c`` costs the program at gain
+    ``gamma`` (at gamma = 1, ``t_d / t_nd - 1``)."""
+    free = float(model.t_d(C, g, n, b, gamma, 0.0))
+    fc = np.atleast_1d(np.asarray(f_c, dtype=float))
+    return np.array([float(model.t_d(C, g, n, b, gamma, x)) for x in fc]) / free - 1.0
+
+
+def size_delegate(
+    profile,
+    D: float,
+    S: float,
+    nodes: int,
+    target: float,
+    b=None,
+    gamma: float = 1.0,
+    w_max: int = 256,
+) -> Sizing:
+    """The smallest W for which ``nodes`` nodes running ``profile`` (forwarded set ``b``,
+    default every call) see a predicted slowdown of at most ``target`` (0.1 = 10 %).
+
+    Each node forwards a call every ``Z`` (:func:`queueing.think_time`); the
+    delegate's W workers serve calls of mean ``S``; a call also spends ``D``
+    outside the delegate; exact MVA gives ``f_c(N)`` (:func:`queueing.f_c_of_N`).
+    """
+    if nodes < 1 or int(nodes) != nodes:
+        raise TestbedError(f"--size must be a whole number of nodes >= 1, not {nodes}")
+    if not target >= 0:
+        raise TestbedError(f"the target slowdown must be >= 0, not {target}")
+    b = np.ones_like(profile.n, dtype=float) if b is None else np.asarray(b, dtype=float)
+    C, g, n = profile.C, profile.g, profile.n
+    Z = queueing.think_time(C, g, n, b, gamma)
+    floor = float(slowdown_of(C, g, n, b, gamma, (D + S) / 2)[0])
+    rows, workers = [], None
+    for w in range(1, w_max + 1):
+        st = Station(Z=Z, D=D, S=S, W=w)
+        fc = float(queueing.f_c_of_N(st, int(nodes))[-1])
+        sd = float(slowdown_of(C, g, n, b, gamma, fc)[0])
+        rows.append({"W": w, "N*": queueing.saturation(st), "f_c_s": fc, "slowdown": sd,
+                     "S_r": float(model.S_r(C, g, n, b, gamma, fc)),
+                     "meets": sd <= target})  # fmt: skip
+        if sd <= target:
+            workers = w
+            break
+        if w > 1 and sd - floor < 1e-4 * max(floor, 1e-12):
+            break  # queueing all but gone (within 0.01 % of the floor): more workers cannot help
+    return Sizing(profile.name, int(nodes), float(target), float(gamma), D, S, Z, workers,
+                  floor, pd.DataFrame(rows))  # fmt: skip
+
+
+def sizing_lines(sz: Sizing) -> list[str]:
+    """The answer in sentences: the smallest W and its N*, or why there is none."""
+    what = (f"{sz.nodes} node(s) running `{sz.profile}` (γ = {sz.gamma:g}; a forwarded call "
+            f"every {sz.Z * 1e6:.0f} µs of the program's own time; D = {sz.D * 1e6:.0f} µs, "
+            f"S = {sz.S * 1e6:.0f} µs)")  # fmt: skip
+    if sz.workers is not None:
+        r = sz.table.iloc[-1]
+        return [f"{what}: slowdown ≤ {sz.target:.0%} needs W = {sz.workers} worker(s) "
+                f"(predicted slowdown {r['slowdown']:.1%}, N* = {r['N*']:.1f} nodes at that W; "
+                f"with no queueing at all the slowdown would be {sz.floor:.1%})."]  # fmt: skip
+    if sz.floor > sz.target:
+        return [f"{what}: no W reaches a slowdown ≤ {sz.target:.0%}: even without queueing "
+                f"(f_c = (D + S)/2) the slowdown is {sz.floor:.1%}; a cheaper call (D + S) or "
+                "fewer forwarded calls is needed, not more workers."]  # fmt: skip
+    return [f"{what}: no W up to {int(sz.table['W'].max())} reaches a slowdown ≤ "
+            f"{sz.target:.0%}."]  # fmt: skip
+
+
+def station_from_runs(runs) -> tuple[float, float, str]:
+    """``(D, S, where from)`` of delegated runs: S = the delegate's mean residence per call
+    (receipt to reply), D = the mean per-call overhead minus S."""
+    over, res = [], []
+    for r in runs:
+        calls = np.asarray(r.calls)
+        if not len(calls):
+            continue
+        d = derived(calls)
+        ok = usable(calls, d) & np.isfinite(d["residence"])
+        over.append(d["overhead"][ok])
+        res.append(d["residence"][ok])
+    if not over or not sum(len(x) for x in over):
+        raise TestbedError("no usable forwarded calls to take D and S from")
+    o, s = np.concatenate(over) / 1e9, np.concatenate(res) / 1e9
+    S = float(s.mean())
+    return max(float(o.mean()) - S, 0.0), S, f"{len(o)} calls of {len(runs)} delegated run(s)"
+
+
+def station_from_sweep(path) -> tuple[float, float, str]:
+    """``(D, S, where from)``: the W = 1 (else smallest W) single-caller fit of a sweep."""
+    st = fit(load_sweep(path))
+    w = min(st)
+    return st[w].D, st[w].S, f"the N = 1 cells of W = {w} in {path}"

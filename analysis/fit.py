@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from testbed.errors import TestbedError
-from testbed.rundir import derived, usable
+from testbed.core.errors import TestbedError
+from testbed.core.rundir import derived, usable
 
 __all__ = [
     "Estimate",
@@ -113,13 +113,13 @@ class SizeFit:
 def fc_samples(calls: np.ndarray, mode: str = "cost") -> tuple[np.ndarray, np.ndarray]:
     """Per-call ``f_c`` (s) and bytes moved of the usable calls.
 
-    ``f_c = (overhead - exec) / 2`` as :func:`testbed.rundir.derived` defines
+    ``f_c = (overhead - exec) / 2`` as :func:`testbed.core.rundir.derived` defines
     it (DESIGN.md section 4; ``exec``, the delegate's execution time, is
     recorded as 0 in cost mode, where the call runs locally after the reply, so
     ``mode`` changes nothing and is kept for callers).  Bytes moved are
     ``bytes_in + bytes_out``: in cost mode the marshalled input, in offload
     mode the data and paths sent plus the data returned (a ``read``'s bytes
-    travel back in ``bytes_out``).  Usable (:func:`testbed.rundir.usable`): not
+    travel back in ``bytes_out``).  Usable (:func:`testbed.core.rundir.usable`): not
     a fault (timeout, peer error, not sent, unreadable) and with a positive ``f_c``.
     """
     if len(calls) == 0:

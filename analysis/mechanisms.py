@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import accuracy as A
+from analysis import provenance
 from analysis.compare import DelegatedRun, NativeRun
+from analysis.tables import markdown_table
 
 #: Extra error growth below this (or below the natives' spread) is not attributed to the flushes.
 MIN_GROWTH = 0.01
@@ -39,6 +41,7 @@ MIN_GROWTH = 0.01
 class Section:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     markdown: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # comparisons refused (resolved sets)
 
 
 # ---------------------------------------------------------------- stamps
@@ -86,22 +89,24 @@ def loo_predictions(
         hosts_of.setdefault(n.workload, set()).add(n.host)
     stats = [A.run_stats(r) for r in runs]
     base = {id(s): A.reference(s.run, refs, fallback, hosts_of) for s in stats}
+    ids = provenance.set_ids(runs)
     rows = []
     for s in stats:
         r = s.run
         g = A._gamma(r)
         train = [t for t in stats if t is not s and t.run.mechanism == r.mechanism
-                 and A._gamma(t.run) in (None, 1)
+                 and t.run.host == r.host and A._gamma(t.run) in (None, 1)
                  and (g is None) == (A._gamma(t.run) is None)]  # fmt: skip
         f = A._fit(train, base) if train else None
         ref = base[id(s)]
         pred = A._predict("pooled", s, ref, f) if f else np.nan
         rows.append({
-            "mechanism": r.mechanism, "workload": r.workload, "family": A.family(r),
-            "gamma": g, "host": r.host, "run": r.path.name, "forwarded_calls": s.n_total,
+            "workload": r.workload, **provenance.columns(r, ids), "family": A.family(r),
+            "gamma": g, "run": r.path.name, "forwarded_calls": s.n_total,
             "t_nd_s": ref.t_nd, "C_s": ref.C, "t_nd_source": ref.source,
             "native_spread": ref.spread, "train_runs": len(train),
-            "f_c_train_s": f.pooled if f else np.nan, "measured_t_d_s": r.wall,
+            "f_c_train_s": f.pooled if f else np.nan,
+            "train_run_ids": ";".join(f.train) if f else "", "measured_t_d_s": r.wall,
             "predicted_t_d_s": pred,
             "rel_error": (pred - r.wall) / r.wall if r.wall > 0 else np.nan,
         })  # fmt: skip
@@ -116,91 +121,110 @@ def _ratio(a: float, b: float) -> float:
 
 
 def fc_side_by_side(fits: pd.DataFrame) -> pd.DataFrame:
-    """One row per mechanism: f_c median and mean with CIs (µs) and ratios to the cheapest.
+    """One row per (host,) mechanism: f_c median and mean with CIs (µs) and ratios to the
+    cheapest mechanism *of the same host* (ratios across hosts would compare machines).
 
     The ratio's interval is conservative: the quotient of the two CIs' ends
     (``lo_a/hi_b`` .. ``hi_a/lo_b``)."""
     if not len(fits):
         return pd.DataFrame()
-    ref = fits.loc[fits["f_c_median_s"].idxmin()]
+    hosts = fits["host"] if "host" in fits else pd.Series([""] * len(fits), index=fits.index)
     rows = []
-    for m in fits.itertuples():
-        own = m.mechanism == ref.mechanism  # the reference's ratio to itself is exactly 1
-        rows.append({
-            "mechanism": m.mechanism, "runs": int(m.runs), "calls": int(m.calls),
-            "median (µs)": m.f_c_median_s * 1e6, "median lo": m.f_c_median_lo_s * 1e6,
-            "median hi": m.f_c_median_hi_s * 1e6, "mean (µs)": m.f_c_mean_s * 1e6,
-            "mean lo": m.f_c_mean_lo_s * 1e6, "mean hi": m.f_c_mean_hi_s * 1e6,
-            "median ratio": _ratio(m.f_c_median_s, ref.f_c_median_s),
-            "ratio lo": 1.0 if own else _ratio(m.f_c_median_lo_s, ref.f_c_median_hi_s),
-            "ratio hi": 1.0 if own else _ratio(m.f_c_median_hi_s, ref.f_c_median_lo_s),
-            "mean ratio": _ratio(m.f_c_mean_s, ref.f_c_mean_s),
-        })  # fmt: skip
+    for host in sorted(set(hosts)):
+        part = fits[hosts == host]
+        ref = part.loc[part["f_c_median_s"].idxmin()]
+        for m in part.itertuples():
+            own = m.mechanism == ref.mechanism  # the reference's ratio to itself is exactly 1
+            row = {"host": host} if "host" in fits else {}
+            row.update({
+                "mechanism": m.mechanism, "runs": int(m.runs), "calls": int(m.calls),
+                "median (µs)": m.f_c_median_s * 1e6, "median lo": m.f_c_median_lo_s * 1e6,
+                "median hi": m.f_c_median_hi_s * 1e6, "mean (µs)": m.f_c_mean_s * 1e6,
+                "mean lo": m.f_c_mean_lo_s * 1e6, "mean hi": m.f_c_mean_hi_s * 1e6,
+                "ratio to": ref.mechanism,
+                "median ratio": _ratio(m.f_c_median_s, ref.f_c_median_s),
+                "ratio lo": 1.0 if own else _ratio(m.f_c_median_lo_s, ref.f_c_median_hi_s),
+                "ratio hi": 1.0 if own else _ratio(m.f_c_median_hi_s, ref.f_c_median_lo_s),
+                "mean ratio": _ratio(m.f_c_mean_s, ref.f_c_mean_s),
+            })  # fmt: skip
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def per_workload(pred: pd.DataFrame) -> pd.DataFrame:
-    """Per workload x mechanism: t_nd, median measured and predicted t_d, S = t_nd/t_d."""
+def per_workload(pred: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per workload x policy x host x mechanism: t_nd, median measured and predicted t_d,
+    S = t_nd/t_d; and the lines refusing to compare a workload and policy whose runs
+    forwarded different resolved sets (``compared`` False on those rows)."""
     if not len(pred):
-        return pd.DataFrame()
+        return pd.DataFrame(), []
     rows = []
-    for (w, m), g in pred.groupby(["workload", "mechanism"], sort=True):
+    keys = ["workload", "policy", "set", "host", "mechanism"]
+    for (w, pol, st, h, m), g in pred.groupby(keys, sort=True):
         t_nd = float(g["t_nd_s"].median())
         meas = float(g["measured_t_d_s"].median())
         p = g["predicted_t_d_s"].dropna()
         pm = float(p.median()) if len(p) else np.nan
         rows.append({
-            "workload": w, "mechanism": m, "runs": len(g),
-            "forwarded_calls": int(g["forwarded_calls"].median()), "t_nd_s": t_nd,
-            "measured_t_d_s": meas, "predicted_t_d_s": pm,
+            "workload": w, "policy": pol, "set": st, "host": h, "mechanism": m,
+            "runs": len(g), "forwarded_calls": int(g["forwarded_calls"].median()),
+            "t_nd_s": t_nd, "measured_t_d_s": meas, "predicted_t_d_s": pm,
             "measured_S": _ratio(t_nd, meas), "predicted_S_r": _ratio(t_nd, pm),
             "mean_abs_rel_error": float(g["rel_error"].abs().mean()),
         })  # fmt: skip
-    return pd.DataFrame(rows)
+    per = pd.DataFrame(rows)
+    per["where"] = per["host"] + " " + per["mechanism"]
+    kept, refused = provenance.pool_groups(per, ["workload", "policy"], across="where")
+    per["compared"] = per.set_index(["workload", "policy"]).index.isin(
+        kept.set_index(["workload", "policy"]).index if len(kept) else []
+    )
+    return per.drop(columns=["where"]), refused
 
 
 def mechanism_section(
-    runs: list[DelegatedRun], natives: list[NativeRun], fallback: dict, fits: pd.DataFrame,
-    markdown_table,
-) -> Section:  # fmt: skip
+    runs: list[DelegatedRun], natives: list[NativeRun], fallback: dict, fits: pd.DataFrame
+) -> Section:
     """The report's "Mechanisms side by side" section (two or more mechanisms measured)."""
-    if len(fits) < 2:
+    if not len(fits) or fits["mechanism"].nunique() < 2:
         return Section()
     pred = loo_predictions(runs, natives, fallback)
     side = fc_side_by_side(fits)
-    per = per_workload(pred[pred["gamma"].isna()] if len(pred) else pred)
+    per, refused = per_workload(pred[pred["gamma"].isna()] if len(pred) else pred)
     hosts = sorted({r.host for r in runs})
-    ref = side.loc[side["median (µs)"].idxmin(), "mechanism"]
     md = [
         "## Mechanisms side by side",
         "",
-        f"{len(side)} mechanisms measured in this analysis (hosts: "
+        f"{len(side)} (host, mechanism) pairs measured in this analysis (hosts: "
         f"{', '.join(f'`{h}`' for h in hosts) or '?'}). `…/same-node` is the mktrace module's "
-        "kernel thread on the node itself; `…/loopback` a relay to a delegate on the same node; "
-        "`…/remote` a relay to a delegate on another node. Per call f_c = overhead/2: median "
+        "kernel thread on the node itself (`kmod-kthread…`) or a relay to a delegate on the same "
+        "node over a Unix socket (`…/ipc/same-node`); `…/loopback` a relay to a delegate on "
+        "the same node over loopback TCP; `…/remote` a relay to a delegate on another node; "
+        "the middle part names the transport. Per call f_c = overhead/2: median "
         "with a distribution-free 95 % CI, mean with a t CI; ratios are to the cheapest "
-        f"mechanism by median (`{ref}`), the ratio interval is the quotient of the CIs' ends. "
-        "The paper's mktrace same-node figure (40 µs, its reported maximum) is not measured "
-        "here: it is only the dashed reference line of the figure below, never a row.",
+        "mechanism by median *of the same host* (`ratio to`), the ratio interval is the "
+        "quotient of the CIs' ends. The paper's mktrace same-node figure (40 µs, its reported "
+        "maximum) is not measured here: it is only the dashed reference line of the figure "
+        "below, never a row.",
         "",
         *emulation_note(emulated_hosts(runs, natives)),
         markdown_table(side),
     ]
-    if len(hosts) > 1:
-        md += ["Runs from more than one host are pooled per mechanism here: ratios are "
-               "meaningful only between mechanisms measured on the same host.", ""]  # fmt: skip
     if len(per):
+        shown = per[per["compared"]].drop(columns=["compared"])
         md += [
-            "Per workload (γ = 1): t_nd = median of the measured native runs; predicted "
-            "t_d = t_nd + 2·f_c·N with f_c the pooled mean of every *other* run of the mechanism "
-            "(leave one run out; N the run's own forwarded calls); S = t_nd/t_d, measured and "
-            "predicted (S_r); error = mean |predicted − measured|/measured over the runs.",
+            "Per workload and policy (γ = 1): t_nd = median of the measured native runs; "
+            "predicted t_d = t_nd + 2·f_c·N with f_c the pooled mean of every *other* run of "
+            "the same host and mechanism (leave one run out; N the run's own forwarded calls); "
+            "S = t_nd/t_d, measured and predicted (S_r); error = mean |predicted − measured|/"
+            "measured over the runs. Rows of one workload and policy are compared only when "
+            "they forwarded the same resolved syscall set (`set`).",
             "",
-            markdown_table(per),
+            markdown_table(shown),
+            *refused,
+            *([""] if refused else []),
         ]
     md += ["Figure: `figures/fc_per_mechanism.png` (per-call f_c per mechanism).", ""]
     return Section({"mechanisms_fc": side, "mechanisms_per_workload": per,
-                    "mechanisms_predictions": pred}, md)  # fmt: skip
+                    "mechanisms_predictions": pred}, md, refused)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the TLB experiment
@@ -269,9 +293,7 @@ def tlb_verdict(t: pd.DataFrame) -> list[str]:
     return out
 
 
-def tlb_section(
-    runs: list[DelegatedRun], natives: list[NativeRun], fallback: dict, markdown_table
-) -> Section:
+def tlb_section(runs: list[DelegatedRun], natives: list[NativeRun], fallback: dict) -> Section:
     """The report's "TLB experiment" section (gain runs under >= 2 kthread variants)."""
     gain = [r for r in runs if r.gamma is not None and r.meta.get("mode") == "kthread"]
     if len({r.mechanism for r in gain}) < 2 or not any("faithful" in r.mechanism for r in gain):

@@ -4,7 +4,7 @@ and many compute nodes offloading to one delegate (``docs/offload.md``).
 Inputs are the delegated runs :func:`analysis.compare.load_runs` returns and
 the native times of :func:`analysis.compare.native_times`.  Per-call numbers
 come from :func:`analysis.fit.fc_samples` (``f_c = (overhead - exec)/2`` as
-:func:`testbed.rundir.derived` defines it, bytes moved = ``bytes_in +
+:func:`testbed.core.rundir.derived` defines it, bytes moved = ``bytes_in +
 bytes_out``); nothing here derives them a second time.
 
 *Same workload*: runs are grouped by workload name (a ``testbed experiment``
@@ -26,7 +26,6 @@ clients' bytes over the union of the spans.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +33,11 @@ import pandas as pd
 
 from analysis import fit
 from analysis.compare import DelegatedRun
-from testbed.rundir import F_FAULT_MASK, derived
+from analysis.tables import markdown_table
+from testbed.core.rundir import F_FAULT_MASK, derived
 
-__all__ = ["OffloadSection", "run_rows", "side_by_side", "many_clients", "figure", "section"]
+__all__ = ["OffloadSection", "run_rows", "side_by_side", "many_clients", "figure", "section",
+           "prediction_frame", "prediction_figure"]  # fmt: skip
 
 MB = 1e6
 
@@ -233,9 +234,7 @@ def many_clients(rows: pd.DataFrame) -> pd.DataFrame:
 
 def figure(side: pd.DataFrame, many: pd.DataFrame):
     """Slowdown per workload and mode; per-client and aggregate throughput."""
-    import matplotlib.pyplot as plt  # Agg is selected by analysis.figures
-
-    from analysis import figures  # noqa: F401  (selects the Agg backend)
+    from analysis.figures import plt  # lazy: matplotlib (analysis.figures selects Agg)
 
     ncols = 2 if len(many) else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
@@ -250,10 +249,14 @@ def figure(side: pd.DataFrame, many: pd.DataFrame):
         ]
         ax.bar(np.arange(len(workloads)) + j * width, vals, width, label=how)
     ax.set_xticks(np.arange(len(workloads)) + width * (len(hows) - 1) / 2, workloads, fontsize=8)
-    ax.set_ylabel("median wall time / native (local I/O)")
+    ax.set_xlabel("workload")
+    ax.set_ylabel("slowdown: median wall / native local I/O (×)")
     ax.set_title("Local I/O, cost-mode forwarding and offload", fontsize=10)
-    if hows:
-        ax.legend(fontsize=7)
+    if hows:  # headroom above the bars for the legend (mechanism labels are long)
+        top = np.nanmax(side["slowdown"].to_numpy(float)) if len(side) else np.nan
+        if np.isfinite(top) and top > 0:
+            ax.set_ylim(0, top * (1.25 + 0.12 * len(hows)))
+        ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, axis="y", alpha=0.3)
     if len(many):
         ax = axes[0][1]
@@ -261,19 +264,70 @@ def figure(side: pd.DataFrame, many: pd.DataFrame):
         colors = ["C3" if c == "aggregate" else "C0" for c in many["client"]]
         ax.bar(range(len(many)), many["MB_per_s"], color=colors)
         ax.set_xticks(range(len(many)), labels, rotation=30, fontsize=7)
-        ax.set_ylabel("MB/s moved (bytes_in + bytes_out)")
+        ax.set_xlabel("group:client")
+        ax.set_ylabel("throughput (MB/s of bytes_in + bytes_out)")
         ax.set_title("Many clients, one delegate: per client and aggregate", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 
 
+def prediction_frame(acc: pd.DataFrame) -> pd.DataFrame:
+    """Per offload run of ``model_accuracy`` (the offload class's headline scheme): measured
+    and predicted slowdown, ``t_d / t_nd``, with the predictor chosen for the run."""
+    cols = ["workload", "run", "repetition", "mechanism", "t_nd", "measured", "predicted",
+            "measured_slowdown", "predicted_slowdown", "predictor", "scheme"]  # fmt: skip
+    if not len(acc) or "mechanism" not in acc:
+        return pd.DataFrame(columns=cols)
+    d = acc[acc["mechanism"].astype(str).str.endswith("/offload")]
+    d = d[d["predicted"].notna() & (d["t_nd"] > 0)].copy()
+    d["measured_slowdown"] = d["measured"] / d["t_nd"]
+    d["predicted_slowdown"] = d["predicted"] / d["t_nd"]
+    return d[cols].reset_index(drop=True)
+
+
+def prediction_figure(frame: pd.DataFrame):
+    """Predicted vs measured offload slowdown per workload, one point per run."""
+    from analysis.figures import plt  # lazy: matplotlib (analysis.figures selects Agg)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    workloads = sorted(set(frame["workload"])) if len(frame) else []
+    x = {w: i for i, w in enumerate(workloads)}
+    for col, dx, marker, color, label in (
+        ("measured_slowdown", -0.15, "o", "C0", "measured (one point per run)"),
+        ("predicted_slowdown", 0.15, "x", "C3", "predicted from other runs"),
+    ):
+        if len(frame):
+            ax.scatter([x[w] + dx for w in frame["workload"]], frame[col], marker=marker,
+                       color=color, s=22, label=label, zorder=3)  # fmt: skip
+    vals = frame[["measured_slowdown", "predicted_slowdown"]].to_numpy(float) if len(frame) else []
+    vals = np.asarray(vals, float)
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    log = len(vals) and vals.max() / max(vals.min(), 1e-9) > 20
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(vals.min() / 1.5, vals.max() * 8)  # headroom: the legend covers no point
+    elif len(vals):
+        ax.set_ylim(0, vals.max() * 1.45)
+    ax.set_xticks(range(len(workloads)), workloads, rotation=25, fontsize=8)
+    ax.set_xlim(-0.6, max(len(workloads) - 0.4, 0.6))
+    ax.set_xlabel("workload")
+    ax.set_ylabel("slowdown: wall / native local I/O (×" + (", log)" if log else ")"))
+    scheme = str(frame["scheme"].iloc[0]) if len(frame) else "–"
+    ax.set_title(f"Offload: predicted vs measured slowdown ({scheme} scheme)", fontsize=10)
+    if len(frame):
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 @dataclass
 class OffloadSection:
-    """What the report adds when there are offload runs."""
+    """What the report adds when there are offload runs (its figure: :func:`figure` of
+    the ``offload_side_by_side`` and ``offload_many_clients`` tables)."""
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    figure: object | None = None
     markdown: list[str] = field(default_factory=list)
 
 
@@ -287,10 +341,8 @@ def _us(df: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def section(
-    runs: list[DelegatedRun], native: dict, table: Callable[[pd.DataFrame], str]
-) -> OffloadSection:
-    """Tables, figure and Markdown of the offload section (empty without offload runs)."""
+def section(runs: list[DelegatedRun], native: dict) -> OffloadSection:
+    """Tables and Markdown of the offload section (empty without offload runs)."""
     if not any(mode_of(r) == "offload" for r in runs):
         return OffloadSection()
     rows = run_rows(runs, native)
@@ -301,12 +353,12 @@ def section(
         "",
         "Each workload with an offload run, its native (local I/O) time and every mode and "
         "mechanism it ran with (cost mode: per forwarded set or policy, in brackets). slowdown = median wall / native. Per call: f_c = "
-        "(overhead − exec)/2 (`testbed.rundir.derived`; exec, the delegate's execution "
+        "(overhead − exec)/2 (`testbed.core.rundir.derived`; exec, the delegate's execution "
         "time, is 0 in cost mode), median with a 95% order-statistic CI; exec median; "
         "size-aware `f_c = α + β·bytes` with bytes = bytes_in + bytes_out actually moved "
         "(offload: data and paths sent plus data returned). MB/s = bytes moved / wall.",
         "",
-        table(_us(side)),
+        markdown_table(_us(side)),
     ]
     if len(many):
         md += [
@@ -317,11 +369,9 @@ def section(
             "span; aggregate: all bytes / the union of the spans; overlap_s: the time all "
             "clients were active together.",
             "",
-            table(many),
+            markdown_table(many),
         ]
     md += ["![Offload: slowdown and throughput](figures/offload.png)", ""]
     return OffloadSection(
-        {"offload_runs": rows, "offload_side_by_side": side, "offload_many_clients": many},
-        figure(side, many),
-        md,
+        {"offload_runs": rows, "offload_side_by_side": side, "offload_many_clients": many}, md
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed import rundir
+from testbed.core import rundir
 
 DATA = Path(__file__).resolve().parent / "data"
 TABLE1_CSV = DATA / "table1.csv"

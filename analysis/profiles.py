@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.paths import PROFILES_DIR, TABLE1_CSV
-from testbed import policy as _policy
-from testbed import rundir
-from testbed.errors import TestbedError
+from testbed.core import policy as _policy
+from testbed.core import rundir
+from testbed.core.errors import TestbedError
 
 #: Calls whose g(s) is time blocked waiting for the program's own children.
 WAIT_CALLS = frozenset({"wait4", "waitid", "vfork"})
@@ -72,8 +72,8 @@ class Profile:
     def b_sweep(self, kind: str, percents, seed: int = 0) -> np.ndarray:
         """``(K, S)`` indicators of ``kind`` at each of ``percents`` (0-100).
 
-        Uses one ordering of the types (:func:`testbed.policy.order`), so the
-        forwarded sets are nested, exactly as :func:`testbed.policy.choose`
+        Uses one ordering of the types (:func:`testbed.core.policy.order`), so the
+        forwarded sets are nested, exactly as :func:`testbed.core.policy.choose`
         picks them for each K.
         """
         ranked = _policy.order(kind, self.counts, seed)

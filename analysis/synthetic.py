@@ -1,7 +1,7 @@
 """Synthetic delegated run directories with a known ``f_c`` (known-answer tests).
 
 :func:`delegated_run` writes a run directory in exactly the format of
-``testbed run`` (through :mod:`testbed.rundir`): per-call records whose
+``testbed run`` (through :mod:`testbed.core.rundir`): per-call records whose
 ``overhead = t_resume - t_trap`` is ``2 (alpha + beta * bytes)`` times
 log-normal noise with median 1, and a wall time ``t_nd + sum overhead`` plus
 Gaussian run-to-run noise.  Used by the tests and to try the analysis without
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import rundir
-from testbed.hostinfo import host_metadata
-from testbed.syscalls import lookup
+from testbed.core import rundir
+from testbed.core.hostinfo import host_metadata
+from testbed.core.syscalls import lookup
 
 
 def delegated_run(

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's packages
 
 from analysis import contention  # noqa: E402
-from testbed.contention import Sweep, run_sweep  # noqa: E402
+from testbed.jobs.contention import Sweep, run_sweep  # noqa: E402
 
 PLAN = {1: (1, 2, 3, 4, 6, 8, 12), 2: (1, 2, 4, 6, 8, 10, 12, 16, 24),
         4: (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 48)}  # fmt: skip

@@ -26,8 +26,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
-from testbed import netns, rundir  # noqa: E402
-from testbed.hostinfo import host_metadata  # noqa: E402
+from testbed.cluster import netns  # noqa: E402
+from testbed.core import rundir  # noqa: E402
+from testbed.core.hostinfo import host_metadata  # noqa: E402
 
 
 def tb(*args: str) -> list[str]:
@@ -39,7 +40,7 @@ def start_delegate(topo: netns.Topology, port: int, delay: int) -> tuple[str, su
     proc = topo.popen(
         "delegate", tb("delegate", "--listen", endpoint, "--quiet", "--delay-us", str(delay))
     )
-    probe = f"from testbed.relay import connect; connect({endpoint!r}, timeout_s=1.0)[1].close()"
+    probe = f"from testbed.compute.relay import connect; connect({endpoint!r}, timeout_s=1.0)[1].close()"
     for _ in range(40):
         if topo.run("compute", [sys.executable, "-c", probe], capture_output=True).returncode == 0:
             return endpoint, proc

@@ -29,8 +29,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
-from testbed.bench import writeloop_binary  # noqa: E402
-from testbed.fastpath import thread_cpu_ns  # noqa: E402
+from testbed.compute.fastpath import thread_cpu_ns  # noqa: E402
+from testbed.jobs.latency import writeloop_binary  # noqa: E402
 
 
 def task_cpu_ns(pid: int) -> int:

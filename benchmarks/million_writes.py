@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed import rundir
-from testbed.localdelegate import LocalDelegate
+from testbed.core import rundir
+from testbed.jobs.localdelegate import LocalDelegate
 
 
 def forward_writes(endpoint: str, n: int, out: Path) -> tuple[float, int]:

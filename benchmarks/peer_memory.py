@@ -31,7 +31,7 @@ import msgpack
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
-from testbed.hostinfo import host_metadata  # noqa: E402
+from testbed.core.hostinfo import host_metadata  # noqa: E402
 from tests import rawzmtp  # noqa: E402
 
 MAX_FRAME = 4 << 20

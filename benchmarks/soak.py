@@ -48,7 +48,7 @@ Attackers (each bounded in time, connections and its own memory):
 Safety valve: an attack is ended early (``aborted`` in the row) when the
 delegate's RSS passes ``--rss-limit`` MiB or the delegate dies.  Progress goes
 to stderr; the table to stdout; ``--json OUT`` writes every row with the host
-facts (``testbed.hostinfo.host_metadata``).  The numbers are what today's
+facts (``testbed.core.hostinfo.host_metadata``).  The numbers are what today's
 delegate does: nothing here judges them.
 """
 
@@ -81,8 +81,8 @@ import numpy as np
 TOP = str(Path(__file__).resolve().parent.parent)
 sys.path.insert(0, TOP)
 
-from testbed import syscalls, wire  # noqa: E402
-from testbed.zmtp import GREETING, frame, frame_head, ready_command  # noqa: E402
+from testbed.core import syscalls, wire  # noqa: E402
+from testbed.core.zmtp import GREETING, frame, frame_head, ready_command  # noqa: E402
 
 ATTACKS = (
     "parts",
@@ -1136,7 +1136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     transports = TRANSPORTS if args.transport == "both" else (args.transport,)
-    from testbed.hostinfo import host_metadata
+    from testbed.core.hostinfo import host_metadata
 
     host = host_metadata()
     cases = [(t, a) for t in transports for a in args.attacks]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed import vm  # noqa: E402
-from testbed.errors import TestbedError  # noqa: E402
+from testbed.cluster import vm  # noqa: E402
+from testbed.core.errors import TestbedError  # noqa: E402
 
 WRITER_C = r"""
 #include <pthread.h>

@@ -4,8 +4,8 @@
     python3 benchmarks/trap_floor.py [--calls 20000] [--rounds 5]
 
 Interleaved rounds of three trap-only measurements of the same timed
-``write(2)`` loop: C (``testbed/cref/trapcont.c``), the relay's Python loop
-(``testbed.bench.trap_only_lat``), and the least Python can do per call - two
+``write(2)`` loop: C (``testbed/jobs/cref/trapcont.c``), the relay's Python loop
+(``testbed.jobs.latency.trap_only_lat``), and the least Python can do per call - two
 ``fcntl.ioctl`` calls (NOTIF_RECV, NOTIF_SEND CONTINUE) on preallocated
 buffers, no objects built, no signals, no checks.  If even that floor is above
 1.5x C, no pure-Python relay can meet the trap-only target.
@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed import bench  # noqa: E402
-from testbed.breakdown import cref_binary, trap_c  # noqa: E402
-from testbed.interpose import seccomp  # noqa: E402
+from testbed.compute.interpose import seccomp  # noqa: E402
+from testbed.jobs import latency  # noqa: E402
+from testbed.jobs.breakdown import cref_binary, trap_c  # noqa: E402
 
 
 def floor_lat(exe: Path, n: int, tmp: Path) -> np.ndarray:
@@ -54,7 +54,7 @@ def floor_lat(exe: Path, n: int, tmp: Path) -> np.ndarray:
         if trap is not None:
             backend.resume_continue(trap)
     backend.close()
-    return bench._read_lat(out, n)
+    return latency.read_latencies(out, n)
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    exe, c_exe = bench.writeloop_binary(), cref_binary("trapcont")
+    exe, c_exe = latency.writeloop_binary(), cref_binary("trapcont")
     m = a.calls // a.rounds
     res: dict[str, list[float]] = {"c": [], "floor": [], "relay": []}
     with tempfile.TemporaryDirectory() as t:
@@ -70,7 +70,7 @@ def main() -> None:
         for _ in range(a.rounds):
             res["c"].append(float(np.median(trap_c(c_exe, m, 64, tmp)[0])) / 1e3)
             res["floor"].append(float(np.median(floor_lat(exe, m, tmp))) / 1e3)
-            res["relay"].append(float(np.median(bench.trap_only_lat(exe, m, 64, tmp)[0])) / 1e3)
+            res["relay"].append(float(np.median(latency.trap_only_lat(exe, m, 64, tmp)[0])) / 1e3)
     c = np.array(res["c"])
     print(f"trap-only p50, {a.rounds} interleaved rounds x {m} x write(64 B); median [min .. max]")
     for k, label in (("c", "C (cref/trapcont.c)"), ("floor", "Python floor (2 ioctls)"),

@@ -1,13 +1,13 @@
-"""Issue 12 item 6: our VM harness (``testbed.vm.run``) against virtme-ng, side by side.
+"""Issue 12 item 6: our VM harness (``testbed.cluster.vm.run``) against virtme-ng, side by side.
 
     python3 -m venv /tmp/vng && /tmp/vng/bin/pip install virtme-ng
     PATH=$PATH:/tmp/vng/bin python3 benchmarks/vm_vs_vng.py [--rounds 3]
 
-Boots Debian's kernel (``testbed.vm.find_kernel``) under TCG, alternating
-``testbed.vm.run`` and ``vng --run IMAGE --disable-kvm --force-9p --cpus 2
+Boots Debian's kernel (``testbed.cluster.vm.find_kernel``) under TCG, alternating
+``testbed.cluster.vm.run`` and ``vng --run IMAGE --disable-kvm --force-9p --cpus 2
 --memory 2G --exec`` with the same command; no network in either guest.  The
 command prints the guest's uptime when it starts and times
-``python3 -c 'import numpy, testbed.rundir'`` (the start-up every
+``python3 -c 'import numpy, testbed.core.rundir'`` (the start-up every
 ``testbed run`` in the in-guest payload pays).  Prints one host-stamped JSON
 line per boot, then the median ratios vng / ours.  virtme-ng is not a
 dependency of the testbed (docs/vm.md says why); install it only to re-measure.
@@ -29,14 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's packages
 
-from testbed import vm  # noqa: E402
-from testbed.errors import TestbedError  # noqa: E402
-from testbed.hostinfo import host_metadata  # noqa: E402
+from testbed.cluster import vm  # noqa: E402
+from testbed.core.errors import TestbedError  # noqa: E402
+from testbed.core.hostinfo import host_metadata  # noqa: E402
 
 FORMAT = 1  # output lines; 1 - first version
 COMMAND = (
     "read up _ < /proc/uptime; echo GUEST_UPTIME $up; s=$(cut -d' ' -f1 /proc/uptime); "
-    "{py} -c 'import numpy, testbed.rundir'; e=$(cut -d' ' -f1 /proc/uptime); echo PYIMPORT $s $e"
+    "{py} -c 'import numpy, testbed.core.rundir'; e=$(cut -d' ' -f1 /proc/uptime); echo PYIMPORT $s $e"
 )
 
 

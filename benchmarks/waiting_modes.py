@@ -31,7 +31,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
-from testbed.localdelegate import LocalDelegate  # noqa: E402
+from testbed.jobs.localdelegate import LocalDelegate  # noqa: E402
 
 PROGRAM = r"""
 #include <pthread.h>

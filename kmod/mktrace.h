@@ -135,7 +135,7 @@ int mktrace_hooks_update(const unsigned long *old, const unsigned long *new);
 
 /* session.c */
 struct mktrace_session *mktrace_session_new(void);
-void mktrace_session_close(struct mktrace_session *s);
+void mktrace_session_close(struct mktrace_session *s, bool relay_died);
 void mktrace_session_put(struct mktrace_session *s);
 struct mktrace_session *mktrace_session_find(struct task_struct *task, unsigned int nr);
 int mktrace_session_register(struct mktrace_session *s);
@@ -157,7 +157,7 @@ void mktrace_dev_exit(void);
 void mktrace_relay_forward(struct mktrace_session *s, unsigned int nr,
 			   const struct pt_regs *uregs, u64 ts_ns,
 			   const struct mktrace_config *cfg, struct mktrace_verdict *v);
-void mktrace_relay_release_all(struct mktrace_session *s);
+void mktrace_relay_release_all(struct mktrace_session *s, bool relay_died);
 
 /* kdelegate.c */
 int mktrace_kdelegate_start(int cpu);

@@ -25,6 +25,7 @@
 #include <linux/poll.h>
 #include <linux/ptrace.h>
 #include <linux/sched.h>
+#include <linux/sched/signal.h>
 #include <linux/uaccess.h>
 
 #include "mktrace.h"
@@ -154,20 +155,37 @@ void mktrace_relay_forward(struct mktrace_session *s, unsigned int nr,
 	v->released = c.released;
 }
 
+/*
+ * Called with s->lock held: end @c for a relay that died with it pending.
+ * The caller gets SIGKILL before it can wake (it re-takes s->lock before
+ * returning, so @c is alive here) and its call fails with -EINTR: it never
+ * runs on after its relay, however late the parent-death signal comes.
+ */
+static void mktrace_call_kill(struct mktrace_session *s, struct mktrace_call *c)
+{
+	send_sig(SIGKILL, c->task, 1);
+	mktrace_call_answer(s, c, MKTRACE_REPLY_RETURN, -EINTR, true);
+}
+
 /**
  * mktrace_relay_release_all() - release every pending call of a closing session
  * @s: the session
+ * @relay_died: the file is released by an exiting task (the relay died or
+ *	exited with the device open): pending callers are killed; otherwise
+ *	(an explicit close) they are released by the session's release_action
  */
-void mktrace_relay_release_all(struct mktrace_session *s)
+void mktrace_relay_release_all(struct mktrace_session *s, bool relay_died)
 {
 	struct mktrace_call *c, *tmp;
+	void (*end)(struct mktrace_session *, struct mktrace_call *) =
+		relay_died ? mktrace_call_kill : mktrace_call_release;
 
 	spin_lock(&s->lock);
 	s->dead = true;
 	list_for_each_entry_safe(c, tmp, &s->queue, node)
-		mktrace_call_release(s, c);
+		end(s, c);
 	list_for_each_entry_safe(c, tmp, &s->inflight, node)
-		mktrace_call_release(s, c);
+		end(s, c);
 	spin_unlock(&s->lock);
 	wake_up_interruptible_all(&s->readq);
 }
@@ -360,7 +378,8 @@ static int mktrace_dev_open(struct inode *inode, struct file *f)
 
 static int mktrace_dev_release(struct inode *inode, struct file *f)
 {
-	mktrace_session_close(f->private_data);
+	/* fput() from do_exit() runs in the exiting task's task_work */
+	mktrace_session_close(f->private_data, current->flags & PF_EXITING);
 	return 0;
 }
 

@@ -87,11 +87,12 @@ void notrace mktrace_session_put(struct mktrace_session *s)
 /**
  * mktrace_session_close() - end a session when its file is released
  * @s: the session; the file's reference is dropped
+ * @relay_died: released by an exiting task (see mktrace_relay_release_all())
  *
  * Unhooks its syscalls, takes it off the list so no new call is trapped,
  * then releases every pending relay request.
  */
-void mktrace_session_close(struct mktrace_session *s)
+void mktrace_session_close(struct mktrace_session *s, bool relay_died)
 {
 	DECLARE_BITMAP(none, MKTRACE_MAX_SYSCALLS);
 	struct pid_namespace *ns;
@@ -107,7 +108,7 @@ void mktrace_session_close(struct mktrace_session *s)
 	bitmap_zero(s->set, MKTRACE_MAX_SYSCALLS);
 	mutex_unlock(&mktrace_session_mutex);
 
-	mktrace_relay_release_all(s);
+	mktrace_relay_release_all(s, relay_died);
 	/* Calls still returning record nothing from now on. */
 	spin_lock(&s->lock);
 	ns = s->ns;

@@ -6,8 +6,8 @@ Public API (see docs/):
   rundir    - the run-directory format (``load``, ``derived``)
 """
 
-from testbed import rundir, syscalls, wire
-from testbed.errors import TestbedError
+from testbed.core import rundir, syscalls, wire
+from testbed.core.errors import TestbedError
 
 __version__ = "0.1.0"
 __all__ = ["TestbedError", "rundir", "syscalls", "wire", "__version__"]

@@ -7,17 +7,20 @@ a module that did not build is a CI failure, not a silent skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import zmq
 
-from testbed.localdelegate import LocalDelegate
+from testbed.jobs.localdelegate import LocalDelegate
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -128,7 +131,7 @@ def relay_transport(request, monkeypatch):
 @pytest.fixture(scope="session")
 def payload(tmp_path_factory) -> Path:
     """A few MB of compressible, deterministic input."""
-    from testbed.workloads import generate_input
+    from testbed.jobs.workloads import generate_input
 
     p = tmp_path_factory.mktemp("data") / "payload.txt"
     generate_input(p, 3, seed=2026)
@@ -138,3 +141,155 @@ def payload(tmp_path_factory) -> Path:
 def needs_root():
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
+
+
+# ---------------------------------------------------------------- test tiers
+#
+# Every test has exactly one tier marker (registered in pyproject.toml):
+#   unit         no processes, no sockets, no namespaces: pure functions and file formats
+#   integration  real processes / sockets on this host
+#   system       network namespaces, the QEMU VM, Ansible over SSH
+# ``unit`` is only ever explicit (a ``pytestmark`` or a per-test mark), and enforced by
+# ``_unit_tier_guard`` below. ``system`` and ``integration`` follow from the markers and
+# fixtures a test uses (tables below); a test with no evidence is ``integration``.
+
+TIERS = ("unit", "integration", "system")
+SYSTEM_MARKERS = frozenset({"netns", "vm", "ansible"})
+# "module:fixture" (the module that defines the fixture, without its package)
+SYSTEM_FIXTURES = frozenset({
+    "test_cpus:topo", "test_two_node:topo",  # netns.Topology
+    "test_offload:lab", "test_lab:labdir", "test_provision:lab3", "test_provision_offload:lab2",
+    "test_netns:need_netns",
+    "test_kmod:guest", "test_kmod:vm_experiment", "test_vm:probe",  # QEMU guests
+})  # fmt: skip
+INTEGRATION_FIXTURES = frozenset({
+    "conftest:delegate", "conftest:ctx",  # a delegate process; a ZeroMQ context for sockets
+    "test_delegate:dproc", "test_harden:dproc", "test_router:raw_delegate",
+    "test_router_limits:make_delegate", "test_libzmq_limits:dstart", "test_zmtp_relay:router",
+    "test_zmtp_props:served", "test_analyze:real_runs",
+    "test_fastpath:lib", "test_offload_edges:edge_prog", "test_kmod:built",  # run the compiler
+})  # fmt: skip
+TIER_RECORD = pytest.StashKey[dict]()  # nodeid -> the tier markers it ended up with
+
+
+def resolve_tiers(explicit, markers, fixtures) -> list[str]:
+    """The tiers of a test with tier marks ``explicit``, other marker names ``markers`` and
+    fixtures ``fixtures`` ("module:name"): one tier, or several when the explicit mark
+    claims less than the evidence (``unit`` on a test that starts a delegate)."""
+    if SYSTEM_MARKERS & set(markers) or SYSTEM_FIXTURES & set(fixtures):
+        floor = "system"
+    elif INTEGRATION_FIXTURES & set(fixtures):
+        floor = "integration"
+    else:
+        floor = None
+    tiers = set(explicit)
+    if not tiers:
+        tiers = {floor or "integration"}
+    elif floor and TIERS.index(floor) > max(map(TIERS.index, tiers)):
+        tiers.add(floor)
+    return sorted(tiers, key=TIERS.index)
+
+
+def _fixture_ids(item) -> set[str]:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    return {f"{defs[-1].func.__module__.rpartition('.')[2]}:{name}"
+            for name, defs in info.name2fixturedefs.items() if defs}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the tiers added here
+def pytest_collection_modifyitems(config, items):
+    record = config.stash.setdefault(TIER_RECORD, {})
+    for item in items:
+        names = {m.name for m in item.iter_markers()}
+        tiers = resolve_tiers(names & set(TIERS), names - set(TIERS), _fixture_ids(item))
+        for tier in tiers:
+            if tier not in names:
+                item.add_marker(tier)
+        record[item.nodeid] = tuple(tiers)
+
+
+class UnitTierViolation(RuntimeError):
+    """A test marked ``unit`` started a process, forked or created a socket."""
+
+
+_guard = {"depth": 0, "test": "", "violations": []}
+_GUARDED = (  # (owner, attribute, what)
+    [(subprocess.Popen, "__init__", "subprocess.Popen")]
+    + [(os, n, f"os.{n}") for n in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system",
+                                    "unshare", "setns") if hasattr(os, n)]  # fmt: skip
+    + [(socket.socket, "__init__", "socket.socket"),
+       (zmq.Context, "socket", "zmq.Context.socket"), (zmq.Socket, "__init__", "zmq.Socket")]
+)  # fmt: skip
+_REAL = {(owner, attr): owner.__dict__[attr] for owner, attr, _ in _GUARDED}
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        msg = (f"{what}() in {_guard['test']}, a test marked unit: unit tests start no process "
+               f"and open no socket; mark it integration (or system) instead")  # fmt: skip
+        _guard["violations"].append(msg)
+        raise UnitTierViolation(msg)
+
+    return refuse
+
+
+@contextlib.contextmanager
+def unit_guard(test: str):
+    """While active, the process, fork and socket entry points raise UnitTierViolation
+    (and record it, so a caller that swallows the error still fails the test)."""
+    if _guard["depth"] == 0:
+        _guard.update(test=test, violations=[])
+        for owner, attr, what in _GUARDED:
+            setattr(owner, attr, _refuse(what))
+    _guard["depth"] += 1
+    try:
+        yield _guard["violations"]
+    finally:
+        _guard["depth"] -= 1
+        if _guard["depth"] == 0:
+            for owner, attr, _ in _GUARDED:
+                setattr(owner, attr, _REAL[owner, attr])
+
+
+def _guarded(item) -> bool:
+    """Marked unit; or every test under TESTBED_TEST_GUARD_ALL=1, to find unit candidates
+    (README, Testing: the tests that still pass start no process and open no socket)."""
+    return (
+        item.get_closest_marker("unit") is not None
+        or os.environ.get("TESTBED_TEST_GUARD_ALL") == "1"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session):
+    """Run the host's one memoised probe (``systemd-detect-virt``, behind every run
+    directory's host record) before any test, so unit tests writing run directories
+    find it answered instead of starting it under the guard."""
+    if not session.config.option.collectonly and any(map(_guarded, session.items)):
+        from testbed.core import hostinfo
+
+        hostinfo.virtualization()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """The guard also covers module- and session-scoped fixtures a unit test sets up."""
+    if not _guarded(item):
+        return (yield)
+    with unit_guard(item.nodeid):
+        return (yield)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request):
+    """Tests marked ``unit`` fail loudly if they start a process, fork or open a socket."""
+    if not _guarded(request.node):
+        yield
+        return
+    with unit_guard(request.node.nodeid) as violations:
+        yield
+    if violations:
+        pytest.fail("\n".join(dict.fromkeys(violations)), pytrace=False)

@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script in the guest
 
 import numpy as np  # noqa: E402
 
-from testbed.interpose import kmod as K  # noqa: E402
+from testbed.compute.interpose import kmod as K  # noqa: E402
 
 NR_READ, NR_WRITE, NR_GETPPID = 0, 1, 110
 # ~120 implemented syscalls, numbers up to 334: no 64-call limit, noreturn exit_group
@@ -237,7 +237,7 @@ def g_garbage() -> dict:
 def _krun(forward: str, delay_us: float, argv: list[str], stdout, tmp: Path, name: str,
           extra: tuple[str, ...] = ()) -> tuple[dict, np.ndarray]:  # fmt: skip
     """``testbed run --backend kmod --mode kthread``: (run.json, calls) of its run directory."""
-    from testbed import rundir
+    from testbed.core import rundir
 
     rdir = tmp / "runs" / name
     shutil.rmtree(rdir, ignore_errors=True)
@@ -254,7 +254,7 @@ def _krun(forward: str, delay_us: float, argv: list[str], stdout, tmp: Path, nam
 def _ksummary(meta: dict, calls: np.ndarray) -> dict:
     """What a test asserts on one kthread run directory (ns)."""
     from analysis.compare import mechanism
-    from testbed.rundir import derived
+    from testbed.core.rundir import derived
 
     ovh = derived(calls)["overhead"]
     order = ((calls["t_trap"] <= calls["t_send"]) & (calls["t_send"] <= calls["d_recv"])
@@ -559,7 +559,7 @@ def _register_in_child_of_target(flag: str) -> str:
 
 def g_experiment(tmp: Path) -> dict:
     """A plan with kthread delegates: run directories, outputs equal to native."""
-    from testbed import rundir
+    from testbed.core import rundir
 
     plan = tmp / "kthread-plan.yml"
     plan.write_text(
@@ -664,8 +664,8 @@ def g_relay(bins: Path, tmp: Path) -> dict:
 
 
 def g_run(tmp: Path) -> dict:
-    from testbed import rundir
-    from testbed.relay import connect
+    from testbed.compute.relay import connect
+    from testbed.core import rundir
 
     argv = ["gzip", "-c", "-6", str(_payload(tmp))]
     native = _sh(argv).stdout
@@ -704,7 +704,7 @@ def g_run(tmp: Path) -> dict:
 _KILLED_RELAY = r"""
 import os, select, sys, time
 sys.path.insert(0, sys.argv[1])
-from testbed.interpose import kmod as K
+from testbed.compute.interpose import kmod as K
 dev = K.Device()
 dev.set_config("relay", timeout_ns=30 * 10**9)
 dev.set_syscalls([110])

@@ -1,7 +1,7 @@
 """A raw ZMTP 3.0 peer over a plain TCP socket, for tests that must misbehave
 below libzmq (unterminated multipart messages, never reading replies, slow or
 silent handshakes) without the sender's own libzmq buffering anything; the
-framing is :mod:`testbed.zmtp`'s."""
+framing is :mod:`testbed.core.zmtp`'s."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 
-from testbed.zmtp import GREETING, connect, frame, read_exactly, read_frame
+from testbed.core.zmtp import GREETING, connect, frame, read_exactly, read_frame
 
 __all__ = ["closed_within", "connect", "connect_as", "frame", "ping", "ready", "rss_mib", "silent"]
 

@@ -7,13 +7,17 @@ every fitted baseline, workload identity by cell name or full command line
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from analysis import accuracy, compare
-from analysis.report import write_report
+from analysis.report import build_report, render_markdown, write_report
 from analysis.synthetic import delegated_run, native_run
+
+pytestmark = pytest.mark.unit
 
 TRUTH = {"read": 30e-6, "write": 80e-6, "lseek": 12e-6}
 HOST = "node-a"
@@ -74,10 +78,18 @@ def test_per_syscall_predictor_beats_pooled_when_costs_differ(tree):
     assert name.startswith(("per_syscall", "whole_run")) and mean < 0.01 and n == len(runs)
 
 
-def test_measured_natives_mean_no_fit_intercept(tree, tmp_path):
-    report = write_report([tree], tmp_path / "rep")
-    acc = pd.read_csv(tmp_path / "rep" / "tables" / "model_accuracy.csv")
-    pvm = pd.read_csv(tmp_path / "rep" / "tables" / "predicted_vs_measured.csv")
+@pytest.fixture(scope="module")
+def tree_report(tree, tmp_path_factory):
+    """``report.md`` of ``tree``: the one report the unit tests render (figures are most of
+    a report's time); other report tests check ``build_report``'s content, and
+    ``test_the_rendered_report_is_its_content`` that rendering writes exactly that."""
+    return write_report([tree], tmp_path_factory.mktemp("rep"))
+
+
+def test_measured_natives_mean_no_fit_intercept(tree_report):
+    report = tree_report
+    acc = pd.read_csv(report.parent / "tables" / "model_accuracy.csv")
+    pvm = pd.read_csv(report.parent / "tables" / "predicted_vs_measured.csv")
     assert len(acc) == 12
     assert acc["t_nd_source"].str.startswith("measured native (6 runs)").all()
     assert pvm["t_nd_source"].str.startswith("measured native runs").all()
@@ -87,6 +99,48 @@ def test_measured_natives_mean_no_fit_intercept(tree, tmp_path):
     assert "**Model accuracy: mean |error|" in head and "intercept" not in head
     assert {"workload", "policy", "gamma", "measured", "rel_error", "pred_pooled",
             "pred_per_syscall", "pred_size", "relay_cpu_share"} <= set(acc.columns)  # fmt: skip
+
+
+def test_report_content_is_computed_without_rendering(tree, tmp_path):
+    """build_report: the tables, numbers and figure list, with nothing written or drawn."""
+    before = sorted(p.name for p in tree.iterdir())
+    c = build_report([tree])
+    assert sorted(p.name for p in tree.iterdir()) == before
+    assert len(c.runs) == 12 and len(c.natives) == 12 and not c.profiles
+    assert len(c.tables["model_accuracy"]) == 12 and len(c.predicted_vs_measured) == 12
+    mean, mx, n = c.prediction_error()
+    assert n == 12 and 0 <= mean <= mx
+    names = [f.name for f in c.figures]
+    assert "fig2_naive" in names and "measured_vs_predicted" in names and "offload" not in names
+    md = render_markdown(c, "then")
+    assert md.startswith("# Delegation testbed") and "Generated then from 24 run directories" in md
+    assert f"over {n} runs." in md
+
+
+def test_the_rendered_report_is_its_content(tree, tree_report):
+    """write_report writes build_report's content: report.md, every table as CSV, every
+    figure as PNG and SVG (the other report tests check the content only)."""
+    import json
+    import re
+    import xml.etree.ElementTree as ET
+
+    c = build_report([tree])
+    out = tree_report.parent
+    text = tree_report.read_text()
+    generated = re.search(r"Generated (.+?) from \d+ run directories", text).group(1)
+    assert text == render_markdown(c, generated)
+    assert sorted(p.stem for p in (out / "tables").glob("*.csv")) == sorted(c.tables)
+    for name, df in c.tables.items():
+        assert (out / "tables" / f"{name}.csv").read_text() == df.to_csv(index=False), name
+    names = [f.name for f in c.figures]
+    assert "fc_per_mechanism" in names and "measured_vs_predicted" in names
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(
+        f"{n}.{ext}" for n in names for ext in ("png", "svg")
+    )
+    for n in names:
+        assert (out / "figures" / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", n
+        assert ET.fromstring((out / "figures" / f"{n}.svg").read_bytes()).tag.endswith("svg"), n
+    assert len(json.loads((out / "runs.json").read_text())) == len(c.run_metas)
 
 
 def test_two_sh_c_workloads_are_never_grouped(tmp_path):
@@ -125,8 +179,7 @@ def test_missing_natives_are_flagged(tmp_path):
     for i, pol in enumerate(("read,write", "max-freq:20%")):
         delegated_run(tmp_path / f"d{i}", ["prog"], {"write": 1000}, 50e-6, 1.0, policy=pol,
                       native=True, seed=i, cell=_cell("alpha", pol, 1))  # fmt: skip
-    write_report([tmp_path], tmp_path / "rep")
-    acc = pd.read_csv(tmp_path / "rep" / "tables" / "model_accuracy.csv")
+    acc = build_report([tmp_path]).tables["model_accuracy"]  # rendered: tree_report
     assert (
         acc["flag"]
         .str.contains("no measured native runs; t_nd from run.json native", regex=False)
@@ -148,6 +201,8 @@ def test_gain_runs_are_predicted_from_gamma_one_only(tmp_path):
                 delegated_run(tmp_path / f"d{i}", ["gb", str(g)], fwd, 50e-6, C / g + G,
                               policy=pol, native=False, seed=i, hostname=HOST, cell=cell)  # fmt: skip
     _, runs, natives = compare.load_all(sorted(tmp_path.iterdir()))
+    assert {accuracy.family(r) for r in runs} == {"gain"}  # runs named before gainbench
+    assert accuracy.family(SimpleNamespace(workload="gainbench-g16", gamma=16)) == "gainbench"
     pred = accuracy.predictions(runs, natives, {})
     pol = pred[pred["scheme"] == "policy"]
     assert set(pol["gamma"]) == {1, 4}

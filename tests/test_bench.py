@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from testbed import rundir
+from testbed.core import rundir
 from tests.conftest import run_testbed
 
 
@@ -142,15 +142,15 @@ def test_bench_breakdown_rejects_too_many_rounds():
 
 
 def test_raw_zmtp_client_round_trips_and_refuses_what_it_cannot_speak(tmp_path):
-    from testbed import bench
-    from testbed.errors import TestbedError
-    from testbed.localdelegate import LocalDelegate
+    from testbed.core.errors import TestbedError
+    from testbed.jobs import latency
+    from testbed.jobs.localdelegate import LocalDelegate
 
     with LocalDelegate() as d:
-        lat = bench.raw_zmtp_lat(d.endpoint, 50, 64)
+        lat = latency.raw_zmtp_lat(d.endpoint, 50, 64)
         assert len(lat) == 50 and (lat > 0).all()
     with pytest.raises(TestbedError, match="tcp://HOST:PORT"):
-        bench.raw_zmtp_lat(f"ipc://{tmp_path}/d.sock", 1, 64)
+        latency.raw_zmtp_lat(f"ipc://{tmp_path}/d.sock", 1, 64)
     # a TCP peer that is not ZMTP: one clear error, not a hang or a traceback
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
@@ -165,7 +165,7 @@ def test_raw_zmtp_client_round_trips_and_refuses_what_it_cannot_speak(tmp_path):
     t.start()
     try:
         with pytest.raises(TestbedError, match="does not speak ZMTP 3"):
-            bench.raw_zmtp_lat(f"tcp://127.0.0.1:{port}", 1, 64)
+            latency.raw_zmtp_lat(f"tcp://127.0.0.1:{port}", 1, 64)
     finally:
         t.join(5)
         srv.close()

@@ -12,7 +12,9 @@ from analysis import compare
 from analysis import model as M
 from analysis.profiles import shipped_profiles
 from analysis.synthetic import delegated_run
-from testbed import errors
+from testbed.core import errors
+
+pytestmark = pytest.mark.unit
 
 LOOP, REMOTE = 20e-6, 120e-6
 REMOTE_EP = "tcp://10.200.0.2:5555"  # only a label in run.json: nothing is sent anywhere
@@ -39,8 +41,8 @@ def runs(tmp_path_factory):
 def test_mechanism_labels(runs):
     _, rs = runs
     assert {r.mechanism for r in rs} == {
-        "seccomp/loopback",
-        "seccomp/remote",
+        "seccomp/libzmq-tcp/loopback",
+        "seccomp/libzmq-tcp/remote",
         "kmod-kthread/same-node",
     }
     kthread = {"backend": "kmod", "mode": "kthread", "endpoint": None}
@@ -55,13 +57,14 @@ def test_mechanism_labels(runs):
         "kmod-kthread-faithful-flushcaller/same-node+5us"
     )
     assert (
-        compare.mechanism({"backend": "seccomp", "endpoint": "ipc:///tmp/x"}) == "seccomp/loopback"
+        compare.mechanism({"backend": "seccomp", "endpoint": "ipc:///tmp/x"})
+        == "seccomp/libzmq-ipc/same-node"
     )
     assert (
         compare.mechanism(
             {"backend": "kmod", "endpoint": "tcp://[::1]:5", "delegate": {"delay_us": 50}}
         )
-        == "kmod/loopback+50us"
+        == "kmod/libzmq-tcp/loopback+50us"
     )
 
 
@@ -71,8 +74,8 @@ def test_fit_mechanisms_recovers_each_f_c(runs):
     assert native[f"gzip -k in @ {HOST}"] == (0.9, "run.json native")
     fits = compare.fit_mechanisms(rs, native).set_index("mechanism")
     for mech, fc in (
-        ("seccomp/loopback", LOOP),
-        ("seccomp/remote", REMOTE),
+        ("seccomp/libzmq-tcp/loopback", LOOP),
+        ("seccomp/libzmq-tcp/remote", REMOTE),
         ("kmod-kthread/same-node", 3e-6),
     ):
         row = fits.loc[mech]
@@ -108,7 +111,7 @@ def test_mechanism_table_uses_the_model(runs):
     tab = compare.mechanism_table(fits, prof, "min-freq:20%", (2.0, 10.0))
     assert len(tab) == 3  # measured mechanisms only: the paper's 40 µs is never a row
     assert compare.PAPER_MKTRACE_FC_S not in set(tab["f_c_s"])
-    row = tab[tab.mechanism == "seccomp/remote"].iloc[0]
+    row = tab[tab.mechanism == "seccomp/libzmq-tcp/remote"].iloc[0]
     p = prof[0]
     want = M.S_r(p.C, p.g, p.n, p.b("min-freq:20%"), 10.0, row["f_c_s"])
     assert row[f"S_r {p.name} γ=10"] == pytest.approx(float(want))

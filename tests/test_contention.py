@@ -11,9 +11,10 @@ import pytest
 import zmq
 
 from analysis import contention
-from testbed import rundir, service, wire
-from testbed.contention import CELL_JSON, load_cycles
-from testbed.delegate import Delegate
+from testbed.core import queue_record, rundir, wire
+from testbed.core.sweep_record import CELL_JSON, load_cycles
+from testbed.delegate import service
+from testbed.delegate.daemon import Delegate
 from tests.conftest import PY, REPO, run_testbed
 
 
@@ -55,7 +56,7 @@ def test_delegate_rejects_a_negative_service_time():
 def test_caller_script_refuses_bad_arguments_and_a_late_start(tmp_path):
     import subprocess
 
-    caller = str(REPO / "testbed" / "caller.py")
+    caller = str(REPO / "testbed" / "jobs" / "caller.py")
     bad = subprocess.run([PY, "-S", "-I", caller, "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
     now = time.monotonic_ns()
@@ -99,7 +100,7 @@ def test_queued_delegate_serves_first_come_first_served_with_w_servers():
     first_end = np.sort(rec["t_end"][:2])
     assert rec["t_start"][2] >= first_end[0] and rec["t_start"][3] >= first_end[1]
     assert list(rec["queue"]) == [0, 1, 2, 3] or rec["queue"][-1] >= 2
-    s = service.summarize(rec, 2)
+    s = queue_record.summarize(rec, 2)
     assert s["calls"] == 4 and s["wait_mean_us"] > 0
 
 
@@ -128,7 +129,7 @@ def test_short_sweep_runs_end_to_end_and_is_analysed(tmp_path):
             assert run.meta["forwarded"] == ["getppid"]
             assert run.meta["calls"]["count"] == len(c) > 0  # every call of the loop forwarded
             forwarded += len(c)
-        dmeta, rec = service.load_record(cell / "delegate")
+        dmeta, rec = queue_record.load_record(cell / "delegate")
         assert rec.size == forwarded  # the delegate served each forwarded call once
         assert np.all(rec["t_end"] - rec["t_start"] >= rec["drawn"])  # served at least the draw
         assert abs(rec["drawn"].mean() / 500e3 - 1) < 0.5  # exponential draws, mean 500 µs
@@ -189,9 +190,10 @@ def test_the_threads_of_a_stopped_queued_delegate_end():
     assert d._stopped.is_set() and threading.active_count() < before
 
 
+@pytest.mark.system  # creates network namespaces (netns.Topology in the sweep)
 def test_sweep_over_namespace_nodes_reaches_the_delegate_over_tcp(tmp_path):
     """Callers on two netns nodes, the delegate on a third: real TCP over veth."""
-    from testbed import netns
+    from testbed.cluster import netns
 
     ok, why = netns.available()
     if not ok:
@@ -212,7 +214,7 @@ def test_sweep_over_namespace_nodes_reaches_the_delegate_over_tcp(tmp_path):
         assert run.meta["delegate"]["host"]  # the WELCOME came back over the veth link
     (ep,) = endpoints
     assert not ep.startswith("tcp://127.")  # the namespace address, not loopback
-    _, rec = service.load_record(cell / "delegate")
+    _, rec = queue_record.load_record(cell / "delegate")
     assert rec.size == sum(len(c) for c in load_cycles(cell))
 
 

@@ -1,4 +1,4 @@
-"""CPU time and placement of a run's processes (testbed/cpus.py).
+"""CPU time and placement of a run's processes (testbed/core/cpus.py).
 
 The delegate reports its own CPU time over the wire (``stats``), so it is
 recorded for a delegate in another network namespace (or node) where the
@@ -18,7 +18,8 @@ import time
 import pytest
 import zmq
 
-from testbed import cpus, netns, rundir, wire
+from testbed.cluster import netns
+from testbed.core import cpus, rundir, wire
 from tests.conftest import run_testbed, tb_argv
 
 ALL = sorted(os.sched_getaffinity(0))
@@ -33,6 +34,7 @@ def _stats(pid=7, cpu=1.0, answered=100, mine=10, cpus_=(0, 1), boot=None):
             "cpu_count": 2, "answered": answered, "client_calls": mine}  # fmt: skip
 
 
+@pytest.mark.unit
 def test_delegate_cpu_attributes_by_call_share_and_knows_other_kernels():
     d = cpus.delegate_cpu(_stats(), _stats(cpu=3.0, answered=500, mine=110), [0])
     assert d["delegate_cpu_s"] == pytest.approx(2.0)
@@ -50,6 +52,7 @@ def test_delegate_cpu_attributes_by_call_share_and_knows_other_kernels():
     assert old["delegate_cpu_s"] is None and "does not report" in old["delegate_stats_error"]
 
 
+@pytest.mark.unit
 def test_cell_cpu_prefers_the_delegates_own_stats_and_falls_back_to_proc():
     run_cpu = {"relay_user_s": 0.2, "relay_sys_s": 0.1, "relay_cpus": [1], "program_cpus": [0],
                **cpus.delegate_cpu(_stats(), _stats(cpu=1.5), [0])}  # fmt: skip
@@ -67,6 +70,7 @@ def test_cell_cpu_prefers_the_delegates_own_stats_and_falls_back_to_proc():
 # ---------------------------------------------------------------- the stats request
 
 
+@pytest.mark.unit
 def test_stats_frames_are_maps_both_ways():
     assert wire.decode(wire.encode_stats({})) == (wire.STATS, {})
     assert wire.decode(wire.encode_stats({"stats_version": 1})) == (
@@ -125,7 +129,7 @@ def test_request_stats_records_why_a_delegate_gave_none(reply, expect):
 
 
 def test_request_stats_skips_late_frames_and_reads_the_answer():
-    from testbed.delegate import Delegate
+    from testbed.delegate.daemon import Delegate
 
     with Delegate("tcp://127.0.0.1:*") as d:  # __enter__ starts it
         s = zmq.Context.instance().socket(zmq.DEALER)
@@ -160,7 +164,7 @@ def topo():
 def _delegate_in(topo, port, prefix=()):
     endpoint = f"tcp://{topo.addr('delegate')}:{port}"
     proc = topo.popen("delegate", [*prefix, *tb_argv("delegate", "--listen", endpoint, "--quiet")])
-    probe = f"from testbed.relay import connect; connect({endpoint!r}, timeout_s=1.0)[1].close()"
+    probe = f"from testbed.compute.relay import connect; connect({endpoint!r}, timeout_s=1.0)[1].close()"
     for _ in range(40):
         if topo.run("compute", [tb_argv()[0], "-c", probe], capture_output=True).returncode == 0:
             return endpoint, proc

@@ -1,4 +1,4 @@
-"""The delegate daemon (testbed/delegate.py) against real processes and sockets."""
+"""The delegate daemon (testbed/delegate/daemon.py) against real processes and sockets."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from testbed import wire
-from testbed.delegate import HARD_MAX_FRAME, Delegate
-from testbed.errors import TestbedError as _TestbedError
+from testbed.core import wire
+from testbed.core.errors import TestbedError as _TestbedError
+from testbed.delegate.daemon import HARD_MAX_FRAME, Delegate
 
 PY = sys.executable
 
@@ -520,8 +520,8 @@ def test_offload_extension_point_and_internal_errors(ctx):
 
 
 def test_curve_admits_only_authorized_relays(ctx, tmp_path):
-    from testbed.keys import generate, make_curve_keys
-    from testbed.keys import setup_client as curve_client
+    from testbed.core.keys import generate, make_curve_keys
+    from testbed.core.keys import setup_client as curve_client
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))
@@ -560,7 +560,7 @@ def test_curve_without_keys_is_a_user_error(tmp_path):
 
 
 def test_curve_bind_failure_is_an_error_not_a_hang(tmp_path):
-    from testbed.keys import make_curve_keys
+    from testbed.core.keys import make_curve_keys
 
     make_curve_keys(str(tmp_path))
     with socket.socket() as s:
@@ -586,7 +586,7 @@ def test_stop_is_bounded_and_idempotent():
 CLIENT = textwrap.dedent(
     """
     import json, sys, time, zmq
-    from testbed import wire
+    from testbed.core import wire
     ctx = zmq.Context(); s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0); s.setsockopt(zmq.RCVTIMEO, 10000); s.connect(sys.argv[1])
     s.send(wire.encode_hello({"host": "compute"})); kind, welcome = wire.decode(s.recv())
@@ -604,7 +604,7 @@ CLIENT = textwrap.dedent(
 @pytest.mark.root
 @pytest.mark.netns
 def test_delegate_in_one_namespace_client_in_another():
-    from testbed import netns
+    from testbed.cluster import netns
 
     ok, why = netns.available()
     if not ok:
@@ -636,7 +636,7 @@ def test_start_twice_serves_once():
     """``with Delegate(...).start()`` starts one serving thread, not two on one socket."""
     import threading
 
-    from testbed.delegate import Delegate
+    from testbed.delegate.daemon import Delegate
 
     d = Delegate("tcp://127.0.0.1:*")
     with d.start():

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import experiment, rundir, workloads
+from testbed.core import rundir
+from testbed.core.mechanisms import mechanism
+from testbed.jobs import experiment, workloads
 
 #: Inherited by everything the tested commands start, so that leftovers of
 #: *these* tests can be told from processes of other test suites.
@@ -84,6 +86,14 @@ def _write(path: Path, text: str) -> Path:
          "drop 'forward'"),
         ("offload_path: /x\nworkloads: [gzip]\nforward: [read]\ndelegates: [local]\n",
          "only used with mode: offload"),
+        ("workloads: [gzip]\nforward: [{policy: 'max-freq:50%'}]\ndelegates: [local]\nresolve: twice\n",
+         "resolve must be once or per-host"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [local]\nresolve: once\n",
+         "resolve is only used with policy forward entries"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [local]\npredictor: best\n",
+         "unknown predictor 'best'"),
+        ("workloads: [gzip]\nforward: [read]\ndelegates: [{local: udp}]\n",
+         "a same-node delegate is {name, local: tcp|ipc|shm}"),
     ],
 )  # fmt: skip
 def test_bad_plan_is_one_clear_error_and_starts_nothing(tmp_path, body, message):
@@ -159,11 +169,13 @@ def test_kthread_delegates_are_node_local_and_kept(tmp_path):
     # --delegate (what experiment.yml passes) replaces the network delegates only
     over = experiment.load_plan(plan, ["node3=tcp://10.213.47.3:5555"]).delegates
     assert [d.name for d in over] == ["node3", "kthread", "kt20", "ktf"]
-    assert experiment.mechanism_args(over[3], "kthread", experiment.load_plan(plan))[-2:] == [
-        "--faithful", "--flush-caller-tlb"]  # fmt: skip
-    d = over[2]
-    assert experiment.mechanism_args(d, "kthread", experiment.load_plan(plan)) == [
-        "--backend", "kmod", "--mode", "kthread", "--delay-us", "20", "--faithful",
+    runner = experiment.Runner(experiment.load_plan(plan), tmp_path / "res", "h", tmp_path / "w")
+    cells = [c for c in experiment.cells(runner.plan) if c.delegate.kthread]
+    spec = {c.delegate.name: runner.cell_spec(c) for c in cells}
+    assert spec["ktf"].to_argv()[4:8] == [
+        "--delay-us", "0", "--faithful", "--flush-caller-tlb"]  # fmt: skip
+    assert spec["kt20"].to_argv()[:7] == [
+        "--mode", "kthread", "--backend", "kmod", "--delay-us", "20", "--faithful",
     ]  # fmt: skip
     proc = tb("experiment", str(plan), "--check", "--delegate", "n=tcp://127.0.0.1:9")
     assert proc.returncode == 0 and proc.stdout.strip() == "plan p: valid, 4 runs", proc.stderr
@@ -226,8 +238,16 @@ def test_local_matrix_runs_resumes_and_matches_native(tmp_path):
         assert len(calls) > 0 and (calls["d_recv"] > 0).all()
         if "read+write" in p.name:
             assert sorted(run.meta["forwarded"]) == ["read", "write"]
-        else:
+            assert "resolution" not in cell
+        else:  # the policy, resolved once before the first cell, from this host's profile
             assert len(cell["forward_syscalls"]) >= 2
+            res = cell["resolution"]
+            assert res["how"] == "once" and res["on"] == "here"
+            assert sorted(run.meta["forwarded"]) == res["set"] == sorted(cell["forward_syscalls"])
+            assert cell["policy"] == "max-freq:50%"
+    pol = json.loads((results / "policies.json").read_text())
+    assert pol["resolved_on"] == "here" and pol["profiles"]["gzip"] == "here/profile-gzip"
+    assert set(pol["sets"]) == {"gzip", "sha256sum"}
     assert (results / "here" / "profile-gzip" / "run.json").exists()
     assert json.loads((results / "plan.json").read_text())["name"] == "local-smoke"
     native = json.loads((results / "here" / "native" / "gzip.json").read_text())
@@ -246,6 +266,80 @@ def test_local_matrix_runs_resumes_and_matches_native(tmp_path):
     assert not list((results / "here").glob("*.partial"))
 
 
+@pytest.mark.root
+@pytest.mark.slow
+def test_every_node_forwards_the_set_the_controller_resolved(tmp_path):
+    """--resolve-policies on one machine (the controller), --policies on the nodes: each
+    node forwards the controller's set, not one resolved from its own profile; a
+    policies.json of another plan or missing a workload is one clear error."""
+    plan = _write(tmp_path / "plan.yml", "name: once\nworkloads:\n  - {name: gzip, size_mb: 0.3}\n"
+                  "forward:\n  - {policy: 'max-freq:50%'}\ndelegates: [local]\n")  # fmt: skip
+    ctl = tmp_path / "controller"
+    proc = tb("experiment", str(plan), "--resolve-policies", "-o", str(ctl), "--host-label", "ctl")
+    assert proc.returncode == 0, proc.stderr
+    pol = json.loads((ctl / "policies.json").read_text())
+    assert pol["resolved_on"] == "ctl" and (ctl / "ctl" / "profile-gzip" / "run.json").exists()
+    here = pol["sets"]["gzip"]["max-freq:50%"]
+    # a set this host's profile would not give: the controller's profile differed
+    pol["sets"]["gzip"]["max-freq:50%"] = (
+        ["getppid", "read"] if here != ["getppid", "read"] else ["read"]
+    )
+    (ctl / "policies.json").write_text(json.dumps(pol))
+    results = tmp_path / "node"
+    proc = tb("experiment", str(plan), "-o", str(results), "--host-label", "node1",
+              "--policies", str(ctl / "policies.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    d = results / "node1" / "gzip.max-freq-50pct.local.r1"
+    cell = json.loads((d / "experiment.json").read_text())
+    assert sorted(rundir.load(d).meta["forwarded"]) == pol["sets"]["gzip"]["max-freq:50%"]
+    assert cell["resolution"] == {"how": "once", "on": "ctl", "profile": "ctl/profile-gzip",
+                                  "set": pol["sets"]["gzip"]["max-freq:50%"]}  # fmt: skip
+    assert cell["output_matches_native"] is True
+    assert not (results / "node1" / "profile-gzip").exists(), "no profile of its own"
+    assert json.loads((results / "policies.json").read_text())["sets"] == pol["sets"]
+    for change, message in (
+        ({"plan": "other"}, "resolved for plan 'other'"),
+        ({"sets": {}}, "no syscall set for workload 'gzip'"),
+        ({"version": 9}, "not a policies.json of version 1"),
+    ):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(pol | change))
+        proc = tb("experiment", str(plan), "-o", str(tmp_path / "r2"), "--policies", str(bad))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not list((tmp_path / "r2").rglob("run.json"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_same_node_delegates_over_each_transport_and_kept_by_delegate_option(tmp_path):
+    """{local: SCHEME} starts one delegate per transport on this node; the runs carry the
+    transport in their mechanism and match native; --delegate keeps them (same-node
+    mechanisms, like kthread) while it replaces plain `local`."""
+    plan = _write(tmp_path / "plan.yml", "name: tr\nworkloads:\n  - {name: cat, size_mb: 0.3}\n"
+                  "forward: ['read,write']\ndelegates:\n  - local\n  - {name: shm, local: shm}\n"
+                  "  - {name: ipc, local: ipc}\n")  # fmt: skip
+    before = _delegates()
+    results = tmp_path / "results"
+    proc = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
+    assert proc.returncode == 0 and "ran=3 skipped=0 failed=0" in proc.stdout, proc.stderr
+    want = {"local": ("seccomp/tcp/loopback", "tcp://"), "shm": ("seccomp/shm/same-node", "shm://"),
+            "ipc": ("seccomp/ipc/same-node", "ipc://")}  # fmt: skip
+    for name, (mech, scheme) in want.items():
+        d = results / "here" / f"cat.read+write.{name}.r1"
+        run = rundir.load(d)
+        cell = json.loads((d / "experiment.json").read_text())
+        assert cell["output_matches_native"] is True and run.meta["exit_status"] == 0
+        assert run.meta["endpoint"].startswith(scheme) and len(run.calls()) > 0
+        assert mechanism(run.meta) == mech
+    assert not _delegates() - before, "every local delegate is gone"
+    chk = tb(
+        "experiment", str(plan), "--check", "--json", "--delegate", "node3=tcp://10.0.0.3:5555"
+    )
+    names = [d["name"] for d in json.loads(chk.stdout)["normalised"]["delegates"]]
+    assert names == ["node3", "shm", "ipc"], names
+
+
+@pytest.mark.unit
 def test_generated_input_is_reproducible(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     experiment.generate_input(a, 0.2, 7)

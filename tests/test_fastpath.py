@@ -1,7 +1,7 @@
-"""The relay's C path (testbed/fastpath.py, testbed/data/fastpath.c) against its Python path.
+"""The relay's C path (testbed/compute/fastpath.py, testbed/compute/data/fastpath.c) against its Python path.
 
 The frames it builds and accepts are checked byte for byte against
-testbed.wire; whole runs of real programs are made with the C path on and
+testbed.core.wire; whole runs of real programs are made with the C path on and
 forced off (TESTBED_FASTPATH=0) and must agree: output identical to the
 native run, the same counts, records of the same shape, and the same
 behaviour on odd replies, errors and timeouts.  tests/test_relay.py runs its
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import zmq
 
-from testbed import fastpath, rundir, wire, zmtp
+from testbed.compute import fastpath
+from testbed.core import rundir, wire, zmtp
 from tests.conftest import run_testbed, strace_counts
 from tests.fakerouter import FakeRouter
 

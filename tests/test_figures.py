@@ -9,6 +9,8 @@ import pytest
 from analysis import figures as F
 from analysis.profiles import shipped_profiles, table1
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def profiles():
@@ -32,7 +34,7 @@ def test_naive_figures():
     assert ax.get_yscale() == "log" and "p" in ax.get_xlabel() and len(ax.get_lines()) == 5
     f3 = F.fig3_table1(table1())
     ax = f3.axes[0]
-    assert ax.get_xscale() == "log" and ax.get_xlabel() == "gain γ"
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "gain γ (×)"
     assert len(ax.get_lines()) == 8 + 1  # Table I + linear reference
     # the gcc curve at gamma = 10 is the hand-computed 4.76
     gcc = next(line for line in ax.get_lines() if line.get_label().startswith("gcc_linux_k"))
@@ -56,7 +58,7 @@ def test_policy_figures(profiles):
 
 def test_heatmaps_have_log_fc_axes(profiles):
     f5 = F.fig5_gamma_fc(profiles)
-    panels = [a for a in f5.axes if a.get_ylabel() == "f_c (log)"]
+    panels = [a for a in f5.axes if a.get_ylabel() == "f_c (s, log)"]
     assert len(panels) == 3 and all(a.get_yscale() == "log" for a in panels)
     f7 = F.fig7_fc_proportion(profiles)
     assert sum(a.get_xscale() == "log" for a in f7.axes) == 3
@@ -82,7 +84,7 @@ def test_measurement_figures_and_save(tmp_path):
     )
     g = F.fig_fc_mechanisms({"x": np.full(50, 2e-5), "y": np.linspace(1e-4, 2e-4, 50)})
     assert g.axes[0].get_yscale() == "log"
-    assert [t.get_text() for t in g.axes[0].get_xticklabels()] == ["x", "y"]
+    assert [t.get_text() for t in g.axes[0].get_xticklabels()] == ["x\n50 calls", "y\n50 calls"]
     F.save(g, tmp_path, "fc")
     assert (tmp_path / "fc.png").stat().st_size > 5000
 

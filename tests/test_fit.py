@@ -8,7 +8,9 @@ import pytest
 
 from analysis import fit
 from analysis.synthetic import delegated_run
-from testbed import errors, rundir
+from testbed.core import errors, rundir
+
+pytestmark = pytest.mark.unit
 
 SIGMA = 0.1  # log-normal per-call noise: median factor 1, mean factor exp(SIGMA^2 / 2)
 
@@ -95,7 +97,7 @@ def test_size_aware_with_constant_size():
 
 
 def test_offload_mode_subtracts_delegate_execution():
-    # f_c = (overhead - exec) / 2 has one definition (testbed.rundir.derived);
+    # f_c = (overhead - exec) / 2 has one definition (testbed.core.rundir.derived);
     # the real cost-mode delegate stamps exec start == end, so there it is overhead / 2.
     calls = np.zeros(4, dtype=rundir.CALL_DTYPE)
     calls["t_trap"], calls["t_send"], calls["t_reply"], calls["t_resume"] = 1000, 1100, 9100, 9200

@@ -1,5 +1,5 @@
 """Fuzzing a real delegate (issue 11, "Also"): >= 10 000 mutated, truncated,
-oversized, multipart and wrong-type frames built from testbed.wire's own
+oversized, multipart and wrong-type frames built from testbed.core.wire's own
 encoders, interleaved with a well-behaved client.  No crash, no hang, every
 fuzz frame answered once, every good call answered correctly, RSS bounded."""
 
@@ -14,8 +14,8 @@ import msgpack
 import pytest
 import zmq
 
-from testbed import wire
-from testbed.delegate import HARD_MAX_FRAME
+from testbed.core import wire
+from testbed.delegate.daemon import HARD_MAX_FRAME
 from tests import rawzmtp
 from tests.test_delegate import Client, DelegateProc
 
@@ -194,6 +194,7 @@ def test_fuzzing_never_crashes_hangs_or_starves_a_good_client(workers):
     assert rss_after - rss_before < 32, (rss_before, rss_after)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fuzz_corpus_covers_every_category(seed):
     cats = {cat for cat, _ in fuzz_messages(random.Random(seed), 2000)}

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import zmq
 
-from testbed import rundir, wire
-from testbed.delegate import MAX_BACKLOG, MAX_CLIENTS, Delegate, _Handler
-from testbed.errors import TestbedError as _TestbedError
+from testbed.core import rundir, wire
+from testbed.core.errors import TestbedError as _TestbedError
+from testbed.delegate.daemon import MAX_BACKLOG, Delegate
+from testbed.delegate.handler import MAX_CLIENTS, Handler
 from tests import rawzmtp
 from tests.conftest import PY, REPO, run_testbed, tb_argv, wait_gone
 from tests.fakerouter import FakeRouter
@@ -117,8 +118,9 @@ def test_non_dumpable_program_is_answered_not_hung(delegate, tmp_path):
 FAKE_RELAY = """
 import os, subprocess, sys, time
 r, w = os.pipe()
-p = subprocess.Popen([sys.executable, "-m", "testbed.interpose._launch", str(w),
-                      str(os.getpid()), "-", "1", "sleep", "1000"], pass_fds=(w,))
+from testbed.compute.interpose.seccomp import LAUNCHER
+p = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER, str(w),
+                      str(os.getpid()), "-", "1", "-", "sleep", "1000"], pass_fds=(w,))
 print(p.pid, flush=True)
 time.sleep(120)
 """
@@ -364,11 +366,12 @@ class _CountingTable(OrderedDict):
         return super().__iter__()
 
 
+@pytest.mark.unit
 def test_client_table_evicts_in_constant_time_least_recent_first():
     """Defect 8: past MAX_CLIENTS every new identity scanned the whole table
     (~8 ms each).  Eviction must not iterate the table and must drop the
     least recently seen client."""
-    h = _Handler(Delegate("tcp://127.0.0.1:*"))
+    h = Handler(Delegate("tcp://127.0.0.1:*"))
     h.clients = _CountingTable()
     hello = wire.encode_hello({})
     for i in range(MAX_CLIENTS):
@@ -404,7 +407,7 @@ def test_connection_cap_refuses_new_connections_and_keeps_serving(ctx, transport
         endpoint = re.search(r"listening on (\S+) ", proc.stderr.readline()).group(1)
         good = Client(ctx, endpoint)
         assert good.call(1)[0] == wire.RESULT
-        cap = 160 - 64 - 3  # testbed.delegate.connection_cap(1)
+        cap = 160 - 64 - 3  # testbed.delegate.daemon.connection_cap(1)
         for _ in range(cap + 20):
             socks.append(rawzmtp.connect(endpoint, handshake=False))
         time.sleep(1.0)
@@ -479,6 +482,7 @@ def test_bad_option_values_are_one_clear_error(tmp_path, verb, option, value):
     assert existing.read_text() == "keep me"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("delay", [float("inf"), float("nan"), -1.0])
 def test_library_delegate_refuses_non_finite_delay(delay):
     with pytest.raises(_TestbedError, match="finite number >= 0"):
@@ -558,7 +562,7 @@ BACKGROUND_WRITER = "(while :; do echo x >> {f}; sleep 0.01; done) & echo starte
 
 def _run_cgroups(relay_pid: int) -> set[str]:
     """The cgroup directories of relay ``relay_pid``'s runs under the cgroup v2 mount."""
-    from testbed.interpose.orphans import _cgroup2_mount
+    from testbed.compute.interpose.orphans import _cgroup2_mount
 
     mount = _cgroup2_mount()
     if mount is None:
@@ -572,7 +576,7 @@ def _run_cgroups(relay_pid: int) -> set[str]:
 
 
 def _needs_cgroup_guard() -> None:
-    from testbed.interpose.orphans import OrphanGuard
+    from testbed.compute.interpose.orphans import OrphanGuard
 
     g = OrphanGuard()
     g.close(clean=True)

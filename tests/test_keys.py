@@ -1,4 +1,4 @@
-"""CURVE keys (testbed.keys, ``testbed keys new``) and the delegate's privilege drop.
+"""CURVE keys (testbed.core.keys, ``testbed keys new``) and the delegate's privilege drop.
 
 Modes on disk (even under umask 000), refusal of readable secrets with one
 line, and the real thing: keys made by the command, a delegate in one network
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import keys, netns, rundir
+from testbed.cluster import netns
+from testbed.core import keys, rundir
 from tests.conftest import run_testbed, tb_argv
 
 
@@ -142,6 +143,7 @@ def test_readable_secrets_are_refused_with_one_line(tmp_path):
         keys.setup_server(None, None, d)  # checked before any socket is touched
 
 
+@pytest.mark.unit
 def test_exposure_warning_only_beyond_loopback():
     assert keys.is_loopback("tcp://127.0.0.1:5555") and keys.is_loopback("tcp://[::1]:5")
     assert keys.is_loopback("ipc:///tmp/x") and keys.is_loopback("tcp://localhost:1")
@@ -178,7 +180,7 @@ def _creds(pid: int) -> list[tuple[str, str, str]]:
 
 
 def _wait_listening(topo, endpoint: str, relay_keys: Path, proc) -> None:
-    probe = ("from testbed.relay import connect; "
+    probe = ("from testbed.compute.relay import connect; "
              f"connect({endpoint!r}, timeout_s=1.0, curve_keys={str(relay_keys)!r})[1].close()")  # fmt: skip
     for _ in range(40):
         if topo.run("compute", tb_argv()[:1] + ["-c", probe], capture_output=True).returncode == 0:

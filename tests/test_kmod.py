@@ -1,4 +1,4 @@
-"""The mktrace kernel module (kmod/) and its Python side (testbed/interpose/kmod.py).
+"""The mktrace kernel module (kmod/) and its Python side (testbed/compute/interpose/kmod.py).
 
 Host tests: the uapi header and the Python mirror agree (a C program compiled
 against the header prints sizes, offsets, constants and ioctl numbers); the
@@ -6,7 +6,7 @@ backend fails with one clear line where the module is not loaded.
 
 VM tests: the module is built on the host with Kbuild against the guest
 kernel's headers (a warning fails the build test), then ONE guest boot
-(``testbed.vm.run``) runs every in-kernel check: ``tests/kmod_guest.py``
+(``testbed.cluster.vm.run``) runs every in-kernel check: ``tests/kmod_guest.py``
 (``python3 tests/kmod_guest.py SHARE`` in the guest) writes ``results.json``
 to the results share; each test below asserts on one part of it.  Numbers
 (kthread per-call cost against the delay D, default vs mktrace-faithful f_c,
@@ -37,8 +37,8 @@ UAPI = KMOD / "include" / "uapi" / "mktrace.h"
 if str(REPO) not in sys.path:  # the guest runs this file as a script
     sys.path.insert(0, str(REPO))
 
-from testbed.interpose import BackendError  # noqa: E402
-from testbed.interpose import kmod as K  # noqa: E402
+from testbed.compute.interpose import BackendError  # noqa: E402
+from testbed.compute.interpose import kmod as K  # noqa: E402
 from tests.conftest import wait_gone  # noqa: E402
 from tests.kmod_guest import NR_WRITE  # noqa: E402
 
@@ -287,7 +287,7 @@ def test_missing_device_is_one_clear_error(tmp_path):
             K.KmodBackend(frozenset({NR_WRITE}))
         assert str(info.value) == K.NOT_LOADED
     res = subprocess.run(
-        [sys.executable, "-m", "testbed.interpose.kmod", "status", "--device",
+        [sys.executable, "-m", "testbed", "kmod", "status", "--device",
          str(tmp_path / "none")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -340,8 +340,10 @@ def test_kthread_run_without_the_module_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.unit
 def test_kthread_records_map_onto_the_documented_fields():
-    from testbed import kthread, rundir
+    from testbed.compute import kthread
+    from testbed.core import rundir
 
     rec = np.zeros(2, dtype=kthread.KRECORD_DTYPE)
     rec["tid"], rec["nr"] = 42, 1
@@ -361,6 +363,7 @@ def test_kthread_records_map_onto_the_documented_fields():
     assert kthread.KRECORD_DTYPE.itemsize == ctypes.sizeof(K.KRecord)
 
 
+@pytest.mark.unit
 def test_helper_status_line_parsing():
     assert K.parse_status(b"exec 123 0.5 0.25\n") == ((123, 0.5, 0.25), None)
     assert K.parse_status(b"exec 5 0.0 0.0\ncannot execute x: No such file\n") == (
@@ -402,7 +405,7 @@ FIOCLEX = 0x5451
 _KMOD_RELAY = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from testbed.interpose import kmod as K
+from testbed.compute.interpose import kmod as K
 K.IOC_REGISTER = 0x5451  # FIOCLEX (see the test)
 class Session:
     fd = os.open(os.devnull, os.O_RDWR)
@@ -466,6 +469,7 @@ def test_kmod_helper_does_not_start_the_program_for_a_relay_already_gone(tmp_pat
     assert ok.returncode == 7, ok.stderr  # its own relay: registered, then the program ran
 
 
+@pytest.mark.unit
 def test_bitmap_and_config_validation():
     bits = K._bitmap([0, 1, 63, 64, 1023])
     assert bits.bits[0] == (1 << 0) | (1 << 1) | (1 << 63)
@@ -481,10 +485,10 @@ def test_bitmap_and_config_validation():
 
 
 def test_guestfwd_carries_one_connection_to_loopback_both_ways():
-    """testbed/vm/guestfwd.py as QEMU runs it: stdin/stdout a socket, bytes both ways."""
+    """testbed/cluster/vm/guestfwd.py as QEMU runs it: stdin/stdout a socket, bytes both ways."""
     import socket
 
-    fwd = REPO / "testbed" / "vm" / "guestfwd.py"
+    fwd = REPO / "testbed" / "cluster" / "vm" / "guestfwd.py"
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     guest, theirs = socket.socketpair()
@@ -519,9 +523,10 @@ def test_guestfwd_carries_one_connection_to_loopback_both_ways():
     assert guest2.recv(10) == b""
 
 
+@pytest.mark.unit
 def test_guestfwd_rules_reach_only_the_host_loopback():
-    from testbed.errors import TestbedError
-    from testbed.vm import boot
+    from testbed.cluster.vm import boot
+    from testbed.core.errors import TestbedError
 
     (rule,) = boot._guestfwd_rules([(5555, 40001)])
     assert rule.startswith("tcp:10.0.2.100:5555-cmd:") and rule.endswith("guestfwd.py 40001")
@@ -558,7 +563,7 @@ vm_only = [pytest.mark.vm, pytest.mark.slow]
 
 
 def _vm_skip_reason() -> str | None:
-    from testbed import vm
+    from testbed.cluster import vm
 
     missing = vm.missing_packages()
     if missing:
@@ -579,7 +584,7 @@ def built(tmp_path_factory):
     reason = _vm_skip_reason()
     if reason:
         pytest.skip(reason)
-    from testbed import vm
+    from testbed.cluster import vm
 
     share = tmp_path_factory.mktemp("kmod-vm")
     kernel = vm.find_kernel()
@@ -621,7 +626,7 @@ def test_kernel_doc_comments_match_the_code(built):
 @pytest.fixture(scope="module")
 def guest(built):
     """Run every in-guest check in one boot; the parsed results.json."""
-    from testbed import vm
+    from testbed.cluster import vm
 
     if built["build_rc"] != 0:
         pytest.fail("the module did not build (see test_module_builds_without_warnings)")
@@ -904,7 +909,7 @@ delegates:
   - {name: kt, kthread: {}}
   - {name: ktfc, kthread: {faithful: true, flush_caller_tlb: true}}
 """
-THREE = {"kmod-kthread/same-node", "kmod/loopback", "kmod/remote"}
+THREE = {"kmod-kthread/same-node", "kmod/tcp/loopback", "kmod/tcp/remote"}
 
 
 @pytest.fixture(scope="module")
@@ -949,7 +954,7 @@ def _report(vm_experiment, name: str):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_three_mechanisms_plan_in_the_guest(vm_experiment):
-    from testbed import rundir
+    from testbed.core import rundir
 
     rep, text, pd = _report(vm_experiment, "mech")
     assert "experiment mech: ran=6 skipped=0 failed=0" in vm_experiment["res"].stdout

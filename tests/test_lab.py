@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lab, netns
+from testbed.cluster import lab, netns
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

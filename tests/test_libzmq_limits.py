@@ -5,7 +5,7 @@ process and fails on the code before the fix (50c3902); the few marked
 "(also before the fix)" check that the new bounds spare legitimate peers, or
 keep what already worked.  Misbehaving peers speak raw ZMTP over TCP
 (tests/rawzmtp.py) or are plain sockets, so nothing buffers on their side.
-Some delegates run with a limit of :mod:`testbed.limits` set lower (a real
+Some delegates run with a limit of :mod:`testbed.core.limits` set lower (a real
 process, its constant patched before it starts) to keep the tests short."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from collections import Counter
 import pytest
 import zmq
 
-from testbed import limits, syscalls, wire, zmtp
-from testbed.privileges import thread_status
+from testbed.core import limits, syscalls, wire, zmtp
+from testbed.delegate.privileges import thread_status
 from tests import rawzmtp
 from tests.conftest import PY, REPO, run_testbed, wait_until
 from tests.test_delegate import Client
@@ -39,7 +39,7 @@ MIB = 1 << 20
 FLOOD = b"\x01\x00" * 131072
 
 _PATCHED = (
-    "import sys\nfrom testbed import limits\n{sets}"
+    "import sys\nfrom testbed.core import limits\n{sets}"
     "from testbed.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 )
 
@@ -116,7 +116,7 @@ class CurveClient(Client):
     """:class:`Client` as a CURVE client of the delegate whose keys ``keys`` holds."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, keys: str):
-        from testbed.keys import setup_client
+        from testbed.core.keys import setup_client
 
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -243,7 +243,10 @@ def test_many_clients_with_large_messages_waiting_are_not_cut(dstart, ctx):
             c.sock.send(wire.encode_call(wire.Call(rnd * 100 + i, 1, 1, (1, 0, MIB, 0, 0, 0),
                                                    ((1, data),), "cost")))  # fmt: skip
         for i, c in enumerate(clients):
-            kind, res = wire.decode(c.sock.recv())
+            try:
+                kind, res = wire.decode(c.sock.recv())
+            except zmq.Again:  # no reply within RCVTIMEO: say what the delegate said
+                pytest.fail(f"round {rnd}, client {i}: no reply; delegate: {d.stop()}")
             assert (kind, res.call_id) == (wire.RESULT, rnd * 100 + i)
     rc, err = d.stop()
     assert rc == 0 and "dropped a connection" not in err, err
@@ -410,7 +413,7 @@ def test_unread_offload_replies_are_bounded_in_bytes(dstart, ctx, tmp_path, work
     [
         ("libzmq", "1", ()),
         ("libzmq", "3", ()),
-        ("libzmq", "2", ("--service-us", "1")),  # testbed.service's queue and workers
+        ("libzmq", "2", ("--service-us", "1")),  # testbed.delegate.service's queue and workers
         ("zmtp", "1", ()),
     ],
 )

@@ -17,8 +17,10 @@ import pandas as pd
 import pytest
 
 from analysis import compare, mechanisms
-from analysis.report import markdown_table, write_report
+from analysis.report import build_report, render_markdown
 from analysis.synthetic import delegated_run, native_run
+
+pytestmark = pytest.mark.unit
 
 HOST = "guest"
 #: one-way f_c per mechanism (s): kthread handoff, loopback relay, remote relay
@@ -61,33 +63,38 @@ def _mechanism_tree(base, emulated: bool = True):
 
 
 def test_three_mechanisms_side_by_side(tmp_path):
-    _mechanism_tree(tmp_path / "runs")
-    report = write_report([tmp_path / "runs"], tmp_path / "report")
-    text = report.read_text()
-    side = pd.read_csv(tmp_path / "report" / "tables" / "mechanisms_fc.csv")
-    assert set(side["mechanism"]) == {"kmod-kthread/same-node", "kmod/loopback", "kmod/remote"}
+    # the report's content; its rendering (CSV, Markdown, figures) is checked once, on
+    # test_accuracy's shared report
+    c = build_report([_mechanism_tree(tmp_path / "runs")])
+    text = render_markdown(c, "now")
+    side = c.tables["mechanisms_fc"]
+    assert set(side["mechanism"]) == {
+        "kmod-kthread/same-node",
+        "kmod/libzmq-tcp/loopback",
+        "kmod/libzmq-tcp/remote",
+    }
     by = side.set_index("mechanism")
     assert by.loc["kmod-kthread/same-node", "median ratio"] == 1.0
-    for mech, d in (("kmod/loopback", "local"), ("kmod/remote", "host")):
+    for mech, d in (("kmod/libzmq-tcp/loopback", "local"), ("kmod/libzmq-tcp/remote", "host")):
         want = TRUTH[d] / TRUTH["kthread"]
         assert by.loc[mech, "median ratio"] == pytest.approx(want, rel=0.1)
         assert by.loc[mech, "ratio lo"] <= by.loc[mech, "median ratio"] <= by.loc[mech, "ratio hi"]
         assert by.loc[mech, "median lo"] <= TRUTH[d] * 1e6 <= by.loc[mech, "median hi"] * 1.05
     # every prediction is made without the predicted run (leave one run out)
-    pred = pd.read_csv(tmp_path / "report" / "tables" / "mechanisms_predictions.csv")
+    pred = c.tables["mechanisms_predictions"]
     assert (pred["train_runs"] == 3).all()  # 4 runs per mechanism, the predicted one left out
     assert pred["rel_error"].abs().max() < 0.02
-    per = pd.read_csv(tmp_path / "report" / "tables" / "mechanisms_per_workload.csv")
+    per = c.tables["mechanisms_per_workload"]
     assert len(per) == 6 and (per["predicted_S_r"] < 1).all()
     assert per["predicted_S_r"].values == pytest.approx(per["measured_S"].values, rel=0.02)
     # the paper's 40 µs: only the figure's reference line, never a data row
     for name in ("mechanisms_fc", "same_node_vs_remote", "fc_per_mechanism"):
-        tab = pd.read_csv(tmp_path / "report" / "tables" / f"{name}.csv")
+        tab = c.tables[name]
         assert not tab["mechanism"].str.contains("paper").any(), name
     assert "## Mechanisms side by side" in text
     assert "only ratios between mechanisms measured in one guest" in text.lower()
     assert text.index("Emulated CPU") < text.index("## Profiles")  # stated at the top too
-    assert (tmp_path / "report" / "figures" / "fc_per_mechanism.png").is_file()
+    assert "fc_per_mechanism" in [f.name for f in c.figures]
 
 
 def _load(base):
@@ -98,7 +105,7 @@ def _load(base):
 def test_no_emulation_caveat_for_runs_not_stamped_as_emulated(tmp_path):
     runs, natives = _load(_mechanism_tree(tmp_path / "runs", emulated=False))
     fits = compare.fit_mechanisms(runs, {})
-    text = "\n".join(mechanisms.mechanism_section(runs, natives, {}, fits, markdown_table).markdown)
+    text = "\n".join(mechanisms.mechanism_section(runs, natives, {}, fits).markdown)
     assert "## Mechanisms side by side" in text and "Emulated CPU" not in text
 
 
@@ -128,10 +135,10 @@ def _tlb_tree(base, refill_s: float):
 def test_tlb_experiment_rows_and_verdict(tmp_path, refill_s, explains):
     _tlb_tree(tmp_path / "runs", refill_s)
     if explains:  # through the whole report once
-        text = write_report([tmp_path / "runs"], tmp_path / "report").read_text()
-        t = pd.read_csv(tmp_path / "report" / "tables" / "tlb_experiment.csv")
+        c = build_report([tmp_path / "runs"])
+        text, t = render_markdown(c, "now"), c.tables["tlb_experiment"]
     else:
-        sec = mechanisms.tlb_section(*_load(tmp_path / "runs"), {}, markdown_table)
+        sec = mechanisms.tlb_section(*_load(tmp_path / "runs"), {})
         text, t = "\n".join(sec.markdown), sec.tables["tlb_experiment"]
     assert set(t["mechanism"]) == {"kmod-kthread/same-node",
                                    "kmod-kthread-faithful-flushcaller/same-node"}  # fmt: skip
@@ -152,7 +159,7 @@ def test_tlb_experiment_rows_and_verdict(tmp_path, refill_s, explains):
 
 def test_tlb_section_needs_a_faithful_variant(tmp_path):
     runs, natives = _load(_mechanism_tree(tmp_path / "runs"))
-    assert mechanisms.tlb_section(runs, natives, {}, str).markdown == []
+    assert mechanisms.tlb_section(runs, natives, {}).markdown == []
 
 
 def _tlb_rows(errors: dict[str, list[float]], spread: float = 0.05) -> pd.DataFrame:

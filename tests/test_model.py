@@ -8,6 +8,8 @@ import pytest
 from analysis import model as M
 from analysis.profiles import table1
 
+pytestmark = pytest.mark.unit
+
 
 def test_table1_gcc_at_gamma_10_by_hand():
     t1 = table1()

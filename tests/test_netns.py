@@ -1,4 +1,4 @@
-"""Network-namespace topologies (testbed/netns.py): real namespaces, veth, cleanup."""
+"""Network-namespace topologies (testbed/cluster/netns.py): real namespaces, veth, cleanup."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from testbed import netns
+from testbed.cluster import netns
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -196,7 +196,7 @@ def test_subnet_must_be_a_private_slash_24():
 
 def test_an_unclosed_topology_is_cleaned_up_at_interpreter_exit():
     script = (
-        "from testbed.netns import Topology\n"
+        "from testbed.cluster.netns import Topology\n"
         "t = Topology(['x', 'y']).up()\n"
         "t.popen('x', ['sleep', '300'])\n"
         "print(' '.join(t.namespaces), flush=True)\n"

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testbed import netns, rundir
+from testbed.cluster import netns
+from testbed.core import rundir
 from tests.conftest import tb_argv
 from tests.test_two_node import _start_delegate
 
@@ -80,11 +81,12 @@ def lab(tmp_path_factory):
 
 
 def offload(lab: Lab, out: Path, argv: list[str], endpoint: str | None = None,
-            prefix: Path | None = None, extra: tuple[str, ...] = (), timeout: float = 300):  # fmt: skip
+            prefix: Path | None = None, extra: tuple[str, ...] = (), timeout: float = 300,
+            **kwargs):  # fmt: skip
     cmd = tb_argv("run", "--delegate", endpoint or lab.endpoint, "--mode", "offload",
                   "--offload-path", str(prefix or lab.prefix), "--quiet", "-o", str(out),
                   *extra, "--", *argv)  # fmt: skip
-    return lab.topo.run("compute", cmd, capture_output=True, timeout=timeout)
+    return lab.topo.run("compute", cmd, capture_output=True, timeout=timeout, **kwargs)
 
 
 def both(lab: Lab, tmp_path: Path, name: str, script: str, **fmt: str):
@@ -595,9 +597,9 @@ def test_offload_beyond_loopback_needs_curve_or_insecure(tmp_path, listen, extra
 
 def test_offload_with_curve_and_an_unprivileged_user(lab, tmp_path, payload):
     try:
-        from testbed.keys import make_curve_keys  # the keys module, once merged
+        from testbed.core.keys import make_curve_keys  # the keys module, once merged
     except ImportError:
-        from testbed.delegate import make_curve_keys
+        from testbed.delegate.daemon import make_curve_keys
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))

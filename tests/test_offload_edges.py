@@ -4,7 +4,7 @@ memory limits across clients.
 
 Programs run natively and under ``testbed run --mode offload`` against a real
 ``testbed delegate --offload-root`` on loopback, and their outputs and files
-are compared byte for byte; wire-level tests speak ``testbed.wire`` over a
+are compared byte for byte; wire-level tests speak ``testbed.core.wire`` over a
 pyzmq DEALER (a client) or ROUTER (a malicious delegate); the limit tests
 drive the executor with real fds.
 """
@@ -28,10 +28,15 @@ from pathlib import Path
 import pytest
 import zmq
 
-from testbed import limits, procs, syscalls, wire
-from testbed.localdelegate import LocalDelegate, wait_ready
-from testbed.offload.calls import AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT_SYMLINK_NOFOLLOW
-from testbed.offload.execute import Executor
+from testbed.core import limits, procs, syscalls, wire
+from testbed.core.offload_calls import (
+    AT_FDCWD,
+    AT_REMOVEDIR,
+    AT_SYMLINK_FOLLOW,
+    AT_SYMLINK_NOFOLLOW,
+)
+from testbed.delegate.offload.execute import Executor
+from testbed.jobs.localdelegate import LocalDelegate, wait_ready
 from tests.conftest import tb_argv
 
 U64 = (1 << 64) - 1
@@ -72,7 +77,7 @@ def tree_bytes(top: Path) -> dict[str, tuple]:
 
 
 class WireClient:
-    """A client speaking testbed.wire itself (no relay): whatever bytes it likes."""
+    """A client speaking testbed.core.wire itself (no relay): whatever bytes it likes."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str):
         self.sock = ctx.socket(zmq.DEALER)
@@ -220,8 +225,9 @@ def test_names_with_a_nul_never_reach_the_kernel(tmp_path, ctx):
             client.close()
 
 
+@pytest.mark.unit
 def test_cname_is_the_one_way_names_reach_the_kernel(tmp_path):
-    from testbed.offload import execute, sandbox
+    from testbed.delegate.offload import execute, sandbox
 
     assert sandbox.cname(b"a/b") == b"a/b\0"
     assert sandbox.cname(b"a/b").text == b"a/b"
@@ -799,6 +805,7 @@ def _open(ex: Executor, client: bytes, path: bytes = b"f") -> tuple[int, int]:
     return ret, err
 
 
+@pytest.mark.unit
 def test_fd_caps_per_client_and_in_all(tmp_path):
     root = _root_with_file(tmp_path)
     # 300 in all: each client may hold min(1024, max(64, 300 // 4)) = 75
@@ -832,6 +839,7 @@ def test_fd_caps_per_client_and_in_all(tmp_path):
         ex.close()
 
 
+@pytest.mark.unit
 def test_the_total_defaults_to_half_of_what_the_fd_limit_leaves(tmp_path):
     root = _root_with_file(tmp_path)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -865,6 +873,7 @@ def _wake(fifo: Path, reader: threading.Thread) -> None:
         reader.join(30)
 
 
+@pytest.mark.unit
 def test_forget_during_a_running_call_closes_its_fds_when_the_call_ends(tmp_path):
     root = _root_with_file(tmp_path)
     fifo = root / "fifo"
@@ -905,6 +914,7 @@ def test_forget_during_a_running_call_closes_its_fds_when_the_call_ends(tmp_path
         ex.close()
 
 
+@pytest.mark.unit
 def test_bytes_in_flight_are_bounded_across_clients(tmp_path):
     root = _root_with_file(tmp_path)
     fifo = root / "fifo"

@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-from testbed import syscalls, wire
-from testbed.offload.calls import AT_FDCWD, AT_SYMLINK_FOLLOW
-from testbed.offload.execute import Executor
+from testbed.core import syscalls, wire
+from testbed.core.offload_calls import AT_FDCWD, AT_SYMLINK_FOLLOW
+from testbed.delegate.offload.execute import Executor
+
+pytestmark = pytest.mark.unit
 
 U64 = (1 << 64) - 1
 CWD = AT_FDCWD & U64

@@ -15,7 +15,7 @@ import pytest
 
 from analysis import compare
 from analysis import offload as O
-from testbed import netns
+from testbed.cluster import netns
 from tests.conftest import run_testbed, tb_argv
 from tests.test_offload import snapshot
 from tests.test_two_node import _start_delegate
@@ -110,7 +110,7 @@ def test_three_compute_nodes_offload_to_one_delegate_concurrently(tmp_path):
 
     # the analysis: one group of three concurrent clients of one delegate
     _, loaded = compare.load_runs(runs)
-    assert {r.mechanism for r in loaded} == {"seccomp/remote/offload"}
+    assert {r.mechanism for r in loaded} == {"seccomp/tcp/remote/offload"}
     rows = O.run_rows(loaded, {})
     many = O.many_clients(rows)
     clients = many[many["client"] != "aggregate"]
@@ -163,8 +163,8 @@ def test_analyze_compares_local_io_cost_forwarding_and_offload(tmp_path):
     side = pd.read_csv(out / "tables" / "offload_side_by_side.csv")
     for w, size in (("cat", 2_000_000), ("gzip", 1_000_000)):
         rows = side[side["workload"] == w].set_index("how")
-        assert list(rows.index) == ["native (local I/O)", "cost: seccomp/loopback [openat,read,write]",
-                                    "offload: seccomp/loopback/offload"]  # fmt: skip
+        assert list(rows.index) == ["native (local I/O)", "cost: seccomp/tcp/loopback [openat,read,write]",
+                                    "offload: seccomp/tcp/loopback/offload"]  # fmt: skip
         nat, cost, off = (rows.iloc[i] for i in range(3))
         assert nat["slowdown"] == 1.0 and nat["wall_median_s"] > 0
         assert cost["slowdown"] > 0 and off["slowdown"] > 0

@@ -6,9 +6,11 @@ from fractions import Fraction
 
 import pytest
 
-from testbed import errors, rundir
-from testbed.policy import choose, count_of, order, parse_policy, resolve_policy
-from testbed.syscalls import NR_BY_NAME as NR
+from testbed.core import errors, rundir
+from testbed.core.policy import choose, count_of, order, parse_policy, resolve_policy
+from testbed.core.syscalls import NR_BY_NAME as NR
+
+pytestmark = pytest.mark.unit
 
 # read 0, write 1, close 3, mmap 9, brk 12, openat 257; getpid 39 never invoked
 COUNTS = {"read": 100, "write": 100, "close": 5, "mmap": 5, "openat": 5, "brk": 50, "getpid": 0}

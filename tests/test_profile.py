@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.workloads import prepare
-from testbed.profile import parse_perf_summary, parse_strace, perf_works
+from testbed.jobs.catalogue import prepare
+from testbed.jobs.profile import parse_perf_summary, parse_strace, perf_works
 
 PY = sys.executable
 
@@ -215,6 +215,7 @@ PERF_TEXT = """
 """
 
 
+@pytest.mark.unit
 def test_parse_perf_summary_sums_threads_and_drops_the_shim():
     t = parse_perf_summary(PERF_TEXT, exclude_tids=[100])
     assert t == {"read": {"n": 5, "g_ns": 251_000, "errors": 1},
@@ -232,6 +233,7 @@ STRACE_TEXT = """\
 """
 
 
+@pytest.mark.unit
 def test_parse_strace_counts_split_calls_once():
     t = parse_strace(STRACE_TEXT, exclude_pids=[9])
     assert t["read"] == {"n": 2, "g_ns": 510_000, "errors": 0}

@@ -14,7 +14,7 @@ the tests of this module, in file order:
   clearly -> teardown.yml (service user and relay keys gone) -> lab down
   leaves nothing.
 
-The kmod role's real build-and-load runs against a QEMU guest (testbed.vm).
+The kmod role's real build-and-load runs against a QEMU guest (testbed.cluster.vm).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lab, netns, rundir
-from testbed.errors import TestbedError as _TestbedError
-from testbed.procs import free_port
+from testbed.cluster import lab, netns
+from testbed.core import rundir
+from testbed.core.errors import TestbedError as _TestbedError
+from testbed.core.procs import free_port
 
 SUBNET = "10.213.48.0/24"
 NODE3 = "10.213.48.3"
@@ -205,8 +206,8 @@ def test_site_succeeds_then_changes_nothing(lab3):
 @needs_lab
 @pytest.mark.netns
 def test_delegate_answers_distributed_keys_and_refuses_others(lab3, tmp_path):
-    from testbed.experiment import ping
-    from testbed.keys import generate
+    from testbed.core.keys import generate
+    from testbed.jobs.experiment import ping
 
     d = lab3["dir"]
     endpoint = f"tcp://{NODE3}:5555"
@@ -250,8 +251,8 @@ def test_service_user_can_neither_read_the_secret_nor_admit_a_key(lab3, tmp_path
     anyway (an older role let the service user write there) is removed by the
     next site.yml, which restarts the delegate: started as root with --user,
     it reads its keys again and answers an authorized relay."""
-    from testbed.experiment import ping
-    from testbed.keys import generate
+    from testbed.core.keys import generate
+    from testbed.jobs.experiment import ping
 
     d, state = lab3["dir"], lab3["state"]
     user = lab.service_user(state)
@@ -331,7 +332,7 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
     plan.write_text(
         "name: lab-gzip\nrepetitions: 1\n"
         "workloads:\n  - {name: gzip, size_mb: 1}\n"
-        "forward:\n  - read,write\n"
+        "forward:\n  - read,write\n  - {policy: 'max-freq:50%'}\npredictor: size\n"
         "delegates: [local, kthread]   # local: replaced by the inventory's delegate nodes\n"
     )
     results = tmp / "results"
@@ -355,12 +356,22 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
     assert first[1] <= second[0] + 1.0, spans
     assert summary["hosts"]["node3"]["changed"] == 0  # only its settings were read
     for node in ("node1", "node2"):  # the kthread delegate stays, and is skipped: no module here
-        assert f"skipping delegate(s) kthread on {node} (1 runs): mktrace module not loaded" in (
+        assert f"skipping delegate(s) kthread on {node} (2 runs): mktrace module not loaded" in (
             proc.stdout
         )
         assert not (results / node / "gzip.read+write.kthread.r1").exists()
+    # the policy was resolved once, on the controller: both nodes forward its set
+    pol = json.loads((results / "policies.json").read_text())
+    assert pol["resolved_on"] == "controller"
+    assert (results / "controller" / "profile-gzip" / "run.json").exists()
+    want = pol["sets"]["gzip"]["max-freq:50%"]
+    for node in ("node1", "node2"):
+        d = results / node / "gzip.max-freq-50pct.node3.r1"
+        cell = json.loads((d / "experiment.json").read_text())
+        assert sorted(rundir.load(d).meta["forwarded"]) == want
+        assert cell["resolution"]["on"] == "controller" and cell["predictor"] == "size"
+        assert not (results / node / "profile-gzip").exists()
     child = _delegate_child_pid(lab3["dir"])
-    runs = []
     for node in ("node1", "node2"):
         d = results / node / "gzip.read+write.node3.r1"
         run = rundir.load(d)
@@ -374,14 +385,15 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         assert len(calls) > 0 and (calls["d_recv"] > 0).all() and (calls["t_reply"] > 0).all()
         assert cell["host"] == node and cell["output_matches_native"] is True
         assert (d / "syscalls.csv").stat().st_size > 0
-        runs.append(str(d))
     assert json.loads((results / "plan.json").read_text())["name"] == "lab-gzip"
     assert not (results / ".incoming").exists()
 
     report = tmp / "report"
-    analyzed = tb("analyze", *runs, "-o", str(report))
+    analyzed = tb("analyze", str(results), "-o", str(report))
     assert analyzed.returncode == 0, analyzed.stderr
-    assert any(report.iterdir())
+    md = (report / "report.md").read_text()
+    assert "declared before the analysis in the plan (lab-gzip)" in md  # the plan's predictor
+    assert "once on controller" in md  # policies as resolved
 
 
 @needs_lab
@@ -504,9 +516,9 @@ def _vm_missing() -> str | None:
     if WHY:
         return WHY
     try:
-        from testbed import vm
+        from testbed.cluster import vm
     except ImportError as exc:
-        return f"testbed.vm unavailable ({exc})"
+        return f"testbed.cluster.vm unavailable ({exc})"
     missing = vm.missing_packages()
     if missing:
         return "missing " + ", ".join(missing)
@@ -524,7 +536,7 @@ def test_kmod_role_builds_and_loads_mktrace_in_a_guest(tmp_path, monkeypatch):
             f"test_kmod_role_builds_and_loads_mktrace_in_a_guest: skipped: {why}", file=sys.stderr
         )
         pytest.skip(why)
-    from testbed import vm
+    from testbed.cluster import vm
 
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)

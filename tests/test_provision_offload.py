@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lab
+from testbed.cluster import lab
 from tests.test_provision import WHY, needs_lab, provision
 
 SUBNET = "10.213.49.0/24"

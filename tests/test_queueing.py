@@ -8,6 +8,8 @@ import pytest
 from analysis import model, queueing
 from analysis.queueing import Station
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("Z,D,S", [(8.0, 0.3, 4.0), (1.0, 0.0, 2.0), (100.0, 5.0, 1.0)])
 def test_mva_matches_machine_repairman_closed_form(Z, D, S):

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from testbed import rundir
-from testbed.procs import free_port
-from testbed.relay import connect
+from testbed.compute.relay import connect
+from testbed.core import rundir
+from testbed.core.procs import free_port
 from tests.conftest import run_testbed, strace_counts, tb_argv
 
 THREADS_PY = r"""
@@ -30,9 +30,9 @@ ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
 """
 
 
-@pytest.fixture(autouse=True, params=["c-path", "python-path"])
+@pytest.fixture(params=["c-path", "python-path"])
 def hot_path(request, monkeypatch):
-    """Every test here runs with the relay's C path (the default) and with it off."""
+    """The relay's C path (the default), and the Python path with it off."""
     if request.param == "python-path":
         monkeypatch.setenv("TESTBED_FASTPATH", "0")
     else:
@@ -40,9 +40,10 @@ def hot_path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _both_transports(relay_transport):
-    """... and on both transports to the delegate (raw ZMTP, libzmq)."""
+# Both hot paths x both transports to the delegate (raw ZMTP, libzmq), only for the tests
+# whose data path differs: forwarding, byte-identical output, errors crossing the wire.
+# Argument parsing, --help and refusals before connecting run once.
+data_path_matrix = pytest.mark.usefixtures("hot_path", "relay_transport")
 
 
 def _run(delegate, out, forward, *program, timeout=120, extra=()):
@@ -50,6 +51,7 @@ def _run(delegate, out, forward, *program, timeout=120, extra=()):
                        "-o", str(out), *extra, "--", *program, timeout=timeout)  # fmt: skip
 
 
+@data_path_matrix
 def test_gzip_byte_identical_and_counts_match_strace(
     delegate, payload, tmp_path, hot_path, relay_transport
 ):
@@ -77,8 +79,9 @@ def test_gzip_byte_identical_and_counts_match_strace(
     assert "f_c" in res.stderr.decode() and str(tmp_path / "run") in res.stderr.decode()
 
 
+@data_path_matrix
 def test_multithreaded_program_calls_in_flight_together(tmp_path):
-    from testbed.localdelegate import LocalDelegate
+    from testbed.jobs.localdelegate import LocalDelegate
 
     script = tmp_path / "threads.py"
     script.write_text(THREADS_PY)
@@ -102,6 +105,7 @@ def test_multithreaded_program_calls_in_flight_together(tmp_path):
     assert (sends[1:] < np.maximum.accumulate(replies)[:-1]).any()
 
 
+@data_path_matrix
 def test_forking_shell_pipeline(delegate, payload, tmp_path):
     out = tmp_path / "out.gz"
     script = f"gzip -c {payload} | cat > {out}"
@@ -116,6 +120,7 @@ def test_forking_shell_pipeline(delegate, payload, tmp_path):
     assert len(set(np.asarray(run.calls())["tid"].tolist())) >= 2  # gzip and cat both served
 
 
+@data_path_matrix
 @pytest.mark.parametrize(
     "forward", ["read,write,close", "sendmsg,write", "exit_group", "execve,write", "openat,close"]
 )
@@ -134,6 +139,7 @@ def test_exit_status_and_signal_death(delegate, tmp_path):
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
 
 
+@data_path_matrix
 def test_sigterm_to_the_relay_reaches_a_program_busy_in_forwarded_calls(delegate, tmp_path):
     """The relay passes SIGTERM on even while its loop is serving (the C path
     returns to Python at least every 50 ms for that)."""
@@ -158,6 +164,7 @@ def test_sigterm_to_the_relay_reaches_a_program_busy_in_forwarded_calls(delegate
     assert run.meta["calls"]["faults"] == 0
 
 
+@pytest.mark.usefixtures("relay_transport")  # the failed connect is the transport's
 def test_no_delegate_listening_fails_fast_and_starts_nothing(tmp_path):
     marker = "97.4321"
     t0 = time.monotonic()
@@ -171,6 +178,7 @@ def test_no_delegate_listening_fails_fast_and_starts_nothing(tmp_path):
     assert ps.returncode == 1, "the program was left running"
 
 
+@data_path_matrix
 def test_delegate_killed_mid_run_releases_calls_and_reports_fault(payload, tmp_path):
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -271,9 +279,10 @@ def test_policy_errors_are_one_line(delegate, tmp_path):
     assert res.returncode != 0 and b"needs --profile" in res.stderr
 
 
+@data_path_matrix
 def test_curve_authenticated_delegate(tmp_path):
-    from testbed.keys import make_curve_keys
-    from testbed.localdelegate import LocalDelegate
+    from testbed.core.keys import make_curve_keys
+    from testbed.jobs.localdelegate import LocalDelegate
 
     keys = tmp_path / "keys"
     make_curve_keys(str(keys))
@@ -301,14 +310,15 @@ class _Memory:
         return b""
 
 
+@pytest.mark.unit
 def test_cost_mode_sizes_writev_past_zero_length_entries():
     """Issue 19: a zero-length iovec ended the marshalled data (writev([b"", b"hello"])
     was sent as 0 bytes); the kernel skips it and moves the next entries."""
     import struct
 
-    from testbed import syscalls
-    from testbed.interpose import Trap
-    from testbed.relay import Marshaller
+    from testbed.compute.interpose import Trap
+    from testbed.compute.relay import Marshaller
+    from testbed.core import syscalls
 
     iov = struct.pack("<QQQQQQ", 0x1000, 0, 0x2000, 5, 0x3000, 3)
     mem = _Memory({0x9000: iov, 0x2000: b"hello", 0x3000: b"abc"})

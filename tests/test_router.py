@@ -1,4 +1,4 @@
-"""The delegate's raw ZMTP transport (testbed.router): libzmq peers of every kind
+"""The delegate's raw ZMTP transport (testbed.delegate.router): libzmq peers of every kind
 it accepts, the ones it refuses, and the limits it keeps without libzmq.
 
 Real sockets throughout: pyzmq DEALER/REQ/ROUTER clients, raw TCP peers that
@@ -15,9 +15,10 @@ import time
 import pytest
 import zmq
 
-from testbed import router, wire, zmtp
-from testbed.delegate import MAX_BACKLOG, Delegate
-from testbed.errors import TestbedError as _TestbedError
+from testbed.core import wire, zmtp
+from testbed.core.errors import TestbedError as _TestbedError
+from testbed.delegate import router
+from testbed.delegate.daemon import MAX_BACKLOG, Delegate
 from tests import rawzmtp
 
 
@@ -43,6 +44,7 @@ def _sock(ctx, kind: int, endpoint: str, **opts) -> zmq.Socket:
     return s
 
 
+@pytest.mark.unit
 def test_which_endpoints_it_serves():
     assert router.serves("tcp://127.0.0.1:5555")
     assert router.serves("tcp://*:*")

@@ -2,7 +2,7 @@
 
 Each test reproduces one attack with real sockets against a real
 ``Delegate(..., transport="zmtp")`` in this process (or a real
-:class:`testbed.zmtp.Dealer` against a fake raw server) and asserts the
+:class:`testbed.core.zmtp.Dealer` against a fake raw server) and asserts the
 outcome: the attacker is cut or bounded, a good client is still answered.
 Limits are lowered per Router instance (its attributes) so each test takes
 a few seconds; nothing asserts how long anything took.
@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import zmq
 
-from testbed import limits, router, wire, zmtp
-from testbed.connguard import ThrottledLog
-from testbed.delegate import Delegate
-from testbed.errors import TestbedError as _TestbedError
+from testbed.core import limits, wire, zmtp
+from testbed.core.errors import TestbedError as _TestbedError
+from testbed.delegate import router
+from testbed.delegate.connguard import ThrottledLog
+from testbed.delegate.daemon import Delegate
 from tests import rawzmtp
 from tests.conftest import wait_until
 
@@ -469,6 +470,7 @@ def test_the_relay_bounds_pongs_to_a_delegate_that_pings_and_never_reads():
 # ------------------------------------------------ 8: ipc paths (router.prepare_ipc_path)
 
 
+@pytest.mark.unit
 def test_ipc_a_regular_file_at_the_path_is_left_alone(tmp_path):
     path = tmp_path / "d.sock"
     path.write_text("not a socket: keep me\n")

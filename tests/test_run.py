@@ -1,4 +1,4 @@
-"""The typed API under ``testbed run``: testbed.run.run, the backend protocol, endpoints."""
+"""The typed API under ``testbed run``: testbed.compute.run.run, the backend protocol, endpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from testbed import interpose, keys, rundir
-from testbed.errors import TestbedError as _TestbedError
-from testbed.run import RunResult, run, summary_lines
+from testbed.compute import interpose
+from testbed.compute.run import RunResult, run, summary_lines
+from testbed.compute.spec import OffloadSpec, RunSpec
+from testbed.core import keys, rundir
+from testbed.core.errors import TestbedError as _TestbedError
 from tests.conftest import strace_counts
 
 
@@ -17,8 +19,8 @@ def test_run_in_process_matches_native_and_counts(delegate, payload, tmp_path):
     program = ["gzip", "-6", "-c", str(payload)]
     native = subprocess.run(program, capture_output=True, check=True).stdout
     with open(tmp_path / "out.gz", "wb") as f:
-        res = run(program, delegate=delegate.endpoint, forward="read,write",
-                  output=tmp_path / "run", stdout=f)  # fmt: skip
+        res = run(RunSpec(program, delegate=delegate.endpoint, forward="read,write",
+                          output=tmp_path / "run"), stdout=f)  # fmt: skip
     assert isinstance(res, RunResult) and res.exit_status == 0
     assert (tmp_path / "out.gz").read_bytes() == native
     assert res.path == tmp_path / "run"
@@ -34,24 +36,27 @@ def test_run_in_process_matches_native_and_counts(delegate, payload, tmp_path):
 
 def test_run_exit_status_and_errors(delegate, tmp_path):
     res = run(
-        ["sh", "-c", "exit 7"], delegate=delegate.endpoint, forward=[1], output=tmp_path / "a"
-    )
+        RunSpec(["sh", "-c", "exit 7"], delegate=delegate.endpoint, forward=[1],
+                output=tmp_path / "a")
+    )  # fmt: skip
     assert res.exit_status == 7 and rundir.load(tmp_path / "a").meta["exit_status"] == 7
     with pytest.raises(_TestbedError, match="required"):
-        run(["true"], forward="read")
+        run(RunSpec(["true"], forward="read"))
     with pytest.raises(_TestbedError, match="--mode kthread needs --backend kmod"):
-        run(["true"], mode="kthread", forward="read")
+        run(RunSpec(["true"], mode="kthread", forward="read"))
     with pytest.raises(_TestbedError, match="only used with --mode offload"):
-        run(["true"], delegate=delegate.endpoint, forward="read", offload_paths=["/tmp"])
+        run(RunSpec(["true"], delegate=delegate.endpoint, forward="read",
+                    offload=OffloadSpec(["/tmp"])))  # fmt: skip
     with pytest.raises(_TestbedError, match="program not found"):
-        run(["no-such-program-xyz"], delegate=delegate.endpoint, forward="read",
-            output=tmp_path / "b")  # fmt: skip
+        run(RunSpec(["no-such-program-xyz"], delegate=delegate.endpoint, forward="read",
+                    output=tmp_path / "b"))  # fmt: skip
 
 
+@pytest.mark.unit
 def test_backends_implement_the_whole_protocol():
     """Everything the relay and run() use is declared by Backend and present on both."""
-    from testbed.interpose.kmod import KmodBackend
-    from testbed.interpose.seccomp import SeccompBackend
+    from testbed.compute.interpose.kmod import KmodBackend
+    from testbed.compute.interpose.seccomp import SeccompBackend
 
     declared = {n for n in vars(interpose.Backend) if not n.startswith("_")}
     declared |= set(interpose.Backend.__annotations__)
@@ -64,12 +69,13 @@ def test_backends_implement_the_whole_protocol():
     assert interpose.BackendBase().begin_serving() is False  # default: the relay polls
 
 
+@pytest.mark.unit
 def test_relay_uses_no_undeclared_backend_attribute():
     import ast
     import inspect
 
-    from testbed import relay
-    from testbed import run as run_mod
+    from testbed.compute import relay
+    from testbed.compute import run as run_mod
 
     declared = {n for n in vars(interpose.Backend) if not n.startswith("_")}
     declared |= set(interpose.Backend.__annotations__)
@@ -86,6 +92,7 @@ def test_relay_uses_no_undeclared_backend_attribute():
                 assert node.attr in declared, f"{mod.__name__}: backend.{node.attr}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text, connect, want",
     [
@@ -99,6 +106,7 @@ def test_parse_endpoint_accepts(text, connect, want):
     assert keys.parse_endpoint(text, connect=connect) == want
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text, connect, message",
     [
@@ -114,6 +122,7 @@ def test_parse_endpoint_refuses(text, connect, message):
         keys.parse_endpoint(text, connect=connect)
 
 
+@pytest.mark.unit
 def test_fc_has_one_definition():
     """derived / usable / fc_estimates: the numbers summary, demo, bench and analysis use."""
     calls = np.zeros(5, dtype=rundir.CALL_DTYPE)

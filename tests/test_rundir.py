@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testbed import rundir
+from testbed.core import rundir
 
 
 def _write_run(path, n=10, delay=1000):
@@ -24,6 +24,7 @@ def _write_run(path, n=10, delay=1000):
     rundir.write_meta(path, {"kind": "delegated", "calls": {"count": rec.count}})
 
 
+@pytest.mark.unit
 def test_records_round_trip_and_derived_quantities(tmp_path):
     _write_run(tmp_path)
     run = rundir.load(tmp_path)
@@ -41,6 +42,7 @@ def test_records_round_trip_and_derived_quantities(tmp_path):
     assert rundir.overall(calls)["f_c_us"] == pytest.approx(0.59, rel=0.013)
 
 
+@pytest.mark.unit
 def test_unknown_version_and_missing_and_truncated(tmp_path):
     with pytest.raises(rundir.RunDirError, match="no such run directory"):
         rundir.load(tmp_path / "nope")
@@ -59,6 +61,7 @@ def test_unknown_version_and_missing_and_truncated(tmp_path):
         rundir.load(tmp_path).calls()
 
 
+@pytest.mark.unit
 def test_create_refuses_non_empty_directory(tmp_path):
     (tmp_path / "x").write_text("keep me")
     with pytest.raises(rundir.RunDirError, match="not empty"):
@@ -74,7 +77,7 @@ def test_recorder_memory_is_bounded_for_a_million_calls(tmp_path):
     """
     script = (
         "import resource, sys\n"
-        "from testbed import rundir\n"
+        "from testbed.core import rundir\n"
         "rec = rundir.CallRecorder(sys.argv[1])\n"
         "rec.add(1, 1, 0, 1, 1, 0, 0, 0, 0, 0)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -1,4 +1,4 @@
-"""The x86-64 syscall table (testbed/syscalls.py): completeness, lookup, parse_set."""
+"""The x86-64 syscall table (testbed/core/syscalls.py): completeness, lookup, parse_set."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed import errors, syscalls
-from testbed.syscalls import ArgKind, UnknownSyscall, lookup, name_of, parse_set
+from testbed.core import errors, syscalls
+from testbed.core.syscalls import ArgKind, UnknownSyscall, lookup, name_of, parse_set
+
+pytestmark = pytest.mark.unit
 
 UAPI = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
 

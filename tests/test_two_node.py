@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from testbed import netns, rundir
+from testbed.cluster import netns
+from testbed.core import rundir
 from tests.conftest import strace_counts, tb_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
@@ -27,7 +28,7 @@ def _start_delegate(topo, port, *extra):
     endpoint = f"tcp://{topo.addr('delegate')}:{port}"
     proc = topo.popen("delegate", tb_argv("delegate", "--listen", endpoint, "--quiet", *extra))
     # wait until it answers a handshake from the compute node
-    probe = ("from testbed.relay import connect; import sys; "
+    probe = ("from testbed.compute.relay import connect; import sys; "
              f"connect({endpoint!r}, timeout_s=1.0)[1].close()")  # fmt: skip
     for _ in range(40):
         if topo.run("compute", ["python3", "-c", probe], capture_output=True).returncode == 0:

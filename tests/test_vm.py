@@ -1,4 +1,4 @@
-"""The VM harness (testbed/vm/): boots Debian's kernel under QEMU/TCG.
+"""The VM harness (testbed/cluster/vm/): boots Debian's kernel under QEMU/TCG.
 
 Every test boots a real guest (about 10-20 s each under TCG); checks that
 share one boot use the module-scoped ``probe`` fixture.
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import errors, vm
+from testbed.cluster import vm
+from testbed.core import errors
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(400)]
 

@@ -1,11 +1,13 @@
-"""The wire protocol (testbed/wire.py): round trips and every rejection path."""
+"""The wire protocol (testbed/core/wire.py): round trips and every rejection path."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
 
-from testbed import wire
+from testbed.core import wire
+
+pytestmark = pytest.mark.unit
 
 U64 = (1 << 64) - 1
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the wire decoder (testbed/wire.py), with Hypothesis.
+"""Property-based tests of the wire decoder (testbed/core/wire.py), with Hypothesis.
 
 Whatever a peer sends, ``wire.decode`` returns a documented payload or raises
 ``wire.WireError`` with one of the ``E_*`` codes and a short message: never
@@ -20,7 +20,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from testbed import wire
+from testbed.core import wire
+
+pytestmark = pytest.mark.unit
 
 PROPS = settings(
     derandomize=True,

@@ -1,9 +1,9 @@
 """Property-based tests (Hypothesis) of ZMTP framing and of the raw router.
 
-* :func:`testbed.zmtp.frame_head` and :func:`testbed.zmtp.frame`: any frame
+* :func:`testbed.core.zmtp.frame_head` and :func:`testbed.core.zmtp.frame`: any frame
   round-trips, whatever the split points; any byte string is parsed without
   an exception.
-* :class:`testbed.router.Router` behind a real raw-ZMTP ``Delegate`` on a real
+* :class:`testbed.delegate.router.Router` behind a real raw-ZMTP ``Delegate`` on a real
   loopback socket: arbitrary byte streams, split at arbitrary points and
   interleaved with valid messages, never raise in the serving thread; a good
   client on another connection is always answered; the memory held stays
@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed import router, wire, zmtp
-from testbed.delegate import Delegate
+from testbed.core import wire, zmtp
+from testbed.delegate import router
+from testbed.delegate.daemon import Delegate
 from tests import rawzmtp
 
 SETTINGS = {
@@ -38,6 +39,7 @@ SETTINGS = {
 # ------------------------------------------------ the frame parser
 
 
+@pytest.mark.unit
 @settings(max_examples=300, **SETTINGS)
 @given(
     bodies=st.lists(st.tuples(st.binary(max_size=600), st.booleans()), min_size=1, max_size=8),
@@ -64,6 +66,7 @@ def test_frames_round_trip_through_frame_head_whatever_the_split(bodies, cuts):
     assert got == bodies and not carry
 
 
+@pytest.mark.unit
 @settings(max_examples=300, **SETTINGS)
 @given(buf=st.binary(max_size=40), pos=st.integers(min_value=0, max_value=40))
 def test_frame_head_never_fails_on_any_bytes(buf, pos):

@@ -1,4 +1,4 @@
-"""The relay's raw ZMTP transport (testbed.zmtp.Dealer): no libzmq on the relay's side.
+"""The relay's raw ZMTP transport (testbed.core.zmtp.Dealer): no libzmq on the relay's side.
 
 Real sockets throughout: a pyzmq ROUTER or the real delegate on the other end,
 tcp:// and ipc://, another network namespace, a delegate restarted mid-run.
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import zmq
 
-from testbed import netns, rundir, wire, zmtp
-from testbed.procs import free_port
-from testbed.relay import DelegateUnreachable, connect
+from testbed.cluster import netns
+from testbed.compute.relay import DelegateUnreachable, connect
+from testbed.core import rundir, wire, zmtp
+from testbed.core.procs import free_port
 from tests.conftest import run_testbed, strace_counts, tb_argv
 
 
@@ -45,6 +46,7 @@ def _recv(sock, dealer: zmtp.Dealer, timeout_s: float = 5.0) -> list[bytes]:
     raise AssertionError("nothing arrived")
 
 
+@pytest.mark.unit
 def test_transport_selection(monkeypatch):
     monkeypatch.delenv(zmtp.ENV, raising=False)
     assert zmtp.transport("tcp://127.0.0.1:5555") == "zmtp"
@@ -243,7 +245,7 @@ def test_no_delegate_is_delegate_unreachable():
 
 @pytest.mark.parametrize("hot_path", ["c", "python"])
 def test_run_over_ipc_is_identical_to_native(payload, tmp_path, hot_path):
-    from testbed.localdelegate import wait_ready
+    from testbed.jobs.localdelegate import wait_ready
 
     endpoint = f"ipc://{tmp_path}/delegate.sock"
     d = subprocess.Popen(tb_argv("delegate", "--quiet", "--listen", endpoint))
@@ -324,7 +326,7 @@ def test_delegate_in_another_namespace_over_raw_zmtp(payload, tmp_path):
     with netns.Topology(["compute", "delegate"]) as topo:
         endpoint = f"tcp://{topo.addr('delegate')}:5555"
         topo.popen("delegate", tb_argv("delegate", "--listen", endpoint, "--quiet"))
-        probe = f"from testbed.relay import connect; connect({endpoint!r}, timeout_s=1.0)"
+        probe = f"from testbed.compute.relay import connect; connect({endpoint!r}, timeout_s=1.0)"
         for _ in range(40):
             if topo.run("compute", [sys.executable, "-c", probe], env=env).returncode == 0:
                 break

@@ -1,10 +1,10 @@
 #!/bin/busybox sh
 # SPDX-License-Identifier: GPL-2.0-only
-# /init of the testbed VM's initramfs (see docs/vm.md and testbed/vm/).
+# /init of the testbed VM's initramfs (see docs/vm.md and testbed/cluster/vm/).
 #
 # Runs as PID 1 under Debian's kernel in QEMU:
 #   1. loads the modules listed in /modules/order (9p transport, overlayfs, virtio
-#      drivers; resolved from the guest kernel's modules.dep by testbed/vm/initramfs.py),
+#      drivers; resolved from the guest kernel's modules.dep by testbed/cluster/vm/initramfs.py),
 #   2. mounts the host root (9p tag "hostroot", read-only) and builds a writable
 #      root for the guest: overlayfs, tmpfs upper over the 9p lower (fallback:
 #      the read-only 9p root with tmpfs on /tmp /var /run),
@@ -13,7 +13,7 @@
 #   4. runs /run/testbed-vm/ctl/cmd.sh chrooted in the new root, stdout+stderr to
 #      the control share, writes the exit status there and on the console, and
 #      powers the machine off.
-# Placeholders of the form @NAME@ are filled in by testbed/vm/initramfs.py.
+# Placeholders of the form @NAME@ are filled in by testbed/cluster/vm/initramfs.py.
 
 /bin/busybox mkdir -p /bin /proc /sys /dev /lower /rw /newroot /ctl
 /bin/busybox --install -s /bin

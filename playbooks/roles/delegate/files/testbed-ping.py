@@ -7,7 +7,7 @@ CURVE_DIR (optional, may be empty) holds server.key and client.key_secret for
 a delegate started with --curve-keys.  Retries (bounded by TIMEOUT_S, default
 15) until the delegate answers, then
 prints the WELCOME map as JSON and exits 0; exits 1 with one line otherwise.
-Runs with the node's testbed Python (needs testbed.wire and pyzmq).
+Runs with the node's testbed Python (needs testbed.core.wire and pyzmq).
 """
 
 import json
@@ -18,15 +18,15 @@ import time
 
 import zmq
 
-from testbed import wire
-from testbed.errors import TestbedError
+from testbed.core import wire
+from testbed.core.errors import TestbedError
 
 
 def ping_once(ctx, endpoint, timeout_ms, curve_dir):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if curve_dir:
-        from testbed.keys import setup_client
+        from testbed.core.keys import setup_client
 
         setup_client(sock, curve_dir)
     try:
