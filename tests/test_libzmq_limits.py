@@ -252,6 +252,41 @@ def test_many_clients_with_large_messages_waiting_are_not_cut(dstart, ctx):
     assert rc == 0 and "dropped a connection" not in err, err
 
 
+def _blamed(monkeypatch, excess: int, pending, growing) -> list[int]:
+    """The fds :meth:`ConnectionGuard._memory` cuts for a heap ``excess`` bytes above
+    its start with ``pending`` (bytes sent, fd) connections (heap and abort faked)."""
+    from testbed.delegate import connguard
+    from testbed.delegate.daemon import HARD_MAX_FRAME
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    g = connguard.ConnectionGuard(ctx, sock, 100, None, max_frame=HARD_MAX_FRAME)
+    cut: list[int] = []
+    monkeypatch.setattr(connguard, "heap_in_use", lambda: (1 << 30) + excess)
+    monkeypatch.setattr(connguard, "_abort", cut.append)
+    try:
+        g.heap_base = g._peak = 1 << 30
+        for _n, fd in pending:
+            g._conns[fd] = connguard._Conn(True, 0)
+        g._memory(10**9, set(), list(pending), set(growing))
+    finally:
+        g.stop()
+        sock.close(0)
+        ctx.term()
+    return cut
+
+
+def test_memory_bound_spares_honest_frames_under_way_and_cuts_tiny_parts(monkeypatch):
+    """The state of a CI failure: 40 clients each sending a 1 MiB message, one nearly
+    whole, the others begun (libzmq allocated each frame whole at its header): 37 MiB
+    held for ~4 MiB sent is no amplification.  A peer of tiny parts that sent 1 MiB
+    and makes the delegate hold 33 MiB is still cut (also before the fix)."""
+    honest = [(1048786, 3)] + [(100 << 10, fd) for fd in range(4, 43)]
+    assert _blamed(monkeypatch, 37 << 20, honest, [fd for _n, fd in honest]) == []
+    assert _blamed(monkeypatch, 33 << 20, [(1 << 20, 7)], [7]) == [7]
+    assert _blamed(monkeypatch, 33 << 20, [(1 << 20, 7), (4096, 8)], [7, 8]) == [7]
+
+
 # ------------------------------------------------ 2: handshake and message timeouts
 
 

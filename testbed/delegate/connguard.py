@@ -25,8 +25,9 @@ in ``malloc`` (libzmq allocates there).  From these, every ``TICK_S``:
   and still received bytes during the last tick: a whole message that only
   waits for the serving loop is no reason) is cut, if it sent enough to hold that much
   (``PART_AMPLIFICATION``) and the memory is more than twice the bytes all
-  such connections sent (tiny parts; whole messages that merely wait for the
-  serving loop hold about their size); above ``global_memory_max`` it is cut
+  such connections sent plus one whole frame each (tiny parts; whole messages
+  that merely wait for the serving loop hold about their size, and libzmq
+  allocates a frame whole as soon as its header arrives); above ``global_memory_max`` it is cut
   whatever it sent.  One cut at a time: the next waits until libzmq has closed the cut
   connection and freed its message.  Freed memory is handed back to the
   system (``malloc_trim``), so the resident size falls again;
@@ -235,6 +236,7 @@ class ConnectionGuard:
         idle_timeout: float | None = limits.IDLE_TIMEOUT_S,
         peer_memory_max: int | None = limits.PEER_MEMORY_MAX,
         global_memory_max: int | None = limits.GLOBAL_MEMORY_MAX,
+        max_frame: int = 0,
         loop_marks: bool = True,
         on_gone: Callable[[bytes], None] | None = None,
     ):
@@ -244,6 +246,10 @@ class ConnectionGuard:
         self.idle_timeout = idle_timeout
         self.peer_memory_max = peer_memory_max
         self.global_memory_max = global_memory_max
+        #: bytes libzmq allocates for one frame as soon as its header arrives
+        #: (``ZMQ_MAXMSGSIZE``): what a connection with a frame under way may hold
+        #: beyond the bytes it sent
+        self.max_frame = max_frame
         #: the serving loop clears :attr:`current` after each reply (else it never
         #: counts as stuck, and the message timeout runs whatever it does)
         self.loop_marks = loop_marks
@@ -473,7 +479,11 @@ class ConnectionGuard:
             return  # the last cut connection has not closed (and freed its message) yet
         # Whole messages waiting for the serving loop look like unfinished ones from
         # here; they hold about their size, unfinished ones of tiny parts 32 times it.
-        amplified = excess > 2 * sum(undelivered for undelivered, _fd in pending)
+        # libzmq allocates a frame whole when its header arrives, so each of them may
+        # also hold one frame it has not sent yet (40 honest 1 MiB messages under way
+        # hold 40 MiB having sent a few).
+        honest = sum(2 * undelivered + self.max_frame for undelivered, _fd in pending)
+        amplified = excess > honest
         for fd, c in self._conns.items():  # ipc: non-delivering, with bytes queued to read
             if not c.tcp and fd not in seen and (queued := _queued(fd)) > 0:
                 pending.append((queued, fd))

@@ -429,6 +429,7 @@ class Delegate:
             idle_timeout=limits.IDLE_TIMEOUT_S,
             peer_memory_max=limits.PEER_MEMORY_MAX,
             global_memory_max=limits.GLOBAL_MEMORY_MAX,
+            max_frame=HARD_MAX_FRAME,
             loop_marks=self.service is None,  # the service's queue keeps the loop from sticking
             on_gone=self._forget,
         )
