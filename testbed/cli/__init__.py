@@ -28,6 +28,7 @@ VERBS = {
     "profile": "profile",
     "catalogue": "catalogue",
     "bench": "bench",
+    "replay": "replay",
     "model": "analyze",
     "analyze": "analyze",
     "demo": "demo",

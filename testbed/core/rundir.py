@@ -19,7 +19,9 @@ Changelog of ``RUNDIR_VERSION``:
       Later additive fields (no bump; readers need not know them): run.json
       ``orphan_guard``, ``hot_path`` (2026-12); ``host.virtualization``
       (virtual machine? emulated CPU, e.g. QEMU TCG?
-      ``testbed.core.hostinfo.virtualization``) (2026-12).
+      ``testbed.core.hostinfo.virtualization``) (2026-12); ``t_exec_ns``,
+      ``t_exit_ns`` (the program's exec and exit, CLOCK_MONOTONIC ns, the
+      clock of calls.bin; 0 unknown) (2026-12).
 """
 
 from __future__ import annotations
@@ -503,6 +505,10 @@ def program_meta(
         "wall_s": (t_exit_ns - t0_ns) / 1e9 if t0_ns and t_exit_ns else None,
         "user_s": max(0.0, rusage.ru_utime - start_user) if rusage else None,
         "sys_s": max(0.0, rusage.ru_stime - start_sys) if rusage else None,
+        # the program's exec and exit on the relay's clock (0: unknown): where the
+        # calls of calls.bin fall within the run (``testbed replay``)
+        "t_exec_ns": int(t0_ns or 0),
+        "t_exit_ns": int(t_exit_ns or 0),
     }
 
 

@@ -1,0 +1,76 @@
+"""``testbed replay``: re-issue a run's forwarded calls against a delegate (docs/whatif.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from testbed.cli.options import Subparsers, add_quiet, connect_endpoint, timeout_seconds
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from testbed.jobs import replay  # lazy: numpy and zmq, only when this verb runs
+
+    r = replay.replay(
+        args.rundir,
+        args.delegate,
+        output=args.output,
+        elide_compute=args.elide_compute,
+        curve_keys=args.curve_keys,
+        timeout_s=args.timeout,
+        connect_timeout_s=args.connect_timeout,
+        progress=None if args.quiet else replay.print_progress,
+    )
+    if not args.quiet:
+        for line in replay.summary_lines(r):
+            print(line, file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="re-issue a recorded run's forwarded calls against another delegate: "
+        "what would this program's wall time be there?",
+        description="Replay the forwarded-call stream of a cost-mode run directory against "
+        "the delegate at ENDPOINT (any transport: tcp://, ipc://, shm://, CURVE), with the "
+        "recorded threads, call numbers and payload sizes (payload bytes synthesised), and "
+        "write a run directory (mode replay) whose wall_s is the predicted wall time of the "
+        "program there. The program's computation between calls is reproduced by spinning "
+        "through the recorded gaps, or elided (--elide-compute) and added back. Start the "
+        "delegate with --delay-us to ask what a slower link would cost (docs/whatif.md).",
+    )
+    p.add_argument("rundir", metavar="RUNDIR", help="run directory of a cost-mode run")
+    p.add_argument(
+        "--delegate",
+        type=connect_endpoint,
+        required=True,
+        metavar="ENDPOINT",
+        help="delegate to replay against, e.g. tcp://10.0.0.2:5555 or shm:///tmp/d.sock",
+    )
+    p.add_argument(
+        "--elide-compute",
+        action="store_true",
+        help="issue the calls back to back instead of spinning through the computation "
+        "between them, and compose the wall time from the measured round trips: much "
+        "faster for compute-bound programs; calls of different threads do not overlap",
+    )
+    p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory to write "
+                   "(default runs/replay-<timestamp>)")  # fmt: skip
+    p.add_argument("--curve-keys", metavar="DIR", help="CURVE keys, as testbed run takes them")
+    p.add_argument(
+        "--timeout",
+        type=timeout_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="per-call timeout; a call without a reply by then counts as a fault (default 2)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=timeout_seconds,
+        default=3.0,
+        metavar="SECONDS",
+        help="give up if the delegate does not answer the handshake (default 3)",
+    )
+    add_quiet(p, "no progress and no summary")
+    p.set_defaults(func=cmd_replay)

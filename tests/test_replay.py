@@ -1,0 +1,259 @@
+"""``testbed replay``: a recorded forwarded-call stream re-issued against other delegates.
+
+The unit tests check the timeline a replay composes (anchors, children a parent
+waited for, the identity with the recording); the integration tests record a real
+program against a real delegate and replay it against real delegates over tcp,
+ipc and shm, with an injected delay, with the computation elided, and against a
+delegate that dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from testbed.core import mechanisms, rundir
+from testbed.jobs import replay
+from testbed.jobs.localdelegate import LocalDelegate
+from tests.conftest import run_testbed as _run_testbed
+
+
+def run_testbed(*args: str, **kw):
+    return _run_testbed(*args, text=True, **kw)
+
+
+# ------------------------------------------------------------------ the timeline
+
+
+def _calls(rows: list[tuple[int, int, int, int, int, int]]) -> np.ndarray:
+    """Records from (tid, bytes_in, t_trap, t_send, t_reply, t_resume), µs."""
+    c = np.zeros(len(rows), dtype=rundir.CALL_DTYPE)
+    for i, (tid, size, trap, send, reply, resume) in enumerate(rows):
+        c[i]["tid"], c[i]["nr"], c[i]["bytes_in"] = tid, 1, size
+        c[i]["t_trap"], c[i]["t_send"] = trap * 1000, send * 1000
+        c[i]["t_reply"], c[i]["t_resume"] = reply * 1000, resume * 1000
+        c[i]["d_send"] = 1
+    return c
+
+
+# A parent (tid 1) makes a call, forks a child (tid 2) that makes three calls and
+# exits, waits for it, makes one more call; the program runs from 0 to 1000 µs.
+PARENT_CHILD = [
+    (1, 8, 100, 110, 150, 160),
+    (2, 8, 200, 205, 245, 250),
+    (2, 8, 300, 305, 345, 350),
+    (2, 8, 400, 405, 445, 450),
+    (1, 8, 600, 610, 650, 660),
+]
+
+
+@pytest.mark.unit
+def test_the_recorded_round_trips_give_back_the_recorded_timeline():
+    c = _calls(PARENT_CHILD)
+    s = replay.schedule(c, 1e-3, t_exec_ns=0 + 1, t_exit_ns=1_000_000)
+    trap, resume, end = replay.timeline(s, s.rtt)
+    assert (trap + 1 == c["t_trap"]).all() and (resume + 1 == c["t_resume"]).all()
+    assert end + 1 == 1_000_000
+    assert s.stamped
+
+
+@pytest.mark.unit
+def test_slower_round_trips_delay_what_followed_them_and_a_parent_waits_for_its_child():
+    s = replay.schedule(_calls(PARENT_CHILD), 1e-3, t_exec_ns=1, t_exit_ns=1_000_000)
+    slower = s.rtt + 100_000  # every round trip 100 µs longer
+    trap, _resume, end = replay.timeline(s, slower)
+    # the child forked after the parent's first call starts 100 µs later; each of its
+    # calls adds 100 µs; the parent's last call waited for the child: +400 µs
+    assert trap[1] + 1 == 300_000
+    assert trap[4] + 1 == 600_000 + 400_000
+    assert end + 1 == 1_000_000 + 500_000
+    assert s.waits_for[4] == 3  # the parent's last call waits for the child's last
+
+
+@pytest.mark.unit
+def test_threads_that_overlap_do_not_wait_for_each_other():
+    # two threads calling at the same time: neither ended within the other's gaps
+    rows = [(1, 0, 100 + 100 * k, 105 + 100 * k, 145 + 100 * k, 150 + 100 * k) for k in range(3)]
+    rows += [(2, 0, 120 + 100 * k, 125 + 100 * k, 165 + 100 * k, 170 + 100 * k) for k in range(3)]
+    s = replay.schedule(_calls(sorted(rows, key=lambda r: r[2])), 1e-3, 1, 1_000_000)
+    trap, resume, end = replay.timeline(s, s.rtt + 100_000)
+    by_tid = {t: resume[s.tid == t].max() for t in (1, 2)}
+    # each thread is 300 µs later (its own three calls), not 600 µs
+    assert by_tid[1] + 1 == 350_000 + 300_000
+    assert (s.waits_for == -1).all()
+
+
+@pytest.mark.unit
+def test_a_run_without_exec_stamps_puts_the_outside_time_first():
+    c = _calls(PARENT_CHILD)
+    s = replay.schedule(c, 1e-3)  # no t_exec_ns/t_exit_ns: an older run.json
+    assert not s.stamped
+    _trap, _resume, end = replay.timeline(s, s.rtt)
+    assert end == 1_000_000
+
+
+@pytest.mark.unit
+def test_unanswered_calls_are_replayed_locally():
+    rows = [*PARENT_CHILD]
+    rows[2] = (2, 8, 300, 0, 0, 350)  # released unsent in the source (delegate lost)
+    s = replay.schedule(_calls(rows), 1e-3, 1, 1_000_000)
+    assert not s.sent[2] and s.pre[2] == 50_000 and s.rtt[2] == 0
+    _t, _r, end = replay.timeline(s, s.rtt + 50_000)
+    _t, _r, end0 = replay.timeline(s, s.rtt)
+    assert end - end0 == 4 * 50_000  # the unsent call gains nothing
+
+
+@pytest.mark.unit
+def test_runs_that_cannot_be_replayed_are_refused_with_the_reason(tmp_path):
+    def make(name: str, **meta) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        base = {"rundir_version": 2, "kind": "delegated", "mode": "cost", "wall_s": 1.0,
+                "complete": True, "calls": {"count": 0}}  # fmt: skip
+        (d / "run.json").write_text(json.dumps({**base, **meta}))
+        (d / "calls.bin").write_bytes(_calls(PARENT_CHILD).tobytes())
+        return d
+
+    cases = {
+        make("off", mode="offload"): "a offload run",
+        make("kt", mode="kthread"): "a kthread run",
+        make("inc", complete=False): "did not finish",
+        make("nowall", wall_s=None): "no wall time",
+        tmp_path / "missing": "no such run directory",
+    }
+    empty = make("empty")
+    (empty / "calls.bin").write_bytes(b"")
+    cases[empty] = "no forwarded calls"
+    for path, why in cases.items():
+        with pytest.raises(replay.ReplayError, match=why):
+            replay.load_source(path)
+
+
+# ------------------------------------------------------------------ real replays
+
+
+def _record(out: Path, delegate: str, *program: str) -> dict:
+    r = run_testbed("run", "--quiet", "--delegate", delegate, "--forward", "read,write,openat",
+                    "-o", str(out), "--", *program)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads((out / "run.json").read_text())
+
+
+DD = ("dd", "if=/dev/zero", "of=/dev/null", "bs=512", "count=200", "status=none")
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("rec") / "rec"
+    with LocalDelegate() as d:
+        return out, _record(out, d.endpoint, *DD)
+
+
+def test_a_replay_writes_an_ordinary_run_directory_with_the_recorded_calls(recording, tmp_path):
+    src, meta = recording
+    with LocalDelegate() as d:
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint, "-o", str(tmp_path / "rp"))
+    assert r.returncode == 0, r.stderr
+    assert "predicted wall time" in r.stderr and "Traceback" not in r.stderr
+    run = rundir.load(tmp_path / "rp")
+    assert run.complete and run.meta["mode"] == "replay"
+    assert mechanisms.mechanism(run.meta) == "replay/tcp/loopback"
+    assert run.meta["replay"]["source"] == str(src.resolve())
+    assert run.meta["replay"]["source_mechanism"] == "seccomp/tcp/loopback"
+    got, want = run.calls(), rundir.load(src).calls()
+    assert len(got) == len(want) == meta["calls"]["count"] >= 400
+    for field in ("tid", "nr", "bytes_in"):
+        assert sorted(got[field].tolist()) == sorted(want[field].tolist())
+    assert ((got["flags"] & rundir.F_FAULT_MASK) == 0).all()
+    assert (got["t_reply"] > got["t_send"]).all() and (got["d_send"] > 0).all()
+    # analysis reads it as any run: per-syscall summary and an f_c
+    assert {row["name"] for row in run.syscalls} == {"openat", "read", "write"}
+    assert run.meta["summary"]["f_c_us"] > 0
+
+
+def test_an_injected_delay_at_the_delegate_raises_the_predicted_wall_time(recording, tmp_path):
+    src, meta = recording
+    n, delay_us = meta["calls"]["count"], 2000
+    with LocalDelegate(["--delay-us", str(delay_us)]) as d:
+        for elide in (False, True):
+            out = tmp_path / f"rp{int(elide)}"
+            r = run_testbed("replay", str(src), "--delegate", d.endpoint, "-o", str(out),
+                            *(["--elide-compute"] if elide else []))  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            m = json.loads((out / "run.json").read_text())
+            # every call waited at least the delegate's spin, less this client's own
+            # cost per call that the replay takes off (measured, well under 1 ms)
+            own = m["replay"]["client_overhead_us"]
+            assert own < 1000
+            assert m["wall_s"] >= meta["wall_s"] + n * (delay_us - own) * 1e-6
+            assert m["replay"]["elide_compute"] is elide
+            assert m["delegate"]["delay_us"] == delay_us
+
+
+def test_elided_computation_is_added_back_without_waiting_for_it(tmp_path):
+    with LocalDelegate() as d:
+        src = tmp_path / "rec"
+        meta = _record(src, d.endpoint, "sh", "-c", "sleep 1.5; head -c 4096 /dev/zero")
+        t0 = time.monotonic()
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint, "--elide-compute",
+                        "-o", str(tmp_path / "rp"))  # fmt: skip
+        took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "rp" / "run.json").read_text())
+    assert meta["wall_s"] >= 1.5 and m["wall_s"] >= 1.5  # the sleep is in the prediction
+    assert m["replay"]["replay_duration_s"] < 1.5 and took < meta["wall_s"] + 5
+
+
+@pytest.mark.parametrize("scheme", ["ipc", "shm"])
+def test_a_replay_runs_over_other_transports(recording, tmp_path, scheme):
+    src, meta = recording
+    with LocalDelegate(scheme=scheme) as d:
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint, "-o", str(tmp_path / "rp"))
+    assert r.returncode == 0, r.stderr
+    run = rundir.load(tmp_path / "rp")
+    assert mechanisms.mechanism(run.meta) == f"replay/{scheme}/same-node"
+    assert len(run.calls()) == meta["calls"]["count"]
+    assert run.meta["calls"]["faults"] == 0
+
+
+def test_a_delegate_that_dies_mid_replay_ends_it_with_faults_not_a_hang(tmp_path):
+    with LocalDelegate() as d:
+        src = tmp_path / "rec"
+        meta = _record(src, d.endpoint, "sh", "-c",
+                       "for i in 1 2 3 4 5 6 7 8; do head -c 100 /dev/zero; sleep 0.2; done")  # fmt: skip
+    with LocalDelegate() as d:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "testbed", "replay", str(src), "--delegate", d.endpoint,
+             "--timeout", "0.5", "-o", str(tmp_path / "rp")],
+            stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        )  # fmt: skip
+        time.sleep(0.6)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    m = json.loads((tmp_path / "rp" / "run.json").read_text())
+    assert m["complete"] and m["calls"]["count"] == meta["calls"]["count"]
+    # the first call without a reply marks the delegate lost; the rest run unsent
+    assert m["calls"]["timeouts"] >= 1 and m["calls"]["not_sent"] > 0 and "FAULTS" in err
+    assert m["replay"]["delegate_lost_at_call"] is not None
+
+
+def test_bad_input_gets_one_clear_line(tmp_path, recording):
+    r = run_testbed("replay", str(tmp_path / "nowhere"), "--delegate", "tcp://127.0.0.1:9")
+    assert r.returncode != 0 and "testbed: error:" in r.stderr and "Traceback" not in r.stderr
+    src, _meta = recording
+    r = run_testbed("replay", str(src), "--delegate", "tcp://127.0.0.1:9", "--connect-timeout",
+                    "0.5")  # fmt: skip
+    assert r.returncode != 0 and "no delegate answering" in r.stderr
+    assert "Traceback" not in r.stderr
+    with LocalDelegate(offload_root=tmp_path / "root") as d:
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint)
+    assert r.returncode != 0 and "needs a cost-mode delegate" in r.stderr
