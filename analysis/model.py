@@ -177,3 +177,16 @@ def t_d_from_native(
         + np.asarray(forwarding, dtype=float)
         + np.asarray(fixed, dtype=float)
     )
+
+
+def t_d_with_delay(t_d: ArrayLike, n: ArrayLike, delay: ArrayLike) -> np.ndarray:
+    """What-if: the delegate spins ``delay`` s more per call (``testbed delegate
+    --delay-us``).  A serial caller waits for each of its ``n`` forwarded calls,
+    whose round trip grows by ``delay`` (``f_c`` by ``delay / 2``), so
+    ``t_d + n delay``.  The model term ``testbed replay`` against such a
+    delegate is compared with (docs/whatif.md); calls that overlap (threads,
+    processes running at once) make it an upper bound.
+    """
+    return np.asarray(t_d, dtype=float) + np.asarray(n, dtype=float) * np.asarray(
+        delay, dtype=float
+    )

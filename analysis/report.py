@@ -28,7 +28,16 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import accuracy, compare, contention, figures, mechanisms, offload, provenance
+from analysis import (
+    accuracy,
+    compare,
+    contention,
+    figures,
+    mechanisms,
+    offload,
+    provenance,
+    replays,
+)
 from analysis.compare import DelegatedRun, NativeRun, Profile
 from analysis.paths import expand_rundirs
 from analysis.profiles import profiles_frame, shipped_profiles, table1
@@ -107,6 +116,7 @@ class ReportContent:
     mechanisms: mechanisms.Section
     tlb: mechanisms.Section
     offload: offload.OffloadSection
+    replay: mechanisms.Section
     emulated_hosts: list[str]
     run_metas: list[dict]
     measured_fc: figures.MeasuredFc | None = None
@@ -191,6 +201,12 @@ def build_report(
     if not paths:
         raise TestbedError("no run directories given")
     profiles, runs, natives = compare.load_all(paths)
+    # replay runs are predictions: kept out of every fit, scored in their own section
+    replayed = [r for r in runs if replays.is_replay(r)]
+    runs = [r for r in runs if not replays.is_replay(r)]
+    if not runs and not profiles and not natives and replayed:
+        raise TestbedError("only replay runs given: a replay is scored against real runs of its "
+                           "target (give those too)")  # fmt: skip
     predictor, declared_in = declared_predictor(runs, predictor)
     parse_policy(policy)  # fail early on a bad policy
     model_profiles, profile_note = profiles, "the profile run directories given"
@@ -215,7 +231,9 @@ def build_report(
     off = offload.section(runs, native)
     side = mechanisms.mechanism_section(runs, natives, native, mech)
     tlb = mechanisms.tlb_section(runs, natives, native)
+    rep = replays.section(replayed, runs)
     tables = {
+        **rep.tables,
         **side.tables,
         **tlb.tables,
         **off.tables,
@@ -230,7 +248,7 @@ def build_report(
         **acc.tables,
     }
     metas = [_run_meta(p.path, p.meta) for p in profiles] + [
-        _run_meta(r.path, r.meta) for r in [*runs, *natives]
+        _run_meta(r.path, r.meta) for r in [*runs, *natives, *replayed]
     ]
     content = ReportContent(
         paths=paths,
@@ -246,6 +264,7 @@ def build_report(
         mechanisms=side,
         tlb=tlb,
         offload=off,
+        replay=rep,
         emulated_hosts=mechanisms.emulated_hosts(runs, natives),
         run_metas=metas,
         measured_fc=measured_fc(mech),
@@ -500,6 +519,7 @@ def render_markdown(c: ReportContent, generated: str) -> str:
         *_fc_and_policies(c),
         *_before_the_run(c),
         *_cross_validation_and_mechanisms(c),
+        *c.replay.markdown,
         *_figures(c),
         *_reference(c),
     ]

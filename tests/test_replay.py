@@ -196,6 +196,9 @@ def test_an_injected_delay_at_the_delegate_raises_the_predicted_wall_time(record
             assert m["wall_s"] >= meta["wall_s"] + n * (delay_us - own) * 1e-6
             assert m["replay"]["elide_compute"] is elide
             assert m["delegate"]["delay_us"] == delay_us
+            # the model's what-if for the same change sits beside the replay's
+            want = meta["wall_s"] + n * delay_us * 1e-6
+            assert m["replay"]["model_wall_s"] == pytest.approx(want, rel=1e-9)
 
 
 def test_elided_computation_is_added_back_without_waiting_for_it(tmp_path):
@@ -257,3 +260,28 @@ def test_bad_input_gets_one_clear_line(tmp_path, recording):
     with LocalDelegate(offload_root=tmp_path / "root") as d:
         r = run_testbed("replay", str(src), "--delegate", d.endpoint)
     assert r.returncode != 0 and "needs a cost-mode delegate" in r.stderr
+
+
+def test_the_report_scores_replays_against_real_runs_of_their_target(recording, tmp_path):
+    from analysis import report  # lazy: pandas and matplotlib, this test only
+
+    src, meta = recording
+    with LocalDelegate(["--delay-us", "500"]) as d:
+        _record(tmp_path / "realB", d.endpoint, *DD)
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint, "-o", str(tmp_path / "rp"))
+        assert r.returncode == 0, r.stderr
+    content = report.build_report([src, tmp_path / "realB", tmp_path / "rp"])
+    # the replay is a prediction: in no fit, in no runs table, scored in its own section
+    assert sorted(Path(r.path).name for r in content.runs) == ["realB", "rec"]
+    table = content.tables["replay_vs_measured"]
+    assert len(table) == 1
+    row = table.iloc[0]
+    real_wall = json.loads((tmp_path / "realB" / "run.json").read_text())["wall_s"]
+    replay_wall = json.loads((tmp_path / "rp" / "run.json").read_text())["wall_s"]
+    assert row["target_mechanism"] == "seccomp/tcp/loopback+500us"
+    assert row["measured_runs"] == 1 and row["measured_from"] == "other runs"
+    assert row["measured_wall_s"] == pytest.approx(real_wall)
+    assert row["replay_error"] == pytest.approx(replay_wall / real_wall - 1)
+    assert row["model_wall_s"] == pytest.approx(meta["wall_s"] + meta["calls"]["count"] * 500e-6)
+    md = "\n".join(content.replay.markdown)
+    assert "## Replay-predicted vs measured" in md and "Mean |error| over 1 replays" in md

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from analysis import model
 from testbed.compute.relay import connect
 from testbed.core import mechanisms, rundir, wire
 from testbed.core.errors import TestbedError
@@ -57,6 +58,8 @@ REPLAYABLE_MODES = ("cost", "replay")
 
 _START, _TRAP, _RESUME = 0, 1, 2  # anchor kinds
 _ARGS = (0, 0, 0, 0, 0, 0)
+#: How long before a due event the replay stops sleeping for replies and spins.
+WAKE_MARGIN_NS = 2_000_000
 
 
 class ReplayError(TestbedError):
@@ -309,7 +312,7 @@ def reproduce(
 ) -> Outcome:
     """Replay in real time: spin through the gaps, calls overlap as recorded.
 
-    While calls are in flight and nothing is due within a millisecond, the
+    While calls are in flight and nothing is due within ``WAKE_MARGIN_NS``, the
     replay waits for replies as the source's relay did: asleep in ``poll``
     (its wake-up is part of the round trip a sleeping relay pays), or spinning
     when the source ran with ``busy_poll``.  ``own_ns``, the replay client's
@@ -406,8 +409,10 @@ def reproduce(
         if sent:
             wait = 0
             if not busy_poll:
+                # sleep until shortly before the next due event, then spin: a wake-up
+                # from poll can come late by far more than a millisecond's rounding
                 first = heap[0][0] if heap else now + 100_000_000
-                wait = 0 if first - now < 1_000_000 else (first - now) // 1_000_000
+                wait = max(0, (first - now - WAKE_MARGIN_NS) // 1_000_000)
             for t_reply, call_id, stamps, flags in link.replies(wait):
                 i = inflight.pop(call_id, -1)
                 if i < 0:
@@ -622,11 +627,22 @@ def replay(
         "issued_late_max_us": float(o.late.max()) / 1e3 if not elide_compute else None,
         "unsent_in_source": int((~s.sent).sum()),
         "delegate_lost_at_call": None if o.lost_at < 0 else int(o.lost_at),
+        "model_wall_s": _model_wall(run.meta, link.welcome, n),
+        "model_how": "analysis.model.t_d_with_delay: the source's wall time + n x (this "
+        "delegate's --delay-us - the source delegate's)",
         "client_overhead_us": own_ns / 1e3,
         "client_overhead_how": own_how,
     })  # fmt: skip
     rundir.finish(out_dir, meta)
     return rundir.load(out_dir)
+
+
+def _model_wall(src: dict[str, Any], welcome: dict[str, Any], n: int) -> float:
+    """The model's what-if for the same change (only the delegate's injected delay
+    is a model term; the rest of a change of delegate is the replay's to measure)."""
+    before = float((src.get("delegate") or {}).get("delay_us") or 0.0)
+    after = float(welcome.get("delay_us") or 0.0)
+    return float(model.t_d_with_delay(src["wall_s"], n, (after - before) * 1e-6))
 
 
 def _stamp(t: float) -> str:
@@ -681,6 +697,9 @@ def summary_lines(r: rundir.Run) -> list[str]:
         f"testbed: predicted wall time {wall:.4f} s ({rp['wall_s_how']}); "
         f"the source took {src_wall:.4f} s: ×{ratio:.3f}",
     ]
+    if rp.get("model_wall_s") is not None and rp["model_wall_s"] != src_wall:
+        lines.append(f"testbed: the model's what-if for the delegate's added delay: "
+                     f"{rp['model_wall_s']:.4f} s (source + n x delay)")  # fmt: skip
     s = m.get("summary") or {}
     if s:
         lines.append(f"testbed: rtt p50 {s['rtt_p50_us']:.1f} µs p99 {s['rtt_p99_us']:.1f} µs")
