@@ -5,8 +5,9 @@ program on the delegate it replayed against.  It is a prediction, not a
 measurement: ``analysis.report`` keeps replay runs out of every fit and
 accuracy table and shows them here, each beside
 
-* the *measured* wall time: the median of the real runs in the same report of
-  the same command, forwarded set and mechanism as the replay's target (the
+* the *measured* wall time: the median of the real runs in the same report on
+  the same host, of the same experiment cell's workload and forwarded set (or
+  command and forwarded calls), on the mechanism of the replay's target (the
   replay's mechanism with the source's backend), the source run itself never
   among them (a replay of the same configuration with no other real run is
   scored against the source: what it reproduces);
@@ -40,22 +41,28 @@ def target_mechanism(meta: dict) -> str:
     return mechanisms.mechanism({**meta, "backend": backend, "mode": "cost"})
 
 
-def _key(meta: dict) -> tuple[str, str]:
-    return str(meta.get("command_line") or ""), ",".join(sorted(meta.get("forwarded") or []))
+def _key(r: DelegatedRun) -> tuple[str, ...]:
+    """What a replay and a real run must share: the host, and the experiment cell's
+    workload and forwarded set (else the command line and the forwarded calls)."""
+    host = str((r.meta.get("host") or {}).get("hostname") or "")
+    if r.cell.get("workload") and r.cell.get("forward"):
+        return host, "cell", str(r.cell["workload"]), str(r.cell["forward"])
+    forwarded = ",".join(sorted(r.meta.get("forwarded") or []))
+    return host, "command", str(r.meta.get("command_line") or ""), forwarded
 
 
 def rows(replays: list[DelegatedRun], runs: list[DelegatedRun]) -> pd.DataFrame:
     """One row per replay run: its prediction, the replay's and the model's errors."""
-    real: dict[tuple[str, str, str], list[DelegatedRun]] = {}
+    real: dict[tuple[str, ...], list[DelegatedRun]] = {}
     for r in runs:
-        real.setdefault((*_key(r.meta), mechanisms.mechanism(r.meta)), []).append(r)
+        real.setdefault((*_key(r), mechanisms.mechanism(r.meta)), []).append(r)
     out = []
     for rp in replays:
         info = rp.meta.get("replay") or {}
         source = Path(str(info.get("source") or "")).resolve()
         target = target_mechanism(rp.meta)
         measured = [
-            r for r in real.get((*_key(rp.meta), target), []) if Path(r.path).resolve() != source
+            r for r in real.get((*_key(rp), target), []) if Path(r.path).resolve() != source
         ]
         how = "other runs"
         if not measured and target == info.get("source_mechanism"):
@@ -100,11 +107,13 @@ def section(replays: list[DelegatedRun], runs: list[DelegatedRun]) -> Section:
         "",
         "Each replay run (`testbed replay`) re-issued the forwarded calls of a recorded run "
         "against another delegate and predicts the program's wall time there (replay_wall_s). "
-        "measured_wall_s is the median wall time of the real runs in this report of the same "
-        "command and forwarded set on the replay's target mechanism (never the recorded run "
-        "itself); model_wall_s is the model's what-if for the delegate's added delay "
-        "(`analysis.model.t_d_with_delay`: recorded wall + n × added delay). Neither is fitted "
-        "on the measured runs. Replay runs take part in no fit and no other table.",
+        "measured_wall_s is the median wall time of the real runs in this report on the same "
+        "host of the same workload and forwarded set (experiment cell, else command) on the "
+        "replay's target mechanism (never the recorded run itself); model_wall_s is the "
+        "model's what-if where it has a term for the change, the delegate's added delay "
+        "(`analysis.model.t_d_with_delay`: recorded wall + n × added delay; blank for a "
+        "change of transport or place). Neither is fitted on the measured runs. Replay runs "
+        "take part in no fit and no other table.",
         "",
     ]
     if len(scored):

@@ -285,3 +285,84 @@ def test_the_report_scores_replays_against_real_runs_of_their_target(recording, 
     assert row["model_wall_s"] == pytest.approx(meta["wall_s"] + meta["calls"]["count"] * 500e-6)
     md = "\n".join(content.replay.markdown)
     assert "## Replay-predicted vs measured" in md and "Mean |error| over 1 replays" in md
+
+
+# ------------------------------------------------------------------ in a plan
+
+TINY_PLAN = """
+name: whatif-tiny
+repetitions: 1
+workloads:
+  - {name: wc, size_mb: 0.5}
+forward:
+  - read,write,openat
+delegates:
+  - {name: near, local: tcp}
+  - {name: slow, local: tcp, delay_us: 500}
+  - {name: shm, local: shm}
+replay: {from: near}
+"""
+
+
+def test_a_plan_records_replays_and_reruns_and_the_report_scores_it(tmp_path):
+    from analysis import report  # lazy: pandas and matplotlib, this test only
+
+    plan = tmp_path / "plan.yml"
+    plan.write_text(TINY_PLAN)
+    res = tmp_path / "res"
+    r = run_testbed("experiment", str(plan), "-o", str(res), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "ran=5 skipped=0 failed=0" in r.stdout
+    host = next(p for p in res.iterdir() if p.is_dir())
+    for target in ("slow", "shm"):
+        d = host / f"wc.read+write+openat.{target}.r1.replayed-from-near"
+        cell = json.loads((d / "experiment.json").read_text())
+        assert cell["replay_of"] == "wc.read+write+openat.near.r1" and cell["delegate"] == target
+        assert rundir.load(d).meta["replay"]["source"] == str(
+            (host / "wc.read+write+openat.near.r1").resolve()
+        )
+    # resumable: nothing is run twice
+    again = run_testbed("experiment", str(plan), "-o", str(res), timeout=300)
+    assert again.returncode == 0 and "ran=0 skipped=3 failed=0" in again.stdout
+    content = report.build_report([res])
+    table = content.tables["replay_vs_measured"].set_index("target_mechanism")
+    assert set(table.index) == {"seccomp/tcp/loopback+500us", "seccomp/shm/same-node"}
+    assert (table["measured_from"] == "other runs").all() and (table["measured_runs"] == 1).all()
+    # the model has a term for the delay, none for the change of transport
+    assert table.loc["seccomp/tcp/loopback+500us", "model_wall_s"] > 0
+    assert (
+        table.loc["seccomp/shm/same-node", "model_wall_s"]
+        != table.loc["seccomp/shm/same-node", "model_wall_s"]
+    )  # NaN
+    assert len(content.runs) == 3  # the replays are in no fit
+
+
+@pytest.mark.unit
+def test_a_plan_replay_names_a_delegate_with_calls_and_somewhere_to_replay_to(tmp_path):
+    from testbed.jobs.experiment.plan import PlanError, parse_plan
+
+    base = {"workloads": ["wc"], "forward": ["read"],
+            "delegates": [{"name": "near", "local": "tcp"}, "kthread",
+                          {"name": "slow", "local": "tcp", "delay_us": 200}]}  # fmt: skip
+    plan = parse_plan({**base, "replay": {"from": "near"}}, "p", "plan")
+    assert plan.replay.source == "near" and plan.delegates[2].delay_us == 200
+    assert plan.to_json()["replay"] == {"from": "near", "elide_compute": False}
+    assert plan.to_json()["delegates"][2]["delay_us"] == 200
+    from testbed.jobs.experiment.plan import replay_cells
+
+    assert [rc.run_id for rc in replay_cells(plan)] == ["wc.read.slow.r1.replayed-from-near"]
+    for bad, why in (
+        ({"from": "far"}, "not a delegate of the plan"),
+        ({"from": "kthread"}, "not a delegate of the plan"),
+        ({"from": "near", "elide_compute": "yes"}, "true or false"),
+        ({"to": "near"}, "replay is"),
+        ("near", "replay is"),
+    ):
+        with pytest.raises(PlanError, match=why):
+            parse_plan({**base, "replay": bad}, "p", "plan")
+    only = {**base, "delegates": [{"name": "near", "local": "tcp"}, "kthread"]}
+    with pytest.raises(PlanError, match="no other delegate"):
+        parse_plan({**only, "replay": {"from": "near"}}, "p", "plan")
+    bad_delay = {**base, "delegates": [{"name": "x", "local": "tcp", "delay_us": -1}]}
+    with pytest.raises(PlanError, match="delay_us"):
+        parse_plan(bad_delay, "p", "plan")

@@ -37,6 +37,7 @@ source run), so ``analyze`` reads it unchanged.
 from __future__ import annotations
 
 import heapq
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ from testbed.core import mechanisms, rundir, wire
 from testbed.core.errors import TestbedError
 from testbed.core.hostinfo import host_metadata
 
+#: run.json fields that say where a replay's calls went (its mechanism)
+_TARGET_KEYS = ("endpoint", "transport", "curve", "delegate")
 #: Source modes a replay understands: cost mode (and replays of replays).
 REPLAYABLE_MODES = ("cost", "replay")
 
@@ -627,9 +630,10 @@ def replay(
         "issued_late_max_us": float(o.late.max()) / 1e3 if not elide_compute else None,
         "unsent_in_source": int((~s.sent).sum()),
         "delegate_lost_at_call": None if o.lost_at < 0 else int(o.lost_at),
-        "model_wall_s": _model_wall(run.meta, link.welcome, n),
+        "model_wall_s": _model_wall(run.meta, {k: base[k] for k in _TARGET_KEYS}, n),
         "model_how": "analysis.model.t_d_with_delay: the source's wall time + n x (this "
-        "delegate's --delay-us - the source delegate's)",
+        "delegate's --delay-us - the source delegate's); null: the replay changed more than "
+        "the delay (transport, place), for which the model has no term",
         "client_overhead_us": own_ns / 1e3,
         "client_overhead_how": own_how,
     })  # fmt: skip
@@ -637,12 +641,20 @@ def replay(
     return rundir.load(out_dir)
 
 
-def _model_wall(src: dict[str, Any], welcome: dict[str, Any], n: int) -> float:
-    """The model's what-if for the same change (only the delegate's injected delay
-    is a model term; the rest of a change of delegate is the replay's to measure)."""
+def _model_wall(src: dict[str, Any], target: dict[str, Any], n: int) -> float | None:
+    """The model's what-if for the same change, where the model has a term for it: only
+    a change of the delegate's injected delay (``target`` is the replay's run.json
+    fields: endpoint, transport, delegate).  None for a change of transport or place."""
+    if _DELAY.sub("", mechanisms.mechanism(src)) != _DELAY.sub(
+        "", mechanisms.mechanism({**src, **target})
+    ):
+        return None
     before = float((src.get("delegate") or {}).get("delay_us") or 0.0)
-    after = float(welcome.get("delay_us") or 0.0)
+    after = float((target.get("delegate") or {}).get("delay_us") or 0.0)
     return float(model.t_d_with_delay(src["wall_s"], n, (after - before) * 1e-6))
+
+
+_DELAY = re.compile(r"\+[0-9.]+us")
 
 
 def _stamp(t: float) -> str:

@@ -45,12 +45,18 @@ A plan::
     delegates:                     # "local" starts one on loopback for the plan
       - local                      # replaced by --delegate (experiment.yml's delegate nodes)
       - {name: shm, local: shm}    # a delegate on this node over tcp, ipc or shm: kept
+      - {name: slow, local: tcp, delay_us: 200}   # ... spinning 200 us per call
       - {name: node3, endpoint: "tcp://10.213.47.3:5555"}
       - kthread                    # the mktrace module's kernel thread on this node
       - {name: kt20, kthread: {delay_us: 20, faithful: false}}
       - {name: ktf, kthread: {delay_us: 20, faithful: true, flush_caller_tlb: true}}
     pin: false                     # true: program, relay (and a local delegate)
                                    # on separate CPUs; refused with < 2 CPUs
+    replay: {from: shm}            # cost mode: after the cells, replay each cell run on
+                                   # delegate shm against every other delegate
+                                   # (elide_compute: true for --elide-compute;
+                                   # docs/whatif.md), into
+                                   # <workload>.<forward>.<target>.r<N>.replayed-from-shm/
 
 A ``kthread`` delegate runs its cells with ``testbed run --backend kmod
 --mode kthread`` (same-node, no network); it stays in the plan when

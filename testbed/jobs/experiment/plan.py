@@ -37,6 +37,7 @@ PLAN_KEYS = {
     "offload_path",
     "resolve",
     "predictor",
+    "replay",
 }
 
 #: How a policy becomes a syscall set: ``once`` for the whole experiment (from
@@ -48,6 +49,19 @@ RESOLVE = ("once", "per-host")
 
 class PlanError(TestbedError):
     """A plan that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """``replay: {from: NAME, elide_compute: false}``: after the cells, every cell run on
+    delegate NAME is replayed (``testbed replay``) against each other delegate of the
+    plan, predicting the cells run there for real (docs/whatif.md)."""
+
+    source: str
+    elide_compute: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.source, "elide_compute": self.elide_compute}
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ class Forward:
 class DelegateSpec:
     name: str
     endpoint: str  # "local" = start one on loopback, "kthread" = the module's kernel thread
-    delay_us: float = 0.0  # kthread: spin per leg
+    delay_us: float = 0.0  # kthread: spin per leg; {local: ...}: the delegate's --delay-us
     faithful: bool = False  # kthread: the mktrace-faithful variant
     flush_caller_tlb: bool = False  # kthread, faithful only: flush the caller's CPU too
     scheme: str = "tcp"  # "local": the transport of the delegate started on this node
@@ -85,6 +99,8 @@ class DelegateSpec:
         out: dict[str, Any] = {"name": self.name, "endpoint": self.endpoint}
         if self.same_node:
             out["local"] = self.scheme
+            if self.delay_us:
+                out["delay_us"] = self.delay_us
         if self.kthread:
             out.update(delay_us=self.delay_us, faithful=self.faithful)
             if self.flush_caller_tlb:
@@ -106,6 +122,7 @@ class Plan:
     offload_path: str | None = None
     resolve: str = "once"
     predictor: str | None = None  # declared for the report, before any data
+    replay: ReplaySpec | None = None
 
     @property
     def policies(self) -> list[str]:
@@ -135,6 +152,7 @@ class Plan:
             | ({"offload_path": self.offload_path} if self.offload_path else {})
             | ({"resolve": self.resolve} if self.policies else {})
             | ({"predictor": self.predictor} if self.predictor else {})
+            | ({"replay": self.replay.to_json()} if self.replay else {})
         )
 
 
@@ -296,10 +314,17 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
     if isinstance(item, dict) and "kthread" in item:
         return _kthread_delegate(item, where)
     if isinstance(item, dict) and "local" in item:
-        if set(item) - {"name", "local"} or item["local"] not in LOCAL_SCHEMES:
-            raise PlanError(f"{where}: a same-node delegate is {{name, local: tcp|ipc|shm}}")
+        if set(item) - {"name", "local", "delay_us"} or item["local"] not in LOCAL_SCHEMES:
+            raise PlanError(f"{where}: a same-node delegate is {{name, local: tcp|ipc|shm}} "
+                            "with an optional delay_us")  # fmt: skip
+        try:
+            delay = float(item.get("delay_us", 0.0))
+        except (TypeError, ValueError):
+            delay = -1.0
+        if not 0 <= delay <= 1e6:
+            raise PlanError(f"{where}: delay_us of a same-node delegate must be in [0, 1000000]")
         name = label(str(item.get("name") or f"local-{item['local']}"))
-        return DelegateSpec(name, "local", scheme=item["local"], same_node=True)
+        return DelegateSpec(name, "local", delay_us=delay, scheme=item["local"], same_node=True)
     if isinstance(item, str):
         item = {"endpoint": item}
     if not isinstance(item, dict) or not isinstance(item.get("endpoint"), str):
@@ -414,7 +439,54 @@ def parse_plan(
     return Plan(
         plan_name, reps, mode, backend, timeout, workloads, forward, specs, pin, offload_path,
         resolve, None if predictor is None else str(predictor),
+        _replay(data.get("replay"), specs, mode, where),
     )  # fmt: skip
+
+
+def _replay(item: Any, specs: list[DelegateSpec], mode: str, where: str) -> ReplaySpec | None:
+    if item is None:
+        return None
+    if not isinstance(item, dict) or set(item) - {"from", "elide_compute"} or "from" not in item:
+        raise PlanError(f"{where}: replay is {{from: DELEGATE, elide_compute: true|false}}")
+    if mode != "cost":
+        raise PlanError(f"{where}: replay re-issues cost-mode runs; not with mode: {mode}")
+    source = label(str(item["from"]))
+    targets = [d.name for d in specs if not d.kthread and d.name != source]
+    if source not in [d.name for d in specs if not d.kthread]:
+        raise PlanError(f"{where}: replay from {source!r}: not a delegate of the plan "
+                        f"(a kernel thread has no calls to replay)")  # fmt: skip
+    if not targets:
+        raise PlanError(f"{where}: replay from {source!r}: no other delegate to replay against")
+    elide = item.get("elide_compute", False)
+    if not isinstance(elide, bool):
+        raise PlanError(f"{where}: replay elide_compute must be true or false")
+    return ReplaySpec(source, elide)
+
+
+@dataclass(frozen=True)
+class ReplayCell:
+    """One replay of a plan: the cell recorded on ``source`` replayed against ``target``."""
+
+    cell: Cell  # the recorded cell
+    target: DelegateSpec
+
+    @property
+    def run_id(self) -> str:
+        """Named after the cell it predicts, and where it was recorded."""
+        c = self.cell
+        return (f"{c.workload.name}.{c.forward.label}.{self.target.name}.r{c.rep}"
+                f".replayed-from-{c.delegate.name}")  # fmt: skip
+
+
+def replay_cells(plan: Plan) -> list[ReplayCell]:
+    """The replays of ``plan`` (none without ``replay:``), in the cells' order."""
+    if plan.replay is None:
+        return []
+    targets = [d for d in plan.delegates if not d.kthread and d.name != plan.replay.source]
+    return [
+        ReplayCell(c, t) for c in cells(plan) if c.delegate.name == plan.replay.source
+        for t in targets
+    ]  # fmt: skip
 
 
 def _offload_path(data: dict, mode: str, where: str) -> str | None:

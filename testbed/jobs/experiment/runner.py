@@ -39,10 +39,12 @@ from testbed.jobs.experiment.plan import (
     DelegateSpec,
     Plan,
     PlanError,
+    ReplayCell,
     Workload,
     cells,
     label,
     load_plan,
+    replay_cells,
 )
 from testbed.jobs.localdelegate import LocalDelegate, ping
 
@@ -400,6 +402,73 @@ class Runner:
         info["calls"] = (run.meta.get("calls") or {}).get("count")
         return info
 
+    def replay_done(self, rc: ReplayCell) -> bool:
+        d = self.base / rc.run_id
+        try:
+            return (d / "experiment.json").exists() and rundir.load(d).complete
+        except TestbedError:
+            return False
+
+    def run_replay(self, rc: ReplayCell) -> dict[str, Any]:
+        """``testbed replay`` of the recorded cell against ``rc.target`` (docs/whatif.md)."""
+        source = self.base / rc.cell.run_id
+        final = self.base / rc.run_id
+        partial = self.base / (rc.run_id + ".partial")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        if not self.done(rc.cell):
+            return {"status": "failed", "error": f"its recording {rc.cell.run_id} did not finish"}
+        cmd = [sys.executable, "-m", "testbed", "replay", "--quiet", str(source),
+               "--delegate", self.endpoints[rc.target.name], "-o", str(partial)]  # fmt: skip
+        if self.plan.replay is not None and self.plan.replay.elide_compute:
+            cmd.append("--elide-compute")
+        if self.curve_keys and not rc.target.same_node:
+            cmd += ["--curve-keys", self.curve_keys]
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, cwd=self.work, env=testbed_env(),
+                                  preexec_fn=pinner(self.place.relay),
+                                  timeout=self.plan.timeout_s)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {self.plan.timeout_s:g} s"}
+        try:
+            run = rundir.load(partial)
+            if not run.complete:
+                raise TestbedError("incomplete run directory")
+        except TestbedError:
+            return {"status": "failed",
+                    "error": _tail(proc.stderr) or f"testbed replay exit {proc.returncode}"}  # fmt: skip
+        cell = rc.cell
+        info = {
+            "plan": self.plan.name,
+            "host": self.host,
+            "workload": cell.workload.name,
+            "forward": cell.forward.label,
+            "delegate": rc.target.name,
+            "repetition": cell.rep,
+            "replay_of": cell.run_id,
+            "recorded_on": cell.delegate.name,
+            "endpoint": self.endpoints[rc.target.name],
+            "mode": "replay",
+        }
+        (partial / "experiment.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(partial, final)
+        faults = (run.meta.get("calls") or {}).get("faults", 0)
+        return {**info, "status": "ok" if not faults else "faults",
+                "wall_s": run.meta.get("wall_s")}  # fmt: skip
+
+    def run_replays(self, todo: list[ReplayCell]) -> dict[str, int]:
+        """Run the plan's replays ``todo`` with progress lines."""
+        counts = {"ran": 0, "failed": 0}
+        for i, rc in enumerate(todo, start=1):
+            info = self.run_replay(rc)
+            counts["ran"] += 1
+            if info["status"] != "ok":
+                counts["failed"] += 1
+            detail = info.get("error") or f"predicted wall {info['wall_s']:.3f} s"
+            self.say(f"[replay {i}/{len(todo)}] {rc.run_id}  {info['status']}  {detail}")
+        return counts
+
     def run(
         self, todo: list[Cell], total: int, skipped: int, specs: list[RunSpec] | None = None
     ) -> dict[str, int]:
@@ -579,22 +648,30 @@ def run_plan(
         f"{len(plan.delegates)} delegates x {plan.repetitions} repetitions) on {host}; "
         f"{skipped} already finished"
     )
+    replays = [rc for rc in replay_cells(plan) if not runner.replay_done(rc)]
+    if replays:
+        runner.say(f"experiment {plan.name}: then {len(replays)} replays of the runs on "
+                   f"{plan.replay.source} against the other delegates")  # fmt: skip
     try:
-        if not todo:
+        if not todo and not replays:
             return {"ran": 0, "skipped": skipped, "failed": 0}
-        # one delegate on this node per transport the plan's local delegates use
-        schemes = sorted({c.delegate.scheme for c in todo if c.delegate.endpoint == "local"})
+        # one delegate on this node per transport (and injected delay) its local
+        # delegates use, for the cells to run and the delegates replays target
+        wanted = [c.delegate for c in todo] + [rc.target for rc in replays]
+        keys = sorted({(d.scheme, d.delay_us) for d in wanted if d.endpoint == "local"})
         locals_ = {
-            sc: LocalDelegate(
+            (sc, delay): LocalDelegate(
+                ["--delay-us", f"{delay:g}"] if delay else None,
                 offload_root=(work / f"offload-root-{sc}") if plan.offload_path else None,
                 cpus=runner.place.delegate, scheme=sc,
             )
-            for sc in schemes
+            for sc, delay in keys
         }  # fmt: skip  # endpoints are chosen now, the processes start below
         for d in plan.delegates:
+            ld = locals_.get((d.scheme, d.delay_us)) if d.endpoint == "local" else None
             runner.endpoints[d.name] = (
                 "kthread" if d.kthread
-                else (locals_[d.scheme].endpoint if d.scheme in locals_ else "local")
+                else (ld.endpoint if ld is not None else "local")
                 if d.endpoint == "local"
                 else d.endpoint
             )  # fmt: skip
@@ -611,7 +688,7 @@ def run_plan(
                 if d.kthread:
                     continue
                 if d.endpoint == "local":
-                    ld = locals_.get(d.scheme)
+                    ld = locals_.get((d.scheme, d.delay_us))
                     if ld is not None and ld.proc is not None:
                         runner.delegate_pids[d.name] = ld.proc.pid
                     continue
@@ -619,7 +696,13 @@ def run_plan(
                     ping(d.endpoint, timeout_s=5.0, curve_keys=curve_keys)
                 except TestbedError as exc:
                     raise TestbedError(f"delegate {d.name}: {exc}") from None
-            return runner.run(todo, len(all_cells), skipped, specs)
+            counts = runner.run(todo, len(all_cells), skipped, specs) if todo else {
+                "ran": 0, "skipped": skipped, "failed": 0}  # fmt: skip
+            if replays:
+                done = runner.run_replays(replays)
+                counts["ran"] += done["ran"]
+                counts["failed"] += done["failed"]
+            return counts
         finally:
             for ld in started:
                 ld.__exit__()
