@@ -190,3 +190,21 @@ def t_d_with_delay(t_d: ArrayLike, n: ArrayLike, delay: ArrayLike) -> np.ndarray
     return np.asarray(t_d, dtype=float) + np.asarray(n, dtype=float) * np.asarray(
         delay, dtype=float
     )
+
+
+def t_d_what_if(
+    t_d: ArrayLike, n: ArrayLike, delay: ArrayLike, n_async: ArrayLike = 0, f_c: ArrayLike = 0.0
+) -> np.ndarray:
+    """The model's what-ifs together: the delegate ``delay`` s slower per call
+    (:func:`t_d_with_delay`), and ``n_async`` of the ``n`` calls - writes -
+    forwarded asynchronously, no longer waited for: each saves its ``2 f_c``
+    and the added delay.  An upper bound of the gain: a full window, a flush
+    or the program's exit waits for unanswered writes (``testbed replay
+    --async-writes`` composes those waits; docs/whatif.md).
+    """
+    n_async = np.asarray(n_async, dtype=float)
+    delay = np.asarray(delay, dtype=float)
+    waited = np.asarray(n, dtype=float) - n_async
+    return np.asarray(t_d_with_delay(t_d, waited, delay)) - n_async * 2.0 * np.asarray(
+        f_c, dtype=float
+    )

@@ -12,7 +12,9 @@ the measurement it predicts (never the one it was recorded on, except the
 same-configuration row, whose target is the recording itself), the model's
 own what-if for comparison (recorded wall + n·D: each call's round trip grows
 by the delegate's spin), and how much faster the elided replay ran than the
-program (xz, with only its file opens forwarded, is the compute-bound case).
+program (xz and xz -9, with only their file opens forwarded, are the
+compute-bound cases), and how far the elided prediction lies from the spun one
+(el/spun).
 Paired runs; no absolute timing is claimed.
 """
 
@@ -36,10 +38,13 @@ from testbed.core.hostinfo import host_metadata  # noqa: E402
 from testbed.jobs import workloads  # noqa: E402
 
 FORWARD = "read,write,openat,close,newfstatat,fstat,lseek,pread64,pwrite64,fdatasync,getdents64"
-DEFAULT = "gzip,tar-tree,sqlite3-tx,python,gcc,wc,xz"
+DEFAULT = "gzip,tar-tree,sqlite3-tx,python,gcc,wc,xz,xz-9"
 #: Workloads run with another forwarded set: xz forwards only its few file
 #: opens, so its computation is nearly all of its time (the --elide-compute case).
-FORWARD_FOR = {"xz": "openat,close,newfstatat,fstat"}
+FORWARD_FOR = {"xz": "openat,close,newfstatat,fstat", "xz-9": "openat,close,newfstatat,fstat"}
+#: Workloads that are not catalogue entries: (catalogue entry for the input, argv).
+#: xz -9 on the text: seconds of computation around a few dozen calls.
+EXTRA = {"xz-9": ("xz", ("xz", "-c", "-T1", "-9", "{input}"))}
 
 
 def tb(*args: str) -> list[str]:
@@ -91,7 +96,7 @@ def main() -> int:
     args = ap.parse_args()
     names = args.workloads.split(",")
     for n in names:
-        if n not in workloads.CATALOGUE:
+        if n not in workloads.CATALOGUE and n not in EXTRA:
             ap.error(f"unknown workload {n!r}")
     root = Path(args.keep or tempfile.mkdtemp(prefix="replay-acc-"))
     ep_a, pa = start_delegate(0)
@@ -100,10 +105,11 @@ def main() -> int:
     try:
         for rep in range(args.reps):
             for name in names:
-                spec = workloads.CATALOGUE[name]
-                d = root / "inputs" / name
-                workloads.prepare(d, spec.size_mb * args.scale, 1, name)
-                argv = workloads.expand(spec.argv, d)
+                entry, template = EXTRA.get(name, (name, None))
+                spec = workloads.CATALOGUE[entry]
+                d = root / "inputs" / entry
+                workloads.prepare(d, spec.size_mb * args.scale, 1, entry)
+                argv = workloads.expand(template or spec.argv, d)
                 base = root / f"{name}-{rep}"
                 fwd = FORWARD_FOR.get(name, FORWARD)
                 rec = real(ep_a, argv, base.with_suffix(".rec"), fwd)
@@ -120,6 +126,7 @@ def main() -> int:
                     ("elide", el["wall_s"] / wb - 1),
                     ("model", (wa + n * args.delay_us / 1e6) / wb - 1),
                     ("speed", wb / el["replay"]["replay_duration_s"]),
+                    ("elide_vs_spun", el["wall_s"] / what["wall_s"] - 1),
                     ("process", wb / el_s),
                     ("calls", n),
                     ("wall_a", wa),
@@ -139,7 +146,7 @@ def main() -> int:
     print("median signed error per workload (prediction / measured - 1); speedup: the "
           "program's wall time on B / the elided replay's own duration (process: / the whole "
           "`testbed replay` process, start-up and calibration included)")  # fmt: skip
-    hdr = f"{'workload':<11} {'calls':>6} {'A s':>7} {'B s':>7} {'same':>7} {'replay':>7} {'elide':>7} {'model':>7} {'speedup':>8} {'process':>7}"  # noqa: E501
+    hdr = f"{'workload':<11} {'calls':>6} {'A s':>7} {'B s':>7} {'same':>7} {'replay':>7} {'elide':>7} {'model':>7} {'speedup':>8} {'process':>7} {'el/spun':>7}"  # noqa: E501
     print(hdr)
     med = {k: [] for k in ("same", "replay", "elide", "model")}
     for name in names:
@@ -149,7 +156,7 @@ def main() -> int:
             med[k].append(abs(m[k]))
         print(f"{name:<11} {m['calls']:>6.0f} {m['wall_a']:>7.3f} {m['wall_b']:>7.3f} "
               f"{m['same']:>+7.1%} {m['replay']:>+7.1%} {m['elide']:>+7.1%} {m['model']:>+7.1%} "
-              f"{m['speed']:>7.1f}x {m['process']:>6.1f}x")  # fmt: skip
+              f"{m['speed']:>7.1f}x {m['process']:>6.1f}x {m['elide_vs_spun']:>+7.1%}")  # fmt: skip
     print(f"{'mean |err|':<11} {'':>6} {'':>7} {'':>7} " + " ".join(
         f"{np.mean(med[k]):>7.1%}" for k in ("same", "replay", "elide", "model")))  # fmt: skip
     print(f"run directories: {root}")

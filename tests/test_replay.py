@@ -112,6 +112,46 @@ def test_unanswered_calls_are_replayed_locally():
 
 
 @pytest.mark.unit
+def test_asynchronous_writes_are_not_waited_for_until_a_flush_or_a_full_window():
+    # one thread: three writes 1000 µs apart, then close; each round trip 100 µs,
+    # the relay's own work 5 µs before and after
+    rows = [(1, 8, 1000 * k + 100, 1000 * k + 105, 1000 * k + 205, 1000 * k + 210)
+            for k in range(4)]  # fmt: skip
+    c = _calls(rows)
+    c["nr"][3] = 3  # close
+    s = replay.schedule(c, 5e-3, 1, 5_000_000)
+    _t, _r, sync_end = replay.timeline(s, s.rtt)
+    trap, resume, end = replay.timeline(s, s.rtt, async_writes=4)
+    assert sync_end + 1 == 5_000_000
+    # the writes' answers arrived before close asked for them: 3 x 100 µs saved
+    assert end == sync_end - 300_000
+    assert (resume[:3] - trap[:3] == 10_000).all()  # pre + post only
+    assert resume[3] - trap[3] == 110_000  # close: its own round trip, nothing left to wait
+    # back to back (no gap), a window of one: each write waits for the one before
+    rows = [(1, 8, 15 * k, 15 * k + 5, 15 * k + 105, 15 * k + 110) for k in range(3)]
+    rows = [(t, b, tr + 100 * k, se + 100 * k, re + 100 * k, rs + 100 * k)
+            for k, (t, b, tr, se, re, rs) in enumerate(rows)]  # fmt: skip
+    c = _calls(rows)
+    s = replay.schedule(c, 1e-3, 1, 1_000_000)
+    _t, resume, end = replay.timeline(s, s.rtt, async_writes=1)
+    # write 2 is sent when write 1's answer is in, write 3 when write 2's; the last
+    # call of the thread (its exit) waits for its own answer
+    _t, resume8, end8 = replay.timeline(s, s.rtt, async_writes=8)
+    assert end8 <= end < replay.timeline(s, s.rtt)[2]
+    assert resume[1] - resume[0] > resume8[1] - resume8[0]
+
+
+@pytest.mark.unit
+def test_the_model_what_if_terms():
+    from analysis import model
+
+    assert model.t_d_with_delay(1.0, 1000, 200e-6) == pytest.approx(1.2)
+    # 400 of 1000 calls are asynchronous writes: they neither wait 2 f_c nor the delay
+    got = model.t_d_what_if(1.0, 1000, 200e-6, n_async=400, f_c=50e-6)
+    assert got == pytest.approx(1.0 + 600 * 200e-6 - 400 * 100e-6)
+
+
+@pytest.mark.unit
 def test_runs_that_cannot_be_replayed_are_refused_with_the_reason(tmp_path):
     def make(name: str, **meta) -> Path:
         d = tmp_path / name
@@ -199,6 +239,27 @@ def test_an_injected_delay_at_the_delegate_raises_the_predicted_wall_time(record
             # the model's what-if for the same change sits beside the replay's
             want = meta["wall_s"] + n * delay_us * 1e-6
             assert m["replay"]["model_wall_s"] == pytest.approx(want, rel=1e-9)
+
+
+def test_asynchronous_writes_against_a_slow_delegate_save_their_waits(recording, tmp_path):
+    src, meta = recording
+    with LocalDelegate(["--delay-us", "1000"]) as d:
+        walls = {}
+        for w in (0, 64):
+            out = tmp_path / f"rp{w}"
+            extra = ["--async-writes", str(w)] if w else []
+            r = run_testbed("replay", str(src), "--delegate", d.endpoint, "--elide-compute",
+                            "-o", str(out), *extra)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            walls[w] = json.loads((out / "run.json").read_text())["replay"]
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint, "--async-writes", "4")
+        assert r.returncode != 0 and "use it with --elide-compute" in r.stderr
+    writes = int((rundir.load(src).calls()["nr"] == 1).sum())
+    assert writes >= 200
+    # dd writes 200 blocks: answered at once they no longer wait the delegate's 1 ms
+    assert walls[64]["composed_wall_s"] < walls[0]["composed_wall_s"] - writes * 0.9e-3
+    assert walls[64]["async_writes"] == 64
+    assert walls[64]["model_wall_s"] < walls[0]["model_wall_s"]
 
 
 def test_elided_computation_is_added_back_without_waiting_for_it(tmp_path):

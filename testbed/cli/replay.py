@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from testbed.cli.options import Subparsers, add_quiet, connect_endpoint, timeout_seconds
+from testbed.cli.options import (
+    Subparsers,
+    add_quiet,
+    connect_endpoint,
+    positive_int,
+    timeout_seconds,
+)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -20,6 +26,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,
         progress=None if args.quiet else replay.print_progress,
+        async_writes=args.async_writes,
     )
     if not args.quiet:
         for line in replay.summary_lines(r):
@@ -54,6 +61,15 @@ def add_parser(sub: Subparsers) -> None:
         help="issue the calls back to back instead of spinning through the computation "
         "between them, and compose the wall time from the measured round trips: much "
         "faster for compute-bound programs; calls of different threads do not overlap",
+    )
+    p.add_argument(
+        "--async-writes",
+        type=positive_int,
+        default=0,
+        metavar="W",
+        help="what if writes were forwarded asynchronously: answer each write (write, "
+        "pwrite64, writev, pwritev, pwritev2) at once, at most W unanswered per thread; "
+        "fsync, fdatasync, close and the thread's exit wait for them (with --elide-compute)",
     )
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory to write "
                    "(default runs/replay-<timestamp>)")  # fmt: skip

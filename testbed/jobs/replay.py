@@ -50,7 +50,7 @@ import zmq
 
 from analysis import model
 from testbed.compute.relay import connect
-from testbed.core import mechanisms, rundir, wire
+from testbed.core import mechanisms, rundir, syscalls, wire
 from testbed.core.errors import TestbedError
 from testbed.core.hostinfo import host_metadata
 
@@ -183,28 +183,75 @@ def schedule(calls: np.ndarray, wall_s: float, t_exec_ns: int = 0, t_exit_ns: in
     )  # fmt: skip
 
 
-def timeline(s: Schedule, rtt: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def timeline(
+    s: Schedule, rtt: np.ndarray, async_writes: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Compose the replayed timeline: (trap, resume, end) in ns from the start,
     each call held ``pre + rtt + post`` (``rtt`` per call; 0 for unsent calls).
 
     With the recorded round trips it gives back the recorded timeline, so the
     program's wall time with other round trips is ``end``.
+
+    ``async_writes`` W > 0 composes asynchronous forwarding of writes (as NFS
+    async, FlexSC's exception-less calls): a write (:data:`ASYNC_CALLS`) is held
+    ``pre + post`` only, its reply arriving ``rtt`` after it was sent, while
+    fewer than W of its thread's writes are unanswered (else it is sent when
+    the oldest answer arrives); a flushing call (:data:`FLUSH_CALLS`) and the
+    thread's last call (its exit closes its files) wait for all of them.
     """
     n = len(s)
     trap = np.zeros(n, dtype=np.int64)
     resume = np.zeros(n, dtype=np.int64)
-    held = s.pre + np.where(s.sent, rtt, 0) + s.post
+    rtt = np.where(s.sent, rtt, 0).astype(np.int64)
+    held = s.pre + rtt + s.post
     kind, anchor, offset = s.anchor_kind, s.anchor, s.offset
+    is_async = np.isin(s.nr, _ASYNC_NRS) & s.sent if async_writes else np.zeros(n, dtype=bool)
+    flushes = np.isin(s.nr, _FLUSH_NRS)
+    last = {}
+    if async_writes:
+        for i in range(n):
+            last[int(s.tid[i])] = i
+    pending: dict[int, list[int]] = {}  # tid -> reply times of its unanswered writes (sorted)
     for i in range(n):
         k = kind[i]
         base = 0 if k == _START else (trap[anchor[i]] if k == _TRAP else resume[anchor[i]])
         trap[i] = base + offset[i]
         if s.waits_for[i] >= 0:
             trap[i] = max(trap[i], resume[s.waits_for[i]] + s.wait_offset[i])
-        resume[i] = trap[i] + held[i]
+        if not async_writes:
+            resume[i] = trap[i] + held[i]
+            continue
+        tid = int(s.tid[i])
+        out = [t for t in pending.get(tid, ()) if t > trap[i]]
+        send = trap[i] + s.pre[i]
+        if is_async[i]:
+            if len(out) >= async_writes:  # the window is full: wait for its oldest answer
+                send = max(send, out[len(out) - async_writes])
+                out = [t for t in out if t > send]
+            out.append(send + rtt[i])
+            out.sort()
+            resume[i] = send + s.post[i]
+        else:
+            reply = send + rtt[i]
+            if flushes[i] and out:
+                reply = max(reply, out[-1])
+                out = []
+            resume[i] = reply + s.post[i]
+        if last[tid] == i and out:  # the thread ends: its files close, its writes land
+            resume[i] = max(resume[i], out[-1])
+            out = []
+        pending[tid] = out
     k = s.end_kind
     base = 0 if k == _START else (trap[s.end_anchor] if k == _TRAP else resume[s.end_anchor])
     return trap, resume, int(base + s.end_offset)
+
+
+#: Calls ``async_writes`` answers before their reply: the data-moving writes.
+ASYNC_CALLS = ("write", "pwrite64", "writev", "pwritev", "pwritev2")
+#: Calls that wait for a thread's unanswered writes (and its exit does).
+FLUSH_CALLS = ("fsync", "fdatasync", "close", "sync", "syncfs", "sync_file_range", "msync")
+_ASYNC_NRS = np.array([syscalls.NR_BY_NAME[c] for c in ASYNC_CALLS if c in syscalls.NR_BY_NAME])
+_FLUSH_NRS = np.array([syscalls.NR_BY_NAME[c] for c in FLUSH_CALLS if c in syscalls.NR_BY_NAME])
 
 
 def load_source(path: str | Path) -> tuple[rundir.Run, Schedule]:
@@ -568,9 +615,18 @@ def replay(
     timeout_s: float = 2.0,
     connect_timeout_s: float = 3.0,
     progress: Callable[[int, int], None] | None = None,
+    async_writes: int = 0,
 ) -> rundir.Run:
     """Replay the run at ``source`` against the delegate at ``delegate``; write a run
-    directory (``output``, or ``runs/replay-<stamp>``) and return it loaded."""
+    directory (``output``, or ``runs/replay-<stamp>``) and return it loaded.
+
+    ``async_writes`` W > 0 (with ``elide_compute``): the wall time composes
+    asynchronous forwarding of writes, W unanswered per thread (:func:`timeline`)."""
+    if async_writes and not elide_compute:
+        raise ReplayError("--async-writes is composed from the measured round trips: "
+                          "use it with --elide-compute")  # fmt: skip
+    if async_writes < 0:
+        raise ReplayError(f"--async-writes must be >= 1, not {async_writes}")
     run, s = load_source(source)
     n = len(s)
     link = _Link(delegate, curve_keys, connect_timeout_s)
@@ -597,7 +653,7 @@ def replay(
         link.close()
     _write(out_dir, s, o)
     measured_rtt = np.where(o.t_reply > 0, np.maximum(0, o.t_reply - o.t_send - own_ns), 0)
-    composed_end = timeline(s, measured_rtt)[2]
+    composed_end = timeline(s, measured_rtt, async_writes)[2]
     recorded_end = timeline(s, s.rtt)[2]
     faults = {f: int(((o.flags & bit) != 0).sum()) for f, bit in
               (("timeouts", rundir.F_TIMEOUT), ("peer_errors", rundir.F_PEER_ERROR),
@@ -621,7 +677,8 @@ def replay(
         },  # fmt: skip
     }
     meta["replay"].update({
-        "wall_s_how": "composed from the measured round trips" if elide_compute
+        "wall_s_how": ("composed from the measured round trips"
+                       + (", writes asynchronous" if async_writes else "")) if elide_compute
                       else "measured: the replay spun through the recorded gaps",
         "composed_wall_s": composed_end / 1e9,
         "source_composed_wall_s": recorded_end / 1e9,
@@ -630,10 +687,13 @@ def replay(
         "issued_late_max_us": float(o.late.max()) / 1e3 if not elide_compute else None,
         "unsent_in_source": int((~s.sent).sum()),
         "delegate_lost_at_call": None if o.lost_at < 0 else int(o.lost_at),
-        "model_wall_s": _model_wall(run.meta, {k: base[k] for k in _TARGET_KEYS}, n),
-        "model_how": "analysis.model.t_d_with_delay: the source's wall time + n x (this "
-        "delegate's --delay-us - the source delegate's); null: the replay changed more than "
-        "the delay (transport, place), for which the model has no term",
+        "async_writes": async_writes,
+        "model_wall_s": _model_wall(run.meta, {k: base[k] for k in _TARGET_KEYS}, n,
+                                    int(np.isin(s.nr, _ASYNC_NRS).sum()) if async_writes else 0),
+        "model_how": "analysis.model.t_d_what_if: the source's wall time + n x (this "
+        "delegate's --delay-us - the source delegate's), less each write's 2 f_c + delay "
+        "with --async-writes; null: the replay changed more than that (transport, place), "
+        "for which the model has no term",
         "client_overhead_us": own_ns / 1e3,
         "client_overhead_how": own_how,
     })  # fmt: skip
@@ -641,17 +701,21 @@ def replay(
     return rundir.load(out_dir)
 
 
-def _model_wall(src: dict[str, Any], target: dict[str, Any], n: int) -> float | None:
-    """The model's what-if for the same change, where the model has a term for it: only
-    a change of the delegate's injected delay (``target`` is the replay's run.json
-    fields: endpoint, transport, delegate).  None for a change of transport or place."""
+def _model_wall(
+    src: dict[str, Any], target: dict[str, Any], n: int, async_writes: int = 0
+) -> float | None:
+    """The model's what-if for the same change, where the model has a term for it: a
+    change of the delegate's injected delay, and ``async_writes`` writes no longer
+    waited for (``target`` is the replay's run.json fields: endpoint, transport,
+    delegate).  None for a change of transport or place."""
     if _DELAY.sub("", mechanisms.mechanism(src)) != _DELAY.sub(
         "", mechanisms.mechanism({**src, **target})
     ):
         return None
     before = float((src.get("delegate") or {}).get("delay_us") or 0.0)
     after = float((target.get("delegate") or {}).get("delay_us") or 0.0)
-    return float(model.t_d_with_delay(src["wall_s"], n, (after - before) * 1e-6))
+    f_c = float((src.get("summary") or {}).get("f_c_us") or 0.0) * 1e-6
+    return float(model.t_d_what_if(src["wall_s"], n, (after - before) * 1e-6, async_writes, f_c))
 
 
 _DELAY = re.compile(r"\+[0-9.]+us")
@@ -710,8 +774,11 @@ def summary_lines(r: rundir.Run) -> list[str]:
         f"the source took {src_wall:.4f} s: ×{ratio:.3f}",
     ]
     if rp.get("model_wall_s") is not None and rp["model_wall_s"] != src_wall:
-        lines.append(f"testbed: the model's what-if for the delegate's added delay: "
-                     f"{rp['model_wall_s']:.4f} s (source + n x delay)")  # fmt: skip
+        lines.append(f"testbed: the model's what-if for the same change: "
+                     f"{rp['model_wall_s']:.4f} s ({rp['model_how'].split(':')[0]})")  # fmt: skip
+    if rp.get("async_writes"):
+        lines.append(f"testbed: writes forwarded asynchronously, at most {rp['async_writes']} "
+                     "unanswered per thread (composed)")  # fmt: skip
     s = m.get("summary") or {}
     if s:
         lines.append(f"testbed: rtt p50 {s['rtt_p50_us']:.1f} µs p99 {s['rtt_p99_us']:.1f} µs")
