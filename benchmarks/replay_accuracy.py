@@ -1,9 +1,10 @@
 """How well ``testbed replay`` predicts a program's wall time, against re-running it.
 
     python3 benchmarks/replay_accuracy.py [--delay-us 200] [--reps 3] [--workloads gzip,...]
-                                          [--scale 1] [--keep DIR]
+                                          [--scale 1] [--keep DIR] [--remote]
 
-Starts two delegates on loopback, A (``--delay-us 0``) and B (``--delay-us D``).
+Starts two delegates, A (``--delay-us 0``) and B (``--delay-us D``), on loopback
+or (``--remote``, root) A on a compute namespace's loopback and B in another namespace.
 For each catalogue workload and repetition, interleaved: record the program on
 A; replay that recording against A (same configuration), against B (the
 what-if), and against B with ``--elide-compute``; re-run the real program on
@@ -21,6 +22,7 @@ Paired runs; no absolute timing is claimed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import subprocess
@@ -57,16 +59,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_delegate(delay: float) -> tuple[str, subprocess.Popen]:
-    ep = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(tb("delegate", "--listen", ep, "--quiet", "--delay-us", f"{delay:g}"))
-    probe = f"from testbed.compute.relay import connect; connect({ep!r}, timeout_s=1.0)[1].close()"
-    for _ in range(40):
-        if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
-            return ep, proc
-        time.sleep(0.25)
-    proc.terminate()
-    raise SystemExit(f"replay_accuracy: the delegate on {ep} never answered")
+class Place:
+    """Where programs, replays and delegates run: this host, or (``--remote``) a
+    ``compute`` namespace with delegate A on its loopback and delegate B in a
+    ``delegate`` namespace across a veth pair (another node of the lab)."""
+
+    def __init__(self, topo=None):
+        self.topo = topo
+
+    def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        if self.topo is None:
+            return subprocess.run(argv, **kw)
+        return self.topo.run("compute", argv, timeout=3600, **kw)
+
+    def start_delegate(self, delay: float, remote: bool) -> tuple[str, subprocess.Popen]:
+        host = self.topo.addr("delegate") if remote and self.topo else "127.0.0.1"
+        ep = f"tcp://{host}:{free_port() if self.topo is None else 5600 + int(remote)}"
+        argv = tb("delegate", "--listen", ep, "--quiet", "--delay-us", f"{delay:g}")
+        if self.topo is None:
+            proc = subprocess.Popen(argv)
+        else:
+            proc = self.topo.popen("delegate" if remote else "compute", argv)
+        probe = (
+            f"from testbed.compute.relay import connect; connect({ep!r}, timeout_s=1.0)[1].close()"
+        )
+        for _ in range(40):
+            if self.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
+                return ep, proc
+            time.sleep(0.25)
+        proc.terminate()
+        raise SystemExit(f"replay_accuracy: the delegate on {ep} never answered")
+
+
+PLACE = Place()
 
 
 def meta(d: Path) -> dict:
@@ -74,15 +99,15 @@ def meta(d: Path) -> dict:
 
 
 def real(ep: str, argv: list[str], out: Path, forward: str) -> dict:
-    subprocess.run(tb("run", "--quiet", "--delegate", ep, "--forward", forward, "-o", str(out),
+    PLACE.run(tb("run", "--quiet", "--delegate", ep, "--forward", forward, "-o", str(out),
                       "--", *argv), stdout=subprocess.DEVNULL, check=True)  # fmt: skip
     return meta(out)
 
 
 def replay(src: Path, ep: str, out: Path, *extra: str) -> tuple[dict, float]:
     t = time.monotonic()
-    subprocess.run(tb("replay", str(src), "--delegate", ep, "--quiet", "-o", str(out), *extra),
-                   check=True)  # fmt: skip
+    PLACE.run(tb("replay", str(src), "--delegate", ep, "--quiet", "-o", str(out), *extra),
+              check=True)  # fmt: skip
     return meta(out), time.monotonic() - t
 
 
@@ -93,14 +118,26 @@ def main() -> int:
     ap.add_argument("--workloads", default=DEFAULT)
     ap.add_argument("--scale", type=float, default=1.0, help="input size factor")
     ap.add_argument("--keep", metavar="DIR", help="keep the run directories in DIR")
+    ap.add_argument("--remote", action="store_true", help="needs root: record on a loopback "
+                    "delegate in a compute namespace, predict runs against delegate B in "
+                    "another namespace (another node) across a veth pair")  # fmt: skip
     args = ap.parse_args()
     names = args.workloads.split(",")
     for n in names:
         if n not in workloads.CATALOGUE and n not in EXTRA:
             ap.error(f"unknown workload {n!r}")
     root = Path(args.keep or tempfile.mkdtemp(prefix="replay-acc-"))
-    ep_a, pa = start_delegate(0)
-    ep_b, pb = start_delegate(args.delay_us)
+    global PLACE
+    stack = contextlib.ExitStack()
+    if args.remote:
+        from testbed.cluster import netns  # lazy: --remote only
+
+        ok, why = netns.available()
+        if not ok:
+            raise SystemExit(f"replay_accuracy: --remote: {why}")
+        PLACE = Place(stack.enter_context(netns.Topology(["compute", "delegate"])))
+    ep_a, pa = PLACE.start_delegate(0, remote=False)
+    ep_b, pb = PLACE.start_delegate(args.delay_us, remote=True)
     rows: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     try:
         for rep in range(args.reps):
@@ -140,8 +177,10 @@ def main() -> int:
         for p in (pa, pb):
             p.terminate()
             p.wait()
+        stack.close()
     h = host_metadata()
-    print(f"\nhost {h['hostname']} ({h['cores']} cores), delegates on loopback, D = "
+    where = "B in another namespace (veth)" if args.remote else "both on loopback"
+    print(f"\nhost {h['hostname']} ({h['cores']} cores), A on loopback, {where}, D = "
           f"{args.delay_us:g} µs, {args.reps} reps, forwarded: {FORWARD}")  # fmt: skip
     print("median signed error per workload (prediction / measured - 1); speedup: the "
           "program's wall time on B / the elided replay's own duration (process: / the whole "
