@@ -288,6 +288,24 @@ def test_a_replay_runs_over_other_transports(recording, tmp_path, scheme):
     assert run.meta["calls"]["faults"] == 0
 
 
+def test_a_replay_authenticates_with_curve_like_a_relay(recording, tmp_path):
+    src, meta = recording
+    keys = tmp_path / "keys"
+    assert run_testbed("keys", "new", str(keys), timeout=60).returncode == 0
+    with LocalDelegate(["--curve-keys", str(keys)], curve_keys=str(keys)) as d:
+        bare = run_testbed("replay", str(src), "--delegate", d.endpoint, "--connect-timeout", "1")
+        assert bare.returncode != 0 and "need --curve-keys" in bare.stderr
+        r = run_testbed("replay", str(src), "--delegate", d.endpoint, "--curve-keys", str(keys),
+                        "-o", str(tmp_path / "rp"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "rp" / "run.json").read_text())
+    assert mechanisms.mechanism(m) == "replay/libzmq-curve-tcp/loopback" and m["curve"]
+    assert m["calls"]["count"] == meta["calls"]["count"] and m["calls"]["faults"] == 0
+    # no C client speaks CURVE here: the client's own cost is not measured, and says so
+    assert m["replay"]["client_overhead_us"] == 0
+    assert "not measured" in m["replay"]["client_overhead_how"]
+
+
 def test_a_delegate_that_dies_mid_replay_ends_it_with_faults_not_a_hang(tmp_path):
     with LocalDelegate() as d:
         src = tmp_path / "rec"

@@ -156,6 +156,24 @@ def add_program(parser: argparse.ArgumentParser, text: str) -> None:
     )
 
 
+def add_delegate_client(parser: argparse.ArgumentParser) -> None:
+    """``--curve-keys`` and ``--connect-timeout``: how a client of a delegate (``testbed
+    run``, ``testbed replay``) reaches it."""
+    parser.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="CURVE-authenticate to a delegate started with --curve-keys "
+        "(DIR holds server.key and client.key_secret, mode 0600: testbed keys new)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=timeout_seconds,
+        default=3.0,
+        metavar="SECONDS",
+        help="give up if the delegate does not answer the handshake (default 3)",
+    )
+
+
 def add_quiet(parser: argparse.ArgumentParser, text: str) -> None:
     """``--quiet``: no status or summary lines on stderr."""
     parser.add_argument("--quiet", action="store_true", help=text)

@@ -7,6 +7,7 @@ import sys
 
 from testbed.cli.options import (
     Subparsers,
+    add_delegate_client,
     add_quiet,
     connect_endpoint,
     positive_int,
@@ -73,7 +74,6 @@ def add_parser(sub: Subparsers) -> None:
     )
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory to write "
                    "(default runs/replay-<timestamp>)")  # fmt: skip
-    p.add_argument("--curve-keys", metavar="DIR", help="CURVE keys, as testbed run takes them")
     p.add_argument(
         "--timeout",
         type=timeout_seconds,
@@ -81,12 +81,6 @@ def add_parser(sub: Subparsers) -> None:
         metavar="SECONDS",
         help="per-call timeout; a call without a reply by then counts as a fault (default 2)",
     )
-    p.add_argument(
-        "--connect-timeout",
-        type=timeout_seconds,
-        default=3.0,
-        metavar="SECONDS",
-        help="give up if the delegate does not answer the handshake (default 3)",
-    )
+    add_delegate_client(p)
     add_quiet(p, "no progress and no summary")
     p.set_defaults(func=cmd_replay)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from testbed.cli.options import (
     Subparsers,
+    add_delegate_client,
     add_program,
     add_quiet,
     byte_size,
@@ -168,19 +169,7 @@ def add_parser(sub: Subparsers) -> None:
         help="spin while a reply is due instead of sleeping: lower, steadier rtt "
         "(no idle wake-up of the CPU), at the cost of one busy core on this node",
     )
-    p.add_argument(
-        "--curve-keys",
-        metavar="DIR",
-        help="CURVE-authenticate to a delegate started with --curve-keys "
-        "(DIR holds server.key and client.key_secret, mode 0600: testbed keys new)",
-    )
-    p.add_argument(
-        "--connect-timeout",
-        type=timeout_seconds,
-        default=3.0,
-        metavar="SECONDS",
-        help="give up if the delegate does not answer the handshake (default 3)",
-    )
+    add_delegate_client(p)
     p.add_argument(
         "--pin-program",
         type=cpu_list,
