@@ -32,6 +32,7 @@ from analysis import (
     accuracy,
     compare,
     contention,
+    escapes,
     figures,
     mechanisms,
     offload,
@@ -247,6 +248,8 @@ def build_report(
         "table1": table1(),
         **acc.tables,
     }
+    if len(esc := escapes.table(runs)):  # only runs that recorded run.json escapes
+        tables["escapes"] = esc
     metas = [_run_meta(p.path, p.meta) for p in profiles] + [
         _run_meta(r.path, r.meta) for r in [*runs, *natives, *replayed]
     ]
@@ -514,6 +517,7 @@ def render_markdown(c: ReportContent, generated: str) -> str:
     md = [
         *_header(c, generated),
         *_limits(c),
+        *escapes.markdown(c.tables.get("escapes", pd.DataFrame())),
         *c.accuracy.body,
         *c.mechanisms.markdown,
         *_fc_and_policies(c),

@@ -1,7 +1,7 @@
 """The launcher's seccomp filter, run by a small classic-BPF interpreter.
 
 The interpreter executes exactly the instructions the filter uses (``LD W ABS``,
-``JEQ K``, ``JGE K``, ``RET K``) on a ``struct seccomp_data`` packed as the
+``JEQ K``, ``JGE K``, ``JSET K``, ``RET K``) on a ``struct seccomp_data`` packed as the
 kernel packs it, so each case checks what the kernel would decide.  The real
 kernel runs the same program in tests/test_offload_cwd.py.
 """
@@ -40,6 +40,8 @@ def run_bpf(prog: bytes, nr: int, args=(0,) * 6, arch: int = AUDIT_ARCH_X86_64) 
             pc += 1 + (jt if acc == k else jf)
         elif code == 0x35:  # JGE K
             pc += 1 + (jt if acc >= k else jf)
+        elif code == 0x45:  # JSET K
+            pc += 1 + (jt if acc & k else jf)
         elif code == 0x06:  # RET K
             return k
         else:
@@ -86,3 +88,34 @@ def test_a_number_trapped_outright_stays_trapped_with_a_cwd_fd():
     prog = build_filter({CLOSE, READ}, cwd_fd=1023)
     assert run_bpf(prog, CLOSE, (4,)) == NOTIF
     assert run_bpf(prog, DUP2, (4, 9)) == ALLOW
+
+
+MMAP, IO_URING_SETUP, IO_URING_ENTER = 9, 425, 426
+MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS = 0x02, 0x01, 0x20
+
+
+def test_watched_calls_trap_and_mmap_only_when_file_backed():
+    """run.json escapes: io_uring calls always, mmap only without MAP_ANONYMOUS."""
+    prog = build_filter({READ}, watch={MMAP, IO_URING_SETUP, IO_URING_ENTER})
+    assert run_bpf(prog, IO_URING_SETUP) == NOTIF
+    assert run_bpf(prog, IO_URING_ENTER, (3, 1, 1, 1)) == NOTIF
+    assert run_bpf(prog, MMAP, (0, 4096, 3, MAP_SHARED, 5, 0)) == NOTIF  # a file
+    assert run_bpf(prog, MMAP, (0, 4096, 1, MAP_PRIVATE, 5, 0)) == NOTIF  # the loader's
+    anon = (0, 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS, (1 << 64) - 1, 0)
+    assert run_bpf(prog, MMAP, anon) == ALLOW  # malloc's: never traps
+    assert run_bpf(prog, MMAP, (0, 4096, 3, MAP_SHARED | MAP_ANONYMOUS, -1, 0)) == ALLOW
+    assert run_bpf(prog, READ) == NOTIF and run_bpf(prog, 1) == ALLOW
+    assert build_filter({READ}) == build_filter({READ}, watch=set())  # nothing watched: as before
+
+
+def test_a_forwarded_mmap_traps_outright_even_when_watched():
+    prog = build_filter({MMAP}, watch={MMAP, IO_URING_ENTER})
+    assert run_bpf(prog, MMAP, (0, 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)) == NOTIF
+    assert run_bpf(prog, IO_URING_ENTER) == NOTIF
+
+
+def test_watched_mmap_and_a_cwd_fd_together():
+    prog = build_filter({READ}, cwd_fd=7, watch={MMAP})
+    assert run_bpf(prog, CLOSE, (7,)) == NOTIF and run_bpf(prog, CLOSE, (8,)) == ALLOW
+    assert run_bpf(prog, MMAP, (0, 4096, 3, MAP_SHARED, 7, 0)) == NOTIF
+    assert run_bpf(prog, MMAP, (0, 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)) == ALLOW

@@ -77,7 +77,7 @@ SLICE_NS = 50_000_000
 #: ``TESTBED_SHM_SPIN_US`` (also the delegate's) overrides it.
 SHM_SPIN_NS = 0
 SHM_SPIN_ENV = "TESTBED_SHM_SPIN_US"
-TB_ABI = 4
+TB_ABI = 5
 TB_ERROR, TB_NONE, TB_FULL, TB_TRAP, TB_INFLIGHT, TB_FRAME, TB_REPLY = -1, 0, 1, 2, 3, 4, 5
 _ZMQ_FUNCS = ("zmq_send", "zmq_poll", "zmq_msg_init", "zmq_msg_recv", "zmq_msg_data",
               "zmq_msg_size", "zmq_msg_more", "zmq_msg_close")  # fmt: skip
@@ -138,6 +138,7 @@ class _Ctx(ctypes.Structure):
         ),
         ("shm_tx", ctypes.c_uint64),
         ("shm_rx", ctypes.c_uint64),
+        ("watched", ctypes.c_int64 * 4),
     ]
 
 
@@ -279,6 +280,10 @@ class FastPath:
             _set_socket(c, relay.sock, libzmq)
         for nr, (kind, arg, size_arg) in call_kinds().items():
             lib.tb_set_kind(self._ptr, nr, kind, arg, size_arg)
+        #: watched calls (counted, continued, never forwarded): kind 3, counts in ctx.watched
+        self.watch = frozenset(getattr(self.backend, "watch", ()))
+        for nr in self.watch:
+            lib.tb_set_kind(self._ptr, nr, 3, 0, 0)
         self._forward = lib.tb_forward
         self._records = lib.tb_records(self._ptr)
         self._stages = lib.tb_stages(self._ptr)
@@ -440,9 +445,19 @@ class FastPath:
             self.relay.stats.caller_gone += gone
             self._gone_seen = c.caller_gone
 
+    def _drain_watched(self) -> None:
+        """The watched calls C counted, into the backend's ``watched``."""
+        c, counts = self.ctx, self.backend.watched
+        if c is None or counts is None:
+            return
+        for i in range(len(counts)):
+            counts[i] += c.watched[i]
+            c.watched[i] = 0
+
     def close(self) -> None:
         if self._ptr:
             self.drain()
+            self._drain_watched()
             self._served = self.ctx.served
             self.ctx = None
             self.lib.tb_free(self._ptr)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from testbed.compute import escapes
 from testbed.compute.interpose import Backend, CallerGone, Trap
 from testbed.compute.spec import check_timeout
 from testbed.core import keys, rundir, shmring, syscalls, wire, zmtp
@@ -232,6 +233,8 @@ class Relay:
         self.stats = RunStats()
         self.inflight: dict[int, tuple[Trap, int, int]] = {}  # call_id -> (trap, t_send, bytes_in)
         self.peer_down = False
+        #: the program's /proc/PID/io when it exited, before it was reaped (or why not)
+        self.exit_io: dict[str, int] | str | None = None
         self._next_probe = 0
         self._next_id = 1
         self._last_released: Trap | None = None
@@ -468,8 +471,9 @@ class Relay:
                         if trap is not None:
                             on_trap(trap)
                     elif what == pidfd and status is None:
-                        _pid, status, rusage = os.wait4(child_pid, 0)
                         t_exit = mono()
+                        self.exit_io = escapes.exit_io(child_pid, pidfd)  # still a zombie
+                        _pid, status, rusage = os.wait4(child_pid, 0)
                         poller.unregister(pidfd)
                         linger_deadline = time.monotonic() + linger_s
                 now = mono()

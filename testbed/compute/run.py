@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from testbed.compute import fastpath
+from testbed.compute import escapes, fastpath
 from testbed.compute.interpose import Backend, BackendError
 from testbed.compute.interpose.kmod import KmodBackend
 from testbed.compute.interpose.seccomp import SeccompBackend
@@ -87,6 +88,9 @@ def run(spec: RunSpec, *, stdout: int | IO[Any] | None = None) -> RunResult:
     one too, raised after its run directory was written.
     """
     forwarded = forwarded_calls(spec)
+    for name in escapes.vdso_forwarded(forwarded):
+        print(f"testbed: warning: {name} is served by the vDSO and never traps: forwarding "
+              "it forwards nothing (run.json escapes.vdso)", file=sys.stderr)  # fmt: skip
     if spec.mode == "kthread":
         from testbed.compute.kthread import run_kthread  # lazy: kmod device, --mode kthread only
 
@@ -126,7 +130,9 @@ def _run_relay(spec: RunSpec, forwarded: frozenset[int], stdout) -> RunResult:
     from testbed.compute.relay import connect  # lazy: zmq, relay modes only (not kthread)
     from testbed.core import zmtp  # lazy: as the relay
 
-    backend = make_backend(spec.backend, forwarded)  # fails early if unsupported here
+    watch = escapes.watch_set(spec.mode, spec.backend)  # counted only: run.json escapes
+    options = {"watch": watch} if watch else {}
+    backend = make_backend(spec.backend, forwarded, **options)  # fails early if unsupported here
     ctx, sock, welcome = connect(spec.delegate, timeout_s=spec.connect_timeout_s,
                                  curve_keys=spec.curve_keys,
                                  info={"mode": spec.mode, "backend": spec.backend})  # fmt: skip
@@ -214,7 +220,13 @@ def _run_relay(spec: RunSpec, forwarded: frozenset[int], stdout) -> RunResult:
         meta["cpu"].update(cpus.delegate_cpu(stats0, stats1, program_cpus))
     meta["hot_path"] = {**fastpath.describe(relay, why_python), "thread_cpu_s": threads}
     extra = {"offload": relay.meta()} if spec.mode == "offload" else {}
-    meta = rundir.finish(out, meta, extra)
+
+    def escaped(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"escapes": escapes.build(
+            forwarded=forwarded, mode=spec.mode, backend=backend.name, watched=backend.watched,
+            start_io=backend.start_io, end_io=relay.exit_io, rows=rows)}  # fmt: skip
+
+    meta = rundir.finish(out, meta, extra, escaped)
     if launch_error:
         raise TestbedError(launch_error)
     return RunResult(out, meta)

@@ -21,7 +21,11 @@ Changelog of ``RUNDIR_VERSION``:
       (virtual machine? emulated CPU, e.g. QEMU TCG?
       ``testbed.core.hostinfo.virtualization``) (2026-12); ``t_exec_ns``,
       ``t_exit_ns`` (the program's exec and exit, CLOCK_MONOTONIC ns, the
-      clock of calls.bin; 0 unknown) (2026-12).
+      clock of calls.bin; 0 unknown) (2026-12); ``escapes`` (relay
+      runs: what the forwarded set could not see - the program's
+      ``/proc/PID/io`` against the forwarded read/write calls, io_uring
+      calls, file mmaps, forwarded vDSO calls; ``testbed.compute.escapes``)
+      (2026-12).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os
 import shlex
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -512,16 +517,23 @@ def program_meta(
     }
 
 
-def finish(out: Path, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(
+    out: Path,
+    meta: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    from_rows: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Summarise ``calls.bin`` into ``syscalls.csv`` and write the complete ``run.json``.
 
     The end of every delegated run (relay and kthread).  ``run.json`` is
     rewritten first (still incomplete) so a crash while summarising leaves
-    the final counts; ``extra`` keys follow ``complete``.  Returns ``run.json``
-    as written (JSON types, ``rundir_version``).
+    the final counts; ``extra`` keys follow ``complete``, then the keys
+    ``from_rows`` makes of the per-syscall rows (e.g. ``escapes``).  Returns
+    ``run.json`` as written (JSON types, ``rundir_version``).
     """
     write_meta(out, {**meta, "complete": False})
     rows, summary = summarize_all(out / CALLS_BIN)
     write_syscalls(out, rows)
-    write_meta(out, {**meta, "summary": summary, "complete": True, **(extra or {})})
+    more = from_rows(rows) if from_rows is not None else {}
+    write_meta(out, {**meta, "summary": summary, "complete": True, **(extra or {}), **more})
     return load(out).meta

@@ -131,6 +131,12 @@ ARG_SPECS: dict[str, tuple[ArgSpec, ...]] = {
 }
 
 
+#: Calls the x86-64 vDSO serves in user space: a program (through libc) that makes
+#: them never enters the kernel, so forwarding them forwards nothing (run.json
+#: ``escapes.vdso``; ``testbed run`` warns).
+VDSO_CALLS = ("clock_gettime", "gettimeofday", "time", "getcpu")
+
+
 class UnknownSyscall(TestbedError):
     """A syscall name or number that is not in the x86-64 table."""
 

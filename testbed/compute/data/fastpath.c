@@ -42,7 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TB_ABI 4
+#define TB_ABI 5
 
 /* struct seccomp_notif / seccomp_notif_resp (linux/seccomp.h, stable ABI) */
 #define NOTIF_SIZE 80
@@ -161,6 +161,12 @@ struct tb_ctx {
 	uint8_t *shm_base;
 	int64_t shm_size, shm_req_bell, shm_rep_bell, shm_ctl, shm_spin_ns, shm_bad;
 	uint64_t shm_tx, shm_rx;
+	/*
+	 * Kind 3 (watched, testbed.compute.interpose.WATCHED): continued at once and
+	 * counted here, never sent nor recorded: io_uring_setup, io_uring_enter, file
+	 * mmap, writable MAP_SHARED file mmap (interpose.WATCH_KEYS).  Python drains them.
+	 */
+	int64_t watched[4];
 	/* private */
 	int8_t kind[TB_NR_MAX], buf_arg[TB_NR_MAX], size_arg[TB_NR_MAX];
 	int32_t mem_tid[TB_MEMFDS], mem_fd[TB_MEMFDS];
@@ -221,10 +227,13 @@ struct tb_ctx *tb_new(void)
 	return c;
 }
 
-/* kind 0: not served here; 1: no input buffer; 2: one buffer at buf_arg, length in size_arg */
+/*
+ * kind 0: not served here; 1: no input buffer; 2: one buffer at buf_arg, length in
+ * size_arg; 3: watched (continue at once, count in watched[])
+ */
 int tb_set_kind(struct tb_ctx *c, int nr, int kind, int buf_arg, int size_arg)
 {
-	if (nr < 0 || nr >= TB_NR_MAX || kind < 0 || kind > 2 || buf_arg < 0 || buf_arg > 5 ||
+	if (nr < 0 || nr >= TB_NR_MAX || kind < 0 || kind > 3 || buf_arg < 0 || buf_arg > 5 ||
 	    size_arg < 0 || size_arg > 5)
 		return -1;
 	c->kind[nr] = (int8_t)kind;
@@ -251,6 +260,22 @@ size_t tb_ctx_size(void)
 size_t tb_hdr_size(void)
 {
 	return offsetof(struct tb_ctx, kind);
+}
+
+/* testbed.compute.interpose.count_watched: x86-64 numbers, mmap(2) prot/flags bits */
+static void count_watched(struct tb_ctx *c, int32_t nr, const uint64_t *args)
+{
+	if (nr == 425) { /* io_uring_setup */
+		c->watched[0]++;
+	} else if (nr == 426) { /* io_uring_enter */
+		c->watched[1]++;
+	} else if (nr == 9) { /* mmap (file-backed: the filter lets only those trap) */
+		uint64_t type = args[3] & 0x0f;
+
+		c->watched[2]++;
+		if ((args[2] & 0x2) && (type == 0x01 || type == 0x03))
+			c->watched[3]++;
+	}
 }
 
 static void forget_mem(struct tb_ctx *c, int32_t tid)
@@ -1636,6 +1661,12 @@ int tb_forward(struct tb_ctx *c)
 			if (nr == 59 || nr == 322) /* execve(at): a new address space follows */
 				forget_mem(c, (int32_t)tid);
 			return TB_TRAP;
+		}
+		if (c->kind[nr] == 3) { /* watched: count it, continue it, send nothing */
+			if (resume(c, nid) < 0)
+				return TB_TRAP; /* Python continues (and counts) it */
+			count_watched(c, nr, args);
+			continue;
 		}
 		if (c->trap_only) { /* the benchmark's trap-only row: continue at once */
 			if (resume(c, nid) < 0)

@@ -20,9 +20,11 @@ and nothing else:
     backend.kill_descendants()                    # the relay failed: end the run
     backend.close()
 
-plus what ``run.json`` records: ``launched_at_ns`` and ``start_rusage`` (when
-the program's own ``execve`` was released, and the launcher's CPU time until
-then), ``sync_wakeup`` and ``orphan_guard``.  :class:`BackendBase` gives the
+plus what ``run.json`` records: ``launched_at_ns``, ``start_rusage`` and
+``start_io`` (when the program's own ``execve`` was released, and the
+launcher's CPU time and ``/proc/PID/io`` counters until then), ``sync_wakeup``,
+``orphan_guard`` and ``watched`` (the counts of the calls trapped only to be
+counted, :data:`WATCHED`; None where the backend does not watch).  :class:`BackendBase` gives the
 defaults of a backend that has no such machinery.
 
 ``Trap.t_trap`` is taken (``time.monotonic_ns``) as soon as the call is seen.
@@ -38,6 +40,7 @@ import subprocess
 from typing import Any, NamedTuple, Protocol
 
 from testbed.core.errors import TestbedError
+from testbed.core.syscalls import NR_BY_NAME
 
 
 class BackendError(TestbedError):
@@ -56,6 +59,30 @@ class Trap(NamedTuple):
     t_trap: int  # time.monotonic_ns() when the relay saw the call
 
 
+#: Calls a seccomp run traps only to count them for run.json ``escapes`` (continued at
+#: once, never forwarded, not in calls.bin): ``mmap`` only when file-backed (the filter
+#: tests ``MAP_ANONYMOUS``, testbed.compute.interpose._launch.build_filter).
+NR_IO_URING_SETUP = NR_BY_NAME["io_uring_setup"]
+NR_IO_URING_ENTER = NR_BY_NAME["io_uring_enter"]
+NR_MMAP = NR_BY_NAME["mmap"]
+WATCHED = frozenset({NR_IO_URING_SETUP, NR_IO_URING_ENTER, NR_MMAP})
+#: the counters of ``Backend.watched``, in this order (data/fastpath.c ``watched[]``)
+WATCH_KEYS = ("io_uring_setup", "io_uring_enter", "mmap_file", "mmap_file_shared_write")
+PROT_WRITE, MAP_TYPE, MAP_SHARED, MAP_SHARED_VALIDATE = 0x2, 0x0F, 0x01, 0x03
+
+
+def count_watched(counts: list[int], nr: int, args) -> None:
+    """Add one watched call (``nr``, its six arguments) to ``counts`` (``WATCH_KEYS``)."""
+    if nr == NR_IO_URING_SETUP:
+        counts[0] += 1
+    elif nr == NR_IO_URING_ENTER:
+        counts[1] += 1
+    elif nr == NR_MMAP:
+        counts[2] += 1
+        if args[2] & PROT_WRITE and args[3] & MAP_TYPE in (MAP_SHARED, MAP_SHARED_VALIDATE):
+            counts[3] += 1  # its stores reach the file with no call at all
+
+
 class Backend(Protocol):
     """What the relay and ``testbed run`` use of a backend (see the module docstring)."""
 
@@ -68,6 +95,10 @@ class Backend(Protocol):
     sync_wakeup: bool | None
     #: seccomp: "cgroup" or "pdeathsig-only", known once launched (None: not applicable)
     orphan_guard: str | None
+    #: /proc/PID/io of the launcher when its execve was released (None: not read)
+    start_io: dict[str, int] | None
+    #: counts of the watched calls (``WATCH_KEYS`` order; None: this backend does not watch)
+    watched: list[int] | None
 
     def launch(
         self, argv: list[str], env: dict[str, str] | None = None, **popen: Any
@@ -93,6 +124,8 @@ class BackendBase:
     start_rusage: tuple[float, float] = (0.0, 0.0)
     sync_wakeup: bool | None = None
     orphan_guard: str | None = None
+    start_io: dict[str, int] | None = None
+    watched: list[int] | None = None
 
     def launch_error(self) -> str | None:
         """The launcher's message if the program could not be started (None: it was)."""
@@ -127,3 +160,25 @@ def proc_times(pid: int) -> tuple[float, float]:
         return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, IndexError, ValueError):
         return 0.0, 0.0
+
+
+#: the counters of ``/proc/PID/io`` run.json ``escapes.proc_io`` keeps
+PROC_IO_FIELDS = ("rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes")
+
+
+def proc_io(pid: int) -> dict[str, int] | str:
+    """``/proc/PID/io`` (:data:`PROC_IO_FIELDS`), or why it cannot be read.
+
+    Of a whole process: its live threads, its dead threads and the children it
+    reaped (the kernel adds theirs in ``__exit_signal`` and ``wait_task_zombie``);
+    also of a zombie not yet reaped, which is when the relay reads it.
+    """
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            pairs = (line.split(":", 1) for line in f)
+            io = {k.strip(): int(v) for k, v in pairs}
+        return {k: io[k] for k in PROC_IO_FIELDS}
+    except OSError as exc:
+        return f"/proc/{pid}/io: {exc.strerror}"
+    except (KeyError, ValueError):
+        return f"/proc/{pid}/io: unexpected format"

@@ -32,10 +32,12 @@ inherit it: the launcher first moves itself into the run's cgroup (CGROUP, the
 cgroup directory or ``-``; testbed/compute/interpose/orphans.py), whose sentinel kills
 every descendant when the relay dies.  Usage (internal)::
 
-    python -I -S _launch.py STATUS_FD RELAY_PID CGROUP NR,NR,... CWD_FD PROGRAM [ARGS...]
+    python -I -S _launch.py STATUS_FD RELAY_PID CGROUP NR,NR,...[/NR,...] CWD_FD PROGRAM [ARGS...]
 
 (``CWD_FD``: ``-``, or the fd that carries an offloaded working directory, whose
-close/dup2/dup3/close_range also trap: :func:`build_filter`.)
+close/dup2/dup3/close_range also trap: :func:`build_filter`.  The numbers after
+``/`` are *watched*: trapped so the relay can count them (run.json ``escapes``),
+then continued at once, never forwarded; ``mmap`` only when file-backed.)
 
 kmod backend (:func:`main_kmod`, started by ``testbed.compute.interpose.kmod.helper_argv``)::
 
@@ -84,6 +86,7 @@ EXEC_NRS = (59, 322)  # execve, execveat: always trapped (launch synchronisation
 BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
 BPF_JGE_K = 0x35
+BPF_JSET_K = 0x45
 BPF_RET_K = 0x06
 OFF_NR = 0
 OFF_ARCH = 4
@@ -97,17 +100,26 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
 #: offloaded working directory (``cwd_fd``): close(fd), dup2/dup3(_, fd),
 #: close_range(first <= fd <= last).  Numbers of x86-64.
 NR_CLOSE, NR_DUP2, NR_DUP3, NR_CLOSE_RANGE = 3, 33, 292, 436
+#: mmap(2): watched only when file-backed (``MAP_ANONYMOUS`` clear in its flags)
+NR_MMAP, MAP_ANONYMOUS = 9, 0x20
 
 
-def build_filter(nrs: frozenset[int] | set[int], cwd_fd: int | None = None) -> bytes:
+def build_filter(
+    nrs: frozenset[int] | set[int],
+    cwd_fd: int | None = None,
+    watch: frozenset[int] | set[int] = frozenset(),
+) -> bytes:
     """BPF program: USER_NOTIF for ``nrs`` + execve/execveat, ALLOW otherwise.
 
     With ``cwd_fd``, also USER_NOTIF for the calls that would close or replace
     that fd: close(fd), dup2/dup3(_, fd), close_range(first <= fd <= last).  The
     kernel compares the fd arguments (an ``unsigned int``: the low 32 bits), so
-    other closes and dups never trap.
+    other closes and dups never trap.  ``watch``: numbers trapped too (the relay
+    counts and continues them); ``mmap`` among them traps only when its flags
+    lack ``MAP_ANONYMOUS`` (a file mapping).
     """
-    trapped = sorted(set(nrs) | set(EXEC_NRS))
+    watch = set(watch) - set(nrs)
+    trapped = sorted(set(nrs) | set(EXEC_NRS) | (watch - {NR_MMAP}))
     # conditional traps: nr -> checks (arg, op, k) that must all hold to trap
     cond: dict[int, list[tuple[int, str, int]]] = {}
     if cwd_fd is not None:
@@ -117,7 +129,9 @@ def build_filter(nrs: frozenset[int] | set[int], cwd_fd: int | None = None) -> b
             NR_DUP3: [(1, "eq", cwd_fd)],
             NR_CLOSE_RANGE: [(0, "lt", cwd_fd + 1), (1, "ge", cwd_fd)],
         }
-        cond = {nr: c for nr, c in sorted(cond.items()) if nr not in trapped}
+    if NR_MMAP in watch:
+        cond[NR_MMAP] = [(3, "clear", MAP_ANONYMOUS)]  # (flags: the low 32 bits)
+    cond = {nr: c for nr, c in sorted(cond.items()) if nr not in trapped}
     prog = [
         _insn(BPF_LD_W_ABS, 0, 0, OFF_ARCH),
         _insn(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
@@ -145,6 +159,8 @@ def build_filter(nrs: frozenset[int] | set[int], cwd_fd: int | None = None) -> b
                 prog.append(_insn(BPF_JEQ_K, 0, fail, k))
             elif op == "ge":
                 prog.append(_insn(BPF_JGE_K, 0, fail, k))
+            elif op == "clear":  # none of the bits of k set
+                prog.append(_insn(BPF_JSET_K, fail, 0, k))
             else:  # "lt": not ge
                 prog.append(_insn(BPF_JGE_K, fail, 0, k))
         prog.append(_insn(BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
@@ -152,12 +168,16 @@ def build_filter(nrs: frozenset[int] | set[int], cwd_fd: int | None = None) -> b
     return b"".join(prog)
 
 
-def install(nrs: frozenset[int] | set[int], cwd_fd: int | None = None) -> int:
+def install(
+    nrs: frozenset[int] | set[int],
+    cwd_fd: int | None = None,
+    watch: frozenset[int] | set[int] = frozenset(),
+) -> int:
     """Install the filter in this process; return the listener fd."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    code = build_filter(nrs, cwd_fd)
+    code = build_filter(nrs, cwd_fd, watch)
     insns = ctypes.create_string_buffer(code, len(code))
 
     class SockFprog(ctypes.Structure):
@@ -243,7 +263,9 @@ def main(argv: list[str]) -> int:
     status_fd = int(argv[0])
     relay_pid = int(argv[1])
     cgroup = argv[2]
-    nrs = frozenset(int(t) for t in argv[3].split(",") if t)
+    forwarded, _, watched = argv[3].partition("/")
+    nrs = frozenset(int(t) for t in forwarded.split(",") if t)
+    watch = frozenset(int(t) for t in watched.split(",") if t)
     cwd_fd = None if argv[4] == "-" else int(argv[4])
     program = argv[5:]
     os.set_inheritable(status_fd, False)  # closed by execve in the program
@@ -260,7 +282,7 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
     try:
-        install(nrs, cwd_fd)
+        install(nrs, cwd_fd, watch)
     except OSError as exc:
         os.write(status_fd, f"cannot install seccomp filter: {exc}\n".encode())
         return 126

@@ -33,7 +33,14 @@ import sys
 import time
 from collections.abc import Iterable
 
-from testbed.compute.interpose import BackendBase, BackendError, CallerGone, Trap, proc_times
+from testbed.compute.interpose import (
+    BackendBase,
+    BackendError,
+    CallerGone,
+    Trap,
+    proc_io,
+    proc_times,
+)
 from testbed.compute.interpose.kmod_abi import (
     ABI_VERSION,
     ACT_CONTINUE,
@@ -390,6 +397,8 @@ class KmodBackend(BackendBase):
         child = self.child
         if self._launching and child is not None and req.pid == child.pid and req.nr in EXEC_NRS:
             self.start_rusage = proc_times(req.pid)
+            io = proc_io(req.pid)  # the helper's own I/O, subtracted from the program's
+            self.start_io = io if isinstance(io, dict) else None
             self.launched_at_ns = time.monotonic_ns()
             self._launching = False
         self._dev.reply(req.seq, REPLY_CONTINUE)

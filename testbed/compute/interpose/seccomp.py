@@ -25,7 +25,15 @@ import subprocess
 import sys
 import time
 
-from testbed.compute.interpose import BackendBase, BackendError, CallerGone, Trap, proc_times
+from testbed.compute.interpose import (
+    BackendBase,
+    BackendError,
+    CallerGone,
+    Trap,
+    count_watched,
+    proc_io,
+    proc_times,
+)
 from testbed.compute.interpose._launch import EXEC_NRS
 from testbed.compute.interpose.orphans import OrphanGuard, cgroup_of
 
@@ -141,11 +149,21 @@ class SeccompBackend(BackendBase):
 
     name = "seccomp"
 
-    def __init__(self, forwarded: frozenset[int], handoff_timeout: float = 10.0):
+    def __init__(
+        self,
+        forwarded: frozenset[int],
+        handoff_timeout: float = 10.0,
+        watch: frozenset[int] = frozenset(),
+    ):
         kernel_sizes = notif_sizes()
         if kernel_sizes[0] < NOTIF_SIZE or kernel_sizes[1] < RESP_SIZE:
             raise BackendError(f"unexpected seccomp notification sizes {kernel_sizes}")
         self.forwarded = frozenset(forwarded)
+        #: trapped only to be counted (testbed.compute.interpose.WATCHED): continued at
+        #: once in ``take`` (or by the C path), counted in ``watched``
+        self.watch = frozenset(watch) - self.forwarded
+        self.watched: list[int] | None = [0, 0, 0, 0] if self.watch else None
+        self.start_io: dict[str, int] | None = None
         self.handoff_timeout = handoff_timeout
         self.sync_wakeup = False
         self.fd = -1
@@ -175,6 +193,8 @@ class SeccompBackend(BackendBase):
         self.guard = guard = OrphanGuard()
         r, w = os.pipe()
         nrs = ",".join(str(n) for n in sorted(self.forwarded))
+        if self.watch:
+            nrs += "/" + ",".join(str(n) for n in sorted(self.watch))
         cwd_fd = "-" if self.cwd_fd is None else str(self.cwd_fd)
         # a plain file without site (stdlib only): no testbed import before the program
         cmd = [sys.executable, "-I", "-S", LAUNCHER, str(w), str(os.getpid()),
@@ -291,12 +311,18 @@ class SeccompBackend(BackendBase):
         if self._launching:
             self._internal(v[0], v[1], nr)
             return None
+        if nr in self.watch:  # counted, continued, never forwarded
+            count_watched(self.watched, nr, v[6:12])
+            self._send(v[0], 0, 0, USER_NOTIF_FLAG_CONTINUE)
+            return None
         return Trap(v[0], v[1], nr, v[6:12], t)
 
     def _internal(self, nid: int, pid: int, nr: int) -> None:
         """Calls the relay serves without forwarding: the launcher's, and execs."""
         if self._launching and pid == self.child.pid and nr in EXEC_NRS:
             self.start_rusage = proc_times(pid)
+            io = proc_io(pid)  # the launcher's own I/O, subtracted from the program's
+            self.start_io = io if isinstance(io, dict) else None
             self.launched_at_ns = time.monotonic_ns()
             self._launching = False
         self._send(nid, 0, 0, USER_NOTIF_FLAG_CONTINUE)
