@@ -208,3 +208,14 @@ def t_d_what_if(
     return np.asarray(t_d_with_delay(t_d, waited, delay)) - n_async * 2.0 * np.asarray(
         f_c, dtype=float
     )
+
+
+def t_d_with_bandwidth(t_d: ArrayLike, nbytes: ArrayLike, rate_bps: ArrayLike) -> np.ndarray:
+    """What-if: the link to the delegate carries ``rate_bps`` bit/s (``testbed lab up
+    --link-rate``).  Each forwarded message is held for its transmission, so a
+    serial caller's ``t_d`` grows by ``8 nbytes / rate`` (``nbytes``: the bytes
+    of its requests and replies; the unshaped link's own transmission time is
+    taken as nothing next to it)."""
+    return np.asarray(t_d, dtype=float) + 8.0 * np.asarray(nbytes, dtype=float) / np.asarray(
+        rate_bps, dtype=float
+    )

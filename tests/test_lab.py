@@ -66,9 +66,8 @@ def _netns() -> set[str]:
 
 @skip
 def test_up_status_down_leaves_nothing(labdir):
-    up = tb(
-        "lab", "up", "--nodes", "1", "--delegates", "1", "--subnet", SUBNET, "--dir", str(labdir)
-    )
+    up = tb("lab", "up", "--nodes", "1", "--delegates", "1", "--subnet", SUBNET, "--dir",
+            str(labdir), "--link-rate", "50mbit")  # fmt: skip
     assert up.returncode == 0, up.stderr
     assert "testbed provision -i" in up.stdout
     state = json.loads((labdir / "state.json").read_text())
@@ -100,6 +99,12 @@ def test_up_status_down_leaves_nothing(labdir):
     st = tb("lab", "status", "--json", "--dir", str(labdir), check=True)
     status = json.loads(st.stdout)
     assert status["nodes"][0]["present"] and status["nodes"][0]["ssh_port_open"]
+    # its link is capped as asked (tc tbf on the node's eth0), and status says so
+    assert status["link_rate"] == "50mbit"
+    qdisc = subprocess.run(["ip", "netns", "exec", node["netns"], "tc", "qdisc", "show", "dev",
+                            "eth0"], capture_output=True, text=True).stdout  # fmt: skip
+    assert "tbf" in qdisc and "50Mbit" in qdisc
+    assert "links capped at 50mbit" in tb("lab", "status", "--dir", str(labdir)).stdout
 
     # a second lab in the same directory is refused, the first one untouched
     again = tb("lab", "up", "--nodes", "1", "--subnet", "10.213.50.0/24", "--dir", str(labdir))
@@ -131,6 +136,14 @@ def test_up_status_down_leaves_nothing(labdir):
     down2 = tb("lab", "down", "--dir", str(labdir), check=True)
     assert "nothing to do" in down2.stdout
     assert tb("lab", "status", "--dir", str(labdir)).returncode == 1
+
+
+@skip
+def test_a_bad_link_rate_is_refused_before_anything_is_made(labdir):
+    proc = tb("lab", "up", "--nodes", "2", "--subnet", SUBNET, "--dir", str(labdir),
+              "--link-rate", "fast")  # fmt: skip
+    assert proc.returncode == 2 and "--link-rate" in proc.stderr and "100mbit" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (labdir / "state.json").exists()
 
 
 @skip

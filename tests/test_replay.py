@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from testbed.cluster import netns
 from testbed.core import mechanisms, rundir
 from testbed.jobs import replay
 from testbed.jobs.localdelegate import LocalDelegate
 from tests.conftest import run_testbed as _run_testbed
+from tests.conftest import tb_argv
 
 
 def run_testbed(*args: str, **kw):
@@ -445,3 +447,44 @@ def test_a_plan_replay_names_a_delegate_with_calls_and_somewhere_to_replay_to(tm
     bad_delay = {**base, "delegates": [{"name": "x", "local": "tcp", "delay_us": -1}]}
     with pytest.raises(PlanError, match="delay_us"):
         parse_plan(bad_delay, "p", "plan")
+
+
+# ------------------------------------------------------------------ a capped link
+
+_netns_ok, _netns_why = netns.available()
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.skipif(not _netns_ok, reason=f"needs network namespaces: {_netns_why}")
+def test_a_replay_across_a_capped_link_pays_the_transmission_the_model_adds(tmp_path):
+    from analysis import model  # lazy: numpy maths, this test only
+
+    with LocalDelegate() as d:  # recorded on loopback: 64 KiB writes
+        src = tmp_path / "rec"
+        r = run_testbed("run", "--quiet", "--delegate", d.endpoint, "--forward", "write",
+                        "-o", str(src), "--", "dd", "if=/dev/zero", "of=/dev/null",
+                        "bs=64k", "count=12", "status=none")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    meta = json.loads((src / "run.json").read_text())
+    sent = int(rundir.load(src).calls()["bytes_in"].sum())
+    assert sent >= 12 * 65536
+    with netns.Topology(["compute", "delegate"]) as topo:
+        assert topo.shape("compute", "8mbit") == 8_000_000  # the requests' direction
+        qdisc = topo.run("compute", ["tc", "qdisc", "show", "dev", "eth0"], capture_output=True,
+                         text=True).stdout  # fmt: skip
+        assert "tbf" in qdisc and "8Mbit" in qdisc
+        ep = f"tcp://{topo.addr('delegate')}:5571"
+        topo.popen("delegate", tb_argv("delegate", "--listen", ep, "--quiet"))
+        argv = tb_argv("replay", str(src), "--delegate", ep, "-o", str(tmp_path / "rp"),
+                       "--connect-timeout", "10")  # fmt: skip
+        res = topo.run("compute", argv, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "rp" / "run.json").read_text())
+    assert m["calls"]["faults"] == 0
+    # each 64 KiB request waited for its transmission at 8 Mbit/s (65 ms), less the
+    # bucket's 16 KiB burst: the model's term, bounded from below
+    floor = model.t_d_with_bandwidth(meta["wall_s"], sent - 12 * 16384, 8e6)
+    assert m["wall_s"] >= floor
+    with pytest.raises(netns.NetnsError, match="64kbit to 100gbit"):
+        netns.parse_rate("8 furlongs")

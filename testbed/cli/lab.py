@@ -18,6 +18,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             subnet=args.subnet,
             delegates=args.delegates,
             vm_nodes=args.vm_nodes,
+            link_rate=args.link_rate,
         )
     return main_lab(
         args.lab_action, directory=args.dir, as_json=args.lab_action == "status" and args.json
@@ -50,6 +51,13 @@ def add_parser(sub: Subparsers) -> None:
         metavar="K",
         help="the first K nodes are QEMU guests (Debian kernel, systemd, sshd) on the "
         "lab's bridge instead of namespaces (default 0; docs/provisioning.md)",
+    )
+    lp.add_argument(
+        "--link-rate",
+        metavar="RATE",
+        help="cap what every namespace node sends on its link at RATE with a token bucket "
+        "(tc tbf), e.g. 100mbit or 1gbit: what if the network were this slow "
+        "(docs/whatif.md; not with --vm-nodes)",
     )
     lp.add_argument(
         "--subnet",

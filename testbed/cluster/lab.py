@@ -62,7 +62,9 @@ from testbed.cluster.netns import (
     kill_namespace_pids,
     namespace_inode,
     namespace_pids,
+    parse_rate,
     pid_alive,
+    shape_link,
 )
 from testbed.cluster.vm import node as vmnode
 from testbed.cluster.vm.kernel import Kernel, find_kernel
@@ -375,8 +377,13 @@ def lab_up(
     vm_nodes: int = 0,
     progress: Progress | None = None,
     vm_packages: Iterable[str] = (),
+    link_rate: str | None = None,
 ) -> dict[str, Any]:
     """Create the lab; on any failure everything created so far is removed again.
+
+    ``link_rate`` (e.g. ``100mbit``) caps what every node sends on its link with a
+    token bucket (``tc tbf``): a what-if bandwidth (docs/whatif.md); namespace nodes
+    only.
 
     The first ``vm_nodes`` nodes are QEMU guests whose image holds
     :func:`~testbed.cluster.vm.nodeimage.lab_packages` (what ``site.yml`` needs
@@ -393,6 +400,13 @@ def lab_up(
         raise LabError(f"--delegates {delegates}: needs 1 <= delegates < nodes (or 1 node)")
     if not 0 <= vm_nodes <= nodes:
         raise LabError(f"--vm-nodes {vm_nodes}: needs 0 <= vm-nodes <= nodes ({nodes})")
+    if link_rate is not None:
+        if vm_nodes:
+            raise LabError("--link-rate shapes the links of namespace nodes; not with --vm-nodes")
+        try:
+            parse_rate(link_rate)
+        except NetnsError as exc:
+            raise LabError(f"--link-rate: {exc}") from None
     existing = load_state(directory)
     if existing is not None:
         raise LabError(
@@ -410,6 +424,7 @@ def lab_up(
         "bridge_address": str(hosts[-1]),
         "bridge_created": False,
         "delegates": min(delegates, nodes),
+        "link_rate": link_rate,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "nodes": [],
     }
@@ -486,6 +501,11 @@ def _build(
             raise LabError(str(exc)) from None
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefix}", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        if state.get("link_rate"):
+            try:
+                shape_link(ns, state["link_rate"])
+            except NetnsError as exc:
+                raise LabError(str(exc)) from None
         (node_dir / "sshd_config").write_text(_sshd_config(node_dir, addr, directory))
         node["sshd_pid"] = _start_sshd(ns, node_dir, name)
         _save_state(directory, state)
@@ -704,6 +724,7 @@ def main_lab(
     delegates: int = 1,
     vm_nodes: int = 0,
     as_json: bool = False,
+    link_rate: str | None = None,
 ) -> int:
     """``testbed lab up|status|down``: do ``action`` on the lab in ``directory``, print, exit status.
 
@@ -716,7 +737,8 @@ def main_lab(
         def progress(line: str) -> None:
             print(f"lab: {line}", file=sys.stderr, flush=True)
 
-        state = lab_up(directory, nodes, subnet, delegates, vm_nodes, progress)
+        state = lab_up(directory, nodes, subnet, delegates, vm_nodes, progress,
+                       link_rate=link_rate)  # fmt: skip
         print(_usage(directory, state))
         return 0
     if action == "down":
@@ -733,8 +755,10 @@ def main_lab(
     if status is None:
         print(f"no lab in {directory}")
         return 1
+    rate = f", links capped at {status['link_rate']} (tc tbf)" if status.get("link_rate") else ""
     print(
-        f"lab {status['id']} in {directory}: subnet {status['subnet']}, bridge {status['bridge']}"
+        f"lab {status['id']} in {directory}: subnet {status['subnet']}, bridge "
+        f"{status['bridge']}{rate}"
     )
     for n in status["nodes"]:
         state = "up" if n["present"] and n["ssh_port_open"] else "DOWN"

@@ -124,6 +124,36 @@ def add_veth(name: str, peer_ns: str, ns: str | None = None, bridge: str | None 
     ip(*where, "link", "set", name, "up")
 
 
+_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(kbit|mbit|gbit)$")
+_RATE_UNIT = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+def parse_rate(text: str) -> int:
+    """A link rate as ``tc`` writes it (``500kbit``, ``100mbit``, ``1gbit``), in bit/s."""
+    m = _RATE.match(str(text).strip().lower())
+    rate = float(m.group(1)) * _RATE_UNIT[m.group(2)] if m else 0.0
+    if not 64e3 <= rate <= 100e9:
+        raise NetnsError(f"link rate {text!r}: give 64kbit to 100gbit, e.g. 100mbit or 1gbit")
+    return int(rate)
+
+
+def shape_link(ns: str, rate: str, dev: str = "eth0") -> int:
+    """Cap what ``dev`` in namespace ``ns`` sends at ``rate`` with a token bucket (``tc
+    tbf``; burst: 10 ms at the rate, at least 16 KiB); returns the rate in bit/s."""
+    bps = parse_rate(rate)
+    burst = max(16384, bps // 8 // 100)
+    argv = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+            "rate", str(bps), "burst", str(burst), "latency", "200ms"]  # fmt: skip
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise NetnsError("tc: command not found (install iproute2)") from None
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise NetnsError(f"tc tbf on {dev} in {ns}: {err}")
+    return bps
+
+
 class Topology:
     """N network namespaces joined by veth (a pair, or a star around a bridge)."""
 
@@ -233,6 +263,12 @@ class Topology:
             raise NetnsError("; ".join(errors))
 
     # ------------------------------------------------------------ processes
+
+    def shape(self, node: str, rate: str) -> int:
+        """Cap what ``node`` sends on its link at ``rate`` (:func:`shape_link`)."""
+        if len(self.nodes) == 1:
+            raise NetnsError("a single-node topology has no link to shape")
+        return shape_link(self.ns(node), rate)
 
     def exec_argv(self, node: str, argv: Sequence[str]) -> list[str]:
         """``ip netns exec NS argv...`` for a node of this topology."""

@@ -544,8 +544,12 @@ def _warn_lost(link: _Link, timeout_ns: int) -> None:
           file=sys.stderr, flush=True)  # fmt: skip
 
 
-#: Round trips per side when measuring the replay client's own cost.
+#: Round trips per side when measuring the replay client's own cost, at most.
 CALIBRATION_CALLS = 300
+#: ... and the longest it may take, and the largest message it uses (a slow link
+#: must not make the calibration longer than the replay).
+CALIBRATION_S = 2.0
+CALIBRATION_MAX_SIZE = 4096
 
 
 def client_overhead(link: _Link, endpoint: str, size: int, busy: bool) -> tuple[int, str]:
@@ -567,8 +571,11 @@ def client_overhead(link: _Link, endpoint: str, size: int, busy: bool) -> tuple[
     py: list[int] = []
     c: list[float] = []
     block = CALIBRATION_CALLS // 3
+    t_end = time.monotonic() + CALIBRATION_S
     try:
         for b in range(3):
+            if b and time.monotonic() > t_end:
+                break
             c.extend(raw_zmtp_lat(endpoint, block, size, busy).tolist())
             for k in range(block):
                 cid = 1_000_000_000 + b * block + k
@@ -583,7 +590,7 @@ def client_overhead(link: _Link, endpoint: str, size: int, busy: bool) -> tuple[
                     py.append(got - t0)
     except (TestbedError, zmq.ZMQError, OSError) as exc:
         return 0, f"not measured: {exc} (taken as 0)"
-    if len(py) < block or len(c) < block:
+    if len(py) < block or len(c) < block or len(py) != len(c):
         return 0, "not measured: the delegate did not answer the calibration (taken as 0)"
     own = max(0, int(np.median(py) - np.median(c)))
     return own, (f"measured: median round trip of this client {np.median(py) / 1e3:.1f} µs, "
@@ -643,8 +650,8 @@ def replay(
         step = (lambda done: progress(done, n)) if progress else (lambda done: None)
         busy = bool(run.meta.get("busy_poll"))
         sent = s.bytes_in[s.sent]
-        own_ns, own_how = client_overhead(link, delegate, int(np.median(sent)) if len(sent) else 0,
-                                          busy)  # fmt: skip
+        size = min(int(np.median(sent)) if len(sent) else 0, CALIBRATION_MAX_SIZE)
+        own_ns, own_how = client_overhead(link, delegate, size, busy)
         if elide_compute:
             o = back_to_back(s, link, int(timeout_s * 1e9), step)
         else:
