@@ -391,6 +391,8 @@ def test_a_plan_records_replays_and_reruns_and_the_report_scores_it(tmp_path):
     plan = tmp_path / "plan.yml"
     plan.write_text(TINY_PLAN)
     res = tmp_path / "res"
+    check = run_testbed("experiment", str(plan), "--check")
+    assert check.stdout.strip() == "plan whatif-tiny: valid, 3 runs and 2 replays", check.stderr
     r = run_testbed("experiment", str(plan), "-o", str(res), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ran=5 skipped=0 failed=0" in r.stdout

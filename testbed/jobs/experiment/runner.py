@@ -764,7 +764,9 @@ def main_experiment(
         if as_json:
             print(json.dumps(check_json(plan), indent=2))
         else:
-            print(f"plan {plan.name}: valid, {len(cells(plan))} runs")
+            replays = len(replay_cells(plan))
+            print(f"plan {plan.name}: valid, {len(cells(plan))} runs"
+                  + (f" and {replays} replays" if replays else ""))  # fmt: skip
         return 0
     results = Path(output or Path("results") / plan.name).absolute()
     host = label(host_label or socket.gethostname())
