@@ -144,6 +144,22 @@ def test_asynchronous_writes_are_not_waited_for_until_a_flush_or_a_full_window()
 
 
 @pytest.mark.unit
+def test_writes_batch_per_thread_and_a_batch_ends_at_any_other_call():
+    # thread 1: five writes, a read, two writes; thread 2: three writes in between
+    kinds = [(1, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 0), (2, 1),
+             (1, 1), (1, 1)]  # fmt: skip
+    rows = [(tid, 8, 100 * k + 10, 100 * k + 15, 100 * k + 55, 100 * k + 60)
+            for k, (tid, _nr) in enumerate(kinds)]  # fmt: skip
+    c = _calls(rows)
+    c["nr"] = [nr for _tid, nr in kinds]
+    s = replay.schedule(c, 2e-3, 1, 2_000_000)
+    lead = replay.batches(s, 3)
+    # thread 1: writes 0,1,3 | 5,6 (the read 7 ends it) | 9,10 (its last call ends it)
+    assert lead.tolist() == [3, 3, 8, 3, 8, 6, 6, -1, 8, 10, 10]
+    assert (replay.batches(s, 1) == -1).all()
+
+
+@pytest.mark.unit
 def test_the_model_what_if_terms():
     from analysis import model
 
@@ -262,6 +278,41 @@ def test_asynchronous_writes_against_a_slow_delegate_save_their_waits(recording,
     assert walls[64]["composed_wall_s"] < walls[0]["composed_wall_s"] - writes * 0.9e-3
     assert walls[64]["async_writes"] == 64
     assert walls[64]["model_wall_s"] < walls[0]["model_wall_s"]
+
+
+def test_batched_writes_wait_once_per_message(tmp_path):
+    loop = "i=0; while [ $i -lt 64 ]; do echo line $i; i=$((i+1)); done"
+    with LocalDelegate(["--delay-us", "1000"]) as d:
+        src = tmp_path / "rec"
+        r = run_testbed("run", "--quiet", "--delegate", d.endpoint, "--forward", "write",
+                        "-o", str(src), "--", "sh", "-c", loop)  # fmt: skip
+        assert r.returncode == 0 and r.stdout.count("line") == 64, r.stderr
+        got = {}
+        for k in (0, 8):
+            out = tmp_path / f"rp{k}"
+            extra = ["--batch", str(k)] if k else []
+            r = run_testbed("replay", str(src), "--delegate", d.endpoint, "--elide-compute",
+                            "-o", str(out), *extra)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            got[k] = rundir.load(out)
+        for bad, why in ((["--batch", "1"], "at least 2"),
+                         (["--batch", "4", "--async-writes", "4"], "give one"),
+                         (["--batch", "4"], "use it with --elide-compute")):  # fmt: skip
+            extra = [] if "elide" in why else ["--elide-compute"]
+            r = run_testbed("replay", str(src), "--delegate", d.endpoint, *bad, *extra)
+            assert r.returncode != 0 and why in r.stderr, r.stderr
+    n = len(rundir.load(src).calls())  # the shell's 64 writes, one after another
+    assert n >= 64
+    rp = got[8].meta["replay"]
+    calls = got[8].calls()
+    riders = int((calls["flags"] & rundir.F_BEHIND != 0).sum())
+    # groups of 8: all but each group's last rode in another call's message
+    assert rp["batched_calls"] == riders == n - -(-n // 8)
+    assert int((calls["t_send"] > 0).sum()) == n - riders  # one message per group
+    # ... and did not wait for the delegate's 1 ms
+    base = got[0].meta["replay"]["composed_wall_s"]
+    assert rp["composed_wall_s"] <= base - riders * 0.9e-3
+    assert rp["model_wall_s"] < got[0].meta["replay"]["model_wall_s"]
 
 
 def test_elided_computation_is_added_back_without_waiting_for_it(tmp_path):

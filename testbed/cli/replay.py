@@ -28,6 +28,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout,
         progress=None if args.quiet else replay.print_progress,
         async_writes=args.async_writes,
+        batch=args.batch,
     )
     if not args.quiet:
         for line in replay.summary_lines(r):
@@ -71,6 +72,15 @@ def add_parser(sub: Subparsers) -> None:
         help="what if writes were forwarded asynchronously: answer each write (write, "
         "pwrite64, writev, pwritev, pwritev2) at once, at most W unanswered per thread; "
         "fsync, fdatasync, close and the thread's exit wait for them (with --elide-compute)",
+    )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=0,
+        metavar="K",
+        help="what if a thread's consecutive writes went K to a message: only each "
+        "message's last write waits for the reply, the message carrying all their bytes "
+        "(with --elide-compute; not with --async-writes)",
     )
     p.add_argument("-o", "--output", metavar="RUNDIR", help="run directory to write "
                    "(default runs/replay-<timestamp>)")  # fmt: skip

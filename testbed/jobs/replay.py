@@ -246,6 +246,40 @@ def timeline(
     return trap, resume, int(base + s.end_offset)
 
 
+def batches(s: Schedule, k: int) -> np.ndarray:
+    """Per call, the call whose message carries it when a thread's consecutive writes
+    (:data:`ASYNC_CALLS`) are sent ``k`` to a message: the group's last call (its
+    *leader*, which waits for the one round trip); -1 for calls not batched.
+
+    A group ends at ``k`` calls, at the thread's next call that is not a write, and
+    at the thread's last call.  Only the leader's result is waited for: the others
+    return at once, as if the program did not read their results before its next
+    call (what a write's caller may do; in cost mode nothing fails).
+    """
+    leader = np.full(len(s), -1, dtype=np.int64)
+    if k < 2:
+        return leader
+    batchable = np.isin(s.nr, _ASYNC_NRS) & s.sent
+    open_: dict[int, list[int]] = {}  # tid -> its group so far
+
+    def close(tid: int) -> None:
+        group = open_.pop(tid, [])
+        for j in group:
+            leader[j] = group[-1]
+
+    for i in range(len(s)):
+        tid = int(s.tid[i])
+        if not batchable[i]:
+            close(tid)
+            continue
+        open_.setdefault(tid, []).append(i)
+        if len(open_[tid]) >= k:
+            close(tid)
+    for tid in list(open_):
+        close(tid)
+    return leader
+
+
 #: Calls ``async_writes`` answers before their reply: the data-moving writes.
 ASYNC_CALLS = ("write", "pwrite64", "writev", "pwritev", "pwritev2")
 #: Calls that wait for a thread's unanswered writes (and its exit does).
@@ -290,8 +324,8 @@ class _Link:
         )
         self._payload = b""
 
-    def frame(self, call_id: int, s: Schedule, i: int) -> bytes:
-        size = int(s.bytes_in[i])
+    def frame(self, call_id: int, s: Schedule, i: int, size: int | None = None) -> bytes:
+        size = int(s.bytes_in[i]) if size is None else size
         if len(self._payload) < size:
             self._payload = bytes(max(size, 2 * len(self._payload)))
         bufs = ((0, self._payload[:size]),) if size else ()
@@ -490,26 +524,42 @@ def reproduce(
 
 
 def back_to_back(
-    s: Schedule, link: _Link, timeout_ns: int, progress: Callable[[int], None]
+    s: Schedule,
+    link: _Link,
+    timeout_ns: int,
+    progress: Callable[[int], None],
+    batch: int = 0,
 ) -> Outcome:
     """Replay with the computation elided: one call at a time, no gaps.
 
     The stamps written are composed: ``t_trap = t_send - pre`` and ``t_resume =
     t_reply + post`` (the recorded relay work around the measured round trip).
+    With ``batch`` k, the writes :func:`batches` groups travel in their leader's
+    message (the group's bytes); the others are answered at once (``F_BEHIND``).
     """
     n = len(s)
     out = _new_outcome(n)
     mono = time.monotonic_ns
     out.t_start = mono()
     next_progress = out.t_start + 1_000_000_000
+    leader = batches(s, batch)
+    carried = np.zeros(n, dtype=np.int64)  # bytes a leader's message carries
     for i in range(n):
+        if leader[i] >= 0:
+            carried[leader[i]] += s.bytes_in[i]
+    for i in range(n):
+        if leader[i] >= 0 and leader[i] != i and out.lost_at < 0:  # goes with its leader
+            t = mono()
+            out.t_trap[i], out.t_resume[i] = t, t + int(s.pre[i] + s.post[i])
+            out.flags[i] = rundir.F_BEHIND
+            continue
         if not s.sent[i] or out.lost_at >= 0:
             t = mono()
             out.t_trap[i], out.t_resume[i] = t, t + int(s.pre[i])
             out.flags[i] = rundir.F_NOT_SENT
             continue
         call_id = i + 1
-        frame = link.frame(call_id, s, i)
+        frame = link.frame(call_id, s, i, int(carried[i]) if leader[i] == i else None)
         t_send = mono()
         try:
             link.sock.send(frame, zmq.NOBLOCK)
@@ -623,15 +673,22 @@ def replay(
     connect_timeout_s: float = 3.0,
     progress: Callable[[int, int], None] | None = None,
     async_writes: int = 0,
+    batch: int = 0,
 ) -> rundir.Run:
     """Replay the run at ``source`` against the delegate at ``delegate``; write a run
     directory (``output``, or ``runs/replay-<stamp>``) and return it loaded.
 
     ``async_writes`` W > 0 (with ``elide_compute``): the wall time composes
     asynchronous forwarding of writes, W unanswered per thread (:func:`timeline`)."""
-    if async_writes and not elide_compute:
-        raise ReplayError("--async-writes is composed from the measured round trips: "
+    if (async_writes or batch) and not elide_compute:
+        what = "--async-writes" if async_writes else "--batch"
+        raise ReplayError(f"{what} is composed from the measured round trips: "
                           "use it with --elide-compute")  # fmt: skip
+    if async_writes and batch:
+        raise ReplayError("--async-writes and --batch are two answers to one question: "
+                          "give one")  # fmt: skip
+    if batch == 1 or batch < 0:
+        raise ReplayError(f"--batch must be at least 2 calls per message, not {batch}")
     if async_writes < 0:
         raise ReplayError(f"--async-writes must be >= 1, not {async_writes}")
     run, s = load_source(source)
@@ -653,13 +710,16 @@ def replay(
         size = min(int(np.median(sent)) if len(sent) else 0, CALIBRATION_MAX_SIZE)
         own_ns, own_how = client_overhead(link, delegate, size, busy)
         if elide_compute:
-            o = back_to_back(s, link, int(timeout_s * 1e9), step)
+            o = back_to_back(s, link, int(timeout_s * 1e9), step, batch)
         else:
             o = reproduce(s, link, int(timeout_s * 1e9), step, busy, own_ns)
     finally:
         link.close()
     _write(out_dir, s, o)
     measured_rtt = np.where(o.t_reply > 0, np.maximum(0, o.t_reply - o.t_send - own_ns), 0)
+    lead = batches(s, batch)
+    riders = int(((lead >= 0) & (lead != np.arange(n))).sum())  # writes in another's message
+    unwaited = int(np.isin(s.nr, _ASYNC_NRS).sum()) if async_writes else riders
     composed_end = timeline(s, measured_rtt, async_writes)[2]
     recorded_end = timeline(s, s.rtt)[2]
     faults = {f: int(((o.flags & bit) != 0).sum()) for f, bit in
@@ -685,7 +745,8 @@ def replay(
     }
     meta["replay"].update({
         "wall_s_how": ("composed from the measured round trips"
-                       + (", writes asynchronous" if async_writes else "")) if elide_compute
+                       + (", writes asynchronous" if async_writes else "")
+                       + (f", writes {batch} to a message" if batch else "")) if elide_compute
                       else "measured: the replay spun through the recorded gaps",
         "composed_wall_s": composed_end / 1e9,
         "source_composed_wall_s": recorded_end / 1e9,
@@ -695,12 +756,14 @@ def replay(
         "unsent_in_source": int((~s.sent).sum()),
         "delegate_lost_at_call": None if o.lost_at < 0 else int(o.lost_at),
         "async_writes": async_writes,
-        "model_wall_s": _model_wall(run.meta, {k: base[k] for k in _TARGET_KEYS}, n,
-                                    int(np.isin(s.nr, _ASYNC_NRS).sum()) if async_writes else 0),
+        "batch": batch,
+        "batched_calls": riders,
+        "model_wall_s": _model_wall(run.meta, {k: base[k] for k in _TARGET_KEYS}, n, unwaited),
         "model_how": "analysis.model.t_d_what_if: the source's wall time + n x (this "
-        "delegate's --delay-us - the source delegate's), less each write's 2 f_c + delay "
-        "with --async-writes; null: the replay changed more than that (transport, place), "
-        "for which the model has no term",
+        "delegate's --delay-us - the source delegate's), less 2 f_c + delay for each write "
+        "not waited for (--async-writes: every write; --batch: all but each message's last); "
+        "null: the replay changed more than that (transport, place), for which the model "
+        "has no term",
         "client_overhead_us": own_ns / 1e3,
         "client_overhead_how": own_how,
     })  # fmt: skip
@@ -783,6 +846,9 @@ def summary_lines(r: rundir.Run) -> list[str]:
     if rp.get("model_wall_s") is not None and rp["model_wall_s"] != src_wall:
         lines.append(f"testbed: the model's what-if for the same change: "
                      f"{rp['model_wall_s']:.4f} s ({rp['model_how'].split(':')[0]})")  # fmt: skip
+    if rp.get("batch"):
+        lines.append(f"testbed: writes sent {rp['batch']} to a message: {rp['batched_calls']} "
+                     "of them in another call's message (composed)")  # fmt: skip
     if rp.get("async_writes"):
         lines.append(f"testbed: writes forwarded asynchronously, at most {rp['async_writes']} "
                      "unanswered per thread (composed)")  # fmt: skip
