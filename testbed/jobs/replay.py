@@ -747,7 +747,8 @@ def replay(
         "wall_s_how": ("composed from the measured round trips"
                        + (", writes asynchronous" if async_writes else "")
                        + (f", writes {batch} to a message" if batch else "")) if elide_compute
-                      else "measured: the replay spun through the recorded gaps",
+                      else "measured: the replay spun through the recorded gaps (events at their due "
+        "times, the loop's own lateness not passed on)",
         "composed_wall_s": composed_end / 1e9,
         "source_composed_wall_s": recorded_end / 1e9,
         "replay_duration_s": (o.t_end - o.t_start) / 1e9,
