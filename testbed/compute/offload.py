@@ -1444,6 +1444,10 @@ class OffloadRelay(Relay):
             trap, Pending(NAME.get(trap.nr, ""), Spec(), b"", nbytes), flags, t_send, t_reply
         )
 
+    def peer_gone(self, why: str) -> None:
+        """The delegate is known to be gone: offloaded calls fail with EIO from now on."""
+        self._lose(why)
+
     def _lose(self, why: str) -> None:
         if not self.lost:
             self.lost = True

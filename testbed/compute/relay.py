@@ -393,8 +393,17 @@ class Relay:
         if self.inflight:
             print(f"testbed: warning: lost the delegate at {shm.endpoint} ({shm.last_error}); "
                   f"ending {len(self.inflight)} call(s) in flight", file=sys.stderr)  # fmt: skip
+            # known lost, not timed out: expire must not say "no reply within ..."
+            self.peer_gone(f"lost the delegate at {shm.endpoint} ({shm.last_error})")
             self.expire(now + self.timeout_ns)
         return shm.drops
+
+    def peer_gone(self, why: str) -> None:
+        """The delegate is known to be gone (``why``): calls are released locally from
+        now on, until a probe finds it again."""
+        if not self.peer_down:
+            self.peer_down = True
+            self.stats.peer_lost_at.append(time.time())
 
     def probe(self, now: int) -> None:
         if self.peer_down and now >= self._next_probe:
