@@ -93,3 +93,17 @@ def test_recorder_memory_is_bounded_for_a_million_calls(tmp_path):
     grown_kib = int(res.stdout)
     assert out.stat().st_size == 1_000_001 * rundir.CALL_DTYPE.itemsize
     assert grown_kib < 16 * 1024, f"recorder grew by {grown_kib} KiB for 1e6 records"
+
+
+@pytest.mark.unit
+def test_host_metadata_versions_are_the_installed_distributions():
+    """run.json's software versions are read from the modules (no metadata scan at start-up):
+    they must be what the installed distributions say, the testbed's own included."""
+    from importlib import metadata
+
+    from testbed.core.hostinfo import host_metadata
+
+    h = host_metadata()
+    assert h["pyzmq"] == metadata.version("pyzmq")
+    assert h["msgpack"] == metadata.version("msgpack")
+    assert h["testbed"] == metadata.version("delegation-testbed")

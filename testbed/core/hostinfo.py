@@ -31,15 +31,6 @@ def _clocksource() -> str:
         return "unknown"
 
 
-def _version(dist: str) -> str | None:
-    from importlib import metadata  # lazy: 10 ms; host facts are written after the program starts
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -101,9 +92,17 @@ def host_metadata() -> dict:
     try:
         import zmq  # lazy: pyzmq (its version is recorded); analysis imports this module without it
 
-        libzmq = zmq.zmq_version()
+        libzmq, pyzmq = zmq.zmq_version(), zmq.pyzmq_version()
     except ImportError:  # pragma: no cover - pyzmq is a hard dependency
-        libzmq = None
+        libzmq = pyzmq = None
+    try:
+        import msgpack  # lazy: as pyzmq
+
+        msgpack_version = ".".join(str(x) for x in msgpack.version)
+    except ImportError:  # pragma: no cover - msgpack is a hard dependency
+        msgpack_version = None
+    from testbed import __version__  # lazy: the package imports this module's users
+
     return {
         "hostname": socket.gethostname(),
         "kernel": platform.release(),
@@ -114,9 +113,9 @@ def host_metadata() -> dict:
         "clocksource": _clocksource(),
         "clock": "CLOCK_MONOTONIC (time.monotonic_ns)",
         "python": sys.version.split()[0],
-        "pyzmq": _version("pyzmq"),
+        "pyzmq": pyzmq,
         "libzmq": libzmq,
-        "msgpack": _version("msgpack"),
-        "testbed": _version("delegation-testbed"),
+        "msgpack": msgpack_version,
+        "testbed": __version__,
         "virtualization": virtualization(),
     }

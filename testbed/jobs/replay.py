@@ -324,12 +324,12 @@ class _Link:
         )
         self._payload = b""
 
-    def frame(self, call_id: int, s: Schedule, i: int, size: int | None = None) -> bytes:
-        size = int(s.bytes_in[i]) if size is None else size
+    def frame(self, call_id: int, tid: int, nr: int, size: int) -> bytes:
+        """A cost-mode CALL of ``nr`` on thread ``tid`` carrying ``size`` zero bytes."""
         if len(self._payload) < size:
             self._payload = bytes(max(size, 2 * len(self._payload)))
         bufs = ((0, self._payload[:size]),) if size else ()
-        return wire.encode_call_fields(call_id, int(s.tid[i]), int(s.nr[i]), _ARGS, bufs, "cost")
+        return wire.encode_call_fields(call_id, tid, nr, _ARGS, bufs, "cost")
 
     def replies(self, timeout_ms: int):
         """Yield (t_reply, call_id, stamps, flags) for each frame waiting (after a poll)."""
@@ -460,7 +460,7 @@ def reproduce(
                     anchored(t_due, j, off)
                 end_after(_TRAP, i, t_due)
                 if s.sent[i] and out.lost_at < 0:
-                    frames[i] = link.frame(next_id, s, i)
+                    frames[i] = link.frame(next_id, int(s.tid[i]), int(s.nr[i]), int(s.bytes_in[i]))
                     inflight[next_id] = i
                     next_id += 1
                     heapq.heappush(heap, (t_due + int(s.pre[i]), SEND, i))
@@ -528,21 +528,23 @@ def back_to_back(
     link: _Link,
     timeout_ns: int,
     progress: Callable[[int], None],
-    batch: int = 0,
+    leader: np.ndarray | None = None,
 ) -> Outcome:
     """Replay with the computation elided: one call at a time, no gaps.
 
     The stamps written are composed: ``t_trap = t_send - pre`` and ``t_resume =
     t_reply + post`` (the recorded relay work around the measured round trip).
-    With ``batch`` k, the writes :func:`batches` groups travel in their leader's
-    message (the group's bytes); the others are answered at once (``F_BEHIND``).
+    With ``leader`` (from :func:`batches`), the writes of a group travel in their
+    leader's message (the group's bytes); the others are answered at once
+    (``F_BEHIND``).
     """
     n = len(s)
     out = _new_outcome(n)
     mono = time.monotonic_ns
     out.t_start = mono()
     next_progress = out.t_start + 1_000_000_000
-    leader = batches(s, batch)
+    if leader is None:
+        leader = np.full(n, -1, dtype=np.int64)
     carried = np.zeros(n, dtype=np.int64)  # bytes a leader's message carries
     for i in range(n):
         if leader[i] >= 0:
@@ -559,7 +561,8 @@ def back_to_back(
             out.flags[i] = rundir.F_NOT_SENT
             continue
         call_id = i + 1
-        frame = link.frame(call_id, s, i, int(carried[i]) if leader[i] == i else None)
+        size = int(carried[i]) if leader[i] == i else int(s.bytes_in[i])
+        frame = link.frame(call_id, int(s.tid[i]), int(s.nr[i]), size)
         t_send = mono()
         try:
             link.sock.send(frame, zmq.NOBLOCK)
@@ -594,33 +597,37 @@ def _warn_lost(link: _Link, timeout_ns: int) -> None:
           file=sys.stderr, flush=True)  # fmt: skip
 
 
-#: Round trips per side when measuring the replay client's own cost, at most.
+#: Round trips per side when measuring the replay client's own cost: at most
+#: CALIBRATION_CALLS, at least CALIBRATION_MIN, else as many as the run has calls
+#: (the correction's total error scales with the calls it is taken off).
 CALIBRATION_CALLS = 300
+CALIBRATION_MIN = 60
 #: ... and the longest it may take, and the largest message it uses (a slow link
 #: must not make the calibration longer than the replay).
 CALIBRATION_S = 2.0
 CALIBRATION_MAX_SIZE = 4096
 
 
-def client_overhead(link: _Link, endpoint: str, size: int, busy: bool) -> tuple[int, str]:
+def client_overhead(
+    link: _Link, endpoint: str, size: int, busy: bool, calls: int = CALIBRATION_CALLS
+) -> tuple[int, str]:
     """The replay client's own cost per round trip beyond the relay's, in ns, and how
     it was found.
 
     The recorded round trips were mostly measured by the relay's C path; this
     client is Python.  On raw ZMTP (tcp://, ipc://) both are measured here on
     the same delegate, in alternating blocks, with a ``size``-byte write: the
-    difference of the medians (at least 0).  Other transports have no C
-    client here: 0, and the reason.
+    difference of the medians (at least 0), from as many round trips per side as
+    the replay has ``calls`` (within CALIBRATION_MIN..CALIBRATION_CALLS).  Other
+    transports have no C client here: 0, and the reason.
     """
     if link.transport != "zmtp":
         return 0, f"not measured: no C client for the {link.transport} transport (taken as 0)"
     from testbed.jobs.latency import raw_zmtp_lat  # lazy: compiles the C path, zmtp only
 
-    s1 = Schedule(*(np.zeros(1, dtype=np.int64) for _ in range(12)), 0, -1, 0, True)  # fmt: skip
-    s1.bytes_in[0], s1.nr[0] = size, 1
     py: list[int] = []
     c: list[float] = []
-    block = CALIBRATION_CALLS // 3
+    block = min(max(calls, CALIBRATION_MIN), CALIBRATION_CALLS) // 3
     t_end = time.monotonic() + CALIBRATION_S
     try:
         for b in range(3):
@@ -630,7 +637,7 @@ def client_overhead(link: _Link, endpoint: str, size: int, busy: bool) -> tuple[
             for k in range(block):
                 cid = 1_000_000_000 + b * block + k
                 t0 = time.monotonic_ns()
-                link.sock.send(link.frame(cid, s1, 0), zmq.NOBLOCK)
+                link.sock.send(link.frame(cid, 0, 1, size), zmq.NOBLOCK)
                 got = 0
                 while not got and time.monotonic_ns() - t0 < 2_000_000_000:
                     for t, rid, _st, _f in link.replies(0 if busy else 100):
@@ -693,6 +700,7 @@ def replay(
         raise ReplayError(f"--async-writes must be >= 1, not {async_writes}")
     run, s = load_source(source)
     n = len(s)
+    lead = batches(s, batch)
     link = _Link(delegate, curve_keys, connect_timeout_s)
     try:
         welcome = link.welcome
@@ -708,16 +716,15 @@ def replay(
         busy = bool(run.meta.get("busy_poll"))
         sent = s.bytes_in[s.sent]
         size = min(int(np.median(sent)) if len(sent) else 0, CALIBRATION_MAX_SIZE)
-        own_ns, own_how = client_overhead(link, delegate, size, busy)
+        own_ns, own_how = client_overhead(link, delegate, size, busy, n)
         if elide_compute:
-            o = back_to_back(s, link, int(timeout_s * 1e9), step, batch)
+            o = back_to_back(s, link, int(timeout_s * 1e9), step, lead)
         else:
             o = reproduce(s, link, int(timeout_s * 1e9), step, busy, own_ns)
     finally:
         link.close()
     _write(out_dir, s, o)
     measured_rtt = np.where(o.t_reply > 0, np.maximum(0, o.t_reply - o.t_send - own_ns), 0)
-    lead = batches(s, batch)
     riders = int(((lead >= 0) & (lead != np.arange(n))).sum())  # writes in another's message
     unwaited = int(np.isin(s.nr, _ASYNC_NRS).sum()) if async_writes else riders
     composed_end = timeline(s, measured_rtt, async_writes)[2]
