@@ -232,7 +232,7 @@ def build_report(
     off = offload.section(runs, native)
     side = mechanisms.mechanism_section(runs, natives, native, mech)
     tlb = mechanisms.tlb_section(runs, natives, native)
-    rep = replays.section(replayed, runs)
+    rep = replays.section(replayed, runs, acc.tables.get("model_accuracy"))
     tables = {
         **rep.tables,
         **side.tables,

@@ -423,7 +423,7 @@ def test_the_report_scores_replays_against_real_runs_of_their_target(recording, 
 
 TINY_PLAN = """
 name: whatif-tiny
-repetitions: 1
+repetitions: 2
 workloads:
   - {name: wc, size_mb: 0.5}
 forward:
@@ -443,10 +443,10 @@ def test_a_plan_records_replays_and_reruns_and_the_report_scores_it(tmp_path):
     plan.write_text(TINY_PLAN)
     res = tmp_path / "res"
     check = run_testbed("experiment", str(plan), "--check")
-    assert check.stdout.strip() == "plan whatif-tiny: valid, 3 runs and 2 replays", check.stderr
+    assert check.stdout.strip() == "plan whatif-tiny: valid, 6 runs and 4 replays", check.stderr
     r = run_testbed("experiment", str(plan), "-o", str(res), timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "ran=5 skipped=0 failed=0" in r.stdout
+    assert "ran=10 skipped=0 failed=0" in r.stdout
     host = next(p for p in res.iterdir() if p.is_dir())
     for target in ("slow", "shm"):
         d = host / f"wc.read+write+openat.{target}.r1.replayed-from-near"
@@ -457,18 +457,28 @@ def test_a_plan_records_replays_and_reruns_and_the_report_scores_it(tmp_path):
         )
     # resumable: nothing is run twice
     again = run_testbed("experiment", str(plan), "-o", str(res), timeout=300)
-    assert again.returncode == 0 and "ran=0 skipped=3 failed=0" in again.stdout
+    assert again.returncode == 0 and "ran=0 skipped=6 failed=0" in again.stdout
     content = report.build_report([res])
-    table = content.tables["replay_vs_measured"].set_index("target_mechanism")
-    assert set(table.index) == {"seccomp/tcp/loopback+500us", "seccomp/shm/same-node"}
-    assert (table["measured_from"] == "other runs").all() and (table["measured_runs"] == 1).all()
+    table = content.tables["replay_vs_measured"]
+    assert len(table) == 4
+    assert set(table["target_mechanism"]) == {"seccomp/tcp/loopback+500us", "seccomp/shm/same-node"}
+    assert (table["measured_from"] == "other runs").all() and (table["measured_runs"] == 2).all()
     # the model has a term for the delay, none for the change of transport
-    assert table.loc["seccomp/tcp/loopback+500us", "model_wall_s"] > 0
-    assert (
-        table.loc["seccomp/shm/same-node", "model_wall_s"]
-        != table.loc["seccomp/shm/same-node", "model_wall_s"]
-    )  # NaN
-    assert len(content.runs) == 3  # the replays are in no fit
+    slow = table["target_mechanism"] == "seccomp/tcp/loopback+500us"
+    assert (table.loc[slow, "model_wall_s"] > 0).all()
+    assert table.loc[~slow, "model_wall_s"].isna().all()
+    # beside each replay, the model's own cross-validated prediction of the same real runs:
+    # the repetition scheme predicts r2 from r1 (one workload, one forwarded set)
+    acc = content.tables["model_accuracy"]
+    for mech, runs in table.groupby("target_mechanism"):
+        pred = acc[(acc["mechanism"] == mech) & acc["predicted"].notna()]
+        assert list(pred["run"]) == [f"wc.read+write+openat.{'slow' if '500' in mech else 'shm'}.r2"]
+        assert (runs["model_cv_runs"] == 1).all()
+        assert runs["model_cv_wall_s"].tolist() == pytest.approx([pred["predicted"].iloc[0]] * 2)
+        want = pred["predicted"].iloc[0] / runs["measured_wall_s"] - 1
+        assert runs["model_cv_error"].tolist() == pytest.approx(want.tolist())
+    assert "against the model's own" in "\n".join(content.replay.markdown)
+    assert len(content.runs) == 6  # the replays are in no fit
 
 
 @pytest.mark.unit
