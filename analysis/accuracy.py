@@ -114,6 +114,17 @@ class NativeRef:
     source: str
     spread: float  # (max - min) / median of the native walls used (noise)
     flag: str = ""
+    floor: float = np.nan  # mean |w_i / median(the others) - 1| of those natives
+
+
+def native_floor(w: np.ndarray) -> float:
+    """How well native runs predict each other: the mean over runs of |wall / median of
+    the *other* runs' walls - 1| (at least 3 runs, else NaN).  A prediction of a
+    forwarded run built on t_nd = the natives' median inherits this error on average,
+    so no model of t_d from t_nd is expected to do better (a noise floor)."""
+    if len(w) < 3:
+        return np.nan
+    return float(np.mean([abs(w[i] / np.median(np.delete(w, i)) - 1) for i in range(len(w))]))
 
 
 def native_refs(natives: list[NativeRun]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -150,11 +161,12 @@ def reference(r: DelegatedRun, refs: dict, fallback: dict, hosts_of: dict) -> Na
         w, u = refs[key]
         t_nd, med = float(np.median(w)), float(np.median(w))
         spread = float((w.max() - w.min()) / med) if med > 0 else np.nan
+        floor = native_floor(w)
         if g is None:
-            return NativeRef(t_nd, 0.0, f"measured native ({len(w)} runs)", spread)
+            return NativeRef(t_nd, 0.0, f"measured native ({len(w)} runs)", spread, floor=floor)
         C = float(np.median(u))
         return NativeRef(t_nd, C, f"gamma=1 native ({len(w)} runs), C = wall·user/(user+sys)",
-                         spread)  # fmt: skip
+                         spread, floor=floor)  # fmt: skip
     other = sorted(h for h in hosts_of.get(key.split(" @ ")[0], ()) if h != r.host)
     flag = f"natives only from host(s) {', '.join(other)}: not used" if other else ""
     if g is not None:
@@ -454,6 +466,7 @@ def predictions(
                 "t_nd_source": ref.source,
                 "paired_native_s": paired[id(s)],
                 "native_spread": ref.spread,
+                "native_floor": ref.floor,
                 "native_wall_per_cpu": stretch.get(r.key, np.nan),
                 "train_runs": len(train),
                 "params_from": _params_from(train),
@@ -523,7 +536,8 @@ def _offload_rows(off: list[DelegatedRun], ctx: tuple, declared: str | None) -> 
             "gamma": _gamma(r), "repetition": r.repetition, "run": r.path.name,
             "forwarded_calls": len(s.nr), "measured": r.wall, "t_nd": rf.t_nd, "C": rf.C,
             "t_nd_source": rf.source, "paired_native_s": _paired(r, native_wall),
-            "native_spread": rf.spread, "native_wall_per_cpu": stretch.get(r.key, np.nan),
+            "native_spread": rf.spread, "native_floor": np.nan,
+            "native_wall_per_cpu": stretch.get(r.key, np.nan),
             "train_runs": len(o["train"]), "params_from": _params_from(o["train"]),
             "train_run_ids": ";".join(f.train) if f else "", "f_c_pooled_s": np.nan,
             "relay_cpu_share": cpu_share(r, "relay"),
@@ -627,7 +641,7 @@ def model_accuracy(pred: pd.DataFrame, scheme: str) -> pd.DataFrame:
             "params_from",
             "relay_cpu_share", "delegate_cpu_share", "relay_shares_program_cpus",
             "delegate_shared_cpus", "t_nd", "C", "t_nd_source", "paired_native_s",
-            "native_spread", "native_wall_per_cpu", "run", "forwarded_calls", "train_runs",
+            "native_spread", "native_floor", "native_wall_per_cpu", "run", "forwarded_calls", "train_runs",
             "train_run_ids", "f_c_pooled_s", *[f"pred_{p}" for p in preds],
             *[f"err_{p}" for p in preds], "scheme", "flag",
             *[c for c in OFFLOAD_COLUMNS if c in d]]  # fmt: skip
@@ -662,7 +676,7 @@ def headline_table(acc: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     the CI under +-2 points (``TARGET_HALF_WIDTH``; the half-width shrinks as 1/sqrt(runs)
     if the errors spread as they did here)."""
     cols = ["class", "runs", "mean_abs_error", "ci_lo", "ci_hi", "max_abs_error", "bias",
-            "predictors", "chosen_by", "hosts", "native_spread", "repetitions",
+            "predictors", "chosen_by", "hosts", "native_spread", "native_floor", "repetitions",
             "runs_for_2pt", "repetitions_for_2pt"]  # fmt: skip
     if not len(acc) or acc["rel_error"].isna().all():
         return pd.DataFrame(columns=cols)
@@ -688,6 +702,7 @@ def headline_table(acc: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
             "chosen_by": ", ".join(sorted(set(g["chosen_by"]))),
             "hosts": ", ".join(sorted(set(g["host"]))),
             "native_spread": float(g["native_spread"].median()),
+            "native_floor": float(g["native_floor"].mean()) if "native_floor" in g else np.nan,
             "repetitions": reps, "runs_for_2pt": max(need, len(e)),
             "repetitions_for_2pt": int(np.ceil(max(need, len(e)) / per_rep)) if reps else 0,
         })  # fmt: skip
@@ -728,6 +743,9 @@ def error_terms(acc: pd.DataFrame) -> pd.DataFrame:
             "mean_abs_error": float(g["rel_error"].abs().mean()),
             "mean_error (bias)": float(g["rel_error"].mean()),
             "noise: native spread (max-min)/median": float(g["native_spread"].mean()),
+            "noise floor: |native / median of the other natives - 1|": float(
+                g["native_floor"].mean()
+            ),
             "contention: native wall/CPU": float(g["native_wall_per_cpu"].mean()),
             "interference: relay CPU share": float(share.mean()),
             "corr(error, relay share)": corr,
@@ -938,6 +956,10 @@ def runs_guide(head: pd.DataFrame) -> list[str]:
                    f"±2 points would need about {h.runs_for_2pt} runs{reps}")  # fmt: skip
         spread = ("" if h.native_spread != h.native_spread else
                   f"the natives of one workload spread by {h.native_spread:.0%} of their median; ")  # fmt: skip
+        if h.native_floor == h.native_floor:
+            spread += (f"a native run differs from the median of the others by "
+                       f"{h.native_floor:.1%} on average (a floor: t_d is predicted from that "
+                       "median); ")  # fmt: skip
         out.append(f"- {h[1]}: {spread}{h.runs} runs give a CI of ±{half * 100:.1f} points: "
                    f"{verdict}.")  # fmt: skip
     if out:

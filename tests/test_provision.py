@@ -105,6 +105,12 @@ def _delegate_child_pid(d: Path) -> int:
     return int((d / "state" / "node3" / "delegate" / "child.pid").read_text())
 
 
+def _read_csv(p: Path):
+    import pandas as pd  # lazy: the analysis test of this module only
+
+    return pd.read_csv(p)
+
+
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.lstat().st_mode)
 
@@ -333,7 +339,9 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         "name: lab-gzip\nrepetitions: 1\n"
         "workloads:\n  - {name: gzip, size_mb: 1}\n"
         "forward:\n  - read,write\n  - {policy: 'max-freq:50%'}\npredictor: size\n"
-        "delegates: [local, kthread]   # local: replaced by the inventory's delegate nodes\n"
+        "delegates: [local, kthread, {name: near, local: tcp}]\n"
+        "# local: replaced by the inventory's delegate nodes; kthread and near (same-node) stay\n"
+        "replay: {from: near}\n"
     )
     results = tmp / "results"
     proc, summary = provision(
@@ -385,6 +393,17 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
         assert len(calls) > 0 and (calls["d_recv"] > 0).all() and (calls["t_reply"] > 0).all()
         assert cell["host"] == node and cell["output_matches_native"] is True
         assert (d / "syscalls.csv").stat().st_size > 0
+    # replay: each node's recordings on its own loopback ("near") re-issued against node3
+    for node in ("node1", "node2"):
+        for fwd in ("read+write", "max-freq-50pct"):
+            d = results / node / f"gzip.{fwd}.node3.r1.replayed-from-near"
+            run = rundir.load(d)
+            assert run.complete and run.meta["mode"] == "replay"
+            assert run.meta["endpoint"] == f"tcp://{NODE3}:5555" and run.meta["curve"] is True
+            assert run.meta["replay"]["source_mechanism"] == "seccomp/tcp/loopback"
+            assert run.meta["delegate"]["pid"] == child
+            assert run.meta["calls"]["faults"] == 0 and len(run.calls()) > 0
+            assert "not measured" in run.meta["replay"]["client_overhead_how"]  # CURVE
     assert json.loads((results / "plan.json").read_text())["name"] == "lab-gzip"
     assert not (results / ".incoming").exists()
 
@@ -394,6 +413,12 @@ def test_experiment_yml_brings_back_complete_runs(lab3):
     md = (report / "report.md").read_text()
     assert "declared before the analysis in the plan (lab-gzip)" in md  # the plan's predictor
     assert "once on controller" in md  # policies as resolved
+    # each replay scored against the real run on node3 of the same node, cell and set
+    table = _read_csv(report / "tables" / "replay_vs_measured.csv")
+    assert len(table) == 4 and set(table["measured_from"]) == {"other runs"}
+    assert set(table["target_mechanism"]) == {"seccomp/libzmq-curve-tcp/remote"}
+    assert (table["measured_runs"] == 1).all() and table["replay_error"].notna().all()
+    assert "## Replay-predicted vs measured" in md
 
 
 @needs_lab

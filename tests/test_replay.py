@@ -472,7 +472,9 @@ def test_a_plan_records_replays_and_reruns_and_the_report_scores_it(tmp_path):
     acc = content.tables["model_accuracy"]
     for mech, runs in table.groupby("target_mechanism"):
         pred = acc[(acc["mechanism"] == mech) & acc["predicted"].notna()]
-        assert list(pred["run"]) == [f"wc.read+write+openat.{'slow' if '500' in mech else 'shm'}.r2"]
+        assert list(pred["run"]) == [
+            f"wc.read+write+openat.{'slow' if '500' in mech else 'shm'}.r2"
+        ]
         assert (runs["model_cv_runs"] == 1).all()
         assert runs["model_cv_wall_s"].tolist() == pytest.approx([pred["predicted"].iloc[0]] * 2)
         want = pred["predicted"].iloc[0] / runs["measured_wall_s"] - 1

@@ -201,6 +201,14 @@ def test_the_headline_is_the_chosen_predictions_with_a_seeded_ci(labrep):
         assert line + f"{lo:.1%}, {hi:.1%}] for {h[1]}**" in labrep.md.split("## Limits")[0]
     assert "nested cross-validation" in labrep.md.split("## Limits")[0]
     assert "How many runs" in labrep.md
+    # the noise floor: each native against the median of the others, for every class
+    assert (acc["native_floor"].notna()).all()
+    assert "a native run differs from the median of the others by" in labrep.md
+    terms = labrep.c.tables["error_terms"].set_index("class")
+    floor = "noise floor: |native / median of the other natives - 1|"
+    for cls in head["class"]:
+        rows = acc[np.asarray(accuracy.klass(acc)) == cls]
+        assert terms.loc[cls, floor] == pytest.approx(rows["native_floor"].mean())
     # the post-hoc per-predictor table is labelled as diagnosis, not presented as a result
     assert "*for diagnosis only*" in labrep.md
 
@@ -239,6 +247,13 @@ def test_every_table_says_host_and_fit_and_two_lab_nodes_stay_apart(labrep):
     assert res.loc[("node1", "gainbench-g1", "max-freq:20%"), "types"] == 1
     rw = res.xs("read,write", level="policy")["set"]
     assert rw.loc[("node1", "alpha")] == rw.loc[("node2", "alpha")]
+
+
+def test_the_native_floor_is_each_native_against_the_median_of_the_others():
+    assert accuracy.native_floor(np.array([2.0, 2.0, 2.0])) == 0
+    # 1 vs median(2, 3) = 2.5: 0.6; 2 vs 2: 0; 3 vs 1.5: 1
+    assert accuracy.native_floor(np.array([1.0, 2.0, 3.0])) == pytest.approx((0.6 + 0 + 1) / 3)
+    assert np.isnan(accuracy.native_floor(np.array([1.0, 2.0])))  # needs 3 runs
 
 
 def test_flags_are_separated(tmp_path):
