@@ -447,6 +447,18 @@ def test_a_plan_records_replays_and_reruns_and_the_report_scores_it(tmp_path):
     r = run_testbed("experiment", str(plan), "-o", str(res), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ran=10 skipped=0 failed=0" in r.stdout
+    # each repetition's replays run right after the real runs they predict, before the next
+    out = r.stdout + r.stderr
+    at = {k: out.index(k) for k in ("[replay 1/4] wc.read+write+openat.slow.r1.",
+                                    "[replay 2/4] wc.read+write+openat.shm.r1.",
+                                    "wc.read+write+openat.shm.r1  ok",
+                                    "wc.read+write+openat.near.r2  ok",
+                                    "[replay 3/4] wc.read+write+openat.slow.r2.")}  # fmt: skip
+    order = sorted(at, key=at.get)
+    assert order == ["wc.read+write+openat.shm.r1  ok", "[replay 1/4] wc.read+write+openat.slow.r1.",
+                     "[replay 2/4] wc.read+write+openat.shm.r1.",
+                     "wc.read+write+openat.near.r2  ok",
+                     "[replay 3/4] wc.read+write+openat.slow.r2."]  # fmt: skip
     host = next(p for p in res.iterdir() if p.is_dir())
     for target in ("slow", "shm"):
         d = host / f"wc.read+write+openat.{target}.r1.replayed-from-near"

@@ -457,24 +457,46 @@ class Runner:
         return {**info, "status": "ok" if not faults else "faults",
                 "wall_s": run.meta.get("wall_s")}  # fmt: skip
 
-    def run_replays(self, todo: list[ReplayCell]) -> dict[str, int]:
-        """Run the plan's replays ``todo`` with progress lines."""
-        counts = {"ran": 0, "failed": 0}
-        for i, rc in enumerate(todo, start=1):
+    def run_replays(self, todo: list[ReplayCell], counts: dict[str, int], first: int = 1,
+                    total: int | None = None) -> None:  # fmt: skip
+        """Run the replays ``todo`` (numbered from ``first`` of ``total``) with progress
+        lines, adding to ``counts``."""
+        total = total or len(todo)
+        for i, rc in enumerate(todo, start=first):
             info = self.run_replay(rc)
             counts["ran"] += 1
             if info["status"] != "ok":
                 counts["failed"] += 1
             detail = info.get("error") or f"predicted wall {info['wall_s']:.3f} s"
-            self.say(f"[replay {i}/{len(todo)}] {rc.run_id}  {info['status']}  {detail}")
-        return counts
+            self.say(f"[replay {i}/{total}] {rc.run_id}  {info['status']}  {detail}")
 
     def run(
-        self, todo: list[Cell], total: int, skipped: int, specs: list[RunSpec] | None = None
+        self,
+        todo: list[Cell],
+        total: int,
+        skipped: int,
+        specs: list[RunSpec] | None = None,
+        replays: list[ReplayCell] | None = None,
     ) -> dict[str, int]:
-        """Run ``todo`` (as ``specs``, default :meth:`cell_spec` of each) with progress lines."""
+        """Run ``todo`` (as ``specs``, default :meth:`cell_spec` of each) with progress lines.
+
+        ``replays`` run interleaved: each right after the last cell of its group (the
+        repetition, workload and forwarded set of the cell it replays) has run, so a
+        replay and the real runs it predicts meet the machine in the same state;
+        replays of groups with nothing left to run come last."""
         counts = {"ran": 0, "skipped": skipped, "failed": 0}
         specs = specs or [self.cell_spec(c) for c in todo]
+        replays = replays or []
+        left: dict[tuple, int] = {}
+        for c in todo:
+            left[_group(c)] = left.get(_group(c), 0) + 1
+        waiting: dict[tuple, list[ReplayCell]] = {}
+        last = []
+        for rc in replays:
+            (waiting.setdefault(_group(rc.cell), []) if left.get(_group(rc.cell)) else last).append(
+                rc
+            )
+        n_replayed = 0
         t_start = time.monotonic()
         for i, (cell, spec) in enumerate(zip(todo, specs, strict=True), start=1):
             k = skipped + i
@@ -495,7 +517,19 @@ class Runner:
                 + ("" if info["output_matches_native"] else ", OUTPUT DIFFERS FROM NATIVE")
             )
             self.say(f"{label}  {info['status']}  {detail}  (eta {eta:.0f} s)")
+            left[_group(cell)] -= 1
+            if not left[_group(cell)] and waiting.get(_group(cell)):
+                group = waiting.pop(_group(cell))
+                self.run_replays(group, counts, n_replayed + 1, len(replays))
+                n_replayed += len(group)
+        if last:
+            self.run_replays(last, counts, n_replayed + 1, len(replays))
         return counts
+
+
+def _group(c: Cell) -> tuple:
+    """The cells a replay of ``c`` predicts share its repetition, workload and forwarded set."""
+    return c.rep, c.workload.name, c.forward.label
 
 
 def kthread_unavailable() -> str | None:
@@ -650,8 +684,9 @@ def run_plan(
     )
     replays = [rc for rc in replay_cells(plan) if not runner.replay_done(rc)]
     if replays:
-        runner.say(f"experiment {plan.name}: then {len(replays)} replays of the runs on "
-                   f"{plan.replay.source} against the other delegates")  # fmt: skip
+        runner.say(f"experiment {plan.name}: and {len(replays)} replays of the runs on "
+                   f"{plan.replay.source} against the other delegates, each after the "
+                   "runs it predicts")  # fmt: skip
     try:
         if not todo and not replays:
             return {"ran": 0, "skipped": skipped, "failed": 0}
@@ -696,13 +731,7 @@ def run_plan(
                     ping(d.endpoint, timeout_s=5.0, curve_keys=curve_keys)
                 except TestbedError as exc:
                     raise TestbedError(f"delegate {d.name}: {exc}") from None
-            counts = runner.run(todo, len(all_cells), skipped, specs) if todo else {
-                "ran": 0, "skipped": skipped, "failed": 0}  # fmt: skip
-            if replays:
-                done = runner.run_replays(replays)
-                counts["ran"] += done["ran"]
-                counts["failed"] += done["failed"]
-            return counts
+            return runner.run(todo, len(all_cells), skipped, specs, replays)
         finally:
             for ld in started:
                 ld.__exit__()
