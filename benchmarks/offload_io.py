@@ -20,8 +20,9 @@ Rows: 4 KiB and 1 MiB, write and read (per-call times taken by the C program
 around each call: p50 and mean); a 64 MiB copy (1 MiB read + 1 MiB write, 64
 rounds; raw: the same 64 round trips each way, from the 1 MiB rows' means); real
 programs on a 64 MiB file: ``cp`` inside the offloaded tree and ``cat`` into a
-pipe (program wall: run.json ``wall_s``, the relay's start-up excluded; cat
-against the raw transport's time for 64 MiB of reads); 3
+pipe, without and with ``--offload-read-ahead 4`` (program wall: run.json
+``wall_s``, the relay's start-up excluded; cat against the raw transport's time
+for 64 MiB of reads); 3
 concurrent clients each writing 64 MiB (aggregate MB/s over the span from the
 first client's start to the last one's end).  Printed: the medians, MB/s,
 and the ratios the targets of issue 21 name: offloaded p50 − raw p50 at 4 KiB
@@ -62,6 +63,10 @@ PREFIX = "/tb-bench-offload"
 CALL_OVERHEAD, RESULT_OVERHEAD = 95, 75  # fixed-width CALL with a buffer / RESULT with one
 CALL_EMPTY, RESULT_EMPTY = 88, 68
 MIB = 1 << 20
+
+
+#: the read-ahead row of the cat: reads streamed ahead of the program (docs/offload.md)
+READ_AHEAD = ("--offload-read-ahead", "4")
 
 
 def build(tmp: Path) -> dict[str, Path]:
@@ -143,7 +148,8 @@ def _drain(cmd: list[str], env: dict | None = None) -> tuple[float, subprocess.P
     return (time.monotonic() - t0) * 1e3, proc
 
 
-def program(argv: list[str], endpoint: str | None, work: Path, tag: str) -> float:
+def program(argv: list[str], endpoint: str | None, work: Path, tag: str,
+            extra: tuple[str, ...] = ()) -> float:  # fmt: skip
     """Wall ms of a real program: natively (``endpoint`` None; start to exit as seen from
     here) or offloaded (run.json wall_s: the program's exec to its exit, the relay's
     start-up excluded).  Its stdout is a pipe this process drains."""
@@ -151,7 +157,8 @@ def program(argv: list[str], endpoint: str | None, work: Path, tag: str) -> floa
         return _drain(argv)[0]
     run = work / f"run-prog-{tag}"
     cmd = [sys.executable, "-m", "testbed", "run", "--quiet", "--delegate", endpoint,
-           "--mode", "offload", "--offload-path", PREFIX, "-o", str(run), "--", *argv]  # fmt: skip
+           "--mode", "offload", "--offload-path", PREFIX, "-o", str(run), *extra,
+           "--", *argv]  # fmt: skip
     _drain(cmd, _env(False))
     return float(json.loads((run / "run.json").read_text())["wall_s"]) * 1e3
 
@@ -280,6 +287,9 @@ def main() -> None:
                 extra.setdefault("prog_cat_offl_c", []).append(
                     program(["cat", f"{PREFIX}/src"], dc.endpoint, tmp, f"cat{r}")
                 )
+                extra.setdefault("prog_cat_offl_ra", []).append(program(
+                    ["cat", f"{PREFIX}/src"], dc.endpoint, tmp, f"catra{r}", READ_AHEAD
+                ))  # fmt: skip
                 # 3 concurrent clients, 64 x 1 MiB writes each
                 clients, hot = concurrent(exe, 64, dc.endpoint, tmp, str(r))
                 extra.setdefault("cc_offl_c", []).append(aggregate_mbps(clients, MIB))
@@ -354,7 +364,9 @@ def report(args, kinds: list[str], res: dict, extra: dict) -> None:
             print(
                 f"64 MiB cat into a pipe: local {pr['prog_cat_local']:.1f} ms, offloaded "
                 f"{pr['prog_cat_offl_c']:.1f} ms ({pr['prog_cat_offl_c'] / read_raw_ms:.2f}x "
-                f"the raw transport's {read_raw_ms:.1f} ms for the same bytes; target <= 2)"
+                f"the raw transport's {read_raw_ms:.1f} ms for the same bytes; target <= 2), "
+                f"with {' '.join(READ_AHEAD)} {pr['prog_cat_offl_ra']:.1f} ms "
+                f"({pr['prog_cat_offl_ra'] / read_raw_ms:.2f}x)"
             )
     cc = {k: float(np.median(v)) for k, v in extra.items() if k.startswith("cc_")}
     out["concurrent"] = cc

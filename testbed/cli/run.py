@@ -49,7 +49,9 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         curve_keys=args.curve_keys,
         pin_program=args.pin_program,
         kthread=KthreadSpec(args.delay_us, args.faithful, args.flush_caller_tlb),
-        offload=OffloadSpec(tuple(args.offload_path or ()), args.offload_write_behind),
+        offload=OffloadSpec(
+            tuple(args.offload_path or ()), args.offload_write_behind, args.offload_read_ahead
+        ),
         stage_trace=args.stage_trace,
     )
 
@@ -149,6 +151,16 @@ def add_parser(sub: Subparsers) -> None:
         help="offload mode: answer writes at once and send them behind, up to BYTES in flight "
         "(e.g. 4M; 0, the default: every write waits for the delegate); an error they meet is "
         "returned by the fd's next call, fsync or close (docs/offload.md)",
+    )
+    p.add_argument(
+        "--offload-read-ahead",
+        type=int,
+        default=0,
+        metavar="N",
+        help="offload mode: once a program reads an offloaded file sequentially (two reads of "
+        "one size in a row), keep up to N (1-8) further reads of that size in flight and answer "
+        "its reads from them; any other call on the delegate first gives back what was not "
+        "used (0, the default: every read waits for the delegate; docs/offload.md)",
     )
     p.add_argument(
         "--backend",

@@ -77,7 +77,7 @@ SLICE_NS = 50_000_000
 #: ``TESTBED_SHM_SPIN_US`` (also the delegate's) overrides it.
 SHM_SPIN_NS = 0
 SHM_SPIN_ENV = "TESTBED_SHM_SPIN_US"
-TB_ABI = 5
+TB_ABI = 6
 TB_ERROR, TB_NONE, TB_FULL, TB_TRAP, TB_INFLIGHT, TB_FRAME, TB_REPLY = -1, 0, 1, 2, 3, 4, 5
 _ZMQ_FUNCS = ("zmq_send", "zmq_poll", "zmq_msg_init", "zmq_msg_recv", "zmq_msg_data",
               "zmq_msg_size", "zmq_msg_more", "zmq_msg_close")  # fmt: skip
@@ -139,6 +139,19 @@ class _Ctx(ctypes.Structure):
         ("shm_tx", ctypes.c_uint64),
         ("shm_rx", ctypes.c_uint64),
         ("watched", ctypes.c_int64 * 4),
+        *(
+            (n, ctypes.c_int64)
+            for n in (
+                "ra_depth",
+                "ra_timeout_ns",
+                "ra_lost",
+                "ra_issued",
+                "ra_served",
+                "ra_wasted",
+                "ra_undone",
+                "ra_lseeks",
+            )
+        ),  # fmt: skip
     ]
 
 
@@ -299,6 +312,10 @@ class FastPath:
                 lib.tb_set_okind(self._ptr, syscalls.NR_BY_NAME[name], kind)
             self._segs = lib.tb_segs(self._ptr)
             relay.by_ino = _Placeholders(relay.by_ino, self)
+            ra = relay.ra
+            if ra.depth:  # read-ahead: its reads are waited for as long as any call
+                c.ra_depth, c.ra_timeout_ns = ra.depth, relay.timeout_ns
+                ra.active, ra.why = True, ""
 
     def map_set(self, ino: int, handle: int) -> None:
         if self._ptr:
@@ -440,6 +457,14 @@ class FastPath:
         ostats.local += c.o_local
         ostats.remote += c.o_remote
         c.o_local = c.o_remote = 0
+        ra = self.relay.ra
+        if ra.depth:
+            ra.issued, ra.served, ra.wasted = c.ra_issued, c.ra_served, c.ra_wasted
+            ra.undone_bytes, ra.lseeks = c.ra_undone, c.ra_lseeks
+            if c.ra_lost:  # a read sent ahead never came back, or did not fit
+                c.ra_depth = 0
+                self.relay._lose("a read sent ahead got no valid reply within the timeout "
+                                 "(its file offset is unknown)")  # fmt: skip
         gone = c.caller_gone - self._gone_seen  # (ID_VALID failed before sending)
         if gone:
             self.relay.stats.caller_gone += gone

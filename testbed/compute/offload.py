@@ -359,6 +359,24 @@ class WriteBehindStats:
 
 
 @dataclass
+class ReadAheadStats:
+    depth: int = 0  # reads in flight ahead of a sequential reader, at most
+    active: bool = False  # False: the C path does not serve this run (``why``)
+    why: str = ""
+    issued: int = 0  # reads sent ahead
+    served: int = 0  # program reads answered from them
+    wasted: int = 0  # reads sent ahead and not used (given back)
+    undone_bytes: int = 0  # their bytes, moved back with lseek
+    lseeks: int = 0  # the relay's own lseeks (seekable? and give back)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"depth": self.depth, "active": self.active,
+                **({"inactive_because": self.why} if not self.active else {}),
+                "issued": self.issued, "served": self.served, "wasted": self.wasted,
+                "undone_bytes": self.undone_bytes, "lseeks": self.lseeks}  # fmt: skip
+
+
+@dataclass
 class OffloadStats:
     remote: int = 0
     local: int = 0
@@ -389,7 +407,7 @@ class OffloadRelay(Relay):
 
     def __init__(self, backend, sock: zmq.Socket, recorder: rundir.CallRecorder,
                  prefixes: list[str], timeout_s: float = 2.0, busy_poll: bool = False,
-                 write_behind: int = 0):  # fmt: skip
+                 write_behind: int = 0, read_ahead: int = 0):  # fmt: skip
         if backend.name != "seccomp":
             raise OffloadError("offload mode needs the seccomp backend (ADDFD placeholders)")
         super().__init__(backend, sock, recorder, mode="offload", timeout_s=timeout_s,
@@ -419,6 +437,8 @@ class OffloadRelay(Relay):
         self.wb_blocked: dict[int, list[tuple[Trap, int, Pending]]] = {}  # waiting for them
         self.handle_mode: dict[int, int] = {}  # handle -> O_ACCMODE of its open
         self.wb = WriteBehindStats(window=write_behind)
+        # read-ahead (docs/offload.md): served by the C path (fastpath.c), counted here
+        self.ra = ReadAheadStats(depth=read_ahead, why="the relay's C path does not serve this run")
         self.tgid: dict[int, int] = {}
         self.retries: list[tuple[int, Trap, int, Pending]] = []  # (due, trap, call_id, pending)
         self.own_calls: set[int] = set()  # call ids of the relay's own closes
@@ -1537,6 +1557,7 @@ class OffloadRelay(Relay):
             "delegate_lost": self.lost,
             "cwd_fd": self.cwd_fd,
             **({"write_behind": self.wb.as_dict()} if self.wb_limit else {}),
+            **({"read_ahead": self.ra.as_dict()} if self.ra.depth else {}),
         }
 
 

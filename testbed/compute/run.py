@@ -140,10 +140,14 @@ def _run_relay(spec: RunSpec, forwarded: frozenset[int], stdout) -> RunResult:
         if spec.mode == "offload" and "offload" not in str(welcome.get("mode", "")):
             raise TestbedError(f"the delegate at {spec.delegate} does not offload "
                                "(start it with --offload-root DIR)")  # fmt: skip
-        if spec.mode == "offload" and spec.offload.write_behind and welcome.get("workers", 1) > 1:
-            raise TestbedError(f"--offload-write-behind needs a delegate that executes each "
-                               f"connection's calls in order (--workers 1); {spec.delegate} "
-                               f"has {welcome.get('workers')} workers")  # fmt: skip
+        for opt, on in (
+            ("--offload-write-behind", spec.offload and spec.offload.write_behind),
+            ("--offload-read-ahead", spec.offload and spec.offload.read_ahead),
+        ):
+            if spec.mode == "offload" and on and welcome.get("workers", 1) > 1:
+                raise TestbedError(f"{opt} needs a delegate that executes each "
+                                   f"connection's calls in order (--workers 1); {spec.delegate} "
+                                   f"has {welcome.get('workers')} workers")  # fmt: skip
         out = rundir.create(spec.output)
     except TestbedError:
         sock.close()
@@ -160,6 +164,10 @@ def _run_relay(spec: RunSpec, forwarded: frozenset[int], stdout) -> RunResult:
         why_python = "--offload-write-behind is served by the Python path"
     else:
         why_python = fastpath.attach(s.relay)  # the common case in C where it applies
+    if spec.offload and spec.offload.read_ahead and why_python:
+        s.relay.ra.why = f"the relay's C path does not serve this run: {why_python}"
+        print(f"testbed: warning: --offload-read-ahead has no effect: {s.relay.ra.why}",
+              file=sys.stderr)  # fmt: skip
     if spec.stage_trace:
         s.relay.stages = []
     s.started = time.time()
@@ -239,7 +247,8 @@ def _make_relay(s: _Session, recorder: rundir.CallRecorder):
 
         return OffloadRelay(s.backend, s.sock, recorder, list(spec.offload.paths),
                             timeout_s=spec.timeout_s, busy_poll=spec.busy_poll,
-                            write_behind=spec.offload.write_behind)  # fmt: skip
+                            write_behind=spec.offload.write_behind,
+                            read_ahead=spec.offload.read_ahead)  # fmt: skip
     from testbed.compute.relay import Relay  # lazy: zmq, relay modes only (not kthread)
 
     return Relay(s.backend, s.sock, recorder, mode=spec.mode, timeout_s=spec.timeout_s,

@@ -93,6 +93,10 @@ class KthreadSpec:
             raise SpecError(f"--delay-us must be at most {MAX_DELAY_NS // 1000} (1 s per leg)")
 
 
+#: --offload-read-ahead: reads in flight at most (fastpath.c RA_MAX)
+READ_AHEAD_MAX = 8
+
+
 @dataclass(frozen=True)
 class OffloadSpec:
     """``--mode offload``: file I/O on or under ``paths`` executes at the delegate.
@@ -105,6 +109,8 @@ class OffloadSpec:
     paths: tuple[str, ...] = ()
     #: write-behind window in bytes (0: every write waits for its reply), docs/offload.md
     write_behind: int = 0
+    #: reads in flight ahead of a sequential reader (0: none), docs/offload.md
+    read_ahead: int = 0
 
     def __post_init__(self) -> None:
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
@@ -179,9 +185,12 @@ class RunSpec:
         for name in ("profile", "output", "stage_trace"):
             self._set(name, _path(getattr(self, name)))
         if self.offload is not None and not self.offload.paths:
-            if self.offload.write_behind:
-                raise SpecError("--offload-write-behind is only used with --mode offload "
-                                "and --offload-path")  # fmt: skip
+            for opt, val in (
+                ("--offload-write-behind", self.offload.write_behind),
+                ("--offload-read-ahead", self.offload.read_ahead),
+            ):
+                if val:
+                    raise SpecError(f"{opt} is only used with --mode offload and --offload-path")
             self._set("offload", None)
         if self.mode == "kthread" and self.kthread is None:
             self._set("kthread", KthreadSpec())
@@ -229,8 +238,16 @@ class RunSpec:
             wb = self.offload.write_behind
             if not isinstance(wb, int) or wb < 0:
                 raise SpecError(f"--offload-write-behind must be a byte count >= 0, not {wb!r}")
+            ra = self.offload.read_ahead
+            if not isinstance(ra, int) or not 0 <= ra <= READ_AHEAD_MAX:
+                raise SpecError(f"--offload-read-ahead must be a number of reads in 0..{READ_AHEAD_MAX}, "
+                                f"not {ra!r}")  # fmt: skip
+            if ra and wb:
+                raise SpecError("--offload-read-ahead and --offload-write-behind cannot be combined "
+                                "(read-ahead runs on the relay's C path, write-behind on its "
+                                "Python path)")  # fmt: skip
             self._set("offload", OffloadSpec(tuple(norm_prefix(p) for p in self.offload.paths),
-                                             self.offload.write_behind))  # fmt: skip
+                                             wb, ra))  # fmt: skip
             return
         if self.offload:
             raise SpecError("--offload-path is only used with --mode offload")
@@ -264,6 +281,8 @@ class RunSpec:
             argv += ["--offload-path", path]
         if self.offload and self.offload.write_behind:
             argv += ["--offload-write-behind", str(self.offload.write_behind)]
+        if self.offload and self.offload.read_ahead:
+            argv += ["--offload-read-ahead", str(self.offload.read_ahead)]
         if self.forward is not None:
             if not self.forward:
                 raise SpecError("an empty forwarded set has no --forward option")

@@ -67,6 +67,7 @@ F_CALLER_GONE = 4  # the caller died / notification no longer valid
 F_NOT_SENT = 8  # released without being sent (e.g. delegate already lost)
 F_UNREADABLE = 16  # the caller's memory could not be read: released locally, not sent
 F_BEHIND = 32  # write-behind: answered before the reply (t_resume < t_reply)
+F_AHEAD = 64  # read-ahead: answered from a read sent before the call (t_send < t_trap)
 F_FAULT_MASK = F_TIMEOUT | F_PEER_ERROR | F_NOT_SENT | F_UNREADABLE
 
 #: One record per forwarded call.  t_* are relay clock, d_* delegate clock, ns
@@ -345,11 +346,12 @@ def usable(calls: np.ndarray, d: dict[str, np.ndarray] | None = None) -> np.ndar
 
     Faults (timeout, delegate error, not sent, unreadable memory) ran locally
     without a reply, so their time is not a forwarding cost; write-behind calls
-    (``F_BEHIND``) were answered before their reply, so theirs is not either.
+    (``F_BEHIND``) were answered before their reply, so theirs is not either, nor
+    is that of reads answered from a read sent ahead (``F_AHEAD``).
     """
     np = _np()
     fc = (d if d is not None else derived(calls))["f_c"]
-    ok = (calls["flags"] & (F_FAULT_MASK | F_BEHIND)) == 0
+    ok = (calls["flags"] & (F_FAULT_MASK | F_BEHIND | F_AHEAD)) == 0
     return ok & np.isfinite(fc) & (fc > 0)
 
 
@@ -430,7 +432,10 @@ def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[
     for part in iter_chunks(calls):
         d = derived(part)
         faulty = (part["flags"] & F_FAULT_MASK) != 0
-        ok = ~faulty
+        # a read answered from one sent ahead: its reply was taken when the program
+        # asked, so t_reply - t_send is no round trip
+        timed = (part["flags"] & F_AHEAD) == 0
+        ok = ~faulty & timed
         run_rtt.add(d["rtt"][ok])
         run_ovh.add(d["overhead"][usable(part, d)])
         run_res.add(d["residence"][ok])
@@ -442,7 +447,7 @@ def summarize_all(calls: np.ndarray | Path) -> tuple[list[dict[str, Any]], dict[
             st.faults += int(faulty[sel].sum())
             st.bytes_in += int(part["bytes_in"][sel].sum())
             st.overhead_sum += int(np.nansum(d["overhead"][sel]))
-            st.rtt.add(d["rtt"][sel])
+            st.rtt.add(d["rtt"][sel & timed])
             st.overhead.add(d["overhead"][sel])
     rows = [
         {

@@ -42,7 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TB_ABI 5
+#define TB_ABI 6
 
 /* struct seccomp_notif / seccomp_notif_resp (linux/seccomp.h, stable ABI) */
 #define NOTIF_SIZE 80
@@ -74,6 +74,10 @@ typedef struct {
 #define OUT_HEAD 16         /* room for a ZMTP frame header before the CALL */
 #define TB_MAP 16384        /* placeholder slots (Python falls back beyond TB_MAP / 2) */
 #define TB_IOV_MAX 1024
+#define RA_MAX 8              /* reads in flight ahead, at most */
+#define RA_BYTES (4 << 20)    /* ... and bytes (the delegate allows 8 MiB in flight) */
+#define RA_NO 16              /* handles read-ahead gave up on (a ring) */
+#define F_AHEAD 64            /* rundir.F_AHEAD: served from a read sent ahead */
 
 /* flags of a record (testbed.rundir) */
 #define F_CALLER_GONE 4
@@ -167,6 +171,16 @@ struct tb_ctx {
 	 * mmap, writable MAP_SHARED file mmap (interpose.WATCH_KEYS).  Python drains them.
 	 */
 	int64_t watched[4];
+	/*
+	 * Offload read-ahead (--offload-read-ahead N, docs/offload.md): ra_depth
+	 * reads in flight ahead of a program reading one placeholder sequentially
+	 * (0: off), waited for up to ra_timeout_ns each.  ra_lost: a read-ahead
+	 * reply never came or was invalid (Python takes the delegate as lost).
+	 * Counters Python drains: reads sent ahead, program reads served from them,
+	 * reads sent ahead and never used, their bytes moved back (lseek), lseeks.
+	 */
+	int64_t ra_depth, ra_timeout_ns, ra_lost, ra_issued, ra_served, ra_wasted, ra_undone,
+		ra_lseeks;
 	/* private */
 	int8_t kind[TB_NR_MAX], buf_arg[TB_NR_MAX], size_arg[TB_NR_MAX];
 	int32_t mem_tid[TB_MEMFDS], mem_fd[TB_MEMFDS];
@@ -184,6 +198,17 @@ struct tb_ctx {
 	uint8_t iovs[16 * TB_IOV_MAX];
 	int64_t lowat; /* raw ZMTP: the SO_RCVLOWAT set */
 	int32_t fdd_tid[TB_MEMFDS], fdd_fd[TB_MEMFDS]; /* /proc/TID/fd directories, by tid */
+	/* read-ahead: one stream (a ring of slots), the run detector, refused handles */
+	struct ra_slot {
+		uint64_t id;
+		int64_t want, ret, err, t_send, t_reply, stamps[4];
+		int ready;
+		uint8_t *buf;
+		size_t cap;
+	} ra[RA_MAX];
+	int ra_head, ra_n, ra_eof, ra_run, ra_quiet, ra_no_next, ra_strikes;
+	int64_t ra_handle, ra_want, ra_last, ra_last_want, ra_strike_h;
+	int64_t ra_no[RA_NO];
 };
 
 static inline int64_t now_ns(void)
@@ -224,6 +249,9 @@ struct tb_ctx *tb_new(void)
 	c->outp = c->out;
 	for (int i = 0; i < TB_MEMFDS; i++)
 		c->mem_fd[i] = c->fdd_fd[i] = -1;
+	c->ra_handle = c->ra_last = c->ra_strike_h = -1;
+	for (int i = 0; i < RA_NO; i++)
+		c->ra_no[i] = -1;
 	return c;
 }
 
@@ -515,7 +543,7 @@ static int raw_wait_part(struct tb_ctx *c, int64_t until, int *more)
 				return TB_INFLIGHT;
 			ms = (int)(left / 1000000) + 1;
 		}
-		int rc = poll(items, 2, ms);
+		int rc = poll(items, c->ra_quiet ? 1 : 2, ms);
 
 		if (rc < 0)
 			return TB_INFLIGHT;
@@ -1380,7 +1408,7 @@ static int off_wait(struct tb_ctx *c, int64_t until)
 				return TB_INFLIGHT;
 			ms = (long)(left / 1000000) + 1;
 		}
-		int rc = c->zpoll(items, 2, ms);
+		int rc = c->zpoll(items, c->ra_quiet ? 1 : 2, ms);
 
 		if (rc < 0)
 			return TB_INFLIGHT;
@@ -1408,6 +1436,304 @@ static int off_wait(struct tb_ctx *c, int64_t until)
 	c->frame_len = (int64_t)c->zsize(&c->msg);
 	return c->zmore(&c->msg) ? TB_FRAME : TB_NONE;
 }
+
+
+/* ------------------------------------------------------------------ read-ahead
+ *
+ * --offload-read-ahead N (docs/offload.md, "Read-ahead").  After two full
+ * plain reads of the same size on one placeholder with no other remote call
+ * between them, and an lseek(h, 0, SEEK_CUR) that says the file is seekable,
+ * up to N further reads of that size (at most RA_BYTES) are sent at once and
+ * kept in flight: each program read of the same size on that placeholder is
+ * answered from the oldest, and one more is sent while its last answer was
+ * full.  Each is exactly the read the program's next read would have made,
+ * made earlier.  Before any other remote call (and before tb_forward returns
+ * to Python) the stream is settled: every reply is waited for and the bytes
+ * read ahead but not used are given back with lseek(h, -bytes, SEEK_CUR), so
+ * the file's offset is where the program's reads left it.  A reply that
+ * never comes or does not fit the read sets ra_lost.
+ */
+static int ra_refused(struct tb_ctx *c, int64_t h)
+{
+	for (int i = 0; i < RA_NO; i++)
+		if (c->ra_no[i] == h)
+			return 1;
+	return 0;
+}
+
+static void ra_refuse(struct tb_ctx *c, int64_t h)
+{
+	c->ra_no[c->ra_no_next] = h;
+	c->ra_no_next = (c->ra_no_next + 1) % RA_NO;
+}
+
+/* One frame within deadline, the listener not watched: TB_NONE, else -1 (nothing usable). */
+static int ra_frame(struct tb_ctx *c, int64_t deadline)
+{
+	c->ra_quiet = 1;
+	for (;;) {
+		c->t_send = now_ns();
+		int rc = off_wait(c, deadline);
+
+		if (rc == TB_NONE)
+			break;
+		if (rc == TB_FRAME || c->raw_err || now_ns() >= deadline) {
+			if (rc == TB_FRAME)
+				tb_frame_done(c);
+			c->ra_quiet = 0;
+			return -1;
+		}
+	}
+	c->ra_quiet = 0;
+	return TB_NONE;
+}
+
+/* Send a fixed-width offload CALL with no buffers: 0, or -1 (not sent whole). */
+static int ra_send(struct tb_ctx *c, uint64_t id, int32_t nr, const uint64_t *args)
+{
+	uint8_t *out = c->out + OUT_HEAD;
+	size_t n = call_head(out, id, 0, (uint16_t)nr, args, 0);
+
+	memcpy(out + n, "\xa7offload", 8);
+	n += 8;
+	c->t_send = now_ns();
+	if (c->raw_fd >= 0)
+		return raw_send_all(c, out, n) == 0 ? 0 : -1;
+	return c->zsend(c->sock, out, n, ZMQ_DONTWAIT) < 0 ? -1 : 0;
+}
+
+/* A reply for a slot in flight: stored in it; 0, or -1 (not one of ours, or invalid). */
+static int ra_absorb(struct tb_ctx *c)
+{
+	struct oreply r;
+
+	for (int j = 0; j < c->ra_n; j++) {
+		struct ra_slot *s = &c->ra[(c->ra_head + j) % RA_MAX];
+
+		if (s->ready || !tb_parse_oresult(c->frame, (size_t)c->frame_len, s->id, &r))
+			continue;
+		if (!oreply_valid(&r, OK_READ, s->want))
+			return -1;
+		s->err = r.err;
+		s->ret = r.err ? -r.err : r.ret;
+		if (!r.err && r.nouts)
+			memcpy(s->buf, r.out[0], r.out_len[0]);
+		memcpy(s->stamps, r.stamps, sizeof(s->stamps));
+		s->t_reply = c->t_reply;
+		s->ready = 1;
+		tb_frame_done(c);
+		return 0;
+	}
+	return -1;
+}
+
+/* Wait until slot j of the stream (0: the oldest) has its reply: 0, or -1 (ra_lost set). */
+static int ra_pump(struct tb_ctx *c, int j)
+{
+	struct ra_slot *s = &c->ra[(c->ra_head + j) % RA_MAX];
+
+	while (!s->ready) {
+		if (ra_frame(c, s->t_send + c->ra_timeout_ns) < 0 || ra_absorb(c) < 0) {
+			tb_frame_done(c);
+			c->ra_lost = 1;
+			c->ra_n = 0; /* nothing of the stream is usable any more */
+			c->ra_handle = -1;
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* One lseek(h, off, whence) now, nothing else in flight: its return (or -errno), or
+ * INT64_MIN (no usable reply: ra_lost set). */
+static int64_t ra_lseek(struct tb_ctx *c, int64_t h, int64_t off, int whence)
+{
+	uint64_t args[6] = {(uint64_t)h, (uint64_t)off, (uint64_t)whence, 0, 0, 0};
+	uint64_t id = c->next_id++;
+	int64_t t0 = now_ns();
+	struct oreply r;
+
+	c->ra_lseeks++;
+	if (ra_send(c, id, 8 /* lseek */, args) < 0 || ra_frame(c, t0 + c->ra_timeout_ns) < 0 ||
+	    !tb_parse_oresult(c->frame, (size_t)c->frame_len, id, &r) ||
+	    !oreply_valid(&r, OK_LSEEK, 0)) {
+		tb_frame_done(c);
+		c->ra_lost = 1;
+		return INT64_MIN;
+	}
+	tb_frame_done(c);
+	return r.err ? -r.err : r.ret;
+}
+
+/* Send one more read of the stream's size: 0, or -1 (then no more are sent). */
+static int ra_issue(struct tb_ctx *c)
+{
+	struct ra_slot *s = &c->ra[(c->ra_head + c->ra_n) % RA_MAX];
+	uint64_t args[6] = {(uint64_t)c->ra_handle, 0, (uint64_t)c->ra_want, 0, 0, 0};
+
+	if (s->cap < (size_t)c->ra_want) {
+		uint8_t *b = realloc(s->buf, (size_t)c->ra_want);
+
+		if (!b)
+			return -1;
+		s->buf = b;
+		s->cap = (size_t)c->ra_want;
+	}
+	s->id = c->next_id++;
+	s->want = c->ra_want;
+	s->ready = 0;
+	if (ra_send(c, s->id, 0 /* read */, args) < 0) {
+		c->ra_lost = 1;
+		return -1;
+	}
+	s->t_send = c->t_send;
+	c->ra_n++;
+	c->ra_issued++;
+	c->o_remote++;
+	return 0;
+}
+
+/* Settle the stream (see above): 0, or -1 (ra_lost set: the file offset is unknown). */
+static int ra_settle(struct tb_ctx *c)
+{
+	int64_t back = 0;
+
+	if (!c->ra_n) {
+		c->ra_handle = -1;
+		return 0;
+	}
+	for (int j = 0; j < c->ra_n; j++) {
+		if (ra_pump(c, j) < 0)
+			return -1;
+		struct ra_slot *s = &c->ra[(c->ra_head + j) % RA_MAX];
+
+		back += s->ret > 0 ? s->ret : 0;
+		c->ra_wasted++;
+	}
+	int64_t h = c->ra_handle;
+
+	c->ra_n = 0;
+	c->ra_handle = -1;
+	if (!back)
+		return 0;
+	c->ra_undone += back;
+	if (ra_lseek(c, h, -back, SEEK_CUR) < 0) {
+		c->ra_lost = 1; /* the offset could not be put back */
+		return -1;
+	}
+	if (c->ra_strike_h != h) {
+		c->ra_strike_h = h;
+		c->ra_strikes = 0;
+	}
+	if (++c->ra_strikes >= 2)
+		ra_refuse(c, h); /* read ahead and thrown away twice: not this one */
+	return 0;
+}
+
+/* After a plain read served in C: count the run, start a stream after the second. */
+static void ra_after_read(struct tb_ctx *c, int64_t h, int64_t want, int64_t ret)
+{
+	if (!c->ra_depth || c->ra_lost || ra_refused(c, h))
+		return;
+	if (ret != want || want <= 0) {
+		c->ra_last = -1;
+		return;
+	}
+	if (c->ra_last == h && c->ra_last_want == want) {
+		c->ra_run++;
+	} else {
+		c->ra_last = h;
+		c->ra_last_want = want;
+		c->ra_run = 1;
+	}
+	if (c->ra_run < 2)
+		return;
+	int64_t pos = ra_lseek(c, h, 0, SEEK_CUR);
+
+	if (pos == INT64_MIN)
+		return;
+	if (pos < 0) { /* not seekable: what was read ahead could not be given back */
+		ra_refuse(c, h);
+		return;
+	}
+	int64_t depth = c->ra_depth < RA_MAX ? c->ra_depth : RA_MAX;
+
+	if (depth * want > RA_BYTES)
+		depth = RA_BYTES / want > 0 ? RA_BYTES / want : 1;
+	c->ra_handle = h;
+	c->ra_want = want;
+	c->ra_eof = 0;
+	c->ra_head = 0;
+	c->ra_n = 0;
+	c->ra_last = -1;
+	for (int64_t i = 0; i < depth; i++)
+		if (ra_issue(c) < 0)
+			break;
+}
+
+/*
+ * A plain read of the stream's placeholder: OFF_NEXT (answered from the oldest
+ * slot), TB_NONE (not served this way: settle and go the usual way), TB_TRAP
+ * (ra_lost: Python takes over).
+ */
+static int ra_serve(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, const uint64_t *args)
+{
+	uint64_t count = args[2];
+	int64_t want = (int64_t)(count < TB_MAX_BUFFER ? count : TB_MAX_BUFFER);
+
+	if (want != c->ra_want || syscall(SYS_read, (long)c->devnull, args[1], count) < 0)
+		return TB_NONE; /* another size, or a buffer the kernel refuses: the usual way */
+	if (ra_pump(c, 0) < 0)
+		return TB_TRAP;
+	struct ra_slot *s = &c->ra[c->ra_head];
+	uint64_t seg[2] = {args[1], (uint64_t)want};
+	int gone = 0;
+
+	if (!id_valid(c, nid)) {
+		c->caller_gone++;
+		return OFF_NEXT; /* the slot stays for whoever reads next */
+	}
+	if (s->err) {
+		gone = answer(c, nid, 0, (int32_t)s->err);
+	} else {
+		if (s->ret && !pvm_write(tid, s->buf, (size_t)s->ret, seg, 1))
+			return TB_NONE; /* did not land: settled (given back), then the usual way */
+		gone = answer(c, nid, s->ret, 0);
+	}
+	struct tb_record *rec = &c->rec[c->nrec];
+
+	rec->seq = c->seq + (uint64_t)c->nrec;
+	rec->tid = (int32_t)tid;
+	rec->nr = (int16_t)nr;
+	rec->flags = F_AHEAD | (gone ? F_CALLER_GONE : 0);
+	rec->ret = s->ret;
+	rec->bytes_in = 0;
+	rec->bytes_out = s->ret > 0 ? (uint32_t)s->ret : 0;
+	rec->t_trap = c->t_trap;
+	rec->t_send = s->t_send;
+	rec->t_reply = s->t_reply;
+	rec->t_resume = now_ns();
+	rec->d_recv = s->stamps[0];
+	rec->d_exec_start = s->stamps[1];
+	rec->d_exec_end = s->stamps[2];
+	rec->d_send = s->stamps[3];
+	c->nrec++;
+	c->served++;
+	c->ra_served++;
+	c->caller_gone += gone;
+	int full = !s->err && s->ret == s->want;
+
+	c->ra_head = (c->ra_head + 1) % RA_MAX;
+	c->ra_n--;
+	if (!full)
+		c->ra_eof = 1; /* end of file (or an error): nothing more is sent ahead */
+	if (!c->ra_eof && !c->ra_lost)
+		ra_issue(c);
+	if (!c->ra_n)
+		c->ra_handle = -1;
+	return OFF_NEXT;
+}
+
 
 /* Serve one offload-mode notification: OFF_NEXT, or a TB_* code for Python. */
 static int off_call(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, uint64_t *args,
@@ -1439,6 +1765,18 @@ static int off_call(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, ui
 		return OFF_NEXT;
 	}
 	args[0] = (uint64_t)handle;
+	if (c->ra_n) { /* a read-ahead stream: serve from it, or settle it first */
+		if (k == OK_READ && handle == c->ra_handle) {
+			int rr = ra_serve(c, nid, tid, nr, args);
+
+			if (rr != TB_NONE)
+				return rr;
+		}
+		if (ra_settle(c) < 0)
+			return TB_TRAP; /* ra_lost: Python takes the delegate as lost */
+	}
+	if (k != OK_READ)
+		c->ra_last = -1; /* a run of reads is only reads */
 	if (ok_read(k) || ok_write(k)) {
 		uint64_t addr = args[1], count = args[2], total = count;
 		long verdict = 0;
@@ -1616,11 +1954,29 @@ static int off_call(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, ui
 	c->nrec++;
 	c->served++;
 	c->caller_gone += gone;
+	if (k == OK_READ && !r.err)
+		ra_after_read(c, handle, want, r.ret);
 	return OFF_NEXT;
 }
 
-/* Serve calls until one needs Python, the record buffer fills or slice_ns passed. */
+static int forward_loop(struct tb_ctx *c);
+
+/*
+ * Serve calls until one needs Python, the record buffer fills or slice_ns
+ * passed; a read-ahead stream is settled before Python gets the connection.
+ */
 int tb_forward(struct tb_ctx *c)
+{
+	int rc = forward_loop(c);
+
+	if (c->ra_n && rc != TB_INFLIGHT && rc != TB_FRAME && rc != TB_REPLY)
+		ra_settle(c);
+	if (rc == TB_TRAP)
+		c->ra_last = -1;
+	return rc;
+}
+
+static int forward_loop(struct tb_ctx *c)
 {
 	int64_t until = now_ns() + c->slice_ns;
 	uint8_t *out = c->out + OUT_HEAD;
@@ -1840,5 +2196,7 @@ void tb_free(struct tb_ctx *c)
 		if (c->fdd_fd[i] >= 0)
 			close(c->fdd_fd[i]);
 	}
+	for (int i = 0; i < RA_MAX; i++)
+		free(c->ra[i].buf);
 	free(c);
 }
