@@ -445,6 +445,26 @@ def test_bad_plan_stops_experiment_yml_before_the_nodes(lab3):
         assert not (tmp / "bad-results").exists()
 
 
+@needs_lab
+@pytest.mark.netns
+def test_experiment_yml_without_the_nodes_relay_keys_says_so_before_running(lab3):
+    """CURVE delegates, and no relay keys where experiment.yml is told to look (as when
+    site.yml ran with other delegate_* settings): one clear line, no run started."""
+    tmp = lab3["tmp"]
+    plan = tmp / "keys.yml"
+    plan.write_text("workloads: [{name: gzip, size_mb: 1}]\nforward: [read]\ndelegates: [local]\n")
+    proc, _ = provision(
+        lab3["inventory"], "experiment.yml", tmp, "--limit", "node1,node3",
+        "-e", f"experiment_plan={plan}", "-e", "delegate_relay_keys_dir=/nonexistent-relay-keys",
+        "-e", f"experiment_results_dir={tmp / 'keys-results'}",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "this node has no relay keys at /nonexistent-relay-keys" in last, last
+    assert "run site.yml first" in last
+    assert not list((tmp / "keys-results").rglob("run.json"))
+
+
 @pytest.mark.skipif(WHY is not None, reason=WHY or "")
 def test_unreachable_host_is_named_and_nothing_is_left(tmp_path):
     inv = tmp_path / "hosts.ini"

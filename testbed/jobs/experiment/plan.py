@@ -317,12 +317,7 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
         if set(item) - {"name", "local", "delay_us"} or item["local"] not in LOCAL_SCHEMES:
             raise PlanError(f"{where}: a same-node delegate is {{name, local: tcp|ipc|shm}} "
                             "with an optional delay_us")  # fmt: skip
-        try:
-            delay = float(item.get("delay_us", 0.0))
-        except (TypeError, ValueError):
-            delay = -1.0
-        if not 0 <= delay <= 1e6:
-            raise PlanError(f"{where}: delay_us of a same-node delegate must be in [0, 1000000]")
+        delay = _delay_us(item.get("delay_us", 0.0), f"{where}: delay_us of a same-node delegate")
         name = label(str(item.get("name") or f"local-{item['local']}"))
         return DelegateSpec(name, "local", delay_us=delay, scheme=item["local"], same_node=True)
     if isinstance(item, str):
@@ -335,6 +330,17 @@ def _delegate(item: Any, where: str) -> DelegateSpec:
         raise PlanError(f"{where}: {exc}") from None
     name = item.get("name") or ep.split("://", 1)[1]
     return DelegateSpec(label(str(name)), ep)
+
+
+def _delay_us(value: Any, what: str) -> float:
+    """An injected delay in microseconds, a number in [0, 1000000] (else PlanError)."""
+    try:
+        delay = float(value)
+    except (TypeError, ValueError):
+        delay = -1.0
+    if not 0 <= delay <= 1e6:
+        raise PlanError(f"{what} must be a number in [0, 1000000]")
+    return delay
 
 
 KTHREAD_KEYS = {"delay_us", "faithful", "flush_caller_tlb"}
@@ -351,12 +357,7 @@ def _kthread_delegate(item: dict, where: str) -> DelegateSpec:
         raise PlanError(
             f"{where}: a kthread delegate is {{name, kthread: {{delay_us, faithful, flush_caller_tlb}}}}"
         )
-    try:
-        delay = float(opts.get("delay_us", 0.0))
-    except (TypeError, ValueError):
-        delay = -1.0
-    if not 0 <= delay <= 1e6:
-        raise PlanError(f"{where}: kthread delay_us must be a number in [0, 1000000]")
+    delay = _delay_us(opts.get("delay_us", 0.0), f"{where}: kthread delay_us")
     faithful = opts.get("faithful", False)
     flush = opts.get("flush_caller_tlb", False)
     if not isinstance(faithful, bool) or not isinstance(flush, bool):
