@@ -202,7 +202,8 @@ struct tb_ctx {
 	struct ra_slot {
 		uint64_t id;
 		int64_t want, ret, err, t_send, t_reply, stamps[4];
-		int ready;
+		int ready, held; /* held: data points into the frame in hand (not copied) */
+		const uint8_t *data;
 		uint8_t *buf;
 		size_t cap;
 	} ra[RA_MAX];
@@ -1502,8 +1503,24 @@ static int ra_send(struct tb_ctx *c, uint64_t id, int32_t nr, const uint64_t *ar
 	return c->zsend(c->sock, out, n, ZMQ_DONTWAIT) < 0 ? -1 : 0;
 }
 
-/* A reply for a slot in flight: stored in it; 0, or -1 (not one of ours, or invalid). */
-static int ra_absorb(struct tb_ctx *c)
+/* Keep a held slot's data: copied out of the frame in hand, which is then let go. */
+static void ra_unhold(struct tb_ctx *c, struct ra_slot *s)
+{
+	if (!s->held)
+		return;
+	if (s->ret > 0)
+		memcpy(s->buf, s->data, (size_t)s->ret);
+	s->data = s->buf;
+	s->held = 0;
+	tb_frame_done(c);
+}
+
+/*
+ * A reply for a slot in flight: stored in it; 0, or -1 (not one of ours, or
+ * invalid).  mode 0: only its result (a settle); 1: its data too, and the
+ * oldest slot's is not copied but held in the frame (served right away).
+ */
+static int ra_absorb(struct tb_ctx *c, int mode)
 {
 	struct oreply r;
 
@@ -1516,24 +1533,33 @@ static int ra_absorb(struct tb_ctx *c)
 			return -1;
 		s->err = r.err;
 		s->ret = r.err ? -r.err : r.ret;
-		if (!r.err && r.nouts)
-			memcpy(s->buf, r.out[0], r.out_len[0]);
+		s->data = s->buf;
+		if (mode && !r.err && r.nouts) {
+			if (j == 0) {
+				s->data = r.out[0];
+				s->held = 1;
+			} else {
+				memcpy(s->buf, r.out[0], r.out_len[0]);
+			}
+		}
 		memcpy(s->stamps, r.stamps, sizeof(s->stamps));
 		s->t_reply = c->t_reply;
 		s->ready = 1;
-		tb_frame_done(c);
+		if (!s->held)
+			tb_frame_done(c);
 		return 0;
 	}
 	return -1;
 }
 
-/* Wait until slot j of the stream (0: the oldest) has its reply: 0, or -1 (ra_lost set). */
-static int ra_pump(struct tb_ctx *c, int j)
+/* Wait until slot j of the stream (0: the oldest) has its reply (mode: ra_absorb's):
+ * 0, or -1 (ra_lost set). */
+static int ra_pump(struct tb_ctx *c, int j, int mode)
 {
 	struct ra_slot *s = &c->ra[(c->ra_head + j) % RA_MAX];
 
 	while (!s->ready) {
-		if (ra_frame(c, s->t_send + c->ra_timeout_ns) < 0 || ra_absorb(c) < 0) {
+		if (ra_frame(c, s->t_send + c->ra_timeout_ns) < 0 || ra_absorb(c, mode) < 0) {
 			tb_frame_done(c);
 			c->ra_lost = 1;
 			c->ra_n = 0; /* nothing of the stream is usable any more */
@@ -1603,9 +1629,14 @@ static int ra_settle(struct tb_ctx *c)
 		return 0;
 	}
 	for (int j = 0; j < c->ra_n; j++) {
-		if (ra_pump(c, j) < 0)
-			return -1;
 		struct ra_slot *s = &c->ra[(c->ra_head + j) % RA_MAX];
+
+		if (s->held) { /* its data is not wanted any more */
+			s->held = 0;
+			tb_frame_done(c);
+		}
+		if (ra_pump(c, j, 0) < 0)
+			return -1;
 
 		back += s->ret > 0 ? s->ret : 0;
 		c->ra_wasted++;
@@ -1683,7 +1714,7 @@ static int ra_serve(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, co
 
 	if (want != c->ra_want || syscall(SYS_read, (long)c->devnull, args[1], count) < 0)
 		return TB_NONE; /* another size, or a buffer the kernel refuses: the usual way */
-	if (ra_pump(c, 0) < 0)
+	if (ra_pump(c, 0, 1) < 0)
 		return TB_TRAP;
 	struct ra_slot *s = &c->ra[c->ra_head];
 	uint64_t seg[2] = {args[1], (uint64_t)want};
@@ -1691,14 +1722,21 @@ static int ra_serve(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, co
 
 	if (!id_valid(c, nid)) {
 		c->caller_gone++;
+		ra_unhold(c, s);
 		return OFF_NEXT; /* the slot stays for whoever reads next */
 	}
 	if (s->err) {
 		gone = answer(c, nid, 0, (int32_t)s->err);
 	} else {
-		if (s->ret && !pvm_write(tid, s->buf, (size_t)s->ret, seg, 1))
+		if (s->ret && !pvm_write(tid, s->data, (size_t)s->ret, seg, 1)) {
+			ra_unhold(c, s);
 			return TB_NONE; /* did not land: settled (given back), then the usual way */
+		}
 		gone = answer(c, nid, s->ret, 0);
+	}
+	if (s->held) { /* answered: the frame it lay in can go */
+		s->held = 0;
+		tb_frame_done(c);
 	}
 	struct tb_record *rec = &c->rec[c->nrec];
 
