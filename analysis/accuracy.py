@@ -42,6 +42,7 @@ from analysis import fit, offload_model, provenance
 from analysis import model as M
 from analysis.compare import DelegatedRun, NativeRun, Profile, profile_key
 from analysis.tables import markdown_table
+from testbed.core import mechanisms
 from testbed.core.errors import TestbedError
 from testbed.core.predictors import ALL_PREDICTORS, BASE, DEFAULT_PREDICTOR, PREDICTORS
 from testbed.core.rundir import derived, usable
@@ -567,7 +568,7 @@ def klass(df: pd.DataFrame) -> pd.Series:
     g = df["gamma"]
     k = np.where(g.isna(), "workloads", np.where(g.fillna(0) <= 8, "gain γ≤8", "gain γ>8"))
     if "mechanism" in df:
-        k = np.where(df["mechanism"].astype(str).str.endswith("/offload"), "offload", k)
+        k = np.where(df["mechanism"].astype(str).map(mechanisms.is_offload), "offload", k)
     return k
 
 

@@ -34,6 +34,7 @@ import pandas as pd
 from analysis import fit
 from analysis.compare import DelegatedRun
 from analysis.tables import markdown_table
+from testbed.core import mechanisms
 from testbed.core.rundir import F_FAULT_MASK, derived
 
 __all__ = ["OffloadSection", "run_rows", "side_by_side", "many_clients", "figure", "section",
@@ -279,7 +280,7 @@ def prediction_frame(acc: pd.DataFrame) -> pd.DataFrame:
             "measured_slowdown", "predicted_slowdown", "predictor", "scheme"]  # fmt: skip
     if not len(acc) or "mechanism" not in acc:
         return pd.DataFrame(columns=cols)
-    d = acc[acc["mechanism"].astype(str).str.endswith("/offload")]
+    d = acc[acc["mechanism"].astype(str).map(mechanisms.is_offload)]
     d = d[d["predicted"].notna() & (d["t_nd"] > 0)].copy()
     d["measured_slowdown"] = d["measured"] / d["t_nd"]
     d["predicted_slowdown"] = d["predicted"] / d["t_nd"]

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from testbed.core import mechanisms
 from testbed.core.predictors import DEFAULT_OFFLOAD_PREDICTOR, OFFLOAD_PREDICTORS
 from testbed.core.rundir import derived, usable
 
@@ -83,12 +84,12 @@ OFFLOAD_SCHEME = "workload"
 #: A syscall's own exec line needs this many training calls; fewer use the pooled line.
 MIN_CALLS_EXEC = 20
 #: Where a delegate shares the compute node's file system (mechanism ``…/WHERE/offload``).
-_LOCAL = ("/loopback/offload", "/same-node/offload")
+_LOCAL = ("loopback", "same-node")
 
 
 def is_offload(r) -> bool:
     """An offload run (mechanism ``…/offload``): never pooled with cost mode."""
-    return str(r.mechanism).endswith("/offload")
+    return mechanisms.is_offload(r.mechanism)
 
 
 @dataclass
@@ -309,9 +310,9 @@ def _local_train(s: OffloadStats, allowed: list[OffloadStats]) -> list[OffloadSt
     """The runs e_loc is fitted on for ``s``: None on a loopback delegate (its own e is the
     local one), else the loopback offload runs among ``allowed`` (the scheme's training
     runs of any mechanism: never ``s``, nor what the scheme holds out)."""
-    if s.run.mechanism.endswith(_LOCAL):
+    if mechanisms.place(s.run.mechanism) in _LOCAL:
         return None
-    return [t for t in allowed if t.run.mechanism.endswith(_LOCAL)]
+    return [t for t in allowed if mechanisms.place(t.run.mechanism) in _LOCAL]
 
 
 class Fits:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.core import rundir
+from testbed.core import mechanisms, rundir
 from testbed.core.mechanisms import mechanism
 from testbed.jobs import experiment, workloads
 
@@ -86,6 +86,10 @@ def _write(path: Path, text: str) -> Path:
          "drop 'forward'"),
         ("offload_path: /x\nworkloads: [gzip]\nforward: [read]\ndelegates: [local]\n",
          "only used with mode: offload"),
+        ("offload_read_ahead: 2\nworkloads: [gzip]\nforward: [read]\ndelegates: [local]\n",
+         "offload_read_ahead is only used with mode: offload"),
+        ("mode: offload\noffload_path: /x\noffload_read_ahead: 9\nworkloads: [gzip]\n"
+         "delegates: [local]\n", "offload_read_ahead must be a number of reads in 0..8"),
         ("workloads: [gzip]\nforward: [{policy: 'max-freq:50%'}]\ndelegates: [local]\nresolve: twice\n",
          "resolve must be once or per-host"),
         ("workloads: [gzip]\nforward: [read]\ndelegates: [local]\nresolve: once\n",
@@ -408,6 +412,11 @@ def test_offload_plan_stages_input_at_the_delegate_and_matches_native(tmp_path):
         "workloads:\n  - {name: gzip, size_mb: 0.5}\n  - {name: tar, size_mb: 0.5}\n"
         "delegates: [local]\n",
     )
+    ahead = _write(
+        tmp_path / "ahead.yml",
+        "name: offload-ahead\nmode: offload\noffload_path: /tb-plan-offload\n"
+        "offload_read_ahead: 4\nworkloads:\n  - {name: cat, size_mb: 2}\ndelegates: [local]\n",
+    )
     results = tmp_path / "results"
     before = _delegates()
     proc = tb("experiment", str(plan), "-o", str(results), "--host-label", "here")
@@ -423,4 +432,14 @@ def test_offload_plan_stages_input_at_the_delegate_and_matches_native(tmp_path):
         calls = run.calls()
         reads = calls[calls["nr"] == 0]
         assert int(reads["bytes_out"].sum()) >= 500_000  # the input was read at the delegate
+        assert mechanisms.mechanism(run.meta) == "seccomp/tcp/loopback/offload"
+    # a plan's offload_read_ahead: every cell runs with it, and is its own mechanism
+    proc = tb("experiment", str(ahead), "-o", str(results / "ahead"), "--host-label", "here")
+    assert proc.returncode == 0 and "ran=1 skipped=0 failed=0" in proc.stdout, proc.stderr
+    p = results / "ahead" / "here" / "cat.offload.local.r1"
+    run = rundir.load(p)
+    assert json.loads((p / "experiment.json").read_text())["output_matches_native"] is True
+    assert run.meta["offload"]["read_ahead"]["depth"] == 4
+    assert run.meta["offload"]["read_ahead"]["served"] > 0
+    assert mechanisms.mechanism(run.meta) == "seccomp/tcp/loopback/offload+ra4"
     assert not Path("/tb-plan-offload").exists()  # nothing under the prefix locally

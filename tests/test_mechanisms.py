@@ -183,3 +183,23 @@ def test_tlb_verdict_attributes_only_growth_beyond_the_default(default, faithful
     (line,) = mechanisms.tlb_verdict(t)
     assert says in line
     assert ("do not explain" in line) == (says != "they explain that part of it here")
+
+
+def test_offload_variants_are_their_own_mechanisms():
+    from testbed.core import mechanisms
+
+    base = {"backend": "seccomp", "mode": "offload", "endpoint": "tcp://127.0.0.1:5555",
+            "transport": "zmtp"}  # fmt: skip
+    assert mechanisms.mechanism(base) == "seccomp/tcp/loopback/offload"
+    ra = {**base, "offload": {"read_ahead": {"depth": 4, "active": True}}}
+    assert mechanisms.mechanism(ra) == "seccomp/tcp/loopback/offload+ra4"
+    idle = {**base, "offload": {"read_ahead": {"depth": 4, "active": False}}}
+    assert mechanisms.mechanism(idle) == "seccomp/tcp/loopback/offload"  # it did not run
+    wb = {**base, "offload": {"write_behind": {"window_bytes": 4194304}}}
+    assert mechanisms.mechanism(wb) == "seccomp/tcp/loopback/offload+wb4194304"
+    for label in ("seccomp/tcp/loopback/offload", "seccomp/tcp/loopback/offload+ra4",
+                  "seccomp/tcp/remote+200us/offload+wb4194304"):  # fmt: skip
+        assert mechanisms.is_offload(label)
+    assert not mechanisms.is_offload("seccomp/tcp/loopback")
+    assert mechanisms.place("seccomp/tcp/loopback+200us/offload") == "loopback"
+    assert mechanisms.place("seccomp/shm/same-node") == "same-node"

@@ -71,5 +71,29 @@ def mechanism(meta: dict) -> str:
     if delay:
         label += f"+{float(delay):g}us"
     if meta.get("mode") == "offload":  # executes at the delegate: never pooled with cost mode
-        label += "/offload"
+        label += "/offload" + offload_variant(meta)
     return label
+
+
+def offload_variant(meta: dict) -> str:
+    """What an offload run changed of how its calls travel: ``+wbBYTES`` (write-behind
+    window), ``+raN`` (read-ahead, where it ran); runs of different variants are
+    different mechanisms."""
+    off = meta.get("offload") if isinstance(meta.get("offload"), dict) else {}
+    wb = (off.get("write_behind") or {}).get("window_bytes")
+    ra = off.get("read_ahead") or {}
+    return (f"+wb{int(wb)}" if wb else "") + (
+        f"+ra{int(ra['depth'])}" if ra.get("depth") and ra.get("active") else ""
+    )
+
+
+def is_offload(label: str) -> bool:
+    """A mechanism label of offload mode (``…/offload``, with its variant)."""
+    return str(label).rsplit("/", 1)[-1].startswith("offload")
+
+
+def place(label: str) -> str:
+    """Where a mechanism's delegate was (``loopback``, ``same-node``, ``remote``), from its
+    label, an injected delay left out."""
+    parts = str(label).split("/")
+    return parts[2].split("+", 1)[0] if len(parts) > 2 else ""

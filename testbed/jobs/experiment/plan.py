@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.compute.spec import READ_AHEAD_MAX
 from testbed.core import syscalls
 from testbed.core.errors import TestbedError
 from testbed.core.keys import EndpointError, parse_endpoint
@@ -35,6 +36,7 @@ PLAN_KEYS = {
     "delegates",
     "pin",
     "offload_path",
+    "offload_read_ahead",
     "resolve",
     "predictor",
     "replay",
@@ -123,6 +125,7 @@ class Plan:
     resolve: str = "once"
     predictor: str | None = None  # declared for the report, before any data
     replay: ReplaySpec | None = None
+    offload_read_ahead: int = 0  # mode offload: testbed run --offload-read-ahead N
 
     @property
     def policies(self) -> list[str]:
@@ -150,6 +153,7 @@ class Plan:
             }
             | ({"pin": True} if self.pin else {})
             | ({"offload_path": self.offload_path} if self.offload_path else {})
+            | ({"offload_read_ahead": self.offload_read_ahead} if self.offload_read_ahead else {})
             | ({"resolve": self.resolve} if self.policies else {})
             | ({"predictor": self.predictor} if self.predictor else {})
             | ({"replay": self.replay.to_json()} if self.replay else {})
@@ -440,8 +444,19 @@ def parse_plan(
     return Plan(
         plan_name, reps, mode, backend, timeout, workloads, forward, specs, pin, offload_path,
         resolve, None if predictor is None else str(predictor),
-        _replay(data.get("replay"), specs, mode, where),
+        _replay(data.get("replay"), specs, mode, where), _read_ahead(data, offload_path, where),
     )  # fmt: skip
+
+
+def _read_ahead(data: dict, offload_path: str | None, where: str) -> int:
+    """``offload_read_ahead: N`` (mode offload): every cell runs with --offload-read-ahead N."""
+    n = data.get("offload_read_ahead", 0)
+    if n and not offload_path:
+        raise PlanError(f"{where}: offload_read_ahead is only used with mode: offload")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= READ_AHEAD_MAX:
+        raise PlanError(f"{where}: offload_read_ahead must be a number of reads in "
+                        f"0..{READ_AHEAD_MAX}, not {n!r}")  # fmt: skip
+    return n
 
 
 def _replay(item: Any, specs: list[DelegateSpec], mode: str, where: str) -> ReplaySpec | None:

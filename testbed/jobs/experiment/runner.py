@@ -141,7 +141,11 @@ class Runner:
             backend=plan.backend,
             delegate=self.endpoints[d.name],
             curve_keys=self.curve_keys if d.endpoint != "local" else None,
-            offload=OffloadSpec((plan.offload_path,)) if plan.offload_path else None,
+            offload=(
+                OffloadSpec((plan.offload_path,), read_ahead=plan.offload_read_ahead)
+                if plan.offload_path
+                else None
+            ),
             **common,
         )
 
