@@ -12,6 +12,7 @@ delegate killed in the middle of a stream (EIO, no hang); bad options.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -36,6 +37,8 @@ def _files(d: Path) -> None:
     rng = np.random.default_rng(21)
     (d / "big").write_bytes(rng.integers(0, 256, 6 * (1 << 20) + 12345, dtype=np.uint8).tobytes())
     (d / "f").write_bytes(rng.integers(0, 256, 20 * 65536 + 777, dtype=np.uint8).tobytes())
+    for name in ("big", "f"):  # tar records mtimes: the same in both trees
+        os.utime(d / name, (1_700_000_000, 1_700_000_000))
 
 
 def _both(lab: Lab, tmp_path: Path, name: str, script: str, extra=RA):
@@ -199,3 +202,50 @@ def test_bad_read_ahead_options_get_one_clear_line(tmp_path, args, why):
     r = run_testbed("run", "--delegate", "tcp://127.0.0.1:9", "--forward", "read",
                     "--offload-read-ahead", "2", "--", "true", text=True)  # fmt: skip
     assert r.returncode == 2 and "only used with --mode offload" in r.stderr, r.stderr
+
+
+LARGE = textwrap.dedent("""\
+    import ctypes, hashlib, mmap, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    libc.read.restype = ctypes.c_ssize_t
+    libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+    libc.pread.restype = ctypes.c_ssize_t
+    p = sys.argv[1]
+    fd = os.open(p + "/big", os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    def h(b):
+        return hashlib.md5(b).hexdigest()[:12] + "/" + str(len(b))
+    for n in (1 << 20, 300000, 262145, 5000, 1 << 20):           # in chunks above 256 KiB
+        print("read", n, h(os.read(fd, n)))
+    print("pos", os.lseek(fd, 0, os.SEEK_CUR))
+    print("pread across eof", h(os.pread(fd, 700000, size - 500000)))
+    os.lseek(fd, size - 400000, os.SEEK_SET)
+    print("read across eof", h(os.read(fd, 1 << 20)), os.lseek(fd, 0, os.SEEK_CUR))
+    print("read at eof", h(os.read(fd, 1 << 20)))
+    # a hole in the caller's buffer: the kernel stops there, and so must the offset
+    m = mmap.mmap(-1, 1 << 20)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + 600 * 1024, 4096, 0) == 0
+    os.lseek(fd, 12345, os.SEEK_SET)
+    got = libc.read(fd, base, 1 << 20)
+    print("read into a hole", got, ctypes.get_errno() if got < 0 else "",
+          h(m[:max(got, 0)]), os.lseek(fd, 0, os.SEEK_CUR))
+    got = libc.pread(fd, base + 600 * 1024, 1 << 19, 0)
+    print("pread onto the hole", got, ctypes.get_errno() if got < 0 else "",
+          os.lseek(fd, 0, os.SEEK_CUR))
+""")
+
+
+def test_large_reads_travel_in_chunks_and_answer_as_one_call(lab, tmp_path):
+    """Reads and preads above 256 KiB go as pipelined chunks (no option): the same bytes,
+    counts, offsets and errors as the kernel's one call, across EOF and onto a hole."""
+    (tmp_path / "large.py").write_text(LARGE)
+    native, res = _both(lab, tmp_path, "large", f"python3 {tmp_path}/large.py {{P}}", extra=())
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.decode().splitlines() == native.stdout.decode().splitlines()
+    assert "read into a hole 614400" in native.stdout.decode()  # the kernel's answer
+    off = _meta(tmp_path)["offload"]
+    assert off["chunked_reads"] >= 6, off
+    assert "read_ahead" not in off

@@ -78,6 +78,9 @@ SLICE_NS = 50_000_000
 SHM_SPIN_NS = 0
 SHM_SPIN_ENV = "TESTBED_SHM_SPIN_US"
 TB_ABI = 6
+#: offload: a read or pread above this many bytes travels as chunks of it, pipelined
+#: (fastpath.c ra_chunked; docs/offload.md "The data fast path")
+CHUNK = 256 << 10
 TB_ERROR, TB_NONE, TB_FULL, TB_TRAP, TB_INFLIGHT, TB_FRAME, TB_REPLY = -1, 0, 1, 2, 3, 4, 5
 _ZMQ_FUNCS = ("zmq_send", "zmq_poll", "zmq_msg_init", "zmq_msg_recv", "zmq_msg_data",
               "zmq_msg_size", "zmq_msg_more", "zmq_msg_close")  # fmt: skip
@@ -150,6 +153,8 @@ class _Ctx(ctypes.Structure):
                 "ra_wasted",
                 "ra_undone",
                 "ra_lseeks",
+                "chunk",
+                "o_chunked",
             )
         ),  # fmt: skip
     ]
@@ -313,9 +318,12 @@ class FastPath:
             self._segs = lib.tb_segs(self._ptr)
             relay.by_ino = _Placeholders(relay.by_ino, self)
             ra = relay.ra
-            if ra.depth:  # read-ahead: its reads are waited for as long as any call
-                c.ra_depth, c.ra_timeout_ns = ra.depth, relay.timeout_ns
+            c.ra_timeout_ns = relay.timeout_ns  # reads sent ahead or in chunks: as any call
+            if ra.depth:
+                c.ra_depth = ra.depth
                 ra.active, ra.why = True, ""
+            if relay.in_order:  # large reads in chunks need the delegate to run them in order
+                c.chunk = CHUNK
 
     def map_set(self, ino: int, handle: int) -> None:
         if self._ptr:
@@ -456,7 +464,8 @@ class FastPath:
         ostats = self.relay.ostats
         ostats.local += c.o_local
         ostats.remote += c.o_remote
-        c.o_local = c.o_remote = 0
+        ostats.chunked += c.o_chunked
+        c.o_local = c.o_remote = c.o_chunked = 0
         ra = self.relay.ra
         if ra.depth:
             ra.issued, ra.served, ra.wasted = c.ra_issued, c.ra_served, c.ra_wasted

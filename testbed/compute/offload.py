@@ -387,6 +387,7 @@ class OffloadStats:
     lock_retries: int = 0
     cross_device: int = 0
     bad_replies: int = 0
+    chunked: int = 0  # large reads the C path sent as pipelined chunks
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -399,6 +400,7 @@ class OffloadStats:
             "lock_retries": self.lock_retries,
             "cross_device": self.cross_device,
             "bad_replies": self.bad_replies,
+            "chunked_reads": self.chunked,
         }
 
 
@@ -407,7 +409,8 @@ class OffloadRelay(Relay):
 
     def __init__(self, backend, sock: zmq.Socket, recorder: rundir.CallRecorder,
                  prefixes: list[str], timeout_s: float = 2.0, busy_poll: bool = False,
-                 write_behind: int = 0, read_ahead: int = 0):  # fmt: skip
+                 write_behind: int = 0, read_ahead: int = 0,
+                 in_order: bool = False):  # fmt: skip
         if backend.name != "seccomp":
             raise OffloadError("offload mode needs the seccomp backend (ADDFD placeholders)")
         super().__init__(backend, sock, recorder, mode="offload", timeout_s=timeout_s,
@@ -439,6 +442,9 @@ class OffloadRelay(Relay):
         self.wb = WriteBehindStats(window=write_behind)
         # read-ahead (docs/offload.md): served by the C path (fastpath.c), counted here
         self.ra = ReadAheadStats(depth=read_ahead, why="the relay's C path does not serve this run")
+        #: the delegate runs this connection's calls in order (--workers 1): large reads
+        #: may then travel in pipelined chunks
+        self.in_order = in_order
         self.tgid: dict[int, int] = {}
         self.retries: list[tuple[int, Trap, int, Pending]] = []  # (due, trap, call_id, pending)
         self.own_calls: set[int] = set()  # call ids of the relay's own closes

@@ -248,7 +248,8 @@ def _make_relay(s: _Session, recorder: rundir.CallRecorder):
         return OffloadRelay(s.backend, s.sock, recorder, list(spec.offload.paths),
                             timeout_s=spec.timeout_s, busy_poll=spec.busy_poll,
                             write_behind=spec.offload.write_behind,
-                            read_ahead=spec.offload.read_ahead)  # fmt: skip
+                            read_ahead=spec.offload.read_ahead,
+                            in_order=int(s.welcome.get("workers", 1)) <= 1)  # fmt: skip
     from testbed.compute.relay import Relay  # lazy: zmq, relay modes only (not kthread)
 
     return Relay(s.backend, s.sock, recorder, mode=spec.mode, timeout_s=spec.timeout_s,

@@ -181,6 +181,13 @@ struct tb_ctx {
 	 */
 	int64_t ra_depth, ra_timeout_ns, ra_lost, ra_issued, ra_served, ra_wasted, ra_undone,
 		ra_lseeks;
+	/*
+	 * A read or pread above chunk bytes (0: never) is sent as several reads of
+	 * at most chunk bytes at once, each written into the caller as it comes
+	 * (o_chunked counts them).  Python sets it only for a delegate that runs a
+	 * connection's calls in order (--workers 1).
+	 */
+	int64_t chunk, o_chunked;
 	/* private */
 	int8_t kind[TB_NR_MAX], buf_arg[TB_NR_MAX], size_arg[TB_NR_MAX];
 	int32_t mem_tid[TB_MEMFDS], mem_fd[TB_MEMFDS];
@@ -1489,17 +1496,18 @@ static int ra_frame(struct tb_ctx *c, int64_t deadline)
 	return TB_NONE;
 }
 
-/* Send a fixed-width offload CALL with no buffers: 0, or -1 (not sent whole). */
-static int ra_send(struct tb_ctx *c, uint64_t id, int32_t nr, const uint64_t *args)
+/* Send a fixed-width offload CALL with no buffers: 0 sent, -1 nothing sent, 1 in part
+ * (the rest queued for Python: raw ZMTP). */
+static int ra_send(struct tb_ctx *c, uint64_t id, uint32_t tid, int32_t nr, const uint64_t *args)
 {
 	uint8_t *out = c->out + OUT_HEAD;
-	size_t n = call_head(out, id, 0, (uint16_t)nr, args, 0);
+	size_t n = call_head(out, id, tid, (uint16_t)nr, args, 0);
 
 	memcpy(out + n, "\xa7offload", 8);
 	n += 8;
 	c->t_send = now_ns();
 	if (c->raw_fd >= 0)
-		return raw_send_all(c, out, n) == 0 ? 0 : -1;
+		return raw_send_all(c, out, n);
 	return c->zsend(c->sock, out, n, ZMQ_DONTWAIT) < 0 ? -1 : 0;
 }
 
@@ -1580,7 +1588,7 @@ static int64_t ra_lseek(struct tb_ctx *c, int64_t h, int64_t off, int whence)
 	struct oreply r;
 
 	c->ra_lseeks++;
-	if (ra_send(c, id, 8 /* lseek */, args) < 0 || ra_frame(c, t0 + c->ra_timeout_ns) < 0 ||
+	if (ra_send(c, id, 0, 8 /* lseek */, args) != 0 || ra_frame(c, t0 + c->ra_timeout_ns) < 0 ||
 	    !tb_parse_oresult(c->frame, (size_t)c->frame_len, id, &r) ||
 	    !oreply_valid(&r, OK_LSEEK, 0)) {
 		tb_frame_done(c);
@@ -1608,7 +1616,7 @@ static int ra_issue(struct tb_ctx *c)
 	s->id = c->next_id++;
 	s->want = c->ra_want;
 	s->ready = 0;
-	if (ra_send(c, s->id, 0 /* read */, args) < 0) {
+	if (ra_send(c, s->id, 0, 0 /* read */, args) != 0) {
 		c->ra_lost = 1;
 		return -1;
 	}
@@ -1726,7 +1734,7 @@ static int ra_serve(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, co
 		return OFF_NEXT; /* the slot stays for whoever reads next */
 	}
 	if (s->err) {
-		gone = answer(c, nid, 0, (int32_t)s->err);
+		gone = answer(c, nid, 0, -(int32_t)s->err);
 	} else {
 		if (s->ret && !pvm_write(tid, s->data, (size_t)s->ret, seg, 1)) {
 			ra_unhold(c, s);
@@ -1772,6 +1780,141 @@ static int ra_serve(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, co
 	return OFF_NEXT;
 }
 
+
+/*
+ * A read or pread of want > chunk bytes into one buffer (addr), as several
+ * reads of at most chunk bytes sent at once (a read's in order: the delegate
+ * runs them in order; a pread's at their offsets), each written into the
+ * caller as it arrives while the delegate reads the next.  The answer is
+ * what one call gives: the bytes up to the first short chunk, error or hole
+ * in the caller's buffer (EFAULT / the error if none); a read's offset is
+ * moved back by what was read beyond that.  OFF_NEXT, TB_NONE (not this way:
+ * the usual path) or TB_TRAP (nothing sent, or ra_lost: Python takes over).
+ */
+static int ra_chunked(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, int k, int64_t h,
+		      uint64_t off, uint64_t addr, int64_t want)
+{
+	int64_t chunk = c->chunk, m = (want + chunk - 1) / chunk;
+	int64_t total = 0, back = 0, t_last = 0, st0[4] = {0}, st1[4] = {0};
+	int32_t err = 0;
+	int stop = 0;
+
+	if (m > RA_MAX || c->ra_n)
+		return TB_NONE;
+	for (int64_t i = 0; i < m; i++) {
+		struct ra_slot *s = &c->ra[i];
+
+		if (s->cap < (size_t)chunk) {
+			uint8_t *b = realloc(s->buf, (size_t)chunk);
+
+			if (!b)
+				return TB_NONE;
+			s->buf = b;
+			s->cap = (size_t)chunk;
+		}
+	}
+	if (!id_valid(c, nid)) {
+		c->caller_gone++;
+		return OFF_NEXT;
+	}
+	c->ra_head = 0;
+	c->ra_n = 0;
+	for (int64_t i = 0; i < m; i++) {
+		struct ra_slot *s = &c->ra[i];
+		int64_t size = want - i * chunk < chunk ? want - i * chunk : chunk;
+		uint64_t a[6] = {(uint64_t)h, 0, (uint64_t)size,
+				 k == OK_PREAD ? off + (uint64_t)(i * chunk) : 0, 0, 0};
+
+		s->id = c->next_id++;
+		s->want = size;
+		s->ready = s->held = 0;
+		int sent = ra_send(c, s->id, tid, nr, a);
+
+		if (sent < 0 && i == 0)
+			return TB_TRAP; /* nothing sent: Python makes the call */
+		if (sent != 0) {
+			c->ra_lost = 1; /* chunks sent and one not: the file offset is unknown */
+			c->ra_n = 0;
+			return TB_TRAP;
+		}
+		s->t_send = c->t_send;
+		c->ra_n++;
+	}
+	c->o_remote++; /* one call of the program's, sent */
+	int64_t t_first = c->ra[0].t_send;
+
+	for (int64_t i = 0; i < m; i++) {
+		struct ra_slot *s = &c->ra[c->ra_head];
+
+		if (ra_pump(c, 0, !stop) < 0)
+			return TB_TRAP; /* ra_lost */
+		if (!i)
+			memcpy(st0, s->stamps, sizeof(st0));
+		memcpy(st1, s->stamps, sizeof(st1));
+		t_last = s->t_reply;
+		if (stop) {
+			back += s->ret > 0 ? s->ret : 0;
+		} else if (s->err) {
+			err = total ? 0 : (int32_t)s->err;
+			stop = 1;
+		} else {
+			ssize_t w = 0;
+
+			if (s->ret > 0) {
+				struct iovec l = {(void *)s->data, (size_t)s->ret};
+				struct iovec r = {(void *)(uintptr_t)(addr + (uint64_t)(i * chunk)),
+						  (size_t)s->ret};
+
+				w = syscall(SYS_process_vm_writev, (long)tid, &l, 1UL, &r, 1UL, 0UL);
+				if (w < 0)
+					w = 0;
+			}
+			total += w;
+			if (w < s->ret) { /* a hole in the caller's buffer: the kernel stops there */
+				back += s->ret - w;
+				if (!total)
+					err = EFAULT;
+				stop = 1;
+			} else if (s->ret < s->want) {
+				stop = 1; /* end of file */
+			}
+		}
+		if (s->held) {
+			s->held = 0;
+			tb_frame_done(c);
+		}
+		c->ra_head = (c->ra_head + 1) % RA_MAX;
+		c->ra_n--;
+	}
+	c->ra_head = 0;
+	if (k == OK_READ && back && ra_lseek(c, h, -back, SEEK_CUR) < 0)
+		return TB_TRAP; /* ra_lost: the offset could not be put back */
+	int gone = err ? answer(c, nid, 0, -err) : answer(c, nid, total, 0);
+	struct tb_record *rec = &c->rec[c->nrec];
+
+	rec->seq = c->seq + (uint64_t)c->nrec;
+	rec->tid = (int32_t)tid;
+	rec->nr = (int16_t)nr;
+	rec->flags = gone ? F_CALLER_GONE : 0;
+	rec->ret = err ? -err : total;
+	rec->bytes_in = 0;
+	rec->bytes_out = (uint32_t)total;
+	rec->t_trap = c->t_trap;
+	rec->t_send = t_first;
+	rec->t_reply = t_last;
+	rec->t_resume = now_ns();
+	rec->d_recv = st0[0];
+	rec->d_exec_start = st0[1];
+	rec->d_exec_end = st1[2];
+	rec->d_send = st1[3];
+	c->nrec++;
+	c->served++;
+	c->o_chunked++;
+	c->caller_gone += gone;
+	if (k == OK_READ && !err)
+		ra_after_read(c, h, want, total);
+	return OFF_NEXT;
+}
 
 /* Serve one offload-mode notification: OFF_NEXT, or a TB_* code for Python. */
 static int off_call(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, uint64_t *args,
@@ -1900,6 +2043,13 @@ static int off_call(struct tb_ctx *c, uint64_t nid, uint32_t tid, int32_t nr, ui
 		}
 		args[1] = (uint64_t)verdict;
 		args[2] = total;
+		if (c->chunk && (k == OK_READ || k == OK_PREAD) && !verdict && nsegs == 1 &&
+		    want > c->chunk) {
+			int rr = ra_chunked(c, nid, tid, nr, k, handle, args[3], c->segs[0], want);
+
+			if (rr != TB_NONE)
+				return rr;
+		}
 	} else if (k == OK_FSTATAT) {
 		nbufs = 1; /* the empty path */
 	}
